@@ -1,0 +1,353 @@
+"""The desired state of an AdapterMigration: what to migrate, how, and where its Jobs run.
+
+These models are the single source of truth: the CRD schema, ``relora validate``, the local
+runner and the operator all read them. Defaults live here and are named in each description.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from relora_operator.api import uris
+from relora_operator.api.base import DNS_LABEL_PATTERN, URI, APIModel
+from relora_operator.api.kube_types import (
+    Affinity,
+    EnvFromSource,
+    EnvVar,
+    ResourceRequirements,
+    Toleration,
+)
+
+MAX_ADAPTERS = 64
+"""Adapters per migration; bounds the spec, the per-adapter status and the Jobs created."""
+
+Strategy = Literal["relora", "scratch", "reuse", "warm-start"]
+Sampler = Literal["gp", "tpe", "random"]
+Granularity = Literal["global", "module-type", "layer"]
+RegularizationSchedule = Literal["step", "cosine", "constant", "none"]
+
+
+class ModelRef(APIModel):
+    """A base model: a Hugging Face model folder (config.json + safetensors) or hub repository."""
+
+    uri: URI = Field(description="Where the model lives: a path, pvc://, s3:// or hf://ORG/NAME.")
+    revision: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=255,
+        description="Hub revision (branch, tag or commit) for hf:// URIs. Default: main.",
+    )
+
+    @model_validator(mode="after")
+    def _revision_needs_hub(self) -> ModelRef:
+        if self.revision is not None and uris.parse_uri(self.uri).scheme != "hf":
+            raise ValueError("revision applies to hf:// URIs only; remove it or use an hf:// uri")
+        return self
+
+
+class TaskData(APIModel):
+    """JSONL files with one {"prompt": ..., "completion": ...} object per line."""
+
+    train: URI = Field(description="Training examples.")
+    validation: URI = Field(
+        description="Validation examples: the initialization search and readiness checks use them."
+    )
+    test: URI | None = Field(
+        default=None, description="Held-out examples for the final report. Default: none."
+    )
+
+
+class Readiness(APIModel):
+    """When a migrated adapter is ready to serve.
+
+    Set either ``target`` (absolute) or ``relativeToSource`` (a fraction of the old adapter's
+    quality on the old base, measured on the validation split at the start of the run).
+    """
+
+    metric: Literal["accuracy", "loss"] = Field(
+        default="accuracy",
+        description=(
+            "accuracy: share of examples whose right completion scores highest among the task's "
+            "distinct completions; loss: mean validation loss."
+        ),
+    )
+    target: float | None = Field(
+        default=None,
+        gt=0,
+        description="Absolute target: accuracy in (0, 1] to reach, or loss to get under.",
+    )
+    relative_to_source: float | None = Field(
+        default=None,
+        gt=0,
+        le=2,
+        description=(
+            "Target relative to the old adapter on the old base: accuracy >= fraction * source "
+            "accuracy, or loss <= source loss / fraction. Default when target is unset: 1.0."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Readiness:
+        if self.target is not None and self.relative_to_source is not None:
+            raise ValueError("set either target or relativeToSource, not both")
+        if self.metric == "accuracy" and self.target is not None and self.target > 1:
+            raise ValueError("an accuracy target must be in (0, 1]")
+        return self
+
+
+class Adapter(APIModel):
+    """One task adapter trained on the old base, to be migrated to the new base."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=40,
+        pattern=DNS_LABEL_PATTERN,
+        description=(
+            "Unique name within the migration: lower-case letters, digits and '-'. It names the "
+            "output folder and the Job."
+        ),
+    )
+    uri: URI = Field(
+        description="The old PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)."
+    )
+    data: TaskData = Field(description="The task's data.")
+    readiness: Readiness = Field(
+        default_factory=Readiness,
+        description="The quality target. Default: accuracy relative to the source, 1.0.",
+    )
+
+
+class Range(APIModel):
+    """A closed interval [min, max] searched for a fusion coefficient."""
+
+    min: float = Field(ge=-10, le=10, description="Lower bound.")
+    max: float = Field(ge=-10, le=10, description="Upper bound.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must not be greater than max ({self.max})")
+        return self
+
+
+class Initialization(APIModel):
+    """Adaptive initialization: Bayesian optimization of the fusion coefficients.
+
+    The starting adapter is the rank-r truncated SVD of
+    ``alpha * (old adapter update) + beta * (W_target - W_source)`` per adapted matrix.
+    """
+
+    trials: int = Field(
+        default=16, ge=1, le=500, description="Search trials (each: one fusion + one evaluation)."
+    )
+    timeout_seconds: int = Field(
+        default=900, ge=1, le=86400, description="Wall-clock cap of the search in seconds."
+    )
+    sampler: Sampler = Field(
+        default="gp",
+        description="Optuna sampler: gp (Gaussian process), tpe or random.",
+    )
+    granularity: Granularity = Field(
+        default="global",
+        description=(
+            "One (alpha, beta) pair for the whole model (global), one per module type "
+            "(module-type, e.g. q_proj), or one per layer (layer)."
+        ),
+    )
+    alpha: Range = Field(
+        default_factory=lambda: Range(min=0.0, max=1.5),
+        description="Range of alpha, the weight of the old adapter's update. Default: [0, 1.5].",
+    )
+    beta: Range = Field(
+        default_factory=lambda: Range(min=-1.0, max=1.0),
+        description="Range of beta, the weight of the base model's evolution. Default: [-1, 1].",
+    )
+    validation_samples: int = Field(
+        default=256,
+        ge=1,
+        le=100000,
+        description="Validation examples scored per trial.",
+    )
+
+
+class Regularization(APIModel):
+    """The pull toward the initialization: lambda(t) * ||adapter - initial adapter||^2.
+
+    Strong (``strength``) until ``switchFraction`` of maxSteps, then ``relaxedStrength``.
+    """
+
+    schedule: RegularizationSchedule = Field(
+        default="step",
+        description=(
+            "step: strength, then relaxedStrength after the switch; cosine: smooth decay from one "
+            "to the other; constant: strength throughout; none: no regularization."
+        ),
+    )
+    strength: float = Field(default=1.0, ge=0, le=1e6, description="Early lambda.")
+    relaxed_strength: float = Field(default=0.01, ge=0, le=1e6, description="Late lambda.")
+    switch_fraction: float = Field(
+        default=0.3,
+        ge=0,
+        le=1,
+        description="Share of maxSteps after which the pull relaxes.",
+    )
+
+
+class Finetune(APIModel):
+    """Fine-tuning on the new base until the adapter is ready or the budget is spent."""
+
+    max_steps: int = Field(default=300, ge=0, le=1_000_000, description="Optimizer step budget.")
+    learning_rate: float = Field(
+        default=5e-4, gt=0, le=1, description="Peak learning rate (cosine decay)."
+    )
+    batch_size: int = Field(default=16, ge=1, le=4096, description="Examples per step.")
+    eval_every: int = Field(
+        default=25, ge=1, le=1_000_000, description="Readiness check interval in steps."
+    )
+    checkpoint_every: int = Field(
+        default=50,
+        ge=1,
+        le=1_000_000,
+        description="Checkpoint interval in steps; a retried run resumes from the last one.",
+    )
+    regularization: Regularization = Field(
+        default_factory=Regularization, description="The scheduled pull toward the init."
+    )
+
+
+class Method(APIModel):
+    """How adapters are migrated."""
+
+    strategy: Strategy = Field(
+        default="relora",
+        description=(
+            "relora: searched fusion init + regularized fine-tuning; scratch: a fresh LoRA on the "
+            "new base; reuse: the old adapter as is; warm-start: the old adapter as init, "
+            "fine-tuned without regularization."
+        ),
+    )
+    rank: int | None = Field(
+        default=None, ge=1, le=1024, description="LoRA rank of the output. Default: the old rank."
+    )
+    seed: int = Field(default=0, ge=0, le=2**31 - 1, description="Random seed.")
+    initialization: Initialization = Field(
+        default_factory=Initialization, description="The initialization search (relora only)."
+    )
+    finetune: Finetune = Field(default_factory=Finetune, description="The fine-tuning stage.")
+
+
+class Output(APIModel):
+    """Where migrated adapters and reports are written: one folder per adapter, by name."""
+
+    uri: URI = Field(description="Output root; adapter NAME goes to URI/NAME.")
+
+
+class AdapterMigrationSpec(APIModel):
+    """Migrate LoRA adapters trained on sourceModel so that they serve on targetModel."""
+
+    source_model: ModelRef = Field(
+        description="The old base model the adapters were trained on.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "self == oldSelf", "message": "sourceModel is immutable"}
+            ]
+        },
+    )
+    target_model: ModelRef = Field(
+        description="The new base model the adapters must serve on.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "self == oldSelf", "message": "targetModel is immutable"}
+            ]
+        },
+    )
+    adapters: list[Adapter] = Field(
+        min_length=1,
+        max_length=MAX_ADAPTERS,
+        description="The adapters to migrate, each with its data and readiness target.",
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["name"],
+            "x-kubernetes-validations": [
+                {"rule": "self == oldSelf", "message": "adapters are immutable"}
+            ],
+        },
+    )
+    output: Output = Field(description="Where results go.")
+    method: Method = Field(default_factory=Method, description="The migration method.")
+
+    # Scheduling of the trainer Jobs (ignored by the local runner).
+    image: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=512,
+        description="Trainer image. Default: the operator's configured trainer image.",
+    )
+    resources: ResourceRequirements | None = Field(
+        default=None, description="Trainer container resources, e.g. limits nvidia.com/gpu: 1."
+    )
+    node_selector: dict[str, str] | None = Field(
+        default=None, max_length=32, description="Node labels the trainer pods must match."
+    )
+    tolerations: list[Toleration] | None = Field(
+        default=None, max_length=32, description="Tolerations of the trainer pods."
+    )
+    affinity: Affinity | None = None
+    priority_class_name: str | None = Field(
+        default=None, max_length=253, description="PriorityClass of the trainer pods."
+    )
+    service_account_name: str | None = Field(
+        default=None,
+        max_length=253,
+        description="ServiceAccount of the trainer pods (e.g. one bound to storage credentials).",
+    )
+    env: list[EnvVar] | None = Field(
+        default=None, max_length=64, description="Extra environment variables of the trainer."
+    )
+    env_from: list[EnvFromSource] | None = Field(
+        default=None, max_length=16, description="Secrets/ConfigMaps exposed as environment."
+    )
+    queue_name: str | None = Field(
+        default=None,
+        max_length=63,
+        description="Kueue LocalQueue; copied to the Jobs' kueue.x-k8s.io/queue-name label.",
+    )
+    backoff_limit: int = Field(default=3, ge=0, le=20, description="Retries per adapter Job.")
+    active_deadline_seconds: int | None = Field(
+        default=None, ge=1, description="Wall-clock limit per adapter Job. Default: none."
+    )
+    pre_running_deadline_seconds: int = Field(
+        default=600,
+        ge=1,
+        description=(
+            "Fail an adapter whose pod has not started running after this many seconds "
+            "(Unschedulable, ImagePullBackOff)."
+        ),
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None,
+        ge=0,
+        description="Delete finished Jobs after this many seconds (results are kept in status).",
+    )
+    suspend: bool = Field(
+        default=False, description="Pause: no new Jobs start and running ones are suspended."
+    )
+
+    @field_validator("adapters")
+    @classmethod
+    def _unique_names(cls, adapters: list[Adapter]) -> list[Adapter]:
+        names = [a.name for a in adapters]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(
+                f"duplicate adapter names {duplicates}; each adapter needs a unique name"
+            )
+        return adapters
+
+    @model_validator(mode="after")
+    def _semantics(self) -> AdapterMigrationSpec:
+        if self.source_model == self.target_model:
+            raise ValueError("sourceModel and targetModel are the same model; nothing to migrate")
+        return self

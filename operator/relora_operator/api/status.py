@@ -1,0 +1,135 @@
+"""The observed state of an AdapterMigration, written only by the operator (status subresource).
+
+Bounded in size: per-adapter entries follow the spec's adapter list (at most MAX_ADAPTERS),
+messages are capped, and coefficients are summarized (at most MAX_COEFFICIENTS entries).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import Field
+
+from relora_operator.api.base import URI, APIModel
+from relora_operator.api.spec import MAX_ADAPTERS
+
+MAX_COEFFICIENTS = 32
+MAX_MESSAGE = 4096
+
+ConditionType = Literal["Ready", "Succeeded", "Failed", "Stalled", "Suspended"]
+MigrationPhase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
+AdapterPhase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
+Stage = Literal["loading", "search", "finetune", "evaluate", "saving"]
+
+REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
+
+
+class Condition(APIModel):
+    """A condition in the metav1.Condition shape (kubectl wait and kstatus read these)."""
+
+    type: ConditionType = Field(
+        description="Ready (summary), Succeeded, Failed, Stalled (permanent failure) or Suspended."
+    )
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="The spec generation this condition was computed from."
+    )
+    last_transition_time: datetime = Field(description="When status last changed.")
+    reason: str = Field(
+        min_length=1,
+        max_length=1024,
+        pattern=REASON_PATTERN,
+        description="CamelCase reason, e.g. Queued, Unschedulable, IncompatibleModels.",
+    )
+    message: str = Field(default="", max_length=MAX_MESSAGE, description="Human-readable detail.")
+
+
+class AdapterProgress(APIModel):
+    """Live progress of one adapter's trainer."""
+
+    stage: Stage | None = Field(default=None, description="What the trainer is doing now.")
+    trial: int | None = Field(default=None, ge=0, description="Current search trial.")
+    trials: int | None = Field(default=None, ge=0, description="Search trial budget.")
+    step: int | None = Field(default=None, ge=0, description="Current fine-tuning step.")
+    max_steps: int | None = Field(default=None, ge=0, description="Fine-tuning step budget.")
+    quality: float | None = Field(default=None, description="Latest measured quality.")
+    target: float | None = Field(default=None, description="The readiness target.")
+
+
+class AdapterResult(APIModel):
+    """The outcome of one adapter's migration."""
+
+    ready: bool = Field(description="Whether the adapter met its readiness target.")
+    strategy: str = Field(max_length=32, description="The strategy that produced it.")
+    output_uri: URI = Field(description="Where the migrated PEFT adapter was written.")
+    metric: Literal["accuracy", "loss"] = Field(description="The readiness metric.")
+    target: float | None = Field(default=None, description="The readiness target.")
+    quality_source: float | None = Field(
+        default=None, description="The old adapter on the old base (the reference)."
+    )
+    quality_before: float | None = Field(
+        default=None, description="The old adapter on the new base, before migration."
+    )
+    quality_after: float | None = Field(default=None, description="The migrated adapter.")
+    coefficients: dict[str, float] | None = Field(
+        default=None,
+        max_length=MAX_COEFFICIENTS,
+        description="Chosen fusion coefficients (alpha/beta, by group when not global).",
+    )
+    steps: int | None = Field(default=None, ge=0, description="Optimizer steps run.")
+    time_to_readiness_seconds: float | None = Field(
+        default=None, ge=0, description="Wall-clock seconds until ready, search included."
+    )
+
+
+class AdapterStatus(APIModel):
+    """The state of one adapter's migration."""
+
+    name: str = Field(max_length=40, description="The adapter's name in the spec.")
+    phase: AdapterPhase = Field(description="Pending, Queued, Running, Succeeded, Failed...")
+    reason: str | None = Field(default=None, max_length=1024, description="Why, in one word.")
+    message: str | None = Field(default=None, max_length=MAX_MESSAGE, description="Detail.")
+    job_name: str | None = Field(default=None, max_length=63, description="Its batch/v1 Job.")
+    attempts: int = Field(default=0, ge=0, description="Pods started for it so far.")
+    progress: AdapterProgress | None = Field(default=None, description="Live progress.")
+    result: AdapterResult | None = Field(default=None, description="Final outcome.")
+
+
+class AdapterMigrationStatus(APIModel):
+    """What the operator observed; never written by users."""
+
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="The spec generation last reconciled."
+    )
+    phase: MigrationPhase | None = Field(
+        default=None, description="Pending, Running, Succeeded, Failed or Suspended."
+    )
+    conditions: list[Condition] | None = Field(
+        default=None,
+        max_length=8,
+        description="Ready, Succeeded, Failed, Stalled, Suspended.",
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["type"],
+        },
+    )
+    progress: str | None = Field(
+        default=None, max_length=32, description="Finished adapters, e.g. 2/3."
+    )
+    progress_percent: int | None = Field(
+        default=None, ge=0, le=100, description="Overall progress in percent."
+    )
+    start_time: datetime | None = Field(default=None, description="When the first Job started.")
+    completion_time: datetime | None = Field(
+        default=None, description="When the last adapter finished."
+    )
+    adapters: list[AdapterStatus] | None = Field(
+        default=None,
+        max_length=MAX_ADAPTERS,
+        description="Per-adapter state and results, in spec order.",
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["name"],
+        },
+    )
