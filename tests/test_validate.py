@@ -13,6 +13,7 @@ import yaml
 
 from relora_operator.api.resource import AdapterMigration
 from relora_trainer import cli
+from relora_trainer.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_USAGE
 from tests.conftest import EXAMPLES
 
 Mutation = Callable[[dict[str, Any]], None]
@@ -204,7 +205,7 @@ def test_invalid_manifest_is_refused_with_the_field_named(
     mutate(manifest)
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(manifest))
-    assert cli.main(["validate", "-f", str(path)]) == cli.EXIT_INVALID
+    assert cli.main(["validate", "-f", str(path)]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert any(line.startswith(f"{path}: {expected}") for line in lines), err
@@ -218,7 +219,7 @@ def test_examples_are_valid(capsys: pytest.CaptureFixture[str]) -> None:
     files = sorted(str(p) for p in EXAMPLES.glob("*.yaml"))
     assert len(files) >= 2
     args = ["validate"] + [arg for f in files for arg in ("-f", f)]
-    assert cli.main(args) == cli.EXIT_OK
+    assert cli.main(args) == EXIT_OK
     out = capsys.readouterr().out
     assert out.count("valid AdapterMigration") == len(files)
 
@@ -250,7 +251,7 @@ def test_every_problem_is_reported_one_per_line(
     manifest["spec"]["adapters"][0]["uri"] = "gs://x/y"
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(manifest))
-    assert cli.main(["validate", "-f", str(path)]) == cli.EXIT_INVALID
+    assert cli.main(["validate", "-f", str(path)]) == EXIT_BAD_INPUT
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2
     assert {line.split(": ")[1] for line in lines} == {"spec.adapters[0].uri", "spec.backoffLimit"}
@@ -262,7 +263,7 @@ def test_duplicate_yaml_keys_are_refused(
     text = (EXAMPLES / "local-migration.yaml").read_text()
     path = tmp_path / "dup.yaml"
     path.write_text(text.replace("  suspend", "") + "  output:\n    uri: elsewhere\n")
-    assert cli.main(["validate", "-f", str(path)]) == cli.EXIT_USAGE
+    assert cli.main(["validate", "-f", str(path)]) == EXIT_USAGE
     assert "duplicate key 'output'" in capsys.readouterr().err
 
 
@@ -271,13 +272,13 @@ def test_yaml_syntax_error_names_the_line(
 ) -> None:
     path = tmp_path / "broken.yaml"
     path.write_text("apiVersion: relora.dev/v1alpha1\nkind: [AdapterMigration\n")
-    assert cli.main(["validate", "-f", str(path)]) == cli.EXIT_USAGE
+    assert cli.main(["validate", "-f", str(path)]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert err.startswith(f"error: {path}: invalid YAML: line ")
 
 
 def test_missing_file(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["validate", "-f", "/nonexistent/m.yaml"]) == cli.EXIT_USAGE
+    assert cli.main(["validate", "-f", "/nonexistent/m.yaml"]) == EXIT_USAGE
     assert "/nonexistent/m.yaml: cannot read" in capsys.readouterr().err
 
 
@@ -287,7 +288,7 @@ def test_multi_document_file_skips_other_kinds(
     secret = "apiVersion: v1\nkind: Secret\nmetadata: {name: hf-credentials}\n"
     path = tmp_path / "bundle.yaml"
     path.write_text(secret + "---\n" + (EXAMPLES / "cluster-migration.yaml").read_text())
-    assert cli.main(["validate", "-f", str(path)]) == cli.EXIT_OK
+    assert cli.main(["validate", "-f", str(path)]) == EXIT_OK
     out = capsys.readouterr().out
     assert "skipped Secret" in out and "(document 2): valid AdapterMigration" in out
 
@@ -297,7 +298,7 @@ def test_a_file_without_migrations_is_refused(
 ) -> None:
     path = tmp_path / "cm.yaml"
     path.write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
-    assert cli.main(["validate", "-f", str(path)]) == cli.EXIT_INVALID
+    assert cli.main(["validate", "-f", str(path)]) == EXIT_BAD_INPUT
     assert "no AdapterMigration found" in capsys.readouterr().err
 
 

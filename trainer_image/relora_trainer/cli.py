@@ -1,6 +1,8 @@
-"""The `relora` command line: validate manifests, print the CRD (later: run, bench, sandbox).
+"""The `relora` command line: validate and run manifests, print the CRD.
 
-Exit codes: 0 success; 1 the input is invalid; 2 usage error or unreadable file.
+Exit codes (see relora_trainer.errors): 0 success; 1 internal error; 2 usage error or unreadable
+file; 3 invalid input (manifest, data, models, adapter); 4 not ready within the budget.
+The ML stack is imported only by the commands that need it.
 """
 
 from __future__ import annotations
@@ -11,10 +13,7 @@ from collections.abc import Sequence
 
 from relora_operator import __version__, crd, manifests, validation
 from relora_operator.api import resource
-
-EXIT_OK = 0
-EXIT_INVALID = 1
-EXIT_USAGE = 2
+from relora_trainer.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_USAGE
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -50,13 +49,28 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             )
     if checked == 0:
         print(f"error: no {resource.KIND} found in {', '.join(args.filename)}", file=sys.stderr)
-        return EXIT_INVALID
-    return EXIT_INVALID if invalid else EXIT_OK
+        return EXIT_BAD_INPUT
+    return EXIT_BAD_INPUT if invalid else EXIT_OK
 
 
 def _cmd_crd(args: argparse.Namespace) -> int:
     sys.stdout.write(crd.render_yaml())
     return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    try:
+        from relora_trainer import local_run
+    except ImportError as error:
+        print(
+            f"error: relora run needs the trainer extra ({error.name} is missing): "
+            "pip install 'relora-operator[trainer]'",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    return local_run.run(
+        args.filename, only=args.adapter, device=args.device, quiet=args.quiet, debug=args.debug
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +95,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="manifest file (repeatable; '-' reads standard input)",
     )
     check.set_defaults(handler=_cmd_validate)
+
+    run = commands.add_parser(
+        "run",
+        help="migrate the adapters of a manifest on this machine",
+        description=(
+            "Run an AdapterMigration locally (CPU, or CUDA with bf16 when present). Relative "
+            "paths resolve against the manifest's folder. Exit 0 when every adapter is ready, "
+            "4 when one is not ready within its budget, 3 on invalid input."
+        ),
+    )
+    run.add_argument("-f", "--filename", required=True, metavar="FILE", help="the manifest")
+    run.add_argument(
+        "--adapter", action="append", metavar="NAME", help="only this adapter (repeatable)"
+    )
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--debug", action="store_true", help="print tracebacks of internal errors")
+    run.set_defaults(handler=_cmd_run)
 
     show = commands.add_parser("crd", help="print the AdapterMigration CRD (YAML)")
     show.set_defaults(handler=_cmd_crd)

@@ -26,6 +26,7 @@ MAX_ADAPTERS = 64
 Strategy = Literal["relora", "scratch", "reuse", "warm-start"]
 Sampler = Literal["gp", "tpe", "random"]
 Granularity = Literal["global", "module-type", "layer"]
+Projection = Literal["adapter-subspace", "none"]
 RegularizationSchedule = Literal["step", "cosine", "constant", "none"]
 
 
@@ -154,6 +155,14 @@ class Initialization(APIModel):
         description=(
             "One (alpha, beta) pair for the whole model (global), one per module type "
             "(module-type, e.g. q_proj), or one per layer (layer)."
+        ),
+    )
+    projection: Projection = Field(
+        default="adapter-subspace",
+        description=(
+            "How the base evolution enters the fusion: adapter-subspace projects W_target - "
+            "W_source onto the old adapter's row and column spaces (exactly rank r, cheap per "
+            "trial); none uses it whole and truncates the fused update by SVD."
         ),
     )
     alpha: Range = Field(

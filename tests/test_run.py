@@ -1,0 +1,131 @@
+"""`relora run` end to end on the toy world: outputs load with PEFT and match the report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+
+from relora_trainer import local_run, models
+from relora_trainer.data import Encoder, read_jsonl
+from relora_trainer.errors import EXIT_BAD_INPUT, EXIT_NOT_READY, EXIT_OK
+from relora_trainer.quality import measure
+from tests.conftest import toy_manifest
+
+CPU = torch.device("cpu")
+
+
+def _write(tmp_path: Path, manifest: dict[str, Any]) -> Path:
+    path = tmp_path / "migration.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    return path
+
+
+def _report(tmp_path: Path) -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads((tmp_path / "output/toy-category/report.json").read_text())
+    return loaded
+
+
+def test_relora_run_writes_a_loadable_adapter_whose_quality_matches_the_report(
+    toy: Any, tmp_path: Path
+) -> None:
+    path = _write(tmp_path, toy_manifest(toy))
+    result = subprocess.run(
+        [sys.executable, "-m", "relora_trainer.cli", "run", "-f", str(path), "--quiet"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == EXIT_OK, result.stderr
+    assert "toy-category" in result.stdout and "yes" in result.stdout
+    out = tmp_path / "output/toy-category"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "report.json", "summary.md"):
+        assert (out / name).is_file(), name
+    report = _report(tmp_path)
+    assert report["strategy"] == "relora" and report["ready"] is True
+    assert len(report["trials"]) == 6
+    assert set(report["coefficients"]) == {"all"}
+    assert report["seconds"]["timeToReadiness"] == pytest.approx(report["history"][-1]["seconds"])
+    assert report["seconds"]["timeToReadiness"] >= report["seconds"]["search"] > 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(toy.v2) and config["r"] == 4
+
+    # Reload with plain PEFT on the new base: the quality is the reported one.
+    base = models.load_model(toy.v2, what="v2", device=CPU)
+    model = PeftModel.from_pretrained(base, str(out))
+    encoder = Encoder(models.load_tokenizer(toy.v2))
+    validation = read_jsonl(toy.split("validation"), what="validation")
+    test = read_jsonl(toy.split("test"), what="test")
+    choices = list(dict.fromkeys(e.completion for e in read_jsonl(toy.split("train"), what="t")))
+    choices += [c for c in dict.fromkeys(e.completion for e in validation) if c not in choices]
+    for split, examples in (("validation", validation), ("test", test)):
+        quality = measure(model, encoder, examples, choices, device=CPU)
+        reported = report["quality"]["after"][split]
+        assert quality.accuracy == pytest.approx(reported["accuracy"], abs=1e-6), split
+        assert quality.loss == pytest.approx(reported["loss"], rel=1e-4), split
+    assert report["quality"]["after"]["validation"]["accuracy"] >= report["target"]
+    assert (
+        report["quality"]["before"]["validation"]["accuracy"]
+        < report["quality"]["source"]["validation"]["accuracy"]
+    ), "the toy evolution must degrade the old adapter"
+
+
+def test_a_second_run_keeps_the_finished_result(
+    toy: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write(tmp_path, toy_manifest(toy, strategy="warm-start"))
+    code = local_run.run(str(path), quiet=True)
+    first = _report(tmp_path)
+    assert local_run.run(str(path)) == code == (EXIT_OK if first["ready"] else EXIT_NOT_READY)
+    assert "already migrated" in capsys.readouterr().err
+    assert _report(tmp_path) == first
+
+
+@pytest.mark.parametrize("strategy", ["scratch", "reuse", "warm-start"])
+def test_baselines_run_through_the_same_path(strategy: str, toy: Any, tmp_path: Path) -> None:
+    path = _write(tmp_path, toy_manifest(toy, strategy=strategy))
+    code = local_run.run(str(path), quiet=True)
+    report = _report(tmp_path)
+    assert report["strategy"] == strategy
+    assert report["coefficients"] is None and report["trials"] == []
+    assert code == (EXIT_OK if report["ready"] else EXIT_NOT_READY)
+    if strategy == "reuse":
+        assert report["steps"] == 0
+        assert report["quality"]["after"] == report["quality"]["before"]
+    else:
+        assert report["steps"] > 0
+
+
+def test_not_ready_within_budget_exits_4(toy: Any, tmp_path: Path) -> None:
+    manifest = toy_manifest(toy, strategy="scratch")
+    manifest["spec"]["method"]["finetune"] = {"maxSteps": 2, "evalEvery": 1}
+    manifest["spec"]["adapters"][0]["readiness"] = {"target": 0.999}
+    assert local_run.run(str(_write(tmp_path, manifest)), quiet=True) == EXIT_NOT_READY
+    report = _report(tmp_path)
+    assert report["ready"] is False and report["steps"] == 2
+    assert report["seconds"]["timeToReadiness"] is None
+
+
+def test_per_layer_coefficients(toy: Any, tmp_path: Path) -> None:
+    manifest = toy_manifest(toy)
+    manifest["spec"]["method"]["initialization"] = {"trials": 3, "granularity": "layer"}
+    manifest["spec"]["method"]["finetune"]["maxSteps"] = 0
+    local_run.run(str(_write(tmp_path, manifest)), quiet=True)
+    assert set(_report(tmp_path)["coefficients"]) == {"layer0", "layer1"}
+
+
+def test_invalid_manifest_exits_3_naming_the_field(
+    toy: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = toy_manifest(toy)
+    manifest["spec"]["method"]["finetune"]["maxSteps"] = -1
+    assert local_run.run(str(_write(tmp_path, manifest)), quiet=True) == EXIT_BAD_INPUT
+    assert "spec.method.finetune.maxSteps: must be greater than or equal to 0" in (
+        capsys.readouterr().err
+    )

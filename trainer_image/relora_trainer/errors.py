@@ -1,0 +1,55 @@
+"""Errors a user can cause, and the exit codes every `relora` command and the trainer Job use.
+
+A :class:`BadInput` is deterministic: retrying cannot fix it, so the trainer Job exits with
+``EXIT_BAD_INPUT`` and the Job's podFailurePolicy fails the Job at once instead of retrying.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_BAD_INPUT = 3
+EXIT_NOT_READY = 4
+
+
+class BadInput(Exception):
+    """Input that will never work as given: the message names the file or field and the fix."""
+
+    reason = "InvalidInput"
+
+
+class MissingInput(BadInput):
+    """A file or folder the manifest points at does not exist."""
+
+    reason = "MissingInput"
+
+
+class InvalidData(BadInput):
+    """Task data that is empty or malformed."""
+
+    reason = "InvalidData"
+
+
+class InvalidAdapter(BadInput):
+    """An adapter folder that is not a usable PEFT LoRA adapter for these models."""
+
+    reason = "InvalidAdapter"
+
+
+class IncompatibleModels(BadInput):
+    """Source and target models that do not share an architecture and weight shapes."""
+
+    reason = "IncompatibleModels"
+
+
+class InvalidWeights(BadInput):
+    """Weights with NaN or infinite values."""
+
+    reason = "InvalidWeights"
+
+
+class UnsupportedStorage(BadInput):
+    """A URI whose storage is not reachable from here (e.g. s3:// without s3fs installed)."""
+
+    reason = "UnsupportedStorage"

@@ -1,0 +1,221 @@
+"""Fine-tuning with scheduled regularization, readiness checks and resumable checkpoints.
+
+loss = task loss + lambda(step) * mean ||theta - theta0||^2  (theta: the LoRA tensors)
+with a cosine learning-rate decay, an evaluation every ``evalEvery`` steps (and at step 0) that
+stops the run as soon as the readiness target is met, and a checkpoint every
+``checkpointEvery`` steps. The batch order is a pure function of (seed, step) and the RNG state
+is checkpointed, so a resumed run continues exactly where the interrupted one left off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import pickle
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+
+from relora_operator.api.spec import Finetune, Regularization
+from relora_trainer import regularization
+from relora_trainer.adapters import lora_parameters
+from relora_trainer.data import Encoder, Example
+from relora_trainer.quality import Quality, measure
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A readiness target on one metric."""
+
+    metric: str
+    value: float
+
+    def met(self, quality: float) -> bool:
+        return quality <= self.value if self.metric == "loss" else quality >= self.value
+
+
+@dataclass
+class Evaluation:
+    step: int
+    seconds: float  # work seconds since the migration of this adapter began, search included
+    loss: float
+    accuracy: float | None
+    quality: float
+
+
+@dataclass
+class FinetuneOutcome:
+    steps: int = 0
+    ready_step: int | None = None
+    ready_seconds: float | None = None
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    history: list[Evaluation] = field(default_factory=list)
+
+    @property
+    def ready(self) -> bool:
+        return self.ready_step is not None
+
+
+StepCallback = Callable[[int, Evaluation | None], None]
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CUDA; nothing on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def batch_indices(*, step: int, size: int, batch_size: int, seed: int) -> list[int]:
+    """The examples of ``step``: consecutive slices of per-epoch permutations seeded by epoch."""
+    indices: list[int] = []
+    position = step * batch_size
+    while len(indices) < batch_size:
+        epoch, offset = divmod(position, size)
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        take = min(batch_size - len(indices), size - offset)
+        indices += order[offset : offset + take].tolist()
+        position += take
+    return indices
+
+
+def _cosine(max_steps: int) -> Callable[[int], float]:
+    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step / max(max_steps, 1), 1.0)))
+
+
+class _Checkpoints:
+    """Atomic save and load of the fine-tuning state in a folder."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self.path = folder / CHECKPOINT_FILE if folder is not None else None
+
+    def load(self) -> dict[str, Any] | None:
+        if self.path is None or not self.path.is_file():
+            return None
+        try:
+            state: dict[str, Any] = torch.load(self.path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError):
+            return None  # a torn or corrupted checkpoint: start over rather than fail
+        return state
+
+    def save(self, state: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".partial")
+        torch.save(state, partial)
+        os.replace(partial, self.path)
+
+
+def finetune(
+    *,
+    model: PeftModel,
+    encoder: Encoder,
+    train: Sequence[Example],
+    validation: Sequence[Example],
+    choices: Sequence[str],
+    config: Finetune,
+    regularize: Regularization | None,
+    target: Target,
+    seed: int,
+    device: torch.device,
+    state_dir: Path | None = None,
+    seconds_before: float = 0.0,
+    on_step: StepCallback | None = None,
+) -> FinetuneOutcome:
+    """Train the LoRA parameters of ``model`` from their current values until ready or budget."""
+    parameters = lora_parameters(model)
+    anchors = {n: p.detach().clone() for n, p in parameters.items()}
+    optimizer = torch.optim.AdamW(parameters.values(), lr=config.learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(config.max_steps))
+    outcome = FinetuneOutcome()
+    checkpoints = _Checkpoints(state_dir)
+    saved = checkpoints.load()
+    if saved is not None:
+        with torch.no_grad():
+            for name, value in saved["parameters"].items():
+                parameters[name].copy_(value)
+        anchors = {n: v.to(device) for n, v in saved["anchors"].items()}
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        torch.set_rng_state(saved["rng"])
+        if saved.get("cuda_rng") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        outcome = FinetuneOutcome(**{**saved["outcome"], "history": []})
+        outcome.history = [Evaluation(**e) for e in saved["outcome"]["history"]]
+
+    def clock() -> float:
+        return seconds_before + outcome.train_seconds + outcome.eval_seconds
+
+    def evaluate(step: int) -> Evaluation:
+        started = time.perf_counter()
+        with autocast(device):
+            quality: Quality = measure(
+                model,
+                encoder,
+                validation,
+                choices,
+                device=device,
+                with_accuracy=target.metric == "accuracy",
+            )
+        outcome.eval_seconds += time.perf_counter() - started
+        evaluation = Evaluation(
+            step, clock(), quality.loss, quality.accuracy, quality.value(target.metric)
+        )
+        outcome.history.append(evaluation)
+        if target.met(evaluation.quality) and outcome.ready_step is None:
+            outcome.ready_step, outcome.ready_seconds = step, evaluation.seconds
+        return evaluation
+
+    if not outcome.history:
+        first = evaluate(0)
+        if on_step is not None:
+            on_step(0, first)
+    model.train()
+    while outcome.steps < config.max_steps and not outcome.ready:
+        step = outcome.steps
+        started = time.perf_counter()
+        picked = batch_indices(step=step, size=len(train), batch_size=config.batch_size, seed=seed)
+        encoded = [encoder.encode(train[i].prompt, train[i].completion) for i in picked]
+        batch = encoder.batch(encoded, device)
+        with autocast(device):
+            loss = model(**batch).loss
+        if regularize is not None:
+            lam = regularization.strength(regularize, step=step, max_steps=config.max_steps)
+            if lam > 0:
+                loss = loss + lam * regularization.penalty(parameters, anchors)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters.values(), 1.0)
+        optimizer.step()
+        schedule.step()
+        outcome.steps = step + 1
+        outcome.train_seconds += time.perf_counter() - started
+        done = step + 1
+        evaluation = None
+        if done % config.eval_every == 0 or done == config.max_steps:
+            evaluation = evaluate(done)
+        if done % config.checkpoint_every == 0 and done < config.max_steps and not outcome.ready:
+            checkpoints.save(
+                {
+                    "parameters": {n: p.detach().cpu() for n, p in parameters.items()},
+                    "anchors": {n: a.cpu() for n, a in anchors.items()},
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                    "outcome": asdict(outcome),
+                }
+            )
+        if on_step is not None:
+            on_step(done, evaluation)
+    return outcome

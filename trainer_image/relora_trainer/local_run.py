@@ -1,0 +1,133 @@
+"""`relora run -f manifest.yaml`: run every adapter of a manifest on this machine."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+import warnings
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from relora_operator import manifests, validation
+from relora_operator.api.resource import AdapterMigration
+from relora_trainer import errors, migrate, models
+from relora_trainer.progress import NullProgress, ProgressSink, RichProgress
+from relora_trainer.report import AdapterReport
+from relora_trainer.storage import Storage
+
+
+def _load(path: str) -> AdapterMigration:
+    documents = [
+        d
+        for d in manifests.read_documents(path)
+        if isinstance(d.content, dict) and d.content.get("kind") == "AdapterMigration"
+    ]
+    if len(documents) != 1:
+        raise errors.BadInput(
+            f"{path}: expected exactly one AdapterMigration, found {len(documents)}"
+        )
+    migration, problems = validation.validate_manifest(documents[0].content)
+    if migration is None:
+        raise errors.BadInput("; ".join(f"{documents[0].label}: {p}" for p in problems))
+    return migration
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def results_table(reports: list[AdapterReport]) -> Table:
+    table = Table(title="Migration results (validation split)")
+    for column in ("adapter", "strategy", "metric", "source", "before", "after", "target"):
+        table.add_column(column)
+    table.add_column("ready")
+    table.add_column("steps", justify="right")
+    table.add_column("time to ready", justify="right")
+    for r in reports:
+        ttr = r.seconds["timeToReadiness"]
+        table.add_row(
+            r.adapter,
+            r.strategy,
+            r.metric,
+            _fmt(r.quality_of("source")),
+            _fmt(r.quality_of("before")),
+            _fmt(r.quality_of("after")),
+            _fmt(r.target),
+            "yes" if r.ready else "NO",
+            str(r.steps),
+            "-" if ttr is None else f"{ttr:.1f} s",
+        )
+    return table
+
+
+def quiet_libraries() -> None:
+    """Silence library chatter that says nothing to a user (deprecations, experimental APIs)."""
+    import optuna
+    import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def run(
+    path: str,
+    *,
+    only: list[str] | None = None,
+    device: str = "auto",
+    quiet: bool = False,
+    debug: bool = False,
+) -> int:
+    """Run the manifest at ``path``; return the process exit code."""
+    console = Console(stderr=True)
+    quiet_libraries()
+    try:
+        migration = _load(path)
+        spec = migration.spec
+        selected = [a for a in spec.adapters if not only or a.name in only]
+        unknown = sorted(set(only or []) - {a.name for a in spec.adapters})
+        if unknown:
+            raise errors.BadInput(f"--adapter: no adapter named {unknown} in {path}")
+        base_dir = Path.cwd() if path == "-" else Path(path).resolve().parent
+        storage = Storage(base_dir=base_dir)
+        chosen = models.pick_device(device)
+        console.print(f"Loading models on {chosen} ...")
+        bases = migrate.load_bases(spec, storage, chosen)
+        reports = []
+        sink: ProgressSink
+        with RichProgress(console) if not quiet else _Quiet() as sink:
+            for adapter in selected:
+                reports.append(
+                    migrate.migrate_adapter(
+                        spec=spec, adapter=adapter, bases=bases, storage=storage, progress=sink
+                    )
+                )
+    except manifests.ManifestError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return errors.EXIT_USAGE
+    except errors.BadInput as error:
+        print(f"error: {error.reason}: {error}", file=sys.stderr)
+        return errors.EXIT_BAD_INPUT
+    except Exception as error:
+        if debug:
+            traceback.print_exc()
+        print(
+            f"internal error: {type(error).__name__}: {error} (rerun with --debug for details)",
+            file=sys.stderr,
+        )
+        return errors.EXIT_INTERNAL
+    Console(width=max(Console().width, 120)).print(results_table(reports))
+    for r in reports:
+        print(f"{r.adapter}: {r.output_uri} (report.json, summary.md)", file=sys.stdout)
+    return errors.EXIT_OK if all(r.ready for r in reports) else errors.EXIT_NOT_READY
+
+
+class _Quiet(NullProgress):
+    def __enter__(self) -> _Quiet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None

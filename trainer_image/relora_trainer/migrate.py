@@ -1,0 +1,325 @@
+"""Migrate the adapters of an AdapterMigration: the one code path of `relora run` and the Job.
+
+For each adapter: read the old adapter and data, measure the reference qualities (old adapter on
+the old base and on the new base), build the starting adapter (the strategy), fine-tune until
+ready, save a PEFT folder and a report. Timing separates loading and reference measurements
+(reporting) from search, training and evaluation (the time-to-readiness).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from relora_operator.api.spec import Adapter, AdapterMigrationSpec, Readiness
+from relora_operator.api.status import AdapterProgress
+from relora_trainer import adapters, fusion, models, report, search
+from relora_trainer.data import Encoder, Example, TaskData, read_jsonl
+from relora_trainer.errors import InvalidData
+from relora_trainer.finetune import Evaluation, Target, autocast, finetune
+from relora_trainer.progress import NullProgress, ProgressSink
+from relora_trainer.quality import Quality, measure
+from relora_trainer.storage import Storage
+
+STATE_DIR = "state"
+FINGERPRINT_FILE = "fingerprint"
+
+
+@dataclass
+class Bases:
+    """The two base models and the tokenizer, loaded once for all adapters of a migration."""
+
+    source: nn.Module
+    target: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    load_seconds: float
+
+
+def load_bases(spec: AdapterMigrationSpec, storage: Storage, device: torch.device) -> Bases:
+    """Fetch and load both bases; raise IncompatibleModels / InvalidWeights / MissingInput."""
+    started = time.perf_counter()
+    source_dir = storage.fetch(
+        spec.source_model.uri, what="spec.sourceModel", revision=spec.source_model.revision
+    )
+    target_dir = storage.fetch(
+        spec.target_model.uri, what="spec.targetModel", revision=spec.target_model.revision
+    )
+    source = models.load_model(source_dir, what="spec.sourceModel", device=device)
+    target = models.load_model(target_dir, what="spec.targetModel", device=device)
+    models.check_compatible(source, target)
+    models.check_finite(source, what="spec.sourceModel")
+    models.check_finite(target, what="spec.targetModel")
+    tokenizer = models.load_tokenizer(target_dir, source_dir)
+    return Bases(source, target, tokenizer, device, time.perf_counter() - started)
+
+
+def fingerprint(spec: AdapterMigrationSpec, adapter: Adapter) -> str:
+    """Identifies the work of one adapter: a changed input or method invalidates saved state."""
+    relevant = {
+        "source": spec.source_model.to_wire(),
+        "target": spec.target_model.to_wire(),
+        "adapter": adapter.to_wire(),
+        "method": spec.method.to_wire(),
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def output_dir(spec: AdapterMigrationSpec, adapter: Adapter, storage: Storage) -> Path:
+    """The local folder an adapter's results are written to before publishing."""
+    return storage.local_path(f"{spec.output.uri.rstrip('/')}/{adapter.name}")
+
+
+def _read_data(adapter: Adapter, storage: Storage) -> TaskData:
+    where = f"spec.adapters[{adapter.name}].data"
+    data = adapter.data
+    train = read_jsonl(storage.fetch(data.train, what=f"{where}.train"), what=f"{where}.train")
+    validation = read_jsonl(
+        storage.fetch(data.validation, what=f"{where}.validation"), what=f"{where}.validation"
+    )
+    test = None
+    if data.test is not None:
+        test = read_jsonl(storage.fetch(data.test, what=f"{where}.test"), what=f"{where}.test")
+    task = TaskData(train, validation, test)
+    if adapter.readiness.metric == "accuracy" and len(task.choices) < 2:
+        raise InvalidData(
+            f"{where}: accuracy needs at least two distinct completions, found {task.choices}"
+        )
+    return task
+
+
+def readiness_target(readiness: Readiness, source: Quality) -> Target:
+    """The absolute target: as given, or relative to the old adapter on the old base."""
+    if readiness.target is not None:
+        return Target(readiness.metric, readiness.target)
+    fraction = readiness.relative_to_source or 1.0
+    reference = source.value(readiness.metric)
+    value = reference / fraction if readiness.metric == "loss" else reference * fraction
+    return Target(readiness.metric, value)
+
+
+class _Quality:
+    """Measures a model on the task's splits with the migration's encoder and device."""
+
+    def __init__(self, encoder: Encoder, task: TaskData, device: torch.device) -> None:
+        self.encoder, self.task, self.device = encoder, task, device
+
+    def on(
+        self, model: nn.Module, examples: list[Example], *, with_accuracy: bool = True
+    ) -> Quality:
+        with autocast(self.device):
+            return measure(
+                model,
+                self.encoder,
+                examples,
+                self.task.choices,
+                device=self.device,
+                with_accuracy=with_accuracy,
+            )
+
+    def splits(self, model: nn.Module) -> dict[str, Quality]:
+        result = {"validation": self.on(model, self.task.validation)}
+        if self.task.test is not None:
+            result["test"] = self.on(model, self.task.test)
+        return result
+
+
+def _with_adapter(
+    base: nn.Module, config: LoraConfig, factors: dict[str, adapters.LoraFactors]
+) -> PeftModel:
+    model = adapters.attach(base, config)
+    adapters.load_factors(model, factors)
+    return model
+
+
+def migrate_adapter(
+    *,
+    spec: AdapterMigrationSpec,
+    adapter: Adapter,
+    bases: Bases,
+    storage: Storage,
+    progress: ProgressSink | None = None,
+) -> report.AdapterReport:
+    """Migrate one adapter; resumable: state lives in ``<output>/<name>/state``."""
+    sink = progress or NullProgress()
+    method = spec.method
+    out = output_dir(spec, adapter, storage)
+    state = out / STATE_DIR
+    key = fingerprint(spec, adapter)
+    finished = report.load_finished(out, key)
+    if finished is not None:
+        sink.note(adapter.name, "already migrated with this spec: keeping the existing result")
+        return finished
+    if (state / FINGERPRINT_FILE).is_file() and (state / FINGERPRINT_FILE).read_text() != key:
+        shutil.rmtree(state)  # the spec changed: saved progress belongs to other work
+    state.mkdir(parents=True, exist_ok=True)
+    (state / FINGERPRINT_FILE).write_text(key)
+
+    where = f"spec.adapters[{adapter.name}].uri"
+    old = adapters.read_adapter(storage.fetch(adapter.uri, what=where), what=where)
+    adapters.check_fits(old, bases.target, what=where)
+    task = _read_data(adapter, storage)
+    encoder = Encoder(bases.tokenizer)
+    quality = _Quality(encoder, task, bases.device)
+    torch.manual_seed(method.seed)
+
+    sink.update(adapter.name, AdapterProgress(stage="evaluate"))
+    started = time.perf_counter()
+    on_source = _with_adapter(bases.source, old.config, old.factors)
+    source_quality = quality.splits(on_source)
+    on_source.unload()
+    on_target = _with_adapter(bases.target, old.config, old.factors)
+    before_quality = quality.splits(on_target)
+    on_target.unload()
+    reference_seconds = time.perf_counter() - started
+    target = readiness_target(adapter.readiness, source_quality["validation"])
+
+    rank = method.rank or old.rank
+    config = adapters.new_config(old.config, rank=rank, base=spec.target_model.uri)
+    scale = adapters.lora_scale(config, rank)
+    torch.manual_seed(method.seed)
+    model = adapters.attach(bases.target, config)
+    result: search.SearchResult | None = None
+    try:
+        if method.strategy == "relora":
+            result = _search_init(
+                model=model,
+                old=old,
+                bases=bases,
+                spec=spec,
+                quality=quality,
+                scale=scale,
+                rank=rank,
+                journal=state / "search.journal",
+                report_trial=lambda k, n, value: sink.update(
+                    adapter.name, AdapterProgress(stage="search", trial=k, trials=n)
+                ),
+            )
+        elif method.strategy in ("reuse", "warm-start"):
+            terms = _terms(old, bases, projection="adapter-subspace", scale=scale)
+            adapters.load_factors(
+                model,
+                fusion.fuse_all(
+                    terms, {"all": (1.0, 0.0)}, granularity="global", rank=rank, scale=scale
+                ),
+            )
+        finetune_config = method.finetune
+        if method.strategy == "reuse":
+            finetune_config = method.finetune.model_copy(update={"max_steps": 0})
+
+        def on_step(step: int, evaluation: Evaluation | None) -> None:
+            sink.update(
+                adapter.name,
+                AdapterProgress(
+                    stage="finetune",
+                    step=step,
+                    max_steps=finetune_config.max_steps,
+                    quality=evaluation.quality if evaluation else None,
+                    target=target.value,
+                ),
+            )
+
+        outcome = finetune(
+            model=model,
+            encoder=encoder,
+            train=task.train,
+            validation=task.validation,
+            choices=task.choices,
+            config=finetune_config,
+            regularize=method.finetune.regularization if method.strategy == "relora" else None,
+            target=target,
+            seed=method.seed,
+            device=bases.device,
+            state_dir=state,
+            seconds_before=result.seconds if result else 0.0,
+            on_step=on_step,
+        )
+        sink.update(adapter.name, AdapterProgress(stage="saving"))
+        model.save_pretrained(str(out), save_embedding_layers=False)
+        after_quality = quality.splits(model)
+    finally:
+        model.unload()
+
+    adapter_report = report.AdapterReport.build(
+        adapter=adapter,
+        strategy=method.strategy,
+        output_uri=f"{spec.output.uri.rstrip('/')}/{adapter.name}",
+        fingerprint=key,
+        device=str(bases.device),
+        rank=rank,
+        target=target,
+        qualities={"source": source_quality, "before": before_quality, "after": after_quality},
+        search_result=result,
+        outcome=outcome,
+        load_seconds=bases.load_seconds,
+        reference_seconds=reference_seconds,
+    )
+    report.write(out, adapter_report)
+    storage.publish(out, adapter_report.output_uri)
+    return adapter_report
+
+
+def _terms(
+    old: adapters.OldAdapter, bases: Bases, *, projection: str, scale: float
+) -> dict[str, fusion.ModuleTerms]:
+    """Per adapted module: the old update and the base evolution W_target - W_source."""
+    fan_in_fan_out = bool(old.config.fan_in_fan_out)
+    old_scale = adapters.lora_scale(old.config, old.rank)
+    terms = {}
+    with torch.no_grad():
+        for module, factors in old.factors.items():
+            w_source = adapters.base_weight(bases.source, module, fan_in_fan_out=fan_in_fan_out)
+            w_target = adapters.base_weight(bases.target, module, fan_in_fan_out=fan_in_fan_out)
+            terms[module] = fusion.prepare(
+                factors, w_target.float() - w_source.float(), scale=old_scale, projection=projection
+            )
+    return terms
+
+
+def _search_init(
+    *,
+    model: PeftModel,
+    old: adapters.OldAdapter,
+    bases: Bases,
+    spec: AdapterMigrationSpec,
+    quality: _Quality,
+    scale: float,
+    rank: int,
+    journal: Path,
+    report_trial: Callable[[int, int, float | None], None],
+) -> search.SearchResult:
+    """Search the fusion coefficients, then load the best fused adapter into ``model``."""
+    init = spec.method.initialization
+    terms = _terms(old, bases, projection=init.projection, scale=scale)
+    groups = sorted({fusion.group_of(m, init.granularity) for m in terms})
+    subset = quality.task.validation[: init.validation_samples]
+
+    def fused(coefficients: search.Coefficients) -> dict[str, adapters.LoraFactors]:
+        return fusion.fuse_all(
+            terms, coefficients, granularity=init.granularity, rank=rank, scale=scale
+        )
+
+    def objective(coefficients: search.Coefficients) -> float:
+        adapters.load_factors(model, fused(coefficients))
+        return quality.on(model, subset, with_accuracy=False).loss
+
+    result = search.run_search(
+        groups=groups,
+        config=init,
+        seed=spec.method.seed,
+        objective=objective,
+        journal=journal,
+        on_trial=report_trial,
+    )
+    adapters.load_factors(model, fused(result.coefficients))
+    return result

@@ -1,0 +1,176 @@
+"""The per-adapter report: report.json (machine-readable) and summary.md (for people).
+
+Time accounting (seconds): ``load`` (both bases, shared by a migration's adapters),
+``reference`` (the old adapter measured on both bases: reporting, not the method), ``search``,
+``training`` and ``evaluation``. ``timeToReadiness`` = search + training + evaluation up to the
+evaluation that first met the target (null when the target was not met within the budget).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from relora_operator.api.spec import Adapter
+from relora_trainer.adapters import CONFIG_FILE, WEIGHTS_FILE
+from relora_trainer.finetune import FinetuneOutcome, Target
+from relora_trainer.quality import Quality
+from relora_trainer.search import SearchResult
+
+REPORT_FILE = "report.json"
+SUMMARY_FILE = "summary.md"
+
+
+def _quality(q: Quality) -> dict[str, float | None]:
+    return {"loss": q.loss, "accuracy": q.accuracy}
+
+
+@dataclass
+class AdapterReport:
+    adapter: str
+    strategy: str
+    ready: bool
+    metric: str
+    target: float
+    output_uri: str
+    fingerprint: str
+    device: str
+    rank: int
+    quality: dict[str, dict[str, dict[str, float | None]]]  # source/before/after -> split -> value
+    coefficients: dict[str, dict[str, float]] | None
+    trials: list[dict[str, Any]]
+    steps: int
+    ready_step: int | None
+    seconds: dict[str, float | None]
+    history: list[dict[str, Any]]
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        adapter: Adapter,
+        strategy: str,
+        output_uri: str,
+        fingerprint: str,
+        device: str,
+        rank: int,
+        target: Target,
+        qualities: dict[str, dict[str, Quality]],
+        search_result: SearchResult | None,
+        outcome: FinetuneOutcome,
+        load_seconds: float,
+        reference_seconds: float,
+    ) -> AdapterReport:
+        search_seconds = search_result.seconds if search_result else 0.0
+        return cls(
+            adapter=adapter.name,
+            strategy=strategy,
+            ready=outcome.ready,
+            metric=target.metric,
+            target=target.value,
+            output_uri=output_uri,
+            fingerprint=fingerprint,
+            device=device,
+            rank=rank,
+            quality={
+                stage: {split: _quality(q) for split, q in splits.items()}
+                for stage, splits in qualities.items()
+            },
+            coefficients=(
+                {g: {"alpha": a, "beta": b} for g, (a, b) in search_result.coefficients.items()}
+                if search_result
+                else None
+            ),
+            trials=[asdict(t) for t in search_result.trials] if search_result else [],
+            steps=outcome.steps,
+            ready_step=outcome.ready_step,
+            seconds={
+                "load": load_seconds,
+                "reference": reference_seconds,
+                "search": search_seconds,
+                "training": outcome.train_seconds,
+                "evaluation": outcome.eval_seconds,
+                "timeToReadiness": outcome.ready_seconds,
+            },
+            history=[asdict(e) for e in outcome.history],
+        )
+
+    def quality_of(self, stage: str, split: str = "validation") -> float | None:
+        values = self.quality.get(stage, {}).get(split)
+        return None if values is None else values[self.metric]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def write(folder: Path, report: AdapterReport) -> None:
+    """Write report.json and summary.md atomically (report last: it marks the work finished)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SUMMARY_FILE).write_text(summary(report))
+    partial = folder / f"{REPORT_FILE}.partial"
+    partial.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    os.replace(partial, folder / REPORT_FILE)
+
+
+def load_finished(folder: Path, fingerprint: str) -> AdapterReport | None:
+    """A finished report for the same work, if the adapter files it describes are present."""
+    path = folder / REPORT_FILE
+    if not all((folder / f).is_file() for f in (REPORT_FILE, CONFIG_FILE, WEIGHTS_FILE)):
+        return None
+    try:
+        data = json.loads(path.read_text())
+        loaded = AdapterReport(**data)
+    except (json.JSONDecodeError, TypeError, UnicodeDecodeError):
+        return None
+    return loaded if loaded.fingerprint == fingerprint else None
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def summary(report: AdapterReport) -> str:
+    """A short Markdown summary of one adapter's migration."""
+    seconds = report.seconds
+    ttr = seconds["timeToReadiness"]
+    lines = [
+        f"# Adapter `{report.adapter}`: {'ready' if report.ready else 'NOT ready'}",
+        "",
+        f"Strategy `{report.strategy}`, rank {report.rank}, on {report.device}. "
+        f"Target: {report.metric} {'<=' if report.metric == 'loss' else '>='} "
+        f"{report.target:.4f} (validation).",
+        "",
+        "| model | validation loss | validation accuracy | test accuracy |",
+        "| --- | --- | --- | --- |",
+    ]
+    labels = {
+        "source": "old adapter, old base",
+        "before": "old adapter, new base",
+        "after": "migrated adapter, new base",
+    }
+    for stage, label in labels.items():
+        splits = report.quality.get(stage, {})
+        validation = splits.get("validation", {})
+        test = splits.get("test", {})
+        lines.append(
+            f"| {label} | {_fmt(validation.get('loss'))} | {_fmt(validation.get('accuracy'))} "
+            f"| {_fmt(test.get('accuracy'))} |"
+        )
+    lines += [
+        "",
+        f"Steps: {report.steps} (ready at step {report.ready_step}). "
+        f"Time to readiness: {'not reached' if ttr is None else f'{ttr:.1f} s'} "
+        f"(search {seconds['search']:.1f} s, training {seconds['training']:.1f} s, "
+        f"evaluation {seconds['evaluation']:.1f} s; not counted: loading "
+        f"{seconds['load']:.1f} s, reference measurements {seconds['reference']:.1f} s).",
+    ]
+    if report.coefficients:
+        chosen = ", ".join(
+            f"{g}: alpha={c['alpha']:.3f} beta={c['beta']:.3f}"
+            for g, c in report.coefficients.items()
+        )
+        lines += ["", f"Fusion coefficients ({len(report.trials)} trials): {chosen}."]
+    return "\n".join(lines) + "\n"

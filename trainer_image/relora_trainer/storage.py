@@ -1,0 +1,104 @@
+"""Turn manifest URIs into local paths the trainer reads and writes.
+
+- plain paths: relative ones resolve against ``base_dir`` (the manifest's folder locally, the
+  working directory in a pod);
+- ``pvc://CLAIM/PATH``: ``<pvc_root>/CLAIM/PATH``; the operator mounts each claim there;
+- ``hf://ORG/NAME``: downloaded with huggingface_hub into its cache (honours HF_TOKEN, HF_HOME);
+- ``s3://BUCKET/KEY``: through fsspec/s3fs when installed (inputs are copied into a cache folder,
+  outputs are written locally and uploaded by :func:`publish`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from relora_operator.api import uris
+from relora_trainer.errors import MissingInput, UnsupportedStorage
+
+PVC_ROOT_ENV = "RELORA_PVC_ROOT"
+DEFAULT_PVC_ROOT = "/mnt/pvc"
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Where relative paths and PVC claims live on this machine."""
+
+    base_dir: Path = field(default_factory=Path.cwd)
+    pvc_root: Path = field(
+        default_factory=lambda: Path(os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT))
+    )
+    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "relora")
+
+    def local_path(self, uri: str) -> Path:
+        """The local path for ``uri`` without fetching anything (paths and PVCs only)."""
+        parsed = uris.parse_uri(uri)
+        if parsed.scheme == "path":
+            path = Path(parsed.path)
+            return path if path.is_absolute() else self.base_dir / path
+        if parsed.scheme == "pvc":
+            return self.pvc_root / parsed.authority / parsed.path
+        if parsed.scheme == "s3":
+            return self.cache_dir / "s3" / parsed.authority / parsed.path
+        return self.cache_dir / "hf" / parsed.authority / parsed.path
+
+    def fetch(self, uri: str, *, what: str, revision: str | None = None) -> Path:
+        """A local path holding ``uri``'s content; raise MissingInput naming ``what``."""
+        parsed = uris.parse_uri(uri)
+        if parsed.scheme == "hf":
+            return self._fetch_hub(parsed, what=what, revision=revision)
+        if parsed.scheme == "s3":
+            self._copy_s3(f"s3://{parsed.authority}/{parsed.path}", self.local_path(uri), what)
+        path = self.local_path(uri)
+        if not path.exists():
+            raise MissingInput(f"{what}: {uri} does not exist (looked at {path})")
+        return path
+
+    def _fetch_hub(self, parsed: uris.ParsedURI, *, what: str, revision: str | None) -> Path:
+        try:
+            from huggingface_hub import snapshot_download
+            from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+        except ImportError as error:  # pragma: no cover - transformers depends on it
+            raise UnsupportedStorage(f"{what}: hf:// needs huggingface_hub installed") from error
+        try:
+            folder = Path(snapshot_download(repo_id=parsed.authority, revision=revision))
+        except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as error:
+            raise MissingInput(
+                f"{what}: cannot download hf://{parsed.authority} (revision "
+                f"{revision or 'main'}): {type(error).__name__}; check the name, HF_TOKEN and "
+                "network access"
+            ) from error
+        path = folder / parsed.path if parsed.path else folder
+        if not path.exists():
+            raise MissingInput(f"{what}: {parsed.path} is not in hf://{parsed.authority}")
+        return path
+
+    def _copy_s3(self, remote: str, local: Path, what: str) -> None:
+        filesystem = _s3_filesystem(what)
+        if not filesystem.exists(remote):
+            raise MissingInput(f"{what}: {remote} does not exist")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        filesystem.get(remote, str(local), recursive=filesystem.isdir(remote))
+
+    def publish(self, local: Path, uri: str) -> None:
+        """Make ``local`` available at ``uri``: a copy for other local paths, an upload to S3."""
+        parsed = uris.parse_uri(uri)
+        if parsed.scheme == "s3":
+            _s3_filesystem("output").put(str(local), uri, recursive=True)
+        elif parsed.scheme == "hf":
+            raise UnsupportedStorage("output: hf:// is read-only here; write to a path, pvc or s3")
+        elif local.resolve() != self.local_path(uri).resolve():
+            shutil.copytree(local, self.local_path(uri), dirs_exist_ok=True)
+
+
+def _s3_filesystem(what: str):  # type: ignore[no-untyped-def]
+    try:
+        import fsspec
+
+        return fsspec.filesystem("s3")
+    except (ImportError, ValueError) as error:
+        raise UnsupportedStorage(
+            f"{what}: s3:// needs the s3fs package in the trainer image (pip install s3fs)"
+        ) from error
