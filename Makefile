@@ -13,9 +13,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[operator,trainer,dev]'
 	touch $(STAMP)
 
-## demo: install, then check the example manifests (later: run a migration on the testbed)
+## demo: install, check the examples, build the toy world and migrate its adapter
 demo: $(STAMP)
 	$(BIN)/relora validate -f examples/local-migration.yaml -f examples/cluster-migration.yaml
+	$(BIN)/relora testbed toy --out examples/toy
+	$(BIN)/relora run -f examples/local-migration.yaml
 
 ## test: lint, format check, type check and the test suite
 test: lint typecheck unit

@@ -129,3 +129,24 @@ def test_invalid_manifest_exits_3_naming_the_field(
     assert "spec.method.finetune.maxSteps: must be greater than or equal to 0" in (
         capsys.readouterr().err
     )
+
+
+def test_the_local_example_runs_on_the_toy_world(toy: Any, tmp_path: Path) -> None:
+    from tests.conftest import EXAMPLES
+
+    (tmp_path / "toy").symlink_to(toy.root)
+    manifest = yaml.safe_load((EXAMPLES / "local-migration.yaml").read_text())
+    manifest["spec"]["output"]["uri"] = "output"  # keep the shared toy world clean
+    path = _write(tmp_path, manifest)
+    assert local_run.run(str(path), quiet=True) == EXIT_OK
+    report = _report(tmp_path)
+    assert report["ready"] and report["strategy"] == "relora"
+
+
+def test_testbed_toy_is_cached(toy: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from relora_trainer import cli
+
+    stamp = (toy.v1 / "model.safetensors").stat().st_mtime_ns
+    assert cli.main(["testbed", "toy", "--out", str(toy.root)]) == EXIT_OK
+    assert (toy.v1 / "model.safetensors").stat().st_mtime_ns == stamp
+    assert "toy world written to" in capsys.readouterr().out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from relora_operator import __version__, crd, manifests, validation
 from relora_operator.api import resource
@@ -73,6 +74,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_testbed_toy(args: argparse.Namespace) -> int:
+    try:
+        from relora_trainer import local_run, toyworld
+    except ImportError as error:
+        print(f"error: needs the trainer extra ({error.name} is missing)", file=sys.stderr)
+        return EXIT_USAGE
+    local_run.quiet_libraries()
+    paths = toyworld.build(Path(args.out), seed=args.seed)
+    print(f"toy world written to {paths.root}: models/v1, models/v2-mild, adapters/, data/")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="relora",
@@ -113,6 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--debug", action="store_true", help="print tracebacks of internal errors")
     run.set_defaults(handler=_cmd_run)
+
+    testbed = commands.add_parser("testbed", help="build model pairs to try migrations on")
+    kinds = testbed.add_subparsers(dest="kind", required=True, metavar="KIND")
+    toy = kinds.add_parser(
+        "toy",
+        help="a tiny synthetic world in seconds (smoke tests, the quick demo)",
+        description=(
+            "Write two tiny random Llama models (v1, and v2 = v1 perturbed), a LoRA adapter "
+            "trained on v1 and a 4-class task as JSONL, in the layout the examples expect."
+        ),
+    )
+    toy.add_argument("--out", required=True, metavar="DIR", help="where to write it")
+    toy.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    toy.set_defaults(handler=_cmd_testbed_toy)
 
     show = commands.add_parser("crd", help="print the AdapterMigration CRD (YAML)")
     show.set_defaults(handler=_cmd_crd)

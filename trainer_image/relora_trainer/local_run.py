@@ -120,8 +120,9 @@ def run(
         )
         return errors.EXIT_INTERNAL
     Console(width=max(Console().width, 120)).print(results_table(reports))
-    for r in reports:
-        print(f"{r.adapter}: {r.output_uri} (report.json, summary.md)", file=sys.stdout)
+    for adapter in selected:
+        folder = migrate.output_dir(spec, adapter, storage)
+        print(f"{adapter.name}: adapter, report.json and summary.md in {folder}")
     return errors.EXIT_OK if all(r.ready for r in reports) else errors.EXIT_NOT_READY
 
 

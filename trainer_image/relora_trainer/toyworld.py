@@ -126,8 +126,16 @@ def _evolve(model: LlamaForCausalLM, *, strength: float, seed: int) -> None:
 
 
 def build(out: Path, *, seed: int = 0, adapter_steps: int = 200, strength: float = 3.0) -> ToyPaths:
-    """Write the toy world under ``out`` (deterministic for ``seed``); return its paths."""
+    """Write the toy world under ``out`` (deterministic for ``seed``); return its paths.
+
+    A finished build leaves ``toyworld.json`` with its parameters; building again with the same
+    parameters returns at once.
+    """
     paths = ToyPaths(out)
+    marker = out / "toyworld.json"
+    parameters = {"seed": seed, "adapter_steps": adapter_steps, "strength": strength}
+    if marker.is_file() and json.loads(marker.read_text()) == parameters:
+        return paths
     rng = random.Random(seed)
     splits = {"train": _examples(512, rng), "validation": _examples(96, rng)}
     splits["test"] = _examples(192, rng)
@@ -169,4 +177,5 @@ def build(out: Path, *, seed: int = 0, adapter_steps: int = 200, strength: float
     )
     model.save_pretrained(str(paths.adapter), save_embedding_layers=False)
     model.unload()
+    marker.write_text(json.dumps(parameters))
     return paths

@@ -1,0 +1,64 @@
+"""Progress reporting: the interface the Job runtime will plug into."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from relora_operator.api.resource import AdapterMigration
+from relora_operator.api.status import AdapterProgress
+from relora_trainer import migrate
+from relora_trainer.progress import JsonLinesProgress
+from relora_trainer.storage import Storage
+from tests.conftest import toy_manifest
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.updates: list[AdapterProgress] = []
+        self.notes: list[str] = []
+
+    def update(self, adapter: str, progress: AdapterProgress) -> None:
+        assert adapter == "toy-category"
+        self.updates.append(progress)
+
+    def note(self, adapter: str, message: str) -> None:
+        self.notes.append(message)
+
+
+def test_a_migration_reports_trials_steps_and_quality(toy: Any, tmp_path: Path) -> None:
+    spec = AdapterMigration.from_manifest(toy_manifest(toy)).spec
+    storage = Storage(base_dir=tmp_path)
+    bases = migrate.load_bases(spec, storage, torch.device("cpu"))
+    recorder = Recorder()
+    migrate.migrate_adapter(
+        spec=spec, adapter=spec.adapters[0], bases=bases, storage=storage, progress=recorder
+    )
+    stages = [u.stage for u in recorder.updates]
+    assert stages[0] == "evaluate" and stages[-1] == "saving"
+    trials = [(u.trial, u.trials) for u in recorder.updates if u.stage == "search"]
+    assert trials == [(k, 6) for k in range(1, 7)]
+    steps = [u for u in recorder.updates if u.stage == "finetune"]
+    assert steps[0].step == 0 and steps[0].quality is not None
+    assert all(u.target is not None and u.max_steps == 60 for u in steps)
+    assert [u.step for u in steps] == list(range(steps[-1].step + 1))
+
+
+def test_json_lines_progress() -> None:
+    stream = io.StringIO()
+    sink = JsonLinesProgress(stream)
+    sink.update("a", AdapterProgress(stage="search", trial=2, trials=8))
+    sink.note("a", "hello")
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first == {
+        "adapter": "a",
+        "event": "progress",
+        "stage": "search",
+        "trial": 2,
+        "trials": 8,
+    }
+    assert second == {"adapter": "a", "event": "note", "message": "hello"}
