@@ -45,7 +45,8 @@ def test_a_migration_reports_trials_steps_and_quality(toy: Any, tmp_path: Path) 
     steps = [u for u in recorder.updates if u.stage == "finetune"]
     assert steps[0].step == 0 and steps[0].quality is not None
     assert all(u.target is not None and u.max_steps == 60 for u in steps)
-    assert [u.step for u in steps] == list(range(steps[-1].step + 1))
+    last = steps[-1].step
+    assert last is not None and [u.step for u in steps] == list(range(last + 1))
 
 
 def test_json_lines_progress() -> None:
