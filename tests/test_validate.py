@@ -310,4 +310,4 @@ def test_reads_standard_input() -> None:
         text=True,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("-: valid AdapterMigration 'wordnet-v1-to-v2'")
+    assert result.stdout.startswith("-: valid AdapterMigration 'toy-v1-to-v2'")
