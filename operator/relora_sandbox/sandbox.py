@@ -1,0 +1,139 @@
+"""Run the emulator (and the Job runner) on 127.0.0.1, in this loop or in a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+from relora_sandbox.jobs import JobRunner
+from relora_sandbox.server import Emulator
+
+
+def kubeconfig(url: str, *, context: str = "relora-sandbox") -> dict[str, Any]:
+    """A kubeconfig pointing at ``url`` (plain HTTP on loopback, no credentials)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": context, "cluster": {"server": url}}],
+        "users": [{"name": context, "user": {}}],
+        "contexts": [
+            {
+                "name": context,
+                "context": {"cluster": context, "user": context, "namespace": "default"},
+            }
+        ],
+        "current-context": context,
+        "preferences": {},
+    }
+
+
+class Sandbox:
+    """Emulator + Job runner served on ``host:port`` (port 0 picks a free one)."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        bookmark_interval: float = 5.0,
+        image_commands: dict[str, list[str]] | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.host, self.port = host, port
+        self.emulator = Emulator(bookmark_interval=bookmark_interval)
+        self.jobs = JobRunner(self.emulator, workdir, image_commands=image_commands or {})
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def kubeconfig_path(self) -> Path:
+        return self.workdir / "kubeconfig"
+
+    async def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._runner = web.AppRunner(self.emulator.app, handle_signals=False, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        sockets = getattr(site._server, "sockets", None) or []
+        if sockets:
+            self.port = sockets[0].getsockname()[1]
+        self.jobs.api_port = self.port
+        self.kubeconfig_path.write_text(yaml.safe_dump(kubeconfig(self.url), sort_keys=False))
+        self.jobs.start()
+
+    async def stop(self) -> None:
+        await self.jobs.stop()
+        self.emulator.store.close_watches()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+class SandboxThread:
+    """A Sandbox on its own event loop in a daemon thread: for tests and synchronous callers."""
+
+    def __init__(self, workdir: Path, **options: Any) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.sandbox = Sandbox(workdir, **options)
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self) -> Sandbox:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.sandbox.start(), self.loop).result(timeout=30)
+        return self.sandbox
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.sandbox.stop(), self.loop).result(timeout=30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+
+    def call(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run ``function`` on the sandbox's loop (where the store lives) and return its result."""
+
+        async def invoke() -> Any:
+            return function(*args, **kwargs)
+
+        return asyncio.run_coroutine_threadsafe(invoke(), self.loop).result(timeout=30)
+
+
+def usage(sandbox: Sandbox) -> str:
+    """What `relora sandbox` prints once it listens."""
+    return "\n".join(
+        [
+            f"relora sandbox: Kubernetes API emulator on {sandbox.url}",
+            f"  kubeconfig: {sandbox.kubeconfig_path}",
+            f"  pods run as local processes; PVC claims are folders under {sandbox.jobs.pvc_root}",
+            "",
+            f"  export KUBECONFIG={sandbox.kubeconfig_path}",
+            "  kubectl apply -f crds/",
+            "  kubectl get adaptermigrations -w",
+            "",
+            "Ctrl-C stops it and every pod process it started.",
+        ]
+    )
+
+
+async def serve(sandbox: Sandbox, *, ready: Any = print) -> None:
+    """Run until SIGINT/SIGTERM, then stop cleanly (no process left behind)."""
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await sandbox.start()
+    ready(usage(sandbox))
+    try:
+        await stop.wait()
+    finally:
+        await sandbox.stop()
