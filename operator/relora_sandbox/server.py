@@ -345,6 +345,8 @@ class Emulator:
                 return response
             for type_, obj in initial:
                 await _send(response, self._event(kind, type_, obj, as_table))
+            if query.get("sendInitialEvents") == "true":  # WatchList: mark the end of the state
+                await _send(response, self._bookmark(kind, initial_events_end=True))
             await self._follow(response, watch, kind, matches, query, as_table)
         except (ConnectionResetError, asyncio.CancelledError):
             pass
@@ -390,14 +392,13 @@ class Emulator:
             }
         return {"type": type_, "object": view}
 
-    def _bookmark(self, kind: Kind) -> dict[str, Any]:
+    def _bookmark(self, kind: Kind, *, initial_events_end: bool = False) -> dict[str, Any]:
+        metadata: dict[str, Any] = {"resourceVersion": str(self.store.revision)}
+        if initial_events_end:
+            metadata["annotations"] = {"k8s.io/initial-events-end": "true"}
         return {
             "type": "BOOKMARK",
-            "object": {
-                "kind": kind.kind,
-                "apiVersion": kind.api_version,
-                "metadata": {"resourceVersion": str(self.store.revision)},
-            },
+            "object": {"kind": kind.kind, "apiVersion": kind.api_version, "metadata": metadata},
         }
 
     # ---------------------------------------------------------------- discovery
