@@ -93,12 +93,14 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 @pytest.fixture(scope="session")
-def kubeconfig(sandbox: Any) -> Path:
+def kubeconfig(request: pytest.FixtureRequest) -> Path:
     """The cluster end-to-end tests run against: $RELORA_E2E_KUBECONFIG, else the sandbox."""
     import os
 
     real = os.environ.get(E2E_KUBECONFIG)
-    return Path(real) if real else Path(sandbox.kubeconfig_path)
+    if real:
+        return Path(real)
+    return Path(request.getfixturevalue("sandbox").kubeconfig_path)
 
 
 @pytest.fixture(scope="session")
