@@ -123,8 +123,19 @@ def usage(sandbox: Sandbox) -> str:
     )
 
 
-async def serve(sandbox: Sandbox, *, ready: Any = print) -> None:
-    """Run until SIGINT/SIGTERM, then stop cleanly (no process left behind)."""
+async def serve(
+    sandbox: Sandbox,
+    *,
+    ready: Any = print,
+    companions: list[tuple[str, list[str], dict[str, str]]] | None = None,
+) -> None:
+    """Run until SIGINT/SIGTERM, then stop cleanly (no process left behind).
+
+    ``companions`` are commands (name, argv, extra env) started once the API listens, with
+    KUBECONFIG pointing at it (e.g. the operator), logging to ``<workdir>/<name>.log``, and
+    terminated on the way out.
+    """
+    import os
     import signal
 
     stop = asyncio.Event()
@@ -132,8 +143,23 @@ async def serve(sandbox: Sandbox, *, ready: Any = print) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     await sandbox.start()
+    processes = []
+    for name, argv, extra in companions or []:
+        env = {**os.environ, **extra, "KUBECONFIG": str(sandbox.kubeconfig_path)}
+        log = (sandbox.workdir / f"{name}.log").open("ab")
+        processes.append(
+            await asyncio.create_subprocess_exec(*argv, env=env, stdout=log, stderr=log)
+        )
     ready(usage(sandbox))
     try:
         await stop.wait()
     finally:
+        for process in processes:
+            if process.returncode is None:
+                process.terminate()
+        for process in processes:
+            try:
+                await asyncio.wait_for(process.wait(), 10)
+            except TimeoutError:
+                process.kill()
         await sandbox.stop()

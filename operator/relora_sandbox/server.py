@@ -210,7 +210,7 @@ class Emulator:
         if method == "GET":
             assert target.name is not None
             if target.subresource == "log":
-                return self._log(namespace, target.name)
+                return self._log(namespace, target.name, query.get("tailLines"))
             obj = self.store.get(kind, namespace, target.name)
             if as_table:
                 return web.json_response(
@@ -308,10 +308,13 @@ class Emulator:
             }
         )
 
-    def _log(self, namespace: str, name: str) -> web.StreamResponse:
+    def _log(self, namespace: str, name: str, tail: str | None) -> web.StreamResponse:
         self.store.get(self.registry.kinds[("", "v1", "pods")], namespace, name)
-        text = self.log_source(namespace, name) if self.log_source else None
-        return web.Response(text=text or "", content_type="text/plain")
+        text = (self.log_source(namespace, name) if self.log_source else None) or ""
+        if tail is not None and tail.isdigit():
+            lines = text.splitlines(keepends=True)
+            text = "".join(lines[-int(tail) :]) if int(tail) else ""
+        return web.Response(text=text, content_type="text/plain")
 
     # ---------------------------------------------------------------- watch
     async def _watch(

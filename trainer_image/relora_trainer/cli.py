@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import shlex
 import sys
 from collections.abc import Sequence
@@ -102,7 +103,27 @@ def _cmd_sandbox(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         images[image] = shlex.split(command)
     box = sandbox.Sandbox(Path(args.workdir), port=args.port, image_commands=images)
-    asyncio.run(sandbox.serve(box, ready=lambda text: print(text, flush=True)))
+    companions = []
+    if not args.no_operator:
+        # The operator, with trainer pods run by this Python (the sandbox has no images).
+        trainer = json.dumps([sys.executable, "-m", "relora_trainer.job"])
+        env = {
+            "RELORA_TRAINER_COMMAND": trainer,
+            "RELORA_RESYNC_SECONDS": "2",
+            "RELORA_METRICS_PORT": str(args.metrics_port),
+        }
+        argv = [
+            sys.executable,
+            "-m",
+            "relora_operator",
+            "--all-namespaces",
+            f"--liveness=http://127.0.0.1:{args.liveness_port}/healthz",
+            "--quiet",
+        ]
+        companions.append(("operator", argv, env))
+    asyncio.run(
+        sandbox.serve(box, ready=lambda text: print(text, flush=True), companions=companions)
+    )
     return EXIT_OK
 
 
@@ -179,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="IMAGE=COMMAND",
         help="run containers of IMAGE that set no command with COMMAND (repeatable)",
     )
+    box.add_argument(
+        "--no-operator", action="store_true", help="serve the API only, without the operator"
+    )
+    box.add_argument("--metrics-port", type=int, default=8080, help="operator metrics port")
+    box.add_argument("--liveness-port", type=int, default=8081, help="operator liveness port")
     box.set_defaults(handler=_cmd_sandbox)
 
     show = commands.add_parser("crd", help="print the AdapterMigration CRD (YAML)")

@@ -6,10 +6,12 @@ A :class:`BadInput` is deterministic: retrying cannot fix it, so the trainer Job
 
 from __future__ import annotations
 
+from relora_operator import contract
+
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
-EXIT_BAD_INPUT = 3
+EXIT_BAD_INPUT = contract.EXIT_BAD_INPUT  # the Job's podFailurePolicy depends on it
 EXIT_NOT_READY = 4
 
 

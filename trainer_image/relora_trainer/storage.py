@@ -2,7 +2,8 @@
 
 - plain paths: relative ones resolve against ``base_dir`` (the manifest's folder locally, the
   working directory in a pod);
-- ``pvc://CLAIM/PATH``: ``<pvc_root>/CLAIM/PATH``; the operator mounts each claim there;
+- ``pvc://CLAIM/PATH``: ``<mount of CLAIM>/PATH`` for the claims the trainer Job mounts (the
+  operator says where, see relora_operator.contract), else ``<pvc_root>/CLAIM/PATH``;
 - ``hf://ORG/NAME``: downloaded with huggingface_hub into its cache (honours HF_TOKEN, HF_HOME);
 - ``s3://BUCKET/KEY``: through fsspec/s3fs when installed (inputs are copied into a cache folder,
   outputs are written locally and uploaded by :func:`publish`).
@@ -30,6 +31,7 @@ class Storage:
     pvc_root: Path = field(
         default_factory=lambda: Path(os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT))
     )
+    pvc_mounts: dict[str, Path] = field(default_factory=dict)  # claim -> where it is mounted
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "relora")
 
     def local_path(self, uri: str) -> Path:
@@ -39,7 +41,8 @@ class Storage:
             path = Path(parsed.path)
             return path if path.is_absolute() else self.base_dir / path
         if parsed.scheme == "pvc":
-            return self.pvc_root / parsed.authority / parsed.path
+            root = self.pvc_mounts.get(parsed.authority, self.pvc_root / parsed.authority)
+            return root / parsed.path
         if parsed.scheme == "s3":
             return self.cache_dir / "s3" / parsed.authority / parsed.path
         return self.cache_dir / "hf" / parsed.authority / parsed.path

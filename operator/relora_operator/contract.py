@@ -1,0 +1,105 @@
+"""The contract between the operator and the trainer pods it starts: one source for both sides.
+
+Operator -> trainer: environment variables (the spec of one adapter's migration as JSON, the
+adapter's name, where each PVC claim is mounted, where to write the termination message).
+
+Trainer -> operator, without any Kubernetes API rights for the trainer (least privilege; the
+operator is the only writer of the AdapterMigration status):
+
+- live progress: one JSON object per line on stdout, ``{"event": "progress", ...}`` with the
+  fields of ``AdapterProgress`` (written by relora_trainer.progress.JsonLinesProgress); the
+  operator reads the tail of the pod's log (`last_progress`);
+- the outcome: the container's termination message, a compact JSON ``Outcome`` (at most 4 KiB,
+  the kubelet's limit); the full report stays in the output storage;
+- the exit code: 0 finished (ready or not: the outcome says), EXIT_BAD_INPUT for deterministic
+  bad input (the Job's podFailurePolicy fails the Job at once), anything else is retried.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from relora_operator.api.spec import AdapterMigrationSpec
+from relora_operator.api.status import MAX_COEFFICIENTS, AdapterProgress
+
+ENV_MIGRATION = "RELORA_MIGRATION"
+ENV_ADAPTER = "RELORA_ADAPTER"
+ENV_PVC_MOUNTS = "RELORA_PVC_MOUNTS"
+ENV_TERMINATION_LOG = "RELORA_TERMINATION_LOG"
+TERMINATION_LOG = "/dev/termination-log"
+PVC_MOUNT_ROOT = "/mnt/pvc"
+
+EXIT_BAD_INPUT = 3
+"""Deterministic bad input: no retry (the same value as relora_trainer.errors.EXIT_BAD_INPUT)."""
+
+MAX_TERMINATION_MESSAGE = 4096
+
+
+class Outcome(BaseModel):
+    """What a trainer pod reports when it ends (its termination message)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    kind: Literal["result", "error"]
+    ready: bool = False
+    reason: str | None = None  # for errors: IncompatibleModels, InvalidData, ...
+    message: str | None = None
+    metric: Literal["accuracy", "loss"] | None = None
+    target: float | None = None
+    quality_source: float | None = None
+    quality_before: float | None = None
+    quality_after: float | None = None
+    coefficients: dict[str, float] | None = None
+    steps: int | None = None
+    time_to_readiness_seconds: float | None = None
+
+    def encode(self) -> str:
+        """JSON within the termination message limit (long messages and coefficients cut)."""
+        outcome = self
+        if outcome.coefficients and len(outcome.coefficients) > MAX_COEFFICIENTS:
+            kept = dict(list(outcome.coefficients.items())[:MAX_COEFFICIENTS])
+            outcome = outcome.model_copy(update={"coefficients": kept})
+        text = outcome.model_dump_json(exclude_none=True)
+        if len(text.encode()) > MAX_TERMINATION_MESSAGE and outcome.message:
+            room = len(outcome.message) - (len(text.encode()) - MAX_TERMINATION_MESSAGE) - 16
+            short = outcome.model_copy(update={"message": outcome.message[: max(room, 0)] + "..."})
+            text = short.model_dump_json(exclude_none=True)
+        return text
+
+    @classmethod
+    def decode(cls, text: str | None) -> Outcome | None:
+        """Parse a termination message; None if it is not one of ours (e.g. a crash's log)."""
+        if not text:
+            return None
+        try:
+            return cls.model_validate_json(text.strip())
+        except ValidationError:
+            return None
+
+
+def last_progress(log: str) -> AdapterProgress | None:
+    """The newest progress record in a log's tail (other lines are ignored)."""
+    for line in reversed(log.splitlines()):
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        try:
+            record: Any = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("event") == "progress":
+            fields = {k: v for k, v in record.items() if k not in ("event", "adapter")}
+            try:
+                return AdapterProgress.model_validate(fields)
+            except ValidationError:
+                continue
+    return None
+
+
+def single_adapter_spec(spec: AdapterMigrationSpec, adapter: str) -> str:
+    """The spec a trainer pod gets: only its adapter (keeps the Job small)."""
+    chosen = [a for a in spec.adapters if a.name == adapter]
+    return json.dumps(spec.model_copy(update={"adapters": chosen}).to_wire())

@@ -1,0 +1,87 @@
+"""Prometheus metrics of the operator (prometheus-client), named per the Prometheus guide.
+
+No adapter names or UIDs as labels: counters and histograms carry bounded labels only.
+Transitions are counted when the status the operator writes changes phase, so a restarted
+operator, which re-derives the same status, counts nothing twice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from relora_operator import __version__
+
+PREFIX = "relora"
+SECONDS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
+
+MIGRATIONS = Counter(
+    f"{PREFIX}_migrations_total", "AdapterMigrations finished, by result.", ["result"]
+)
+JOBS_CREATED = Counter(f"{PREFIX}_adapter_jobs_created_total", "Adapter Jobs created.")
+JOBS_FINISHED = Counter(
+    f"{PREFIX}_adapter_jobs_finished_total",
+    "Adapter migrations finished, by result and reason.",
+    ["result", "reason"],
+)
+JOBS_RETRIED = Counter(
+    f"{PREFIX}_adapter_jobs_retried_total", "Trainer pods started again after a failure."
+)
+TIME_TO_READINESS = Histogram(
+    f"{PREFIX}_adapter_time_to_readiness_seconds",
+    "Seconds from the start of an adapter's migration (search included) until it was ready.",
+    buckets=SECONDS,
+)
+QUEUE_WAIT = Histogram(
+    f"{PREFIX}_adapter_queue_wait_seconds",
+    "Seconds from an adapter Job's creation until its first pod ran.",
+    buckets=SECONDS,
+)
+ADAPTERS = Gauge(f"{PREFIX}_adapters", "Adapters by phase, over all migrations.", ["phase"])
+RECONCILES = Counter(f"{PREFIX}_reconcile_total", "Reconciliations of AdapterMigrations.")
+RECONCILE_ERRORS = Counter(
+    f"{PREFIX}_reconcile_errors_total", "Reconciliations that failed, by error type.", ["error"]
+)
+RECONCILE_SECONDS = Histogram(
+    f"{PREFIX}_reconcile_duration_seconds",
+    "Time spent in one reconciliation.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+BUILD_INFO = Gauge(f"{PREFIX}_build_info", "Build information (always 1).", ["version"])
+
+PHASES = ("Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended")
+
+
+def serve(port: int) -> None:
+    BUILD_INFO.labels(version=__version__).set(1)
+    for phase in PHASES:
+        ADAPTERS.labels(phase=phase).set(0)
+    if port:
+        start_http_server(port)
+
+
+def record_transitions(old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Count what changed between the status last written and the new one."""
+    before = {a["name"]: a for a in old.get("adapters") or []}
+    for adapter in new.get("adapters") or []:
+        previous = before.get(adapter["name"], {})
+        if (
+            adapter["phase"] in ("Succeeded", "Failed")
+            and previous.get("phase") != adapter["phase"]
+        ):
+            result = "ready" if adapter["phase"] == "Succeeded" else "failed"
+            JOBS_FINISHED.labels(result=result, reason=adapter.get("reason", "")).inc()
+            seconds = (adapter.get("result") or {}).get("timeToReadinessSeconds")
+            if adapter["phase"] == "Succeeded" and seconds is not None:
+                TIME_TO_READINESS.observe(seconds)
+        retries = adapter.get("attempts", 0) - max(previous.get("attempts", 0), 1)
+        if retries > 0:
+            JOBS_RETRIED.inc(retries)
+    if new.get("phase") in ("Succeeded", "Failed") and old.get("phase") != new["phase"]:
+        MIGRATIONS.labels(result=new["phase"].lower()).inc()
+
+
+def set_phases(counts: dict[str, int]) -> None:
+    for phase in PHASES:
+        ADAPTERS.labels(phase=phase).set(counts.get(phase, 0))

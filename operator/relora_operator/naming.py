@@ -1,0 +1,51 @@
+"""Names and labels of what the operator creates: deterministic, so restarts create no twins.
+
+Labels are explicit and never copied from the AdapterMigration (copying Argo CD's tracking label
+would make Argo CD prune the Jobs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+MANAGED_BY = "app.kubernetes.io/managed-by"
+OPERATOR = "relora-operator"
+NAME = "app.kubernetes.io/name"
+TRAINER = "relora-trainer"
+MIGRATION = "relora.dev/migration"
+MIGRATION_UID = "relora.dev/migration-uid"
+ADAPTER = "relora.dev/adapter"
+QUEUE = "kueue.x-k8s.io/queue-name"
+FAILURE = "relora.dev/failure"  # Job annotation: why the operator stopped it (reason: message)
+RESULT_RECORDED = "relora.dev/result-recorded"  # Job annotation: outcome is in the status
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("/".join(parts).encode()).hexdigest()[:8]
+
+
+def job_name(migration: str, adapter: str, uid: str) -> str:
+    """``<migration>-<adapter>-<hash>``, cut to a 63-character DNS label."""
+    digest = _digest(migration, adapter, uid)
+    stem = f"{migration[:30].rstrip('-.')}-{adapter[:22].rstrip('-')}".rstrip("-.")
+    return f"{stem}-{digest}"
+
+
+def label_value(value: str) -> str:
+    """A valid label value (at most 63 characters; long values keep a hash suffix)."""
+    if len(value) <= 63:
+        return value
+    return f"{value[:54].rstrip('-._')}-{_digest(value)}"
+
+
+def job_labels(migration: str, adapter: str, uid: str, queue: str | None) -> dict[str, str]:
+    labels = {
+        NAME: TRAINER,
+        MANAGED_BY: OPERATOR,
+        MIGRATION: label_value(migration),
+        MIGRATION_UID: uid,
+        ADAPTER: adapter,
+    }
+    if queue:
+        labels[QUEUE] = queue
+    return labels

@@ -1,0 +1,390 @@
+"""Derive an AdapterMigration's status from the Jobs and Pods that exist: the reconcile brain.
+
+A pure function of what the operator sees (the resource, its Jobs, their Pods, live progress
+read from pod logs, the time) that returns the status to write and the actions to take. Level
+based: a restarted operator computes the same thing from the same objects, so it creates no
+duplicate Job and loses nothing. Finished results are kept from the previous status, so a Job
+deleted by hand or by its TTL does not erase an outcome.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+from typing import Any
+
+from relora_operator import contract, naming
+from relora_operator.api.spec import Adapter, AdapterMigrationSpec
+from relora_operator.api.status import MAX_MESSAGE, AdapterProgress
+
+Obj = dict[str, Any]
+FINAL = ("Succeeded", "Failed")
+BLOCKING_WAITS = (
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+)
+
+
+@dataclass(frozen=True)
+class Migration:
+    name: str
+    namespace: str
+    uid: str
+    generation: int
+    spec: AdapterMigrationSpec
+    status: Obj  # the status as last written (wire form), {} at first
+
+
+@dataclass
+class Actions:
+    create: list[Adapter] = field(default_factory=list)
+    suspend: list[tuple[str, bool]] = field(default_factory=list)  # (job, suspend)
+    fail: list[tuple[str, str, str]] = field(default_factory=list)  # (job, reason, message)
+    ttl: list[tuple[str, int]] = field(default_factory=list)  # (job, seconds)
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+
+
+def stamp(moment: datetime.datetime) -> str:
+    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse(value: str | None) -> datetime.datetime | None:
+    if not value:
+        return None
+    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _condition(obj: Obj, kind: str) -> Obj | None:
+    for condition in (obj.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == kind and condition.get("status") == "True":
+            return dict(condition)
+    return None
+
+
+def _terminated(pod: Obj) -> Obj | None:
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        terminated = (status.get("state") or {}).get("terminated")
+        if terminated:
+            return dict(terminated)
+    return None
+
+
+def _outcome(pod: Obj | None) -> contract.Outcome | None:
+    terminated = _terminated(pod) if pod else None
+    return contract.Outcome.decode(terminated.get("message")) if terminated else None
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
+
+
+def _newest(pods: list[Obj], phase: str | None = None) -> Obj | None:
+    chosen = [p for p in pods if phase is None or (p.get("status") or {}).get("phase") == phase]
+    return max(chosen, key=lambda p: p["metadata"].get("creationTimestamp", ""), default=None)
+
+
+def running_pods(jobs: list[Obj], pods: dict[str, list[Obj]]) -> dict[str, str]:
+    """Adapter name -> its running pod, whose log tail carries live progress."""
+    result = {}
+    for job in jobs:
+        adapter = job["metadata"].get("labels", {}).get(naming.ADAPTER)
+        pod = _newest(pods.get(job["metadata"]["name"], []), "Running")
+        if adapter and pod is not None:
+            result[adapter] = pod["metadata"]["name"]
+    return result
+
+
+def _adapter_status(
+    migration: Migration,
+    adapter: Adapter,
+    job: Obj | None,
+    pods: list[Obj],
+    previous: Obj | None,
+    progress: AdapterProgress | None,
+    now: datetime.datetime,
+    actions: Actions,
+) -> Obj:
+    spec = migration.spec
+    if (
+        previous
+        and previous.get("phase") in FINAL
+        and (
+            job is None
+            or _condition(job, "Complete")
+            or _condition(job, "Failed")
+            or naming.FAILURE in (job["metadata"].get("annotations") or {})
+        )
+    ):
+        _ttl(job, spec, actions)
+        return previous  # a finished outcome is never lost nor recomputed
+    if job is None:
+        if spec.suspend:
+            return {"name": adapter.name, "phase": "Suspended", "reason": "Suspended"}
+        actions.create.append(adapter)
+        return {
+            "name": adapter.name,
+            "phase": "Pending",
+            "reason": "JobCreated",
+            "jobName": naming.job_name(migration.name, adapter.name, migration.uid),
+        }
+    name = job["metadata"]["name"]
+    base: Obj = {"name": adapter.name, "jobName": name, "attempts": len(pods)}
+    failure = (job["metadata"].get("annotations") or {}).get(naming.FAILURE)
+    if failure:
+        reason, _, message = failure.partition(": ")
+        return {**base, "phase": "Failed", "reason": reason, "message": _cut(message)}
+    if _condition(job, "Complete"):
+        _ttl(job, spec, actions)
+        return {**base, **_result(_outcome(_newest(pods, "Succeeded")), spec, adapter)}
+    failed = _condition(job, "Failed")
+    if failed:
+        _ttl(job, spec, actions)
+        outcome = _outcome(_newest(pods, "Failed"))
+        reason = failed.get("reason") or "JobFailed"
+        message = failed.get("message") or ""
+        if outcome is not None and outcome.kind == "error":
+            if reason == "PodFailurePolicy":  # the trainer's exit code for bad input
+                reason = outcome.reason or "InvalidInput"
+                message = f"{outcome.message} (bad input: not retried)"
+            else:
+                message = f"{message}; last attempt: {outcome.message}"
+        return {**base, "phase": "Failed", "reason": reason, "message": _cut(message)}
+    if job["spec"].get("suspend"):
+        if spec.suspend:
+            return {**base, "phase": "Suspended", "reason": "Suspended"}
+        if spec.queue_name:
+            return {
+                **base,
+                "phase": "Queued",
+                "reason": "Queued",
+                "message": f"waiting for admission by Kueue queue {spec.queue_name}",
+            }
+        actions.suspend.append((name, False))
+        return {**base, "phase": "Pending", "reason": "Resuming"}
+    if spec.suspend and not spec.queue_name:
+        actions.suspend.append((name, True))
+        return {**base, "phase": "Suspended", "reason": "Suspended"}
+    pod = _newest(
+        [p for p in pods if (p.get("status") or {}).get("phase") in ("Pending", "Running")]
+    )
+    if pod is None:
+        return {**base, "phase": "Running", "reason": "Retrying"}
+    if pod["status"].get("phase") == "Running":
+        running: Obj = {**base, "phase": "Running", "reason": "Running"}
+        if progress is not None:
+            running["progress"] = progress.to_wire()
+        return running
+    reason, message = _blocked(pod)
+    created = _parse(pod["metadata"].get("creationTimestamp")) or now
+    waited = (now - created).total_seconds()
+    if reason != "PodPending" and waited >= spec.pre_running_deadline_seconds:
+        text = (
+            f"pod {pod['metadata']['name']} did not start within "
+            f"preRunningDeadlineSeconds={spec.pre_running_deadline_seconds}: {message}"
+        )
+        actions.fail.append((name, reason, text))
+        return {**base, "phase": "Failed", "reason": reason, "message": _cut(text)}
+    return {**base, "phase": "Pending", "reason": reason, "message": _cut(message)}
+
+
+def _blocked(pod: Obj) -> tuple[str, str]:
+    """Why a pending pod does not run (Unschedulable, ImagePullBackOff, ...)."""
+    status = pod.get("status") or {}
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+            return condition.get("reason") or "Unschedulable", condition.get("message") or ""
+    for container in status.get("containerStatuses") or []:
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in BLOCKING_WAITS:
+            return waiting["reason"], waiting.get("message") or ""
+    return "PodPending", "the trainer pod is starting"
+
+
+def _result(outcome: contract.Outcome | None, spec: AdapterMigrationSpec, adapter: Adapter) -> Obj:
+    if outcome is None or outcome.kind != "result":
+        return {
+            "phase": "Failed",
+            "reason": "NoResult",
+            "message": "the trainer finished without reporting an outcome",
+        }
+    result: Obj = {
+        "ready": outcome.ready,
+        "strategy": spec.method.strategy,
+        "outputUri": f"{spec.output.uri.rstrip('/')}/{adapter.name}",
+        "metric": outcome.metric or adapter.readiness.metric,
+        "target": outcome.target,
+        "qualitySource": outcome.quality_source,
+        "qualityBefore": outcome.quality_before,
+        "qualityAfter": outcome.quality_after,
+        "coefficients": outcome.coefficients,
+        "steps": outcome.steps,
+        "timeToReadinessSeconds": outcome.time_to_readiness_seconds,
+    }
+    result = {k: v for k, v in result.items() if v is not None}
+    if outcome.ready:
+        return {"phase": "Succeeded", "reason": "Ready", "result": result}
+    message = (
+        f"{result['metric']} {outcome.quality_after} did not reach the target "
+        f"{outcome.target} within {outcome.steps} steps"
+    )
+    return {"phase": "Failed", "reason": "NotReady", "message": message, "result": result}
+
+
+def _ttl(job: Obj | None, spec: AdapterMigrationSpec, actions: Actions) -> None:
+    """Let the Job's TTL run only now that its outcome is in the status."""
+    ttl = spec.ttl_seconds_after_finished
+    if job is not None and ttl is not None and job["spec"].get("ttlSecondsAfterFinished") != ttl:
+        actions.ttl.append((job["metadata"]["name"], ttl))
+
+
+def _fraction(adapter: Obj) -> float:
+    if adapter.get("phase") in FINAL:
+        return 1.0
+    progress = adapter.get("progress") or {}
+    if progress.get("stage") == "search" and progress.get("trials"):
+        return 0.3 * float(progress.get("trial", 0)) / float(progress["trials"])
+    if progress.get("stage") == "finetune" and progress.get("maxSteps"):
+        return 0.3 + 0.7 * float(progress.get("step", 0)) / float(progress["maxSteps"])
+    return 0.0
+
+
+def _describe(adapter: Obj) -> str:
+    text = f"{adapter['name']}: {adapter.get('reason', adapter['phase'])}"
+    progress = adapter.get("progress") or {}
+    if progress.get("stage") == "search":
+        text += f" (search trial {progress.get('trial', 0)}/{progress.get('trials', '?')})"
+    elif progress.get("stage") == "finetune":
+        text += f" (step {progress.get('step', 0)}/{progress.get('maxSteps', '?')})"
+    if adapter.get("message") and adapter.get("phase") == "Failed":
+        text += f": {adapter['message']}"
+    return text
+
+
+def _conditions(
+    migration: Migration, adapters: list[Obj], phase: str, now: datetime.datetime
+) -> list[Obj]:
+    spec = migration.spec
+    failed = [a for a in adapters if a["phase"] == "Failed"]
+    waiting = [a for a in adapters if a["phase"] not in FINAL]
+    ready_count = sum(a["phase"] == "Succeeded" for a in adapters)
+    summary = f"{ready_count}/{len(adapters)} adapters ready"
+    if phase == "Succeeded":
+        ready = ("True", "Succeeded", summary)
+    elif failed:
+        ready = ("False", failed[0]["reason"], f"{summary}; {_describe(failed[0])}")
+    elif spec.suspend:
+        ready = ("False", "Suspended", f"{summary}; suspended")
+    else:
+        first = waiting[0] if waiting else adapters[0]
+        ready = ("False", first.get("reason") or first["phase"], f"{summary}; {_describe(first)}")
+    values = {
+        "Ready": ready,
+        "Succeeded": ("True", "Succeeded", summary)
+        if phase == "Succeeded"
+        else ("False", "Failed" if phase == "Failed" else "InProgress", summary),
+        "Failed": ("True", failed[0]["reason"], "; ".join(_describe(a) for a in failed))
+        if failed
+        else ("False", "NoFailure", "no adapter failed"),
+        "Stalled": ("True", failed[0]["reason"], "a failed adapter needs a new spec or inputs")
+        if failed
+        else ("False", "Progressing" if waiting else "Finished", summary),
+        "Suspended": ("True", "Suspended", "spec.suspend is true")
+        if spec.suspend
+        else ("False", "NotSuspended", "spec.suspend is false"),
+    }
+    previous = {c["type"]: c for c in migration.status.get("conditions") or []}
+    conditions = []
+    for kind, (status, reason, message) in values.items():
+        old = previous.get(kind)
+        since = old["lastTransitionTime"] if old and old.get("status") == status else stamp(now)
+        conditions.append(
+            {
+                "type": kind,
+                "status": status,
+                "reason": reason,
+                "message": _cut(message),
+                "observedGeneration": migration.generation,
+                "lastTransitionTime": since,
+            }
+        )
+    return conditions
+
+
+def observe(
+    migration: Migration,
+    jobs: list[Obj],
+    pods: dict[str, list[Obj]],
+    progress: dict[str, AdapterProgress],
+    now: datetime.datetime,
+) -> tuple[Obj, Actions]:
+    """The status to write and the actions to take, from what exists now."""
+    actions = Actions()
+    by_adapter = {j["metadata"].get("labels", {}).get(naming.ADAPTER): j for j in jobs}
+    previous = {a["name"]: a for a in migration.status.get("adapters") or []}
+    adapters = []
+    for adapter in migration.spec.adapters:
+        job = by_adapter.get(adapter.name)
+        job_pods = pods.get(job["metadata"]["name"], []) if job is not None else []
+        adapters.append(
+            _adapter_status(
+                migration,
+                adapter,
+                job,
+                job_pods,
+                previous.get(adapter.name),
+                progress.get(adapter.name),
+                now,
+                actions,
+            )
+        )
+    finished = [a for a in adapters if a["phase"] in FINAL]
+    if len(finished) == len(adapters):
+        phase = "Succeeded" if all(a["phase"] == "Succeeded" for a in adapters) else "Failed"
+    elif migration.spec.suspend:
+        phase = "Suspended"
+    elif any(a["phase"] in ("Running", "Failed", "Succeeded") for a in adapters):
+        phase = "Running"
+    else:
+        phase = "Pending"
+    old = migration.status
+    starts = [
+        j.get("status", {}).get("startTime") for j in jobs if j.get("status", {}).get("startTime")
+    ]
+    status: Obj = {
+        "observedGeneration": migration.generation,
+        "phase": phase,
+        "conditions": _conditions(migration, adapters, phase, now),
+        "progress": f"{len(finished)}/{len(adapters)}",
+        "progressPercent": int(100 * sum(_fraction(a) for a in adapters) / len(adapters)),
+        "adapters": adapters,
+    }
+    start = old.get("startTime") or (min(starts) if starts else None)
+    if start:
+        status["startTime"] = start
+    if phase in FINAL:
+        status["completionTime"] = old.get("completionTime") or stamp(now)
+    _events(old, status, actions)
+    return status, actions
+
+
+def _events(old: Obj, new: Obj, actions: Actions) -> None:
+    """One Kubernetes event per adapter or migration transition."""
+    before = {a["name"]: (a.get("phase"), a.get("reason")) for a in old.get("adapters") or []}
+    for adapter in new["adapters"]:
+        key = (adapter.get("phase"), adapter.get("reason"))
+        if before.get(adapter["name"]) == key:
+            continue
+        kind = (
+            "Warning"
+            if adapter["phase"] == "Failed"
+            or adapter.get("reason") in ("Unschedulable", *BLOCKING_WAITS)
+            else "Normal"
+        )
+        actions.events.append((kind, f"Adapter{adapter['phase']}", _cut(_describe(adapter))))
+    if old.get("phase") != new["phase"] and new["phase"] in FINAL:
+        kind = "Normal" if new["phase"] == "Succeeded" else "Warning"
+        ready = next(c for c in new["conditions"] if c["type"] == "Ready")
+        actions.events.append((kind, f"Migration{new['phase']}", ready["message"]))

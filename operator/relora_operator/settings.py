@@ -1,0 +1,60 @@
+"""Operator settings, from environment variables (the Helm chart sets them).
+
+| variable | default | meaning |
+| --- | --- | --- |
+| RELORA_TRAINER_IMAGE | ghcr.io/relora-dev/relora-trainer:0.1.0 | image of the trainer Jobs |
+| RELORA_TRAINER_COMMAND | ["python", "-m", "relora_trainer.job"] | JSON list: its command |
+| RELORA_RESYNC_SECONDS | 10 | how often running migrations are re-read (progress, deadlines) |
+| RELORA_METRICS_PORT | 8080 | Prometheus metrics (0: off) |
+| RELORA_LOG_TAIL_LINES | 50 | log lines read per running pod for live progress |
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+from pydantic import BaseModel, Field, ValidationError
+
+DEFAULT_IMAGE = "ghcr.io/relora-dev/relora-trainer:0.1.0"
+
+
+class Settings(BaseModel):
+    trainer_image: str = DEFAULT_IMAGE
+    trainer_command: list[str] = Field(
+        default_factory=lambda: ["python", "-m", "relora_trainer.job"]
+    )
+    resync_seconds: float = Field(default=10.0, gt=0)
+    metrics_port: int = Field(default=8080, ge=0, le=65535)
+    log_tail_lines: int = Field(default=50, ge=1, le=10_000)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read RELORA_* variables; raise ValueError naming the variable on bad values."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        names = {
+            "trainer_image": "RELORA_TRAINER_IMAGE",
+            "trainer_command": "RELORA_TRAINER_COMMAND",
+            "resync_seconds": "RELORA_RESYNC_SECONDS",
+            "metrics_port": "RELORA_METRICS_PORT",
+            "log_tail_lines": "RELORA_LOG_TAIL_LINES",
+        }
+        for field, variable in names.items():
+            if variable not in env:
+                continue
+            raw = env[variable]
+            if field == "trainer_command":
+                try:
+                    values[field] = json.loads(raw)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{variable}: not a JSON list of strings ({error})") from error
+            else:
+                values[field] = raw
+        try:
+            return cls.model_validate(values)
+        except ValidationError as error:
+            first = error.errors()[0]
+            variable = names[str(first["loc"][0])]
+            raise ValueError(f"{variable}: {first['msg']}") from error

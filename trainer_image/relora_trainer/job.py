@@ -1,0 +1,101 @@
+"""The trainer Job's entrypoint: migrate one adapter as the operator asks (`python -m ...job`).
+
+It runs the same code path as `relora run` (relora_trainer.migrate) and follows the contract in
+relora_operator.contract: the spec comes in the environment, progress goes to stdout as JSON
+lines, the outcome goes to the termination message, and the exit code says whether a retry
+can help (0 done, 3 bad input: never retried, anything else: retried, resuming from the
+checkpoints in the output storage).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from relora_operator import contract
+from relora_operator.api.spec import AdapterMigrationSpec
+from relora_trainer import errors, local_run, migrate, models
+from relora_trainer.progress import JsonLinesProgress
+from relora_trainer.report import AdapterReport
+from relora_trainer.storage import Storage
+
+
+def outcome_of(report: AdapterReport) -> contract.Outcome:
+    """The compact outcome the operator records in the AdapterMigration status."""
+    coefficients = None
+    if report.coefficients:
+        coefficients = {}
+        for group, values in report.coefficients.items():
+            prefix = "" if group == "all" else f"{group}."
+            coefficients[f"{prefix}alpha"] = values["alpha"]
+            coefficients[f"{prefix}beta"] = values["beta"]
+    return contract.Outcome(
+        kind="result",
+        ready=report.ready,
+        metric="loss" if report.metric == "loss" else "accuracy",
+        target=report.target,
+        quality_source=report.quality_of("source"),
+        quality_before=report.quality_of("before"),
+        quality_after=report.quality_of("after"),
+        coefficients=coefficients,
+        steps=report.steps,
+        time_to_readiness_seconds=report.seconds["timeToReadiness"],
+    )
+
+
+def _write(outcome: contract.Outcome) -> None:
+    path = Path(os.environ.get(contract.ENV_TERMINATION_LOG, contract.TERMINATION_LOG))
+    try:
+        path.write_text(outcome.encode())
+    except OSError as error:
+        print(f"cannot write the termination message to {path}: {error}", file=sys.stderr)
+
+
+def run() -> int:
+    local_run.quiet_libraries()
+    try:
+        raw = os.environ.get(contract.ENV_MIGRATION)
+        name = os.environ.get(contract.ENV_ADAPTER)
+        if not raw or not name:
+            raise errors.BadInput(
+                f"{contract.ENV_MIGRATION} and {contract.ENV_ADAPTER} must be set"
+            )
+        try:
+            spec = AdapterMigrationSpec.model_validate_json(raw)
+        except ValidationError as error:
+            raise errors.BadInput(
+                f"{contract.ENV_MIGRATION}: {error.errors()[0]['msg']}"
+            ) from error
+        adapter = next((a for a in spec.adapters if a.name == name), None)
+        if adapter is None:
+            raise errors.BadInput(f"no adapter named {name!r} in {contract.ENV_MIGRATION}")
+        mounts = json.loads(os.environ.get(contract.ENV_PVC_MOUNTS) or "{}")
+        storage = Storage(base_dir=Path.cwd(), pvc_mounts={k: Path(v) for k, v in mounts.items()})
+        bases = migrate.load_bases(spec, storage, models.pick_device("auto"))
+        report = migrate.migrate_adapter(
+            spec=spec, adapter=adapter, bases=bases, storage=storage, progress=JsonLinesProgress()
+        )
+    except errors.BadInput as error:
+        print(f"error: {error.reason}: {error}", file=sys.stderr)
+        _write(contract.Outcome(kind="error", reason=error.reason, message=str(error)))
+        return contract.EXIT_BAD_INPUT
+    except Exception as error:  # report, then let the Job retry
+        traceback.print_exc()
+        reason = "InternalError"
+        _write(
+            contract.Outcome(
+                kind="error", reason=reason, message=f"{type(error).__name__}: {error}"
+            )
+        )
+        return errors.EXIT_INTERNAL
+    _write(outcome_of(report))
+    return errors.EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(run())
