@@ -115,7 +115,10 @@ def build_job(
                         "values": [contract.EXIT_BAD_INPUT],
                     },
                 },
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                {
+                    "action": "Ignore",
+                    "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+                },
             ]
         },
         "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},

@@ -1,0 +1,264 @@
+"""The status derivation: what the operator writes and does for each state of Jobs and Pods."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from relora_operator import contract, metrics, naming, observe
+from relora_operator.api.resource import AdapterMigration
+from relora_operator.api.status import AdapterMigrationStatus, AdapterProgress
+
+NOW = datetime.datetime(2026, 11, 29, 12, 0, 0, tzinfo=datetime.UTC)
+UID = "uid-1"
+
+
+def _migration(
+    manifest: dict[str, Any], status: dict[str, Any] | None = None, **spec: Any
+) -> observe.Migration:
+    manifest["spec"].pop("queueName", None)
+    manifest["spec"].update(spec)
+    parsed = AdapterMigration.from_manifest(manifest)
+    return observe.Migration(parsed.metadata.name, "ml", UID, 1, parsed.spec, status or {})
+
+
+def _job(
+    adapter: str,
+    *,
+    conditions: list[dict[str, Any]] | None = None,
+    suspend: bool = False,
+    annotations: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": f"job-{adapter}",
+            "uid": f"job-uid-{adapter}",
+            "labels": {naming.ADAPTER: adapter, naming.MIGRATION_UID: UID},
+            "annotations": annotations or {},
+            "creationTimestamp": "2026-11-29T11:00:00Z",
+        },
+        "spec": {"suspend": suspend},
+        "status": {"conditions": conditions or [], "startTime": "2026-11-29T11:00:05Z"},
+    }
+
+
+def _pod(name: str, phase: str, *, created: str = "2026-11-29T11:59:00Z", **status: Any) -> Any:
+    return {
+        "metadata": {"name": name, "creationTimestamp": created},
+        "status": {"phase": phase, **status},
+    }
+
+
+def _terminated(message: str, code: int) -> dict[str, Any]:
+    return {
+        "containerStatuses": [
+            {"name": "trainer", "state": {"terminated": {"exitCode": code, "message": message}}}
+        ]
+    }
+
+
+def _true(kind: str, reason: str = "", message: str = "") -> dict[str, Any]:
+    return {"type": kind, "status": "True", "reason": reason, "message": message}
+
+
+def _ready(status: dict[str, Any]) -> dict[str, Any]:
+    return next(c for c in status["conditions"] if c["type"] == "Ready")
+
+
+def _result(ready: bool = True) -> str:
+    return contract.Outcome(
+        kind="result",
+        ready=ready,
+        metric="accuracy",
+        target=0.9,
+        quality_source=0.92,
+        quality_before=0.5,
+        quality_after=0.93 if ready else 0.7,
+        steps=40,
+        time_to_readiness_seconds=12.5,
+        coefficients={"alpha": 1.1, "beta": -0.3},
+    ).encode()
+
+
+def test_first_sight_creates_one_job_per_adapter(manifest: dict[str, Any]) -> None:
+    status, actions = observe.observe(_migration(manifest), [], {}, {}, NOW)
+    assert [a.name for a in actions.create] == ["sentiment", "news-topic"]
+    assert [a["phase"] for a in status["adapters"]] == ["Pending", "Pending"]
+    assert status["phase"] == "Pending" and status["progress"] == "0/2"
+    AdapterMigrationStatus.model_validate(status)  # the status fits its own schema
+
+
+def test_a_restarted_operator_creates_nothing_twice(manifest: dict[str, Any]) -> None:
+    jobs = [_job("sentiment"), _job("news-topic")]
+    pods = {"job-sentiment": [_pod("p1", "Running")], "job-news-topic": [_pod("p2", "Running")]}
+    status, actions = observe.observe(_migration(manifest), jobs, pods, {}, NOW)
+    assert actions.create == [] and actions.suspend == [] and actions.fail == []
+    again, second = observe.observe(_migration(manifest, status), jobs, pods, {}, NOW)
+    assert again == status and second.events == [], "same world, same status, no new events"
+
+
+def test_running_with_live_progress(manifest: dict[str, Any]) -> None:
+    jobs = [_job("sentiment"), _job("news-topic")]
+    pods = {"job-sentiment": [_pod("p1", "Running")], "job-news-topic": [_pod("p2", "Pending")]}
+    progress = {
+        "sentiment": AdapterProgress(
+            stage="finetune", step=50, max_steps=100, quality=0.8, target=0.9
+        )
+    }
+    status, _ = observe.observe(_migration(manifest), jobs, pods, progress, NOW)
+    sentiment = status["adapters"][0]
+    assert sentiment["phase"] == "Running" and sentiment["progress"]["step"] == 50
+    assert status["phase"] == "Running"
+    assert status["progressPercent"] == int(100 * (0.3 + 0.7 * 0.5) / 2)
+    assert "sentiment: Running (step 50/100)" in _ready(status)["message"]
+
+
+def test_an_unschedulable_pod_fails_the_adapter_after_the_deadline(
+    manifest: dict[str, Any],
+) -> None:
+    scheduled = {
+        "conditions": [
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": "0/3 nodes: insufficient nvidia.com/gpu",
+            }
+        ]
+    }
+    jobs = [_job("sentiment")]
+    young = {"job-sentiment": [_pod("p1", "Pending", created="2026-11-29T11:59:30Z", **scheduled)]}
+    migration = _migration(manifest, preRunningDeadlineSeconds=60)
+    status, actions = observe.observe(migration, jobs, young, {}, NOW)
+    assert status["adapters"][0]["reason"] == "Unschedulable" and actions.fail == []
+    old = {"job-sentiment": [_pod("p1", "Pending", created="2026-11-29T11:58:00Z", **scheduled)]}
+    status, actions = observe.observe(migration, jobs, old, {}, NOW)
+    ((job, reason, message),) = actions.fail
+    assert job == "job-sentiment" and reason == "Unschedulable"
+    assert "preRunningDeadlineSeconds=60" in message and "insufficient nvidia.com/gpu" in message
+    assert status["adapters"][0]["phase"] == "Failed"
+    # Next round the Job carries the operator's verdict: the status stays, nothing is redone.
+    failed_job = _job(
+        "sentiment", suspend=True, annotations={naming.FAILURE: f"{reason}: {message}"}
+    )
+    again, actions = observe.observe(_migration(manifest, status), [failed_job], old, {}, NOW)
+    assert again["adapters"][0]["reason"] == "Unschedulable" and actions.fail == []
+
+
+def test_image_pull_back_off_is_named(manifest: dict[str, Any]) -> None:
+    waiting: dict[str, Any] = {
+        "containerStatuses": [
+            {
+                "name": "trainer",
+                "state": {
+                    "waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image"}
+                },
+            }
+        ]
+    }
+    pods = {"job-sentiment": [_pod("p1", "Pending", **waiting)]}
+    status, _ = observe.observe(_migration(manifest), [_job("sentiment")], pods, {}, NOW)
+    assert status["adapters"][0]["reason"] == "ImagePullBackOff"
+
+
+def test_results_come_from_the_termination_message(manifest: dict[str, Any]) -> None:
+    jobs = [
+        _job("sentiment", conditions=[_true("Complete")]),
+        _job("news-topic", conditions=[_true("Complete")]),
+    ]
+    pods = {
+        "job-sentiment": [_pod("p1", "Succeeded", **_terminated(_result(True), 0))],
+        "job-news-topic": [_pod("p2", "Succeeded", **_terminated(_result(False), 0))],
+    }
+    status, actions = observe.observe(
+        _migration(manifest, ttlSecondsAfterFinished=60), jobs, pods, {}, NOW
+    )
+    ready, not_ready = status["adapters"]
+    assert ready["phase"] == "Succeeded" and ready["result"]["qualityAfter"] == 0.93
+    assert ready["result"]["outputUri"] == "s3://ml-adapters/llama-3-2/sentiment"
+    assert ready["result"]["coefficients"] == {"alpha": 1.1, "beta": -0.3}
+    assert not_ready["phase"] == "Failed" and not_ready["reason"] == "NotReady"
+    assert status["phase"] == "Failed" and status["completionTime"]
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Ready"]["status"] == "False" and conditions["Failed"]["status"] == "True"
+    assert conditions["Stalled"]["status"] == "True"
+    assert sorted(actions.ttl) == [("job-news-topic", 60), ("job-sentiment", 60)]
+    assert ("Warning", "MigrationFailed") in [(k, r) for k, r, _ in actions.events]
+
+
+def test_bad_input_is_reported_with_the_trainers_reason(manifest: dict[str, Any]) -> None:
+    error = contract.Outcome(
+        kind="error", reason="IncompatibleModels", message="weight q is (4, 4) vs (8, 4)"
+    ).encode()
+    failed = _true("Failed", "PodFailurePolicy", "Container trainer failed with exit code 3")
+    pods = {"job-sentiment": [_pod("p1", "Failed", **_terminated(error, 3))]}
+    status, _ = observe.observe(
+        _migration(manifest), [_job("sentiment", conditions=[failed])], pods, {}, NOW
+    )
+    adapter = status["adapters"][0]
+    assert adapter["reason"] == "IncompatibleModels"
+    assert adapter["message"] == "weight q is (4, 4) vs (8, 4) (bad input: not retried)"
+
+
+def test_backoff_limit_and_deadline_reasons(manifest: dict[str, Any]) -> None:
+    for reason in ("BackoffLimitExceeded", "DeadlineExceeded"):
+        job = _job("sentiment", conditions=[_true("Failed", reason, "Job failed")])
+        status, _ = observe.observe(_migration(manifest), [job], {}, {}, NOW)
+        assert status["adapters"][0]["reason"] == reason
+
+
+def test_a_finished_result_survives_the_job_being_deleted(manifest: dict[str, Any]) -> None:
+    jobs = [
+        _job("sentiment", conditions=[_true("Complete")]),
+        _job("news-topic", conditions=[_true("Complete")]),
+    ]
+    pods = {
+        n: [_pod("p", "Succeeded", **_terminated(_result(True), 0))]
+        for n in ("job-sentiment", "job-news-topic")
+    }
+    status, _ = observe.observe(_migration(manifest), jobs, pods, {}, NOW)
+    assert status["phase"] == "Succeeded" and _ready(status)["status"] == "True"
+    later = NOW + datetime.timedelta(hours=1)
+    kept, actions = observe.observe(_migration(manifest, status), [], {}, {}, later)
+    assert actions.create == [], "a finished adapter is not migrated again"
+    assert kept["adapters"] == status["adapters"]
+    assert _ready(kept)["lastTransitionTime"] == _ready(status)["lastTransitionTime"]
+    assert kept["completionTime"] == status["completionTime"]
+
+
+def test_suspend_and_resume(manifest: dict[str, Any]) -> None:
+    status, actions = observe.observe(_migration(manifest, suspend=True), [], {}, {}, NOW)
+    assert actions.create == [] and status["phase"] == "Suspended"
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Suspended"] == "True"
+    running = [_job("sentiment"), _job("news-topic")]
+    _, actions = observe.observe(_migration(manifest, suspend=True), running, {}, {}, NOW)
+    assert sorted(actions.suspend) == [("job-news-topic", True), ("job-sentiment", True)]
+    suspended = [_job("sentiment", suspend=True), _job("news-topic", suspend=True)]
+    _, actions = observe.observe(_migration(manifest, suspend=False), suspended, {}, {}, NOW)
+    assert sorted(actions.suspend) == [("job-news-topic", False), ("job-sentiment", False)]
+
+
+def test_kueue_suspension_is_queued_not_a_failure(manifest: dict[str, Any]) -> None:
+    migration = _migration(manifest, queueName="gpu-queue")
+    status, actions = observe.observe(migration, [_job("sentiment", suspend=True)], {}, {}, NOW)
+    assert status["adapters"][0]["phase"] == "Queued" and actions.suspend == []
+
+
+def test_transitions_are_counted_once(manifest: dict[str, Any]) -> None:
+    jobs = [
+        _job("sentiment", conditions=[_true("Complete")]),
+        _job("news-topic", conditions=[_true("Complete")]),
+    ]
+    pods = {
+        n: [_pod("p", "Succeeded", **_terminated(_result(True), 0))]
+        for n in ("job-sentiment", "job-news-topic")
+    }
+    old, _ = observe.observe(_migration(manifest), [], {}, {}, NOW)
+    new, _ = observe.observe(_migration(manifest, old), jobs, pods, {}, NOW)
+    finished = metrics.JOBS_FINISHED.labels(result="ready", reason="Ready")
+    before = finished._value.get()
+    histogram_before = metrics.TIME_TO_READINESS._sum.get()
+    metrics.record_transitions(old, new)
+    metrics.record_transitions(new, new)  # a re-derived status counts nothing
+    assert finished._value.get() == before + 2
+    assert metrics.TIME_TO_READINESS._sum.get() == histogram_before + 25.0
