@@ -18,7 +18,9 @@ COPY --from=source /src /src
 RUN pip install '/src[operator]' && rm -rf /src \
     && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin relora
 USER 10001:10001
-ENTRYPOINT ["relora"]
+EXPOSE 8080 8081
+ENTRYPOINT ["relora-operator"]
+CMD ["--all-namespaces"]
 
 FROM ${PYTHON_IMAGE} AS trainer
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 HF_HOME=/tmp/hf
@@ -28,4 +30,5 @@ RUN pip install --extra-index-url https://download.pytorch.org/whl/cu128 '/src[t
     && rm -rf /src \
     && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin relora
 USER 10001:10001
-ENTRYPOINT ["relora"]
+# The operator's Jobs run `python -m relora_trainer.job`; `relora run` works here too.
+ENTRYPOINT ["python", "-m", "relora_trainer.job"]
