@@ -61,6 +61,25 @@ def toy_manifest(toy: Any, **method: Any) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ Kubernetes sandbox
+def python_job(name: str, code: str, **spec: Any) -> dict[str, Any]:
+    """A batch/v1 Job whose pod runs ``python -c code`` (with this interpreter, in the sandbox).
+
+    ``container`` and ``pod`` entries of ``spec`` extend the container and the pod spec; the
+    rest goes into the Job spec.
+    """
+    import sys
+
+    container = {"name": "main", "image": "python", "command": [sys.executable, "-c", code]}
+    container.update(spec.pop("container", {}))
+    pod_spec = {"restartPolicy": "Never", "containers": [container], **spec.pop("pod", {})}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name},
+        "spec": {"template": {"spec": pod_spec}, **spec},
+    }
+
+
 def untyped(value: object) -> Any:
     """A kubernetes client API object used with plain dict bodies (its stubs want models)."""
     return value

@@ -80,6 +80,16 @@ def _result(ready: bool = True) -> str:
     ).encode()
 
 
+def _both_completed() -> tuple[list[dict[str, Any]], dict[str, list[Any]]]:
+    """Both adapters' Jobs Complete, each with a ready outcome."""
+    jobs = [_job(a, conditions=[_true("Complete")]) for a in ("sentiment", "news-topic")]
+    pods = {
+        f"job-{a}": [_pod("p", "Succeeded", **_terminated(_result(True), 0))]
+        for a in ("sentiment", "news-topic")
+    }
+    return jobs, pods
+
+
 def test_first_sight_creates_one_job_per_adapter(manifest: dict[str, Any]) -> None:
     status, actions = observe.observe(_migration(manifest), [], {}, {}, NOW)
     assert [a.name for a in actions.create] == ["sentiment", "news-topic"]
@@ -208,14 +218,7 @@ def test_backoff_limit_and_deadline_reasons(manifest: dict[str, Any]) -> None:
 
 
 def test_a_finished_result_survives_the_job_being_deleted(manifest: dict[str, Any]) -> None:
-    jobs = [
-        _job("sentiment", conditions=[_true("Complete")]),
-        _job("news-topic", conditions=[_true("Complete")]),
-    ]
-    pods = {
-        n: [_pod("p", "Succeeded", **_terminated(_result(True), 0))]
-        for n in ("job-sentiment", "job-news-topic")
-    }
+    jobs, pods = _both_completed()
     status, _ = observe.observe(_migration(manifest), jobs, pods, {}, NOW)
     assert status["phase"] == "Succeeded" and _ready(status)["status"] == "True"
     later = NOW + datetime.timedelta(hours=1)
@@ -245,14 +248,7 @@ def test_kueue_suspension_is_queued_not_a_failure(manifest: dict[str, Any]) -> N
 
 
 def test_transitions_are_counted_once(manifest: dict[str, Any]) -> None:
-    jobs = [
-        _job("sentiment", conditions=[_true("Complete")]),
-        _job("news-topic", conditions=[_true("Complete")]),
-    ]
-    pods = {
-        n: [_pod("p", "Succeeded", **_terminated(_result(True), 0))]
-        for n in ("job-sentiment", "job-news-topic")
-    }
+    jobs, pods = _both_completed()
     old, _ = observe.observe(_migration(manifest), [], {}, {}, NOW)
     new, _ = observe.observe(_migration(manifest, old), jobs, pods, {}, NOW)
     finished = metrics.JOBS_FINISHED.labels(result="ready", reason="Ready")

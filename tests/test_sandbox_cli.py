@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import kubectl_binary
+from tests.conftest import kubectl_binary, python_job
 
 
 def _pid_alive(pid: int) -> bool:
@@ -35,30 +35,8 @@ def test_sandbox_serves_kubectl_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> N
     kubeconfig = workdir / "kubeconfig"
     kubectl = [kubectl_binary(), f"--kubeconfig={kubeconfig}"]
     pid_file = tmp_path / "pod.pid"
-    job = {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"name": "sleeper"},
-        "spec": {
-            "template": {
-                "spec": {
-                    "restartPolicy": "Never",
-                    "containers": [
-                        {
-                            "name": "main",
-                            "image": "python",
-                            "command": [
-                                sys.executable,
-                                "-c",
-                                f"import os, time; open({str(pid_file)!r}, 'w').write("
-                                "str(os.getpid())); time.sleep(300)",
-                            ],
-                        }
-                    ],
-                }
-            }
-        },
-    }
+    code = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(300)"
+    job = python_job("sleeper", code)
     try:
         subprocess.run(
             [*kubectl, "apply", "-f", "-"],

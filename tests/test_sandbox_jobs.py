@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -12,16 +11,7 @@ import pytest
 from kubernetes import client
 
 from relora_sandbox.jobs import Fault
-from tests.conftest import untyped
-
-PY = sys.executable
-
-
-def _job(name: str, code: str, **spec: Any) -> dict[str, Any]:
-    container = {"name": "main", "image": "python", "command": [PY, "-c", code]}
-    container.update(spec.pop("container", {}))
-    pod_spec = {"restartPolicy": "Never", "containers": [container], **spec.pop("pod", {})}
-    return {"metadata": {"name": name}, "spec": {"template": {"spec": pod_spec}, **spec}}
+from tests.conftest import python_job, untyped
 
 
 def _wait(check: Any, timeout: float = 20.0) -> Any:
@@ -73,7 +63,7 @@ def test_a_python_one_liner_runs_to_complete(batch: Any, core: Any, namespace: s
         {"name": "WHO", "value": "sandbox"},
         {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
     ]
-    batch.create_namespaced_job(namespace, _job("hello", code, container={"env": env}))
+    batch.create_namespaced_job(namespace, python_job("hello", code, container={"env": env}))
     job = _finished(batch, namespace, "hello", "Complete")
     assert job.status.succeeded == 1 and job.status.completion_time is not None
     (pod,) = _pods(core, namespace, "hello")
@@ -85,7 +75,9 @@ def test_a_python_one_liner_runs_to_complete(batch: Any, core: Any, namespace: s
 
 
 def test_a_failing_job_retries_per_backoff_limit(batch: Any, core: Any, namespace: str) -> None:
-    batch.create_namespaced_job(namespace, _job("fail", "raise SystemExit(3)", backoffLimit=2))
+    batch.create_namespaced_job(
+        namespace, python_job("fail", "raise SystemExit(3)", backoffLimit=2)
+    )
     job = _finished(batch, namespace, "fail", "Failed")
     assert _condition(job, "Failed").reason == "BackoffLimitExceeded"
     assert job.status.failed == 3
@@ -98,7 +90,7 @@ def test_pod_failure_policy_fails_the_job_on_a_dedicated_exit_code(
     batch: Any, core: Any, namespace: str
 ) -> None:
     policy = {"rules": [{"action": "FailJob", "onExitCodes": {"operator": "In", "values": [42]}}]}
-    job = _job("bad-input", "raise SystemExit(42)", backoffLimit=5, podFailurePolicy=policy)
+    job = python_job("bad-input", "raise SystemExit(42)", backoffLimit=5, podFailurePolicy=policy)
     batch.create_namespaced_job(namespace, job)
     failed = _finished(batch, namespace, "bad-input", "Failed")
     condition = _condition(failed, "Failed")
@@ -122,7 +114,7 @@ def test_a_disruption_is_ignored_and_the_job_retries(
         ]
     }
     batch.create_namespaced_job(
-        namespace, _job("preempted", code, backoffLimit=0, podFailurePolicy=policy)
+        namespace, python_job("preempted", code, backoffLimit=0, podFailurePolicy=policy)
     )
     first = _wait(
         lambda: [p for p in _pods(core, namespace, "preempted") if p.status.phase == "Running"]
@@ -141,7 +133,7 @@ def test_a_disruption_is_ignored_and_the_job_retries(
 
 def test_active_deadline_kills_the_pod(batch: Any, core: Any, namespace: str) -> None:
     batch.create_namespaced_job(
-        namespace, _job("slow", "import time; time.sleep(60)", activeDeadlineSeconds=1)
+        namespace, python_job("slow", "import time; time.sleep(60)", activeDeadlineSeconds=1)
     )
     job = _finished(batch, namespace, "slow", "Failed")
     assert _condition(job, "Failed").reason == "DeadlineExceeded"
@@ -149,7 +141,7 @@ def test_active_deadline_kills_the_pod(batch: Any, core: Any, namespace: str) ->
 
 
 def test_suspend_and_resume(batch: Any, core: Any, namespace: str) -> None:
-    batch.create_namespaced_job(namespace, _job("later", "print('ran')", suspend=True))
+    batch.create_namespaced_job(namespace, python_job("later", "print('ran')", suspend=True))
     _wait(lambda: _condition(batch.read_namespaced_job("later", namespace), "Suspended"))
     time.sleep(0.5)
     assert _pods(core, namespace, "later") == []
@@ -164,11 +156,11 @@ def test_unschedulable_and_image_pull_faults(
     sandbox.thread.call(sandbox.jobs.add_fault, Fault("ImagePullBackOff", image="no-such:image"))
     try:
         labels = {"metadata": {"labels": {"fault": "unschedulable"}}}
-        stuck = _job("stuck", "print(1)")
+        stuck = python_job("stuck", "print(1)")
         stuck["spec"]["template"].update(labels)
         batch.create_namespaced_job(namespace, stuck)
         batch.create_namespaced_job(
-            namespace, _job("pull", "print(1)", container={"image": "no-such:image"})
+            namespace, python_job("pull", "print(1)", container={"image": "no-such:image"})
         )
 
         def scheduled_false() -> Any:
@@ -205,7 +197,7 @@ def test_env_from_secrets_and_a_pvc_volume(
         "volumeMounts": [{"name": "out", "mountPath": "/mnt/out"}],
     }
     pod = {"volumes": [{"name": "out", "persistentVolumeClaim": {"claimName": "results"}}]}
-    batch.create_namespaced_job(namespace, _job("secret", code, container=container, pod=pod))
+    batch.create_namespaced_job(namespace, python_job("secret", code, container=container, pod=pod))
     _finished(batch, namespace, "secret", "Complete")
     assert (Path(sandbox.jobs.pvc_root) / "results" / "token.txt").read_text() == "s3cr3t"
 
@@ -214,7 +206,9 @@ def test_a_missing_secret_blocks_the_pod_with_a_reason(
     batch: Any, core: Any, namespace: str
 ) -> None:
     env = [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "absent", "key": "k"}}}]
-    batch.create_namespaced_job(namespace, _job("noconfig", "print(1)", container={"env": env}))
+    batch.create_namespaced_job(
+        namespace, python_job("noconfig", "print(1)", container={"env": env})
+    )
 
     def blocked() -> Any:
         pods = _pods(core, namespace, "noconfig")
@@ -227,7 +221,9 @@ def test_a_missing_secret_blocks_the_pod_with_a_reason(
 def test_ttl_after_finished_deletes_the_job_and_its_pods(
     batch: Any, core: Any, namespace: str
 ) -> None:
-    batch.create_namespaced_job(namespace, _job("short", "print(1)", ttlSecondsAfterFinished=0))
+    batch.create_namespaced_job(
+        namespace, python_job("short", "print(1)", ttlSecondsAfterFinished=0)
+    )
     _wait(lambda: not batch.list_namespaced_job(namespace).items)
     _wait(lambda: not _pods(core, namespace, "short"))
 
@@ -240,7 +236,7 @@ def test_deleting_a_job_kills_its_running_process(
         f"import pathlib, time\nfor i in range(600):\n"
         f"    pathlib.Path({str(marker)!r}).write_text(str(i)); time.sleep(0.05)"
     )
-    batch.create_namespaced_job(namespace, _job("victim", code))
+    batch.create_namespaced_job(namespace, python_job("victim", code))
     _wait(marker.exists)
     batch.delete_namespaced_job("victim", namespace, propagation_policy="Background")
     _wait(lambda: not _pods(core, namespace, "victim"))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import EXAMPLES, ROOT, kubectl_binary
+from tests.conftest import EXAMPLES, ROOT, kubectl_binary, python_job
 
 CRD_FILE = ROOT / "crds" / "adaptermigrations.relora.dev.yaml"
 
@@ -58,6 +57,18 @@ def _status(ready: str, reason: str, progress: str) -> str:
     return json.dumps({"status": {"progress": progress, "conditions": [condition]}})
 
 
+def _patch_status(kubectl: Kubectl, ready: str, reason: str, progress: str) -> None:
+    kubectl(
+        "patch",
+        "am",
+        "llama-3-1-to-3-2",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        _status(ready, reason, progress),
+    )
+
+
 def test_apply_get_patch_status_wait_and_delete(kubectl: Kubectl) -> None:
     assert "created" in kubectl("apply", "-f", "-", stdin=_manifest())
     assert "unchanged" in kubectl("apply", "-f", "-", stdin=_manifest())
@@ -70,28 +81,12 @@ def test_apply_get_patch_status_wait_and_delete(kubectl: Kubectl) -> None:
         stdout=subprocess.PIPE,
         text=True,
     )
-    kubectl(
-        "patch",
-        "am",
-        "llama-3-1-to-3-2",
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        _status("False", "Running", "1/2"),
-    )
+    _patch_status(kubectl, "False", "Running", "1/2")
     table = kubectl("get", "am")
     header, row = table.splitlines()[:2]
     assert header.split() == ["NAME", "READY", "REASON", "PROGRESS", "AGE"]
     assert row.split()[:4] == ["llama-3-1-to-3-2", "False", "Running", "1/2"]
-    kubectl(
-        "patch",
-        "am",
-        "llama-3-1-to-3-2",
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        _status("True", "Succeeded", "2/2"),
-    )
+    _patch_status(kubectl, "True", "Succeeded", "2/2")
     out, _ = waiter.communicate(timeout=30)
     assert waiter.returncode == 0 and "condition met" in out
     wide = kubectl("get", "am", "-o", "wide").splitlines()[0].split()
@@ -106,15 +101,7 @@ def test_get_watch_streams_changes(kubectl: Kubectl) -> None:
         kubectl.argv("get", "am", "-w", "--request-timeout=4s"), stdout=subprocess.PIPE, text=True
     )
     time.sleep(1.0)
-    kubectl(
-        "patch",
-        "am",
-        "llama-3-1-to-3-2",
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        _status("True", "Succeeded", "2/2"),
-    )
+    _patch_status(kubectl, "True", "Succeeded", "2/2")
     time.sleep(1.0)
     watcher.terminate()
     out, _ = watcher.communicate(timeout=10)
@@ -154,25 +141,7 @@ def test_explain_reads_the_crd_descriptions(kubectl: Kubectl) -> None:
 
 def test_a_job_runs_and_kubectl_reads_its_logs(sandbox: Any, namespace: str) -> None:
     kubectl = Kubectl(Path(sandbox.kubeconfig_path), namespace)
-    job = {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"name": "hello"},
-        "spec": {
-            "template": {
-                "spec": {
-                    "restartPolicy": "Never",
-                    "containers": [
-                        {
-                            "name": "main",
-                            "image": "python",
-                            "command": [sys.executable, "-c", "print('hi from a pod')"],
-                        }
-                    ],
-                }
-            }
-        },
-    }
+    job = python_job("hello", "print('hi from a pod')")
     kubectl("apply", "-f", "-", stdin=yaml.safe_dump(job))
     kubectl("wait", "--for=condition=Complete", "job/hello", "--timeout=30s")
     assert kubectl("logs", "job/hello").strip() == "hi from a pod"

@@ -597,17 +597,8 @@ class JobRunner:
             _condition(t, "True")
             for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")
         ]
-        container = pod["spec"]["containers"][0]
         status["containerStatuses"] = [
-            {
-                "name": container["name"],
-                "image": container.get("image", ""),
-                "imageID": "",
-                "ready": True,
-                "started": True,
-                "restartCount": 0,
-                "state": {"running": {"startedAt": started}},
-            }
+            _container_status(pod, {"running": {"startedAt": started}}, running=True)
         ]
         self._write_status(self.pods_kind, pod, status)
 
@@ -688,35 +679,29 @@ def _rule_matches(rule: Obj, pod: Obj) -> str | None:
     return None
 
 
-def _waiting(pod: Obj, reason: str, message: str) -> dict[str, Any]:
+def _container_status(pod: Obj, state: dict[str, Any], *, running: bool = False) -> Obj:
+    """The status of a pod's (only) container in ``state`` (running, waiting, terminated)."""
     container = pod["spec"]["containers"][0]
     return {
         "name": container["name"],
         "image": container.get("image", ""),
         "imageID": "",
-        "ready": False,
-        "started": False,
+        "ready": running,
+        "started": running,
         "restartCount": 0,
-        "state": {"waiting": {"reason": reason, "message": message}},
+        "state": state,
     }
 
 
-def _terminated(
-    pod: Obj, code: int, reason: str, message: str, started: str, finished: str
-) -> dict[str, Any]:
-    container = pod["spec"]["containers"][0]
+def _waiting(pod: Obj, reason: str, message: str) -> Obj:
+    return _container_status(pod, {"waiting": {"reason": reason, "message": message}})
+
+
+def _terminated(pod: Obj, code: int, reason: str, message: str, started: str, finished: str) -> Obj:
     terminated = {"exitCode": code, "reason": reason, "startedAt": started, "finishedAt": finished}
     if message:
         terminated["message"] = message
-    return {
-        "name": container["name"],
-        "image": container.get("image", ""),
-        "imageID": "",
-        "ready": False,
-        "started": False,
-        "restartCount": 0,
-        "state": {"terminated": terminated},
-    }
+    return _container_status(pod, {"terminated": terminated})
 
 
 def _faulted(status: Obj, fault: Fault, pod: Obj) -> Obj:
