@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -244,3 +245,21 @@ def test_deleting_a_job_kills_its_running_process(
     seen = marker.read_text()
     time.sleep(0.3)
     assert marker.read_text() == seen, "the pod's process must be gone"
+
+
+def test_a_scratch_volume_over_tmp_keeps_host_paths_working(
+    batch: Any, namespace: str, tmp_path: Path
+) -> None:
+    script = tmp_path / "hello.py"  # under /tmp, where the Job mounts an emptyDir
+    script.write_text("print('ok')\n")
+    job = python_job(
+        "scratch",
+        "",
+        container={
+            "command": [sys.executable, str(script)],
+            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        },
+        pod={"volumes": [{"name": "tmp", "emptyDir": {}}]},
+    )
+    batch.create_namespaced_job(namespace, job)
+    _finished(batch, namespace, "scratch", "Complete")

@@ -10,7 +10,9 @@ Kubelet: a pod's container runs as a subprocess with its command and args, its e
 Secret and ConfigMap keys, fieldRef metadata.name/namespace, envFrom), KUBERNETES_SERVICE_HOST/
 PORT pointing at the emulator, and its volumes as local folders: a PVC is ``<workdir>/pvc/CLAIM``,
 an emptyDir a per-pod folder, Secrets/ConfigMaps files. Paths under a volume's mountPath (and the
-terminationMessagePath) in the command, args, env and workingDir are rewritten to those folders.
+terminationMessagePath) in the command, args, env and workingDir are rewritten to those folders,
+except for an emptyDir mounted over a folder this machine has (e.g. /tmp): that one is shared,
+so that host paths below it (a virtualenv under /tmp) keep working.
 The termination message is read from that file when the process exits.
 
 Fault hooks (Python or POST /sandbox/v1/...): keep matching pods Pending Unschedulable, fail
@@ -462,8 +464,11 @@ class JobRunner:
     def _mounts(self, pod: Obj, container: Obj, folder: Path) -> dict[str, Path]:
         namespace = pod["metadata"]["namespace"]
         volumes: dict[str, Path] = {}
+        scratch: set[str] = set()
         for volume in pod["spec"].get("volumes") or []:
             name = volume["name"]
+            if "emptyDir" in volume:
+                scratch.add(name)
             if "persistentVolumeClaim" in volume:
                 path = self.pvc_root / volume["persistentVolumeClaim"]["claimName"]
             elif "secret" in volume or "configMap" in volume:
@@ -475,6 +480,8 @@ class JobRunner:
             volumes[name] = path
         mounts = {}
         for mount in container.get("volumeMounts") or []:
+            if mount["name"] in scratch and Path(mount["mountPath"]).exists():
+                continue  # scratch over a real folder (/tmp): share it, host paths stay valid
             if mount["name"] in volumes:
                 local = volumes[mount["name"]] / mount.get("subPath", "")
                 local.mkdir(parents=True, exist_ok=True)
