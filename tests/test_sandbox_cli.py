@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,8 +25,24 @@ def _pid_alive(pid: int) -> bool:
 
 def test_sandbox_serves_kubectl_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     workdir = tmp_path / "box"
+    ports = []
+    for _ in range(2):  # the operator's metrics and liveness ports: free ones
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(str(probe.getsockname()[1]))
     process = subprocess.Popen(
-        [sys.executable, "-m", "relora_trainer.cli", "sandbox", "--workdir", str(workdir)],
+        [
+            sys.executable,
+            "-m",
+            "relora_trainer.cli",
+            "sandbox",
+            "--workdir",
+            str(workdir),
+            "--metrics-port",
+            ports[0],
+            "--liveness-port",
+            ports[1],
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
