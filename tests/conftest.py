@@ -60,6 +60,17 @@ def toy_manifest(toy: Any, **method: Any) -> dict[str, Any]:
     }
 
 
+def wait_for(check: Any, *, timeout: float = 30.0, what: str = "condition") -> Any:
+    """Poll ``check`` until it returns something truthy (returned), failing after ``timeout``."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"{what} not reached in {timeout} s"
+        time.sleep(0.05)
+    return value
+
+
 # ------------------------------------------------------------------ Kubernetes sandbox
 def python_job(name: str, code: str, **spec: Any) -> dict[str, Any]:
     """A batch/v1 Job whose pod runs ``python -c code`` (with this interpreter, in the sandbox).

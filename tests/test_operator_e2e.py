@@ -29,7 +29,7 @@ from relora_sandbox.jobs import Fault
 from relora_trainer import models
 from relora_trainer.data import Encoder, read_jsonl
 from relora_trainer.quality import measure
-from tests.conftest import kubectl_binary, untyped
+from tests.conftest import kubectl_binary, untyped, wait_for
 
 GROUP, VERSION, PLURAL = "relora.dev", "v1alpha1", "adaptermigrations"
 CRD_FILE = Path(__file__).parent.parent / "crds" / "adaptermigrations.relora.dev.yaml"
@@ -171,11 +171,7 @@ def _get(api: Any, namespace: str, name: str) -> dict[str, Any]:
 
 
 def _wait(check: Any, timeout: float = 300.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"{what} not reached in {timeout} s"
-        time.sleep(0.2)
-    return value
+    return wait_for(check, timeout=timeout, what=what)
 
 
 def _phase(api: Any, namespace: str, name: str, *phases: str) -> dict[str, Any] | None:

@@ -19,7 +19,7 @@ import yaml
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
-from tests.conftest import ROOT, untyped
+from tests.conftest import ROOT, untyped, wait_for
 
 CRD = yaml.safe_load((ROOT / "crds" / "adaptermigrations.relora.dev.yaml").read_text())
 GROUP, VERSION, PLURAL = "relora.dev", "v1alpha1", "adaptermigrations"
@@ -267,13 +267,6 @@ def _owned(core: Any, namespace: str) -> str:
     return str(owner.metadata.uid)
 
 
-def _eventually(check: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
-
-
 def _exists(core: Any, namespace: str, name: str) -> bool:
     try:
         core.read_namespaced_config_map(name, namespace)
@@ -288,12 +281,12 @@ def test_garbage_collection(api: Any, namespace: str, policy: str) -> None:
     core = untyped(client.CoreV1Api(api))
     _owned(core, namespace)
     core.delete_namespaced_config_map("owner", namespace, propagation_policy=policy)
-    _eventually(lambda: not _exists(core, namespace, "owner"))
+    wait_for(lambda: not _exists(core, namespace, "owner"))
     if policy == "Orphan":
         child = core.read_namespaced_config_map("child", namespace)
         assert not child.metadata.owner_references
     else:
-        _eventually(lambda: not _exists(core, namespace, "child"))
+        wait_for(lambda: not _exists(core, namespace, "child"))
 
 
 def test_deleting_a_namespace_deletes_its_objects(api: Any) -> None:
@@ -301,7 +294,7 @@ def test_deleting_a_namespace_deletes_its_objects(api: Any) -> None:
     core.create_namespace({"metadata": {"name": "doomed-ns"}})
     core.create_namespaced_config_map("doomed-ns", {"metadata": {"name": "x"}})
     core.delete_namespace("doomed-ns")
-    _eventually(lambda: "doomed-ns" not in [n.metadata.name for n in core.list_namespace().items])
+    wait_for(lambda: "doomed-ns" not in [n.metadata.name for n in core.list_namespace().items])
 
 
 def test_concurrent_watchers_all_see_every_event(api: Any, namespace: str) -> None:

@@ -12,17 +12,7 @@ import pytest
 from kubernetes import client
 
 from relora_sandbox.jobs import Fault
-from tests.conftest import python_job, untyped
-
-
-def _wait(check: Any, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
+from tests.conftest import python_job, untyped, wait_for
 
 
 def _condition(job: Any, kind: str) -> Any:
@@ -37,7 +27,7 @@ def _finished(batch: Any, namespace: str, name: str, kind: str) -> Any:
         job = batch.read_namespaced_job(name, namespace)
         return job if _condition(job, kind) else None
 
-    return _wait(check)
+    return wait_for(check)
 
 
 def _pods(core: Any, namespace: str, job: str) -> list[Any]:
@@ -117,10 +107,10 @@ def test_a_disruption_is_ignored_and_the_job_retries(
     batch.create_namespaced_job(
         namespace, python_job("preempted", code, backoffLimit=0, podFailurePolicy=policy)
     )
-    first = _wait(
+    first = wait_for(
         lambda: [p for p in _pods(core, namespace, "preempted") if p.status.phase == "Running"]
     )[0]
-    _wait(marker.exists)
+    wait_for(marker.exists)
     assert sandbox.thread.call(sandbox.jobs.kill, namespace, first.metadata.name)
     job = _finished(batch, namespace, "preempted", "Complete")
     assert job.status.failed == 0, "a disruption does not count toward backoffLimit"
@@ -138,12 +128,12 @@ def test_active_deadline_kills_the_pod(batch: Any, core: Any, namespace: str) ->
     )
     job = _finished(batch, namespace, "slow", "Failed")
     assert _condition(job, "Failed").reason == "DeadlineExceeded"
-    _wait(lambda: not [p for p in _pods(core, namespace, "slow") if p.status.phase == "Running"])
+    wait_for(lambda: not [p for p in _pods(core, namespace, "slow") if p.status.phase == "Running"])
 
 
 def test_suspend_and_resume(batch: Any, core: Any, namespace: str) -> None:
     batch.create_namespaced_job(namespace, python_job("later", "print('ran')", suspend=True))
-    _wait(lambda: _condition(batch.read_namespaced_job("later", namespace), "Suspended"))
+    wait_for(lambda: _condition(batch.read_namespaced_job("later", namespace), "Suspended"))
     time.sleep(0.5)
     assert _pods(core, namespace, "later") == []
     batch.patch_namespaced_job("later", namespace, {"spec": {"suspend": False}})
@@ -169,14 +159,14 @@ def test_unschedulable_and_image_pull_faults(
             conditions = pods[0].status.conditions if pods else None
             return conditions and conditions[0].reason == "Unschedulable"
 
-        _wait(scheduled_false)
+        wait_for(scheduled_false)
 
         def pull_failed() -> Any:
             pods = _pods(core, namespace, "pull")
             statuses = pods[0].status.container_statuses if pods else None
             return statuses and statuses[0].state.waiting.reason == "ImagePullBackOff"
 
-        _wait(pull_failed)
+        wait_for(pull_failed)
         assert _pods(core, namespace, "stuck")[0].status.phase == "Pending"
     finally:
         sandbox.thread.call(sandbox.jobs.clear_faults)
@@ -216,7 +206,7 @@ def test_a_missing_secret_blocks_the_pod_with_a_reason(
         statuses = pods[0].status.container_statuses if pods else None
         return statuses and statuses[0].state.waiting.reason == "CreateContainerConfigError"
 
-    _wait(blocked)
+    wait_for(blocked)
 
 
 def test_ttl_after_finished_deletes_the_job_and_its_pods(
@@ -225,8 +215,8 @@ def test_ttl_after_finished_deletes_the_job_and_its_pods(
     batch.create_namespaced_job(
         namespace, python_job("short", "print(1)", ttlSecondsAfterFinished=0)
     )
-    _wait(lambda: not batch.list_namespaced_job(namespace).items)
-    _wait(lambda: not _pods(core, namespace, "short"))
+    wait_for(lambda: not batch.list_namespaced_job(namespace).items)
+    wait_for(lambda: not _pods(core, namespace, "short"))
 
 
 def test_deleting_a_job_kills_its_running_process(
@@ -238,9 +228,9 @@ def test_deleting_a_job_kills_its_running_process(
         f"    pathlib.Path({str(marker)!r}).write_text(str(i)); time.sleep(0.05)"
     )
     batch.create_namespaced_job(namespace, python_job("victim", code))
-    _wait(marker.exists)
+    wait_for(marker.exists)
     batch.delete_namespaced_job("victim", namespace, propagation_policy="Background")
-    _wait(lambda: not _pods(core, namespace, "victim"))
+    wait_for(lambda: not _pods(core, namespace, "victim"))
     time.sleep(0.3)
     seen = marker.read_text()
     time.sleep(0.3)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ from kopf.testing import KopfRunner
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from tests.conftest import untyped
+from tests.conftest import untyped, wait_for
 
 OPERATOR = Path(__file__).parent / "kopf_sample" / "sample_operator.py"
 GROUP, VERSION, PLURAL = "sandbox.relora.dev", "v1", "samples"
@@ -53,14 +52,6 @@ CRD = {
 }
 
 
-def _wait(check: Any, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.1)
-    return value
-
-
 def test_kopf_lifecycle_with_finalizers(
     api: Any, kubeconfig: Path, namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -83,7 +74,7 @@ def test_kopf_lifecycle_with_finalizers(
                 "spec": {"value": 1},
             },
         )
-        _wait(
+        wait_for(
             lambda: (
                 custom.get_namespaced_custom_object(*args, "s1").get("status", {}).get("seen") == 1
             )
@@ -91,7 +82,7 @@ def test_kopf_lifecycle_with_finalizers(
         held = custom.get_namespaced_custom_object(*args, "s1")
         assert held["metadata"]["finalizers"] == [f"{GROUP}/finalizer"]
         custom.patch_namespaced_custom_object(*args, "s1", {"spec": {"value": 2}})
-        _wait(lambda: custom.get_namespaced_custom_object(*args, "s1")["status"]["seen"] == 2)
+        wait_for(lambda: custom.get_namespaced_custom_object(*args, "s1")["status"]["seen"] == 2)
         assert custom.get_namespaced_custom_object(*args, "s1")["status"]["handler"] == "update"
         custom.delete_namespaced_custom_object(*args, "s1")
 
@@ -102,7 +93,7 @@ def test_kopf_lifecycle_with_finalizers(
                 return bool(error.status == 404)
             return False
 
-        _wait(gone)
+        wait_for(gone)
     assert runner.exception is None and runner.exit_code == 0
     output = runner.output
     assert "cleaned up after s1" in output
