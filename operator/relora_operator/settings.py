@@ -7,6 +7,11 @@
 | RELORA_RESYNC_SECONDS | 10 | how often running migrations are re-read (progress, deadlines) |
 | RELORA_METRICS_PORT | 8080 | Prometheus metrics (0: off) |
 | RELORA_LOG_TAIL_LINES | 50 | log lines read per running pod for live progress |
+| RELORA_CLUSTER_SCANNING | true | let Kopf watch CRDs (and namespaces unless it watches all) |
+
+With RELORA_CLUSTER_SCANNING=false the operator needs no cluster-scoped permission: it serves
+the resources found at start-up in the namespaces named on its command line (a CRD created
+later is served after a restart). The Helm chart sets it to false in single-namespace mode.
 """
 
 from __future__ import annotations
@@ -19,6 +24,16 @@ from pydantic import BaseModel, Field, ValidationError
 
 DEFAULT_IMAGE = "ghcr.io/relora-dev/relora-trainer:0.1.0"
 
+ENV: dict[str, str] = {
+    "trainer_image": "RELORA_TRAINER_IMAGE",
+    "trainer_command": "RELORA_TRAINER_COMMAND",
+    "resync_seconds": "RELORA_RESYNC_SECONDS",
+    "metrics_port": "RELORA_METRICS_PORT",
+    "log_tail_lines": "RELORA_LOG_TAIL_LINES",
+    "cluster_scanning": "RELORA_CLUSTER_SCANNING",
+}
+"""Settings field -> the environment variable that sets it (the chart sets each one)."""
+
 
 class Settings(BaseModel):
     trainer_image: str = DEFAULT_IMAGE
@@ -28,20 +43,14 @@ class Settings(BaseModel):
     resync_seconds: float = Field(default=10.0, gt=0)
     metrics_port: int = Field(default=8080, ge=0, le=65535)
     log_tail_lines: int = Field(default=50, ge=1, le=10_000)
+    cluster_scanning: bool = True
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read RELORA_* variables; raise ValueError naming the variable on bad values."""
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
-        names = {
-            "trainer_image": "RELORA_TRAINER_IMAGE",
-            "trainer_command": "RELORA_TRAINER_COMMAND",
-            "resync_seconds": "RELORA_RESYNC_SECONDS",
-            "metrics_port": "RELORA_METRICS_PORT",
-            "log_tail_lines": "RELORA_LOG_TAIL_LINES",
-        }
-        for field, variable in names.items():
+        for field, variable in ENV.items():
             if variable not in env:
                 continue
             raw = env[variable]
@@ -56,5 +65,5 @@ class Settings(BaseModel):
             return cls.model_validate(values)
         except ValidationError as error:
             first = error.errors()[0]
-            variable = names[str(first["loc"][0])]
+            variable = ENV[str(first["loc"][0])]
             raise ValueError(f"{variable}: {first['msg']}") from error
