@@ -7,11 +7,11 @@ import itertools
 import pytest
 import torch
 
-from relora_operator.api.spec import Regularization
+from relora_operator.api.spec import Regularization, RegularizationSchedule
 from relora_trainer import regularization
 
 
-def _config(schedule: str) -> Regularization:
+def _config(schedule: RegularizationSchedule) -> Regularization:
     return Regularization(
         schedule=schedule, strength=2.0, relaxed_strength=0.1, switch_fraction=0.5
     )
@@ -31,7 +31,7 @@ def test_cosine_schedule_decays_smoothly_to_the_relaxed_value() -> None:
 
 
 @pytest.mark.parametrize(("schedule", "expected"), [("constant", 2.0), ("none", 0.0)])
-def test_flat_schedules(schedule: str, expected: float) -> None:
+def test_flat_schedules(schedule: RegularizationSchedule, expected: float) -> None:
     config = _config(schedule)
     assert {regularization.strength(config, step=s, max_steps=10) for s in range(10)} == {expected}
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import re
+import reprlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,13 +35,40 @@ class Problem:
         return f"{self.path}: {self.message}" if self.path else self.message
 
 
-def _path(loc: tuple[int | str, ...]) -> str:
+# Keys shown as they are in a path; any other key (white space, control characters, a very long
+# one) is shown quoted and shortened in brackets, so that a problem stays one short line.
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_][-A-Za-z0-9_./]{0,99}")
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlevel = 60, 60, 2
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 3
+_MAX_SHOWN = 100
+
+
+def shown(value: Any) -> str:
+    """``repr(value)``, bounded in length and depth (inputs may be huge or deeply nested)."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= _MAX_SHOWN else text[: _MAX_SHOWN - 3] + "..."
+
+
+def field_path(loc: Sequence[int | str], document: Any = None) -> str:
+    """The manifest path of a pydantic error location (``spec.adapters[0].uri``).
+
+    ``document`` (the validated input) tells list indexes from integer mapping keys.
+    """
     out = ""
+    node = document
     for part in loc:
-        if isinstance(part, int):
+        if part == "[key]":  # pydantic's marker for the key (not the value) of a mapping entry
+            continue
+        if isinstance(part, int) and not isinstance(node, dict):
             out += f"[{part}]"
+            node = node[part] if isinstance(node, list) and -len(node) <= part < len(node) else None
+            continue
+        if isinstance(part, str) and _PLAIN_KEY.fullmatch(part):
+            out += f".{part}" if out else part
         else:
-            out += f".{part}" if out else str(part)
+            out += f"[{shown(part)}]"
+        node = node.get(part) if isinstance(node, dict) else None
     return out
 
 
@@ -68,7 +98,9 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def explain(error: ValidationError, model: type[BaseModel] = AdapterMigration) -> list[Problem]:
+def explain(
+    error: ValidationError, model: type[BaseModel] = AdapterMigration, document: Any = None
+) -> list[Problem]:
     """Turn a pydantic error into problems with manifest paths and actionable messages."""
     problems = []
     for item in error.errors(include_url=False):
@@ -81,16 +113,19 @@ def explain(error: ValidationError, model: type[BaseModel] = AdapterMigration) -
             message = f"unknown field; remove it ({hint})"
         elif kind == "missing":
             message = "required field is missing"
+        elif kind == "invalid_key" or "[key]" in loc:
+            message = f"keys must be strings, got {shown(item['input'])}"
         elif kind == "string_pattern_mismatch":
             pattern = str((item.get("ctx") or {}).get("pattern", ""))
             message = _PATTERN_HINTS.get(pattern, f"must match the pattern {pattern}")
-            message = f"{message}, got {item['input']!r}"
+            message = f"{message}, got {shown(item['input'])}"
         elif kind == "literal_error":
-            message = f"{item['msg'].replace('Input should be', 'must be')}, got {item['input']!r}"
+            message = item["msg"].replace("Input should be", "must be")
+            message = f"{message}, got {shown(item['input'])}"
         else:
             message = item["msg"].removeprefix("Value error, ")
             message = message.replace("Input should be", "must be")
-        problems.append(Problem(path=_path(loc), message=message))
+        problems.append(Problem(path=field_path(loc, document), message=message))
     return problems
 
 
@@ -101,4 +136,4 @@ def validate_manifest(manifest: Any) -> tuple[AdapterMigration | None, list[Prob
     try:
         return AdapterMigration.from_manifest(manifest), []
     except ValidationError as error:
-        return None, explain(error)
+        return None, explain(error, document=manifest)

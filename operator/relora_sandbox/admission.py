@@ -75,7 +75,7 @@ class Admission:
         pattern, limit = (DNS_LABEL, 63) if kind.plural == "namespaces" else (DNS_SUBDOMAIN, 253)
         if kind.key == ("batch", "jobs"):
             limit = 63  # the name becomes a label value
-        if len(name) > limit or not pattern.match(name):
+        if len(name) > limit or not pattern.fullmatch(name):  # no "name\n" (see re docs: $)
             raise errors.invalid(
                 kind.kind,
                 name,

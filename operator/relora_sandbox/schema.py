@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import copy
 import datetime
-import re
+import json
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
 import celpy
+import re2
 from celpy.adapter import json_to_cel
 
 _ENV = celpy.Environment()
@@ -85,8 +86,8 @@ def _walk_object(
         sub = properties.get(key) if properties is not None else None
         if sub is None and isinstance(extra, dict):
             sub = extra
-        if item is None and not (sub or {}).get("nullable"):
-            continue  # null values of non-nullable fields are dropped
+        if item is None and sub is not None and not sub.get("nullable"):
+            continue  # null values of known non-nullable fields are dropped (unknown: reported)
         child_old = old.get(key, MISSING) if isinstance(old, dict) else MISSING
         if sub is not None:
             result[key] = _walk(sub, item, child_old, f"{path}.{key}", out)
@@ -109,6 +110,11 @@ def _walk_object(
     return result
 
 
+def _map_key(item: dict[str, Any], keys: list[str]) -> str:
+    """A hashable identity of a map-list item (its keys may hold any JSON, even lists)."""
+    return json.dumps([item.get(k) for k in keys], sort_keys=True, default=repr)
+
+
 def _walk_array(
     schema: dict[str, Any], value: list[Any], old: Any, path: str, out: Outcome
 ) -> None:
@@ -118,16 +124,15 @@ def _walk_array(
     is_map = schema.get("x-kubernetes-list-type") == "map" and keys
     old_by_key = {}
     if is_map and isinstance(old, list):
-        old_by_key = {tuple(o.get(k) for k in keys): o for o in old if isinstance(o, dict)}
+        old_by_key = {_map_key(o, keys): o for o in old if isinstance(o, dict)}
     seen: set[Any] = set()
     for index, item in enumerate(value):
         child_old: Any = MISSING
         if is_map and isinstance(item, dict):
-            key = tuple(item.get(k) for k in keys)
+            key = _map_key(item, keys)
             if key in seen:
-                out.causes.append(
-                    (f"{where}[{index}]", f"Duplicate value: {dict(zip(keys, key, strict=True))}")
-                )
+                found = {k: item.get(k) for k in keys}
+                out.causes.append((f"{where}[{index}]", f"Duplicate value: {found}"))
             seen.add(key)
             child_old = old_by_key.get(key, MISSING)
         elif schema.get("x-kubernetes-list-type") == "set":
@@ -151,7 +156,9 @@ def _check_scalar(schema: dict[str, Any], value: Any, where: str, out: Outcome) 
             out.causes.append((where, f"may not be longer than {schema['maxLength']}"))
         if "minLength" in schema and len(value) < schema["minLength"]:
             out.causes.append((where, f"should be at least {schema['minLength']} chars long"))
-        if "pattern" in schema and not re.search(schema["pattern"], value):
+        # RE2, as the API server (Go's regexp): Python's '$' would also match before a final
+        # newline, letting 'name\n' through a '^...$' pattern.
+        if "pattern" in schema and not re2.search(schema["pattern"], value):
             out.causes.append((where, f"should match '{schema['pattern']}'"))
         if schema.get("format") == "date-time" and not _is_datetime(value):
             out.causes.append((where, "must be an RFC 3339 date-time"))

@@ -7,17 +7,22 @@ Weights travel as a mapping from module name (``model.layers.0.self_attn.q_proj`
 from __future__ import annotations
 
 import json
+import math
+import reprlib
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from relora_trainer.errors import InvalidAdapter, InvalidWeights, MissingInput
 
@@ -57,7 +62,82 @@ _UNSUPPORTED: dict[str, str] = {
     "modules_to_save": "fully trained extra modules (modules_to_save)",
     "layer_replication": "layer replication",
     "target_parameters": "LoRA on raw parameters (target_parameters)",
+    "trainable_token_indices": "trainable token embeddings (trainable_token_indices)",
+    "lora_bias": "LoRA biases (lora_bias)",
+    "use_qalora": "QA-LoRA adapters (use_qalora)",
+    "use_bdlora": "block-diagonal LoRA adapters (use_bdlora)",
+    "alora_invocation_tokens": "activated LoRA adapters (alora_invocation_tokens)",
+    "arrow_config": "Arrow routing (arrow_config)",
 }
+
+MAX_CONFIG_BYTES = 2**20
+"""An adapter_config.json is a few KiB; a larger file is not one (and is not read whole)."""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# Field -> (check of its JSON value, what it must be). Absent fields take PEFT's defaults.
+_FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "r": (
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "a positive integer",
+    ),
+    "lora_alpha": (lambda v: _is_number(v) and v > 0, "a positive finite number"),
+    "lora_dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "fan_in_fan_out": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "use_rslora": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "target_modules": (
+        lambda v: (
+            v is None
+            or (isinstance(v, str) and bool(v))
+            or (isinstance(v, list) and bool(v) and all(isinstance(m, str) and m for m in v))
+        ),
+        "a module name pattern or a non-empty list of module names",
+    ),
+    "layers_to_transform": (
+        lambda v: (
+            v is None
+            or (isinstance(v, int) and not isinstance(v, bool))
+            or (
+                isinstance(v, list)
+                and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+            )
+        ),
+        "a layer index or a list of layer indexes",
+    ),
+}
+
+
+def _read_config(config_path: Path, *, what: str) -> dict[str, Any]:
+    try:
+        with config_path.open("rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+    except OSError as error:
+        raise MissingInput(f"{what}: {config_path}: cannot read: {error.strerror}") from error
+    if len(data) > MAX_CONFIG_BYTES:
+        raise InvalidAdapter(f"{what}: {config_path} is larger than 1 MiB; not an adapter config")
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise InvalidAdapter(
+            f"{what}: {config_path} is not valid JSON (nested too deeply)"
+        ) from None
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, over-long integers
+        reason = " ".join(str(error).split())[:200]
+        raise InvalidAdapter(f"{what}: {config_path} is not valid JSON ({reason})") from error
+    if not isinstance(raw, dict) or raw.get("peft_type") != "LORA":
+        kind = raw.get("peft_type") if isinstance(raw, dict) else type(raw).__name__
+        raise InvalidAdapter(
+            f"{what}: {config_path}: peft_type is {reprlib.repr(kind)}, expected 'LORA'"
+        )
+    for key, (valid, expected) in _FIELD_TYPES.items():
+        if key in raw and not valid(raw[key]):
+            raise InvalidAdapter(
+                f"{what}: {config_path}: {key} must be {expected}, got {reprlib.repr(raw[key])}"
+            )
+    return raw
 
 
 def read_adapter(folder: Path, *, what: str) -> OldAdapter:
@@ -66,31 +146,38 @@ def read_adapter(folder: Path, *, what: str) -> OldAdapter:
     for path in (config_path, weights_path):
         if not path.is_file():
             raise MissingInput(f"{what}: {path} is missing (expected a PEFT LoRA folder)")
-    try:
-        raw: dict[str, Any] = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InvalidAdapter(f"{what}: {config_path} is not valid JSON ({error})") from error
-    if not isinstance(raw, dict) or raw.get("peft_type") != "LORA":
-        kind = raw.get("peft_type") if isinstance(raw, dict) else type(raw).__name__
-        raise InvalidAdapter(f"{what}: {config_path}: peft_type is {kind!r}, expected 'LORA'")
+    raw = _read_config(config_path, what=what)
     for key, label in _UNSUPPORTED.items():
         if raw.get(key):
             raise InvalidAdapter(f"{what}: {config_path}: {label} are not supported yet")
     if raw.get("bias", "none") != "none":
-        raise InvalidAdapter(f"{what}: {config_path}: bias={raw['bias']!r}; only 'none' works")
+        bias = reprlib.repr(raw["bias"])
+        raise InvalidAdapter(f"{what}: {config_path}: bias={bias}; only 'none' works")
     try:
         config = LoraConfig.from_pretrained(str(folder))
     except (TypeError, ValueError) as error:
-        raise InvalidAdapter(f"{what}: {config_path}: {error}") from error
+        reason = " ".join(str(error).split())[:300]
+        raise InvalidAdapter(f"{what}: {config_path}: {reason}") from error
     if not isinstance(config.r, int) or config.r < 1:
         raise InvalidAdapter(f"{what}: {config_path}: r must be a positive integer")
+    # The old adapter's weights are loaded right after PEFT attaches it, so its initialization
+    # method does not matter; some (PiSSA, OLoRA, LoftQ...) would rewrite the base weights.
+    config.init_lora_weights = True
     try:
         state = load_file(str(weights_path))
     except (SafetensorError, OSError) as error:
+        reason = " ".join(str(error).split())[:200]
         raise InvalidAdapter(
-            f"{what}: {weights_path} is not a readable safetensors file"
+            f"{what}: {weights_path} is not a readable safetensors file ({reason})"
         ) from error
-    return OldAdapter(config=config, factors=_factors(state, what=what))
+    factors = _factors(state, what=what)
+    for module, pair in factors.items():
+        if pair.a.shape[0] != config.r:
+            raise InvalidAdapter(
+                f"{what}: {config_path} says r={config.r} but module {module} has rank "
+                f"{pair.a.shape[0]} weights"
+            )
+    return OldAdapter(config=config, factors=factors)
 
 
 def _factors(state: dict[str, torch.Tensor], *, what: str) -> dict[str, LoraFactors]:
@@ -127,8 +214,17 @@ def base_weight(model: nn.Module, module: str, *, fan_in_fan_out: bool) -> torch
     return weight.T if fan_in_fan_out else weight
 
 
+def _targeted(config: LoraConfig, model: nn.Module) -> dict[str, nn.Module]:
+    """The modules of ``model`` that PEFT wraps with ``config`` (by name)."""
+    modules = dict(model.named_modules())
+    if config.target_modules == "all-linear":
+        return {name: m for name, m in modules.items() if isinstance(m, nn.Linear)}
+    return {name: m for name, m in modules.items() if check_target_module_exists(config, name)}
+
+
 def check_fits(adapter: OldAdapter, model: nn.Module, *, what: str) -> None:
-    """Raise InvalidAdapter unless every adapted module exists in ``model`` with matching shapes."""
+    """Raise InvalidAdapter unless every adapted module exists in ``model`` with matching shapes
+    and the config's target_modules select Linear layers of the model, those with weights."""
     names = {name for name, _ in model.named_modules()}
     for module, pair in adapter.factors.items():
         if module not in names:
@@ -143,6 +239,26 @@ def check_fits(adapter: OldAdapter, model: nn.Module, *, what: str) -> None:
             raise InvalidAdapter(
                 f"{what}: module {module} expects ({out_features}, {in_features}) but the adapter "
                 f"has ({pair.b.shape[0]}, {pair.a.shape[1]}): trained for another architecture"
+            )
+    # PEFT attaches the adapter by target_modules, not by the weights it finds: both must agree.
+    targets = reprlib.repr(adapter.config.target_modules)
+    targeted = _targeted(adapter.config, model)
+    if not targeted:
+        raise InvalidAdapter(
+            f"{what}: target_modules {targets} (with layers_to_transform and exclude_modules) "
+            "match no module of the model"
+        )
+    for module in adapter.factors:
+        if module not in targeted:
+            raise InvalidAdapter(
+                f"{what}: module {module} has LoRA weights but target_modules {targets} (with "
+                "layers_to_transform and exclude_modules) do not select it"
+            )
+    for name, layer in targeted.items():
+        if not isinstance(layer, nn.Linear | Conv1D):
+            raise InvalidAdapter(
+                f"{what}: target_modules {targets} select {name}, a {type(layer).__name__}: "
+                "only LoRA on Linear layers is supported"
             )
 
 

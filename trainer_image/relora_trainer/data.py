@@ -26,37 +26,63 @@ class Example:
 
 
 def read_jsonl(path: Path, *, what: str) -> list[Example]:
-    """Read examples; raise InvalidData naming the file and line of the first problem."""
+    """Read examples; raise InvalidData naming the file and line of the first problem.
+
+    Lines are read at most MAX_LINE_BYTES at a time (a file without newlines is not loaded
+    whole); any JSON the parser refuses (bad syntax, invalid UTF-8, nesting too deep for it,
+    integers too long to convert) and any string that is not valid Unicode are InvalidData.
+    """
     if not path.is_file():
         raise MissingInput(f"{what}: {path} is not a file")
     examples = []
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if len(raw) > MAX_LINE_BYTES:
-                raise InvalidData(
-                    f"{what}: {path}:{number}: line longer than {MAX_LINE_BYTES} bytes"
-                )
-            line = raw.strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                raise InvalidData(f"{what}: {path}:{number}: not valid JSON ({error})") from error
-            if not isinstance(record, dict):
-                raise InvalidData(f"{what}: {path}:{number}: expected a JSON object per line")
-            for key in ("prompt", "completion"):
-                if not isinstance(record.get(key), str):
+    try:
+        with path.open("rb") as handle:
+            number = 0
+            while raw := handle.readline(MAX_LINE_BYTES + 1):
+                number += 1
+                if len(raw) > MAX_LINE_BYTES:
                     raise InvalidData(
-                        f"{what}: {path}:{number}: field '{key}' must be a string, "
-                        f"got {type(record.get(key)).__name__}"
+                        f"{what}: {path}:{number}: line longer than {MAX_LINE_BYTES} bytes"
                     )
-            if not record["completion"]:
-                raise InvalidData(f"{what}: {path}:{number}: 'completion' is empty")
-            examples.append(Example(record["prompt"], record["completion"]))
+                example = _parse_line(raw, where=f"{what}: {path}:{number}")
+                if example is not None:
+                    examples.append(example)
+    except OSError as error:
+        raise MissingInput(f"{what}: {path}: cannot read: {error.strerror or error}") from error
     if not examples:
         raise InvalidData(f"{what}: {path} has no examples")
     return examples
+
+
+def _parse_line(raw: bytes, *, where: str) -> Example | None:
+    line = raw.strip()
+    if not line:
+        return None
+    try:
+        record = json.loads(line)
+    except RecursionError:
+        raise InvalidData(f"{where}: JSON nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+        reason = " ".join(str(error).split())[:200]
+        raise InvalidData(f"{where}: not valid JSON ({reason})") from error
+    if not isinstance(record, dict):
+        raise InvalidData(f"{where}: expected a JSON object per line")
+    for key in ("prompt", "completion"):
+        value = record.get(key)
+        if not isinstance(value, str):
+            raise InvalidData(
+                f"{where}: field '{key}' must be a string, got {type(value).__name__}"
+            )
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidData(
+                f"{where}: field '{key}' holds an unpaired surrogate escape (\\ud800-\\udfff); "
+                "not valid Unicode text"
+            ) from None
+    if not record["completion"]:
+        raise InvalidData(f"{where}: 'completion' is empty")
+    return Example(record["prompt"], record["completion"])
 
 
 @dataclass

@@ -8,9 +8,10 @@ Job builder passes them through unchanged.
 from __future__ import annotations
 
 import re
+import reprlib
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
 from relora_operator.api.base import APIModel
 
@@ -20,11 +21,20 @@ QUANTITY_PATTERN = (
 )
 
 
+MAX_QUANTITY_LENGTH = 64
+MAX_QUANTITY = 2**63 - 1  # what the API server's int64 holds
+
+
 def _check_quantity(value: Any) -> Any:
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError(f"must be a quantity such as 1, '500m' or '16Gi', got {value!r}")
-    if isinstance(value, str) and not re.match(QUANTITY_PATTERN, value):
-        raise ValueError(f"'{value}' is not a quantity; use e.g. 1, '500m' or '16Gi'")
+        shown = reprlib.repr(value)
+        raise ValueError(f"must be a quantity such as 1, '500m' or '16Gi', got {shown}")
+    if isinstance(value, int) and not -MAX_QUANTITY - 1 <= value <= MAX_QUANTITY:
+        raise ValueError("is too large for a quantity (at most 2^63 - 1)")
+    if isinstance(value, str) and len(value) > MAX_QUANTITY_LENGTH:
+        raise ValueError(f"must be at most {MAX_QUANTITY_LENGTH} characters")
+    if isinstance(value, str) and not re.fullmatch(QUANTITY_PATTERN, value):
+        raise ValueError(f"{reprlib.repr(value)} is not a quantity; use e.g. 1, '500m' or '16Gi'")
     return value
 
 
@@ -33,22 +43,46 @@ Quantity = Annotated[
     BeforeValidator(_check_quantity),
     Field(
         description="A Kubernetes quantity, e.g. 1, '500m', '16Gi'.",
-        json_schema_extra={"pattern": QUANTITY_PATTERN},
+        json_schema_extra={
+            "pattern": QUANTITY_PATTERN,
+            "maxLength": MAX_QUANTITY_LENGTH,
+            "minimum": -MAX_QUANTITY - 1,
+            "maximum": MAX_QUANTITY,
+        },
+    ),
+]
+
+LabelValue = Annotated[
+    str,
+    Field(
+        max_length=63,
+        pattern=r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$",
+        description="A label value: at most 63 letters, digits, '-', '_' and '.'.",
     ),
 ]
 
 ResourceName = Annotated[str, Field(min_length=1, max_length=253)]
 
 
+def without_nulls(value: Any) -> Any:
+    """A map's null values count as absent, as on the API server (which prunes them)."""
+    if isinstance(value, dict):
+        return {k: v for k, v in value.items() if v is not None}
+    return value
+
+
+NoNulls = BeforeValidator(without_nulls)
+
+
 class ResourceRequirements(APIModel):
     """Compute resources of the trainer container (as in core/v1 ResourceRequirements)."""
 
-    limits: dict[ResourceName, Quantity] | None = Field(
+    limits: Annotated[dict[ResourceName, Quantity], NoNulls] | None = Field(
         default=None,
         max_length=16,
         description="Maximum resources, e.g. {'nvidia.com/gpu': 1, memory: '32Gi'}.",
     )
-    requests: dict[ResourceName, Quantity] | None = Field(
+    requests: Annotated[dict[ResourceName, Quantity], NoNulls] | None = Field(
         default=None,
         max_length=16,
         description="Requested resources, e.g. {cpu: 4, memory: '24Gi'}.",
@@ -67,7 +101,9 @@ class Toleration(APIModel):
         default=None, description="Taint effect to tolerate; empty matches all effects."
     )
     toleration_seconds: int | None = Field(
-        default=None, description="For NoExecute: how long the pod stays bound after the taint."
+        default=None,
+        le=2**31 - 1,
+        description="For NoExecute: how long the pod stays bound after the taint.",
     )
 
 
@@ -142,8 +178,32 @@ class EnvFromSource(APIModel):
         return self
 
 
+MAX_AFFINITY_DEPTH = 32
+MAX_AFFINITY_VALUES = 10_000
+
+
+def _check_affinity(value: dict[str, Any]) -> dict[str, Any]:
+    """Bound the free-form affinity (the CRD keeps its unknown fields): a deeper or larger one
+    would pass admission and then fail every Job the operator builds from it."""
+    count = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if depth > MAX_AFFINITY_DEPTH:
+            raise ValueError(f"nested more than {MAX_AFFINITY_DEPTH} levels deep")
+        if count > MAX_AFFINITY_VALUES:
+            raise ValueError(f"holds more than {MAX_AFFINITY_VALUES} values")
+        if isinstance(node, dict):
+            stack.extend((child, depth + 1) for child in node.values())
+        elif isinstance(node, list):
+            stack.extend((child, depth + 1) for child in node)
+    return value
+
+
 Affinity = Annotated[
     dict[str, Any],
+    AfterValidator(_check_affinity),
     Field(
         description=(
             "Pod affinity rules, passed to the pod unchanged (core/v1 Affinity: nodeAffinity, "

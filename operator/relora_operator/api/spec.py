@@ -6,7 +6,7 @@ runner and the operator all read them. Defaults live here and are named in each 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -16,6 +16,8 @@ from relora_operator.api.kube_types import (
     Affinity,
     EnvFromSource,
     EnvVar,
+    LabelValue,
+    NoNulls,
     ResourceRequirements,
     Toleration,
 )
@@ -23,11 +25,20 @@ from relora_operator.api.kube_types import (
 MAX_ADAPTERS = 64
 """Adapters per migration; bounds the spec, the per-adapter status and the Jobs created."""
 
+MAX_SECONDS = 2**31 - 1
+"""Bound of every duration in seconds (about 68 years): batch/v1 keeps ttlSecondsAfterFinished
+in an int32, so a larger value would pass admission and then fail every Job creation."""
+
+MAX_LOSS_TARGET = 1000.0
+"""Bound of an absolute loss target (a mean cross-entropy in nats; uniform guessing over a
+128k-token vocabulary is about 11.8)."""
+
 Strategy = Literal["relora", "scratch", "reuse", "warm-start"]
 Sampler = Literal["gp", "tpe", "random"]
 Granularity = Literal["global", "module-type", "layer"]
 Projection = Literal["adapter-subspace", "none"]
 RegularizationSchedule = Literal["step", "cosine", "constant", "none"]
+SearchObjective = Literal["loss", "choice-loss", "lookahead"]
 
 
 class ModelRef(APIModel):
@@ -77,7 +88,10 @@ class Readiness(APIModel):
     target: float | None = Field(
         default=None,
         gt=0,
-        description="Absolute target: accuracy in (0, 1] to reach, or loss to get under.",
+        le=MAX_LOSS_TARGET,
+        description=(
+            "Absolute target: accuracy in (0, 1] to reach, or loss to get under (at most 1000)."
+        ),
     )
     relative_to_source: float | None = Field(
         default=None,
@@ -179,6 +193,25 @@ class Initialization(APIModel):
         le=100000,
         description="Validation examples scored per trial.",
     )
+    objective: SearchObjective = Field(
+        default="loss",
+        description=(
+            "What a trial minimizes on the validation examples: loss (the completions' "
+            "cross-entropy, as in the paper), choice-loss (the cross-entropy among the task's "
+            "distinct completions only: a proxy of accuracy), or lookahead (choice-loss, or loss "
+            "for a loss target, after lookaheadSteps fine-tuning steps from the trial's "
+            "initialization)."
+        ),
+    )
+    lookahead_steps: int = Field(
+        default=10,
+        ge=1,
+        le=10000,
+        description=(
+            "Fine-tuning steps per trial with objective lookahead (the first batches of the "
+            "fine-tune, at its peak learning rate, without regularization)."
+        ),
+    )
 
 
 class Regularization(APIModel):
@@ -223,6 +256,13 @@ class Finetune(APIModel):
     )
     regularization: Regularization = Field(
         default_factory=Regularization, description="The scheduled pull toward the init."
+    )
+    stop_when_ready: bool = Field(
+        default=True,
+        description=(
+            "Stop at the first evaluation that meets the readiness target (true), or train the "
+            "whole budget and still record when the target was first met (false: benchmarks)."
+        ),
     )
 
 
@@ -297,7 +337,7 @@ class AdapterMigrationSpec(APIModel):
     resources: ResourceRequirements | None = Field(
         default=None, description="Trainer container resources, e.g. limits nvidia.com/gpu: 1."
     )
-    node_selector: dict[str, str] | None = Field(
+    node_selector: Annotated[dict[str, LabelValue], NoNulls] | None = Field(
         default=None, max_length=32, description="Node labels the trainer pods must match."
     )
     tolerations: list[Toleration] | None = Field(
@@ -325,11 +365,15 @@ class AdapterMigrationSpec(APIModel):
     )
     backoff_limit: int = Field(default=3, ge=0, le=20, description="Retries per adapter Job.")
     active_deadline_seconds: int | None = Field(
-        default=None, ge=1, description="Wall-clock limit per adapter Job. Default: none."
+        default=None,
+        ge=1,
+        le=MAX_SECONDS,
+        description="Wall-clock limit per adapter Job. Default: none.",
     )
     pre_running_deadline_seconds: int = Field(
         default=600,
         ge=1,
+        le=MAX_SECONDS,
         description=(
             "Fail an adapter whose pod has not started running after this many seconds "
             "(Unschedulable, ImagePullBackOff)."
@@ -338,6 +382,7 @@ class AdapterMigrationSpec(APIModel):
     ttl_seconds_after_finished: int | None = Field(
         default=None,
         ge=0,
+        le=MAX_SECONDS,
         description="Delete finished Jobs after this many seconds (results are kept in status).",
     )
     suspend: bool = Field(

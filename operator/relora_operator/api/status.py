@@ -9,13 +9,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
+from pydantic.config import JsonDict
 
 from relora_operator.api.base import URI, APIModel
 from relora_operator.api.spec import MAX_ADAPTERS
 
 MAX_COEFFICIENTS = 32
 MAX_MESSAGE = 4096
+MAX_COUNT = 2**31 - 1
+MAX_GENERATION = 2**63 - 1
+TIMESTAMP: JsonDict = {"maxLength": 64}  # RFC 3339 date-times are short; bounds CEL cost estimates
 
 ConditionType = Literal["Ready", "Succeeded", "Failed", "Stalled", "Suspended"]
 MigrationPhase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
@@ -25,7 +29,13 @@ Stage = Literal["loading", "search", "finetune", "evaluate", "saving"]
 REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
 
 
-class Condition(APIModel):
+class StatusModel(APIModel):
+    """Status models read back what the API server stored (timestamps as strings): lax."""
+
+    model_config = ConfigDict(strict=False, allow_inf_nan=True)
+
+
+class Condition(StatusModel):
     """A condition in the metav1.Condition shape (kubectl wait and kstatus read these)."""
 
     type: ConditionType = Field(
@@ -33,9 +43,14 @@ class Condition(APIModel):
     )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     observed_generation: int | None = Field(
-        default=None, ge=0, description="The spec generation this condition was computed from."
+        default=None,
+        ge=0,
+        le=MAX_GENERATION,
+        description="The spec generation this condition was computed from.",
     )
-    last_transition_time: datetime = Field(description="When status last changed.")
+    last_transition_time: datetime = Field(
+        description="When status last changed.", json_schema_extra=TIMESTAMP
+    )
     reason: str = Field(
         min_length=1,
         max_length=1024,
@@ -45,19 +60,23 @@ class Condition(APIModel):
     message: str = Field(default="", max_length=MAX_MESSAGE, description="Human-readable detail.")
 
 
-class AdapterProgress(APIModel):
+class AdapterProgress(StatusModel):
     """Live progress of one adapter's trainer."""
 
     stage: Stage | None = Field(default=None, description="What the trainer is doing now.")
-    trial: int | None = Field(default=None, ge=0, description="Current search trial.")
-    trials: int | None = Field(default=None, ge=0, description="Search trial budget.")
-    step: int | None = Field(default=None, ge=0, description="Current fine-tuning step.")
-    max_steps: int | None = Field(default=None, ge=0, description="Fine-tuning step budget.")
+    trial: int | None = Field(default=None, ge=0, le=MAX_COUNT, description="Current search trial.")
+    trials: int | None = Field(default=None, ge=0, le=MAX_COUNT, description="Search trial budget.")
+    step: int | None = Field(
+        default=None, ge=0, le=MAX_COUNT, description="Current fine-tuning step."
+    )
+    max_steps: int | None = Field(
+        default=None, ge=0, le=MAX_COUNT, description="Fine-tuning step budget."
+    )
     quality: float | None = Field(default=None, description="Latest measured quality.")
     target: float | None = Field(default=None, description="The readiness target.")
 
 
-class AdapterResult(APIModel):
+class AdapterResult(StatusModel):
     """The outcome of one adapter's migration."""
 
     ready: bool = Field(description="Whether the adapter met its readiness target.")
@@ -77,13 +96,13 @@ class AdapterResult(APIModel):
         max_length=MAX_COEFFICIENTS,
         description="Chosen fusion coefficients (alpha/beta, by group when not global).",
     )
-    steps: int | None = Field(default=None, ge=0, description="Optimizer steps run.")
+    steps: int | None = Field(default=None, ge=0, le=MAX_COUNT, description="Optimizer steps run.")
     time_to_readiness_seconds: float | None = Field(
         default=None, ge=0, description="Wall-clock seconds until ready, search included."
     )
 
 
-class AdapterStatus(APIModel):
+class AdapterStatus(StatusModel):
     """The state of one adapter's migration."""
 
     name: str = Field(max_length=40, description="The adapter's name in the spec.")
@@ -91,16 +110,16 @@ class AdapterStatus(APIModel):
     reason: str | None = Field(default=None, max_length=1024, description="Why, in one word.")
     message: str | None = Field(default=None, max_length=MAX_MESSAGE, description="Detail.")
     job_name: str | None = Field(default=None, max_length=63, description="Its batch/v1 Job.")
-    attempts: int = Field(default=0, ge=0, description="Pods started for it so far.")
+    attempts: int = Field(default=0, ge=0, le=MAX_COUNT, description="Pods started for it so far.")
     progress: AdapterProgress | None = Field(default=None, description="Live progress.")
     result: AdapterResult | None = Field(default=None, description="Final outcome.")
 
 
-class AdapterMigrationStatus(APIModel):
+class AdapterMigrationStatus(StatusModel):
     """What the operator observed; never written by users."""
 
     observed_generation: int | None = Field(
-        default=None, ge=0, description="The spec generation last reconciled."
+        default=None, ge=0, le=MAX_GENERATION, description="The spec generation last reconciled."
     )
     phase: MigrationPhase | None = Field(
         default=None, description="Pending, Running, Succeeded, Failed or Suspended."
@@ -120,9 +139,11 @@ class AdapterMigrationStatus(APIModel):
     progress_percent: int | None = Field(
         default=None, ge=0, le=100, description="Overall progress in percent."
     )
-    start_time: datetime | None = Field(default=None, description="When the first Job started.")
+    start_time: datetime | None = Field(
+        default=None, description="When the first Job started.", json_schema_extra=TIMESTAMP
+    )
     completion_time: datetime | None = Field(
-        default=None, description="When the last adapter finished."
+        default=None, description="When the last adapter finished.", json_schema_extra=TIMESTAMP
     )
     adapters: list[AdapterStatus] | None = Field(
         default=None,

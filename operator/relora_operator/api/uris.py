@@ -8,7 +8,14 @@ Accepted forms:
 - ``s3://BUCKET[/KEY]``: an object-store prefix;
 - ``hf://ORG/NAME[/PATH]``: a Hugging Face Hub repository (the revision is a separate field).
 
-A ``..`` path segment is rejected everywhere: a URI never escapes the folder it names.
+A ``..`` path segment is rejected everywhere, spelled plainly or percent-encoded (``%2e%2e``): a
+URI never escapes the folder it names. So are control characters, backslashes, white space at
+either end, schemes other than the three above (``file://``, ``javascript:``) and empty path
+segments after a claim, bucket or repository (``pvc://claim//etc``: the path inside is relative).
+
+Each rule is one regular expression in the subset that Python's ``re`` and RE2 (the API
+server's CEL) read alike; :func:`parse_uri` and the CEL rules rendered into the CRD use the same
+expressions, so that the API server refuses exactly what ``relora validate`` refuses.
 """
 
 from __future__ import annotations
@@ -24,21 +31,80 @@ SCHEMES: tuple[str, ...] = ("pvc", "s3", "hf")
 
 MAX_URI_LENGTH = 1024
 
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-_S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_HF_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_DNS_SUBDOMAIN = r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?"
+_S3_BUCKET = r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]"
+_HF_PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
 
-# CEL rules rendered into the CRD from the same facts, so that the API server refuses what
-# `relora validate` refuses (the operator re-checks everything with `parse_uri`).
+# Every character str.isspace() knows that is not a control character (those are refused
+# anywhere). Real characters, not escapes: RE2 has no \u escape (the CEL rendering escapes them).
+_SPACES = " \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+
+CONTROL = r"[\x00-\x1f\x7f-\x9f]"
+EDGE_SPACE = f"^[{_SPACES}]|[{_SPACES}]$"
+BACKSLASH = r"\x5c"
+# A '..' segment: dots plain or as %2e, between '/' (or %2f, %5c) or the ends.
+DOT_DOT = r"(?i)(^|/|%2f|%5c)([.]|%2e)([.]|%2e)(/|%2f|%5c|$)"
+SCHEME_LIKE = r"^[A-Za-z][A-Za-z0-9+.-]*:"
+KNOWN_SCHEME = "^(" + "|".join(SCHEMES) + ")://"
+AUTHORITY = {
+    "pvc": f"^pvc://{_DNS_SUBDOMAIN}(/|$)",
+    "s3": f"^s3://{_S3_BUCKET}(/|$)",
+    "hf": f"^hf://{_HF_PART}/{_HF_PART}(/|$)",
+}
+EMPTY_SEGMENT = "^(" + "|".join(SCHEMES) + ")://.*//"
+
+_MESSAGES = {
+    "control": "must not contain control characters such as NUL or newline",
+    "space": "must not start or end with white space",
+    "backslash": "must not contain backslashes; separate path segments with '/'",
+    "dot-dot": "must not contain '..' path segments",
+    "scheme": "unsupported URI scheme; use pvc://, s3://, hf:// or a plain path",
+    "pvc": "expected pvc://CLAIM/PATH with a lower-case DNS name as CLAIM",
+    "s3": "expected s3://BUCKET/KEY with a 3-63 character lower-case bucket",
+    "hf": "expected hf://ORG/NAME (a Hugging Face repository id)",
+    "empty-segment": (
+        "must not contain an empty path segment ('//') after the claim, bucket or repository: "
+        "the path inside it is relative"
+    ),
+}
+
+
+def _cel_string(pattern: str) -> str:
+    """``pattern`` as a single-quoted CEL string literal (RE2 gets the same characters)."""
+    out = []
+    for char in pattern:
+        if char in "\\'":
+            out.append("\\" + char)
+        elif ord(char) < 0x20 or ord(char) > 0x7E:
+            out.append(f"\\u{ord(char):04x}")
+        else:
+            out.append(char)
+    return "'" + "".join(out) + "'"
+
+
+def _matches(pattern: str) -> str:
+    return f"self.matches({_cel_string(pattern)})"
+
+
+# CEL rules rendered into the CRD from the same expressions (the operator re-checks everything
+# with `parse_uri`). Kept few: each costs CEL budget per URI field and adapter.
 CEL_RULES: list[dict[str, str]] = [
+    {"rule": f"!{_matches(CONTROL)}", "message": _MESSAGES["control"]},
+    {"rule": f"!{_matches(EDGE_SPACE)}", "message": _MESSAGES["space"]},
+    {"rule": f"!{_matches(BACKSLASH)}", "message": _MESSAGES["backslash"]},
+    {"rule": f"!{_matches(DOT_DOT)}", "message": _MESSAGES["dot-dot"]},
     {
-        "rule": "!self.matches('(^|/)[.][.](/|$)')",
-        "message": "must not contain '..' path segments",
+        "rule": (f"!({_matches(SCHEME_LIKE)} || self.contains('://')) || {_matches(KNOWN_SCHEME)}"),
+        "message": _MESSAGES["scheme"],
     },
-    {
-        "rule": "!self.contains('://') || self.matches('^(" + "|".join(SCHEMES) + ")://')",
-        "message": "unsupported URI scheme; use pvc://, s3://, hf:// or a plain path",
-    },
+    *(
+        {
+            "rule": f"!self.startsWith('{scheme}://') || {_matches(AUTHORITY[scheme])}",
+            "message": _MESSAGES[scheme],
+        }
+        for scheme in SCHEMES
+    ),
+    {"rule": f"!{_matches(EMPTY_SEGMENT)}", "message": _MESSAGES["empty-segment"]},
 ]
 
 
@@ -61,53 +127,65 @@ class ParsedURI:
         return f"{self.scheme}://{self.authority}{tail}"
 
 
-def _check_segments(path: str) -> list[str]:
-    segments = path.split("/")
-    if ".." in segments:
-        raise InvalidURI("must not contain '..' path segments (a URI may not escape its folder)")
-    if any(ch in path for ch in ("\x00", "\n", "\r")):
-        raise InvalidURI("must not contain NUL or newline characters")
-    return segments
+def _shown(text: str, limit: int = 40) -> str:
+    """``text`` quoted for a one-line message, shortened."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _unsupported(scheme: str) -> InvalidURI:
+    return InvalidURI(
+        f"unsupported URI scheme {_shown(scheme)}; use pvc://, s3://, hf:// or a plain path "
+        "(write ./NAME for a local file whose name has a colon)"
+    )
+
+
+def _check(uri: str) -> None:
+    if not uri:
+        raise InvalidURI("must not be empty")
+    if len(uri) > MAX_URI_LENGTH:
+        raise InvalidURI(f"must be at most {MAX_URI_LENGTH} characters")
+    if re.search(CONTROL, uri):
+        raise InvalidURI(_MESSAGES["control"])
+    if re.search(EDGE_SPACE, uri):
+        raise InvalidURI(_MESSAGES["space"])
+    if re.search(BACKSLASH, uri):
+        raise InvalidURI(_MESSAGES["backslash"])
+    if re.search(DOT_DOT, uri):
+        raise InvalidURI(
+            f"{_MESSAGES['dot-dot']}, plain or percent-encoded (a URI may not escape its folder)"
+        )
+    if not re.search(KNOWN_SCHEME, uri):
+        if "://" in uri:
+            raise _unsupported(uri.split("://", 1)[0] + "://")
+        if found := re.search(SCHEME_LIKE, uri):
+            raise _unsupported(found.group(0))
+    for scheme, pattern in AUTHORITY.items():
+        if uri.startswith(f"{scheme}://") and not re.search(pattern, uri):
+            authority = uri.removeprefix(f"{scheme}://").split("/", 1)[0]
+            if scheme == "pvc":
+                raise InvalidURI(
+                    f"{_shown(authority)} is not a valid PersistentVolumeClaim name; "
+                    f"{_MESSAGES['pvc']}"
+                )
+            if scheme == "s3":
+                raise InvalidURI(
+                    f"{_shown(authority)} is not a valid S3 bucket name; {_MESSAGES['s3']}"
+                )
+            raise InvalidURI(f"{_MESSAGES['hf']}; put the revision in the 'revision' field")
+    if re.search(EMPTY_SEGMENT, uri):
+        raise InvalidURI(_MESSAGES["empty-segment"])
 
 
 def parse_uri(uri: str) -> ParsedURI:
     """Parse and check ``uri``; raise :class:`InvalidURI` with a message that says the fix."""
-    if not uri or not uri.strip():
-        raise InvalidURI("must not be empty")
-    if uri != uri.strip():
-        raise InvalidURI("must not start or end with white space")
-    if len(uri) > MAX_URI_LENGTH:
-        raise InvalidURI(f"must be at most {MAX_URI_LENGTH} characters")
+    _check(uri)
     if "://" not in uri:
-        _check_segments(uri)
         return ParsedURI(scheme="path", authority="", path=uri)
     scheme, rest = uri.split("://", 1)
-    if scheme not in SCHEMES:
-        raise InvalidURI(
-            f"unsupported URI scheme '{scheme}://'; use pvc://, s3://, hf:// or a plain path"
+    segments = rest.split("/")
+    if scheme == "hf":
+        return ParsedURI(
+            scheme="hf", authority="/".join(segments[:2]), path="/".join(segments[2:]).strip("/")
         )
-    segments = _check_segments(rest)
-    authority, path = segments[0], "/".join(segments[1:]).strip("/")
-    if scheme == "pvc":
-        if not _DNS_SUBDOMAIN.match(authority):
-            raise InvalidURI(
-                f"'{authority}' is not a valid PersistentVolumeClaim name; expected "
-                "pvc://CLAIM/PATH with a lower-case DNS name as CLAIM"
-            )
-        return ParsedURI(scheme="pvc", authority=authority, path=path)
-    if scheme == "s3":
-        if not _S3_BUCKET.match(authority):
-            raise InvalidURI(
-                f"'{authority}' is not a valid S3 bucket name; expected s3://BUCKET/KEY with "
-                "a 3-63 character lower-case bucket"
-            )
-        return ParsedURI(scheme="s3", authority=authority, path=path)
-    # hf://ORG/NAME[/PATH]
-    if len(segments) < 2 or not all(_HF_PART.match(s) for s in segments[:2]):
-        raise InvalidURI(
-            "expected hf://ORG/NAME (a Hugging Face repository id); put the revision in the "
-            "'revision' field"
-        )
-    return ParsedURI(
-        scheme="hf", authority=f"{segments[0]}/{segments[1]}", path="/".join(segments[2:])
-    )
+    path = "/".join(segments[1:]).strip("/")
+    return ParsedURI(scheme="pvc" if scheme == "pvc" else "s3", authority=segments[0], path=path)
