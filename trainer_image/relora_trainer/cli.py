@@ -17,7 +17,9 @@ from pathlib import Path
 
 from relora_operator import __version__, crd, manifests, validation
 from relora_operator.api import resource
+from relora_trainer.bench import commands as bench_commands
 from relora_trainer.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_USAGE
+from relora_trainer.testbed import commands as testbed_commands
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -181,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--out", required=True, metavar="DIR", help="where to write it")
     toy.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     toy.set_defaults(handler=_cmd_testbed_toy)
+    testbed_commands.register_build(kinds)
+    bench_commands.register(commands)
 
     box = commands.add_parser(
         "sandbox",

@@ -2,9 +2,10 @@
 
 loss = task loss + lambda(step) * mean ||theta - theta0||^2  (theta: the LoRA tensors)
 with a cosine learning-rate decay, an evaluation every ``evalEvery`` steps (and at step 0) that
-stops the run as soon as the readiness target is met, and a checkpoint every
-``checkpointEvery`` steps. The batch order is a pure function of (seed, step) and the RNG state
-is checkpointed, so a resumed run continues exactly where the interrupted one left off.
+stops the run as soon as the readiness target is met (with ``stopWhenReady: false`` the whole
+budget runs and the first evaluation that met the target is still recorded), and a checkpoint
+every ``checkpointEvery`` steps. The batch order is a pure function of (seed, step) and the RNG
+state is checkpointed, so a resumed run continues exactly where the interrupted one left off.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from peft import PeftModel
 from relora_operator.api.spec import Finetune, Regularization
 from relora_trainer import regularization
 from relora_trainer.adapters import lora_parameters
-from relora_trainer.data import Encoder, Example
+from relora_trainer.data import IGNORE_INDEX, Encoder, Example
 from relora_trainer.quality import Quality, measure
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -86,6 +87,59 @@ def batch_indices(*, step: int, size: int, batch_size: int, seed: int) -> list[i
         indices += order[offset : offset + take].tolist()
         position += take
     return indices
+
+
+def task_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of the labelled (completion) tokens, as ``model(**batch).loss``.
+
+    Only the positions that predict a labelled token get logits (``logits_to_keep``): with a
+    one-token completion that skips the output projection, the largest matrix of the model,
+    on every prompt token.
+    """
+    labels = batch["labels"][:, 1:]
+    columns = torch.nonzero((labels != IGNORE_INDEX).any(dim=0)).squeeze(1)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    try:
+        logits = model(**inputs, use_cache=False, logits_to_keep=columns).logits
+    except TypeError:  # a model class without logits_to_keep: all positions
+        logits = model(**inputs).logits[:, :-1][:, columns]
+    picked = labels[:, columns]
+    return torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        picked.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+    )
+
+
+def look_ahead(
+    model: PeftModel,
+    encoder: Encoder,
+    train: Sequence[Example],
+    *,
+    steps: int,
+    learning_rate: float,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+) -> None:
+    """``steps`` plain AdamW steps on the LoRA parameters from their current values, on the
+    batches the fine-tune itself starts with (a search trial's look-ahead)."""
+    parameters = lora_parameters(model)
+    optimizer = torch.optim.AdamW(parameters.values(), lr=learning_rate, weight_decay=0.0)
+    was_training = model.training
+    model.train()
+    try:
+        for step in range(steps):
+            picked = batch_indices(step=step, size=len(train), batch_size=batch_size, seed=seed)
+            encoded = [encoder.encode(train[i].prompt, train[i].completion) for i in picked]
+            with autocast(device):
+                loss = task_loss(model, encoder.batch(encoded, device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters.values(), 1.0)
+            optimizer.step()
+    finally:
+        model.train(was_training)
 
 
 def _cosine(max_steps: int) -> Callable[[int], float]:
@@ -180,15 +234,19 @@ def finetune(
         first = evaluate(0)
         if on_step is not None:
             on_step(0, first)
+
+    def stopped() -> bool:
+        return outcome.ready and config.stop_when_ready
+
     model.train()
-    while outcome.steps < config.max_steps and not outcome.ready:
+    while outcome.steps < config.max_steps and not stopped():
         step = outcome.steps
         started = time.perf_counter()
         picked = batch_indices(step=step, size=len(train), batch_size=config.batch_size, seed=seed)
         encoded = [encoder.encode(train[i].prompt, train[i].completion) for i in picked]
         batch = encoder.batch(encoded, device)
         with autocast(device):
-            loss = model(**batch).loss
+            loss = task_loss(model, batch)
         if regularize is not None:
             lam = regularization.strength(regularize, step=step, max_steps=config.max_steps)
             if lam > 0:
@@ -204,7 +262,7 @@ def finetune(
         evaluation = None
         if done % config.eval_every == 0 or done == config.max_steps:
             evaluation = evaluate(done)
-        if done % config.checkpoint_every == 0 and done < config.max_steps and not outcome.ready:
+        if done % config.checkpoint_every == 0 and done < config.max_steps and not stopped():
             checkpoints.save(
                 {
                     "parameters": {n: p.detach().cpu() for n, p in parameters.items()},

@@ -13,7 +13,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from relora_operator.api.status import AdapterProgress
 from relora_trainer import adapters, fusion, models, report, search
 from relora_trainer.data import Encoder, Example, TaskData, read_jsonl
 from relora_trainer.errors import InvalidData
-from relora_trainer.finetune import Evaluation, Target, autocast, finetune
+from relora_trainer.finetune import Evaluation, Target, autocast, finetune, look_ahead
 from relora_trainer.progress import NullProgress, ProgressSink
 from relora_trainer.quality import Quality, measure
 from relora_trainer.storage import Storage
@@ -44,6 +44,11 @@ class Bases:
     tokenizer: PreTrainedTokenizerBase
     device: torch.device
     load_seconds: float
+    # Reference qualities (old adapter on the source and on the target) by adapter inputs: the
+    # bases never change, so adapters that share inputs (a benchmark's runs) measure them once.
+    references: dict[str, tuple[dict[str, Quality], dict[str, Quality]]] = field(
+        default_factory=dict
+    )
 
 
 def load_bases(spec: AdapterMigrationSpec, storage: Storage, device: torch.device) -> Bases:
@@ -111,8 +116,10 @@ def readiness_target(readiness: Readiness, source: Quality) -> Target:
 class _Quality:
     """Measures a model on the task's splits with the migration's encoder and device."""
 
-    def __init__(self, encoder: Encoder, task: TaskData, device: torch.device) -> None:
-        self.encoder, self.task, self.device = encoder, task, device
+    def __init__(
+        self, encoder: Encoder, task: TaskData, device: torch.device, *, metric: str = "accuracy"
+    ) -> None:
+        self.encoder, self.task, self.device, self.metric = encoder, task, device, metric
 
     def on(
         self, model: nn.Module, examples: list[Example], *, with_accuracy: bool = True
@@ -170,17 +177,21 @@ def migrate_adapter(
     adapters.check_fits(old, bases.target, what=where)
     task = _read_data(adapter, storage)
     encoder = Encoder(bases.tokenizer)
-    quality = _Quality(encoder, task, bases.device)
+    quality = _Quality(encoder, task, bases.device, metric=adapter.readiness.metric)
     torch.manual_seed(method.seed)
 
     sink.update(adapter.name, AdapterProgress(stage="evaluate"))
     started = time.perf_counter()
-    on_source = _with_adapter(bases.source, old.config, old.factors)
-    source_quality = quality.splits(on_source)
-    on_source.unload()
-    on_target = _with_adapter(bases.target, old.config, old.factors)
-    before_quality = quality.splits(on_target)
-    on_target.unload()
+    reference_key = json.dumps({"uri": adapter.uri, "data": adapter.data.to_wire()}, sort_keys=True)
+    if reference_key not in bases.references:
+        on_source = _with_adapter(bases.source, old.config, old.factors)
+        source_quality = quality.splits(on_source)
+        on_source.unload()
+        on_target = _with_adapter(bases.target, old.config, old.factors)
+        before_quality = quality.splits(on_target)
+        on_target.unload()
+        bases.references[reference_key] = (source_quality, before_quality)
+    source_quality, before_quality = bases.references[reference_key]
     reference_seconds = time.perf_counter() - started
     target = readiness_target(adapter.readiness, source_quality["validation"])
 
@@ -309,9 +320,28 @@ def _search_init(
             terms, coefficients, granularity=init.granularity, rank=rank, scale=scale
         )
 
+    by_choice = init.objective == "choice-loss" or (
+        init.objective == "lookahead" and quality.metric == "accuracy"
+    )
+    tune = spec.method.finetune
+
     def objective(coefficients: search.Coefficients) -> float:
         adapters.load_factors(model, fused(coefficients))
-        return quality.on(model, subset, with_accuracy=False).loss
+        if init.objective == "lookahead":
+            look_ahead(
+                model,
+                quality.encoder,
+                quality.task.train,
+                steps=init.lookahead_steps,
+                learning_rate=tune.learning_rate,
+                batch_size=tune.batch_size,
+                seed=spec.method.seed,
+                device=quality.device,
+            )
+        measured = quality.on(model, subset, with_accuracy=by_choice)
+        if by_choice and measured.choice_loss is not None:
+            return measured.choice_loss
+        return measured.loss
 
     result = search.run_search(
         groups=groups,

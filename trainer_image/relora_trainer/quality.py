@@ -3,6 +3,14 @@
 accuracy: the share of examples whose own completion has the highest summed log-likelihood among
 the task's distinct completions (ties go to the first choice listed).
 loss: mean cross-entropy per completion token of the right completions.
+choice loss: mean cross-entropy of the right completion under a softmax over the completions'
+summed log-likelihoods (what accuracy takes the argmax of).
+
+When every completion to score is a single token (a classification with one-token label words),
+one forward pass of the prompt scores all of them: the next-token distribution after the prompt,
+read at the prompt's last position only. Otherwise each (prompt, completion) pair is scored by
+its own sequence. Both paths batch examples of similar length together (less padding); they give
+the same numbers up to float rounding.
 """
 
 from __future__ import annotations
@@ -20,6 +28,9 @@ from relora_trainer.data import IGNORE_INDEX, Encoded, Encoder, Example
 class Quality:
     loss: float
     accuracy: float | None  # None when only the loss was asked for
+    # Cross-entropy of the right completion among the task's completions only (a smooth proxy
+    # of accuracy); None without accuracy or when a right completion is not among the choices.
+    choice_loss: float | None = None
 
     def value(self, metric: str) -> float:
         if metric == "loss":
@@ -42,6 +53,78 @@ def sequence_logprobs(
     return picked.sum(dim=1), mask.sum(dim=1)
 
 
+def _single_tokens(encoder: Encoder, texts: Sequence[str]) -> list[int] | None:
+    """The token of each text, or None unless every text is exactly one token."""
+    tokens = []
+    for text in texts:
+        ids = encoder.encode("", text).completion_ids
+        if len(ids) != 1:
+            return None
+        tokens.append(ids[0])
+    return tokens
+
+
+def _next_token_logprobs(
+    model: nn.Module, encoder: Encoder, prompts: Sequence[Encoded], device: torch.device
+) -> torch.Tensor:
+    """(rows, vocab) log-probabilities of the token after each prompt (right-padded batch)."""
+    batch = encoder.batch(prompts, device)
+    last = batch["attention_mask"].sum(dim=1) - 1
+    keep = torch.unique(last)  # sorted positions; only those rows of hidden states get logits
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    try:
+        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+        column = torch.searchsorted(keep, last)
+    except TypeError:  # a model class without logits_to_keep: all positions
+        logits = model(**inputs).logits
+        column = last
+    picked = logits[torch.arange(len(prompts), device=logits.device), column]
+    return torch.log_softmax(picked.float(), dim=-1)
+
+
+def _measure_next_token(
+    model: nn.Module,
+    encoder: Encoder,
+    examples: Sequence[Example],
+    candidates: Sequence[str],
+    tokens: dict[str, int],
+    *,
+    device: torch.device,
+    batch_size: int,
+) -> Quality:
+    prompts = [encoder.encode(e.prompt, e.completion) for e in examples]
+    order = sorted(range(len(examples)), key=lambda n: len(prompts[n].prompt_ids))
+    candidate_ids = torch.tensor([tokens[c] for c in candidates], dtype=torch.long)
+    gold_ids = torch.tensor([tokens[e.completion] for e in examples], dtype=torch.long)
+    scores = torch.full((len(examples), max(len(candidates), 1)), float("-inf"))
+    gold_logprob = torch.zeros(len(examples))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        logprobs = _next_token_logprobs(
+            model, encoder, [Encoded(prompts[n].prompt_ids, []) for n in rows], device
+        ).cpu()
+        index = torch.tensor(rows, dtype=torch.long)
+        if len(candidates):
+            scores[index] = logprobs[:, candidate_ids]
+        gold_logprob[index] = logprobs.gather(1, gold_ids[index].unsqueeze(1)).squeeze(1)
+    loss = float(-gold_logprob.mean()) if len(examples) else 0.0
+    if not candidates:
+        return Quality(loss=loss, accuracy=None)
+    position = {c: i for i, c in enumerate(candidates)}
+    gold = torch.tensor([position[e.completion] for e in examples], dtype=torch.long)
+    return _with_choices(loss, scores, gold)
+
+
+def _with_choices(loss: float, scores: torch.Tensor, gold: torch.Tensor) -> Quality:
+    """Accuracy and choice loss from (examples, choices) scores; gold -1: not among them."""
+    accuracy = float((scores.argmax(dim=1) == gold).float().mean())
+    choice_loss = None
+    if len(gold) and bool((gold >= 0).all()):
+        picked = torch.log_softmax(scores, dim=1).gather(1, gold.unsqueeze(1))
+        choice_loss = float(-picked.mean())
+    return Quality(loss=loss, accuracy=accuracy, choice_loss=choice_loss)
+
+
 @torch.no_grad()
 def measure(
     model: nn.Module,
@@ -58,6 +141,18 @@ def measure(
     model.eval()
     try:
         candidates = list(choices) if with_accuracy else []
+        needed = list(dict.fromkeys([*candidates, *(e.completion for e in examples)]))
+        single = _single_tokens(encoder, needed)
+        if single is not None and (not with_accuracy or set(needed) == set(candidates)):
+            return _measure_next_token(
+                model,
+                encoder,
+                examples,
+                candidates,
+                dict(zip(needed, single, strict=True)),
+                device=device,
+                batch_size=batch_size,
+            )
         index = {c: i for i, c in enumerate(candidates)}
         items: list[tuple[int, int, Encoded]] = []  # (example, candidate slot, encoding)
         for n, example in enumerate(examples):
@@ -68,6 +163,7 @@ def measure(
         scores = torch.full((len(examples), max(len(candidates), 1)), float("-inf"))
         gold_logprob = torch.zeros(len(examples))
         gold_tokens = torch.zeros(len(examples))
+        items.sort(key=lambda item: len(item[2].prompt_ids) + len(item[2].completion_ids))
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
             logprob, count = sequence_logprobs(model, encoder.batch([c[2] for c in chunk], device))
@@ -78,10 +174,9 @@ def measure(
                 if is_gold:
                     gold_logprob[n], gold_tokens[n] = lp, tokens
         loss = float(-gold_logprob.sum() / gold_tokens.sum().clamp(min=1))
-        accuracy = None
-        if with_accuracy:
-            gold = torch.tensor([index.get(e.completion, -1) for e in examples])
-            accuracy = float((scores.argmax(dim=1) == gold).float().mean())
-        return Quality(loss=loss, accuracy=accuracy)
+        if not with_accuracy:
+            return Quality(loss=loss, accuracy=None)
+        gold = torch.tensor([index.get(e.completion, -1) for e in examples], dtype=torch.long)
+        return _with_choices(loss, scores, gold)
     finally:
         model.train(was_training)

@@ -1,0 +1,199 @@
+"""What the benchmark relies on in the method's code path, on the toy world.
+
+- the one-forward scoring of single-token completions gives the numbers of the general path;
+- the choice loss is the cross-entropy among the task's completions;
+- ``stopWhenReady: false`` trains the whole budget and still records the readiness step;
+- reference measurements are taken once per pair of bases;
+- a run's spec is the manifest + shared budget + variant + seed, validated like ``relora run``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from relora_operator.api.spec import Finetune
+from relora_trainer import adapters, migrate, models, quality
+from relora_trainer.bench import variants
+from relora_trainer.data import Encoder, Example, read_jsonl
+from relora_trainer.errors import BadInput
+from relora_trainer.finetune import Target, finetune
+from relora_trainer.storage import Storage
+from tests.conftest import toy_manifest
+
+CPU = torch.device("cpu")
+
+
+def _toy_model(toy: Any) -> tuple[Any, Encoder, list[Example], list[str]]:
+    base = models.load_model(toy.v2, what="v2", device=CPU)
+    old = adapters.read_adapter(toy.adapter, what="adapter")
+    model = adapters.attach(base, old.config)
+    adapters.load_factors(model, old.factors)
+    examples = read_jsonl(toy.split("validation"), what="validation")
+    choices = sorted({e.completion for e in examples})
+    return model, Encoder(models.load_tokenizer(toy.v2)), examples, choices
+
+
+def test_single_token_scoring_matches_the_general_path(
+    toy: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, encoder, examples, choices = _toy_model(toy)
+    fast = quality.measure(model, encoder, examples, choices, device=CPU, batch_size=7)
+    fast_loss_only = quality.measure(
+        model, encoder, examples, choices, device=CPU, with_accuracy=False
+    )
+    calls: list[int] = []
+    original = quality.sequence_logprobs
+
+    def counted(*args: Any) -> Any:
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(quality, "sequence_logprobs", counted)
+    monkeypatch.setattr(quality, "_single_tokens", lambda encoder, texts: None)
+    slow = quality.measure(model, encoder, examples, choices, device=CPU, batch_size=7)
+    assert calls, "the general path ran"
+    assert fast.accuracy == pytest.approx(slow.accuracy, abs=1e-9)
+    assert fast.loss == pytest.approx(slow.loss, rel=1e-5)
+    assert fast.choice_loss is not None and slow.choice_loss is not None
+    assert fast.choice_loss == pytest.approx(slow.choice_loss, rel=1e-5)
+    assert fast_loss_only.loss == pytest.approx(fast.loss, rel=1e-6)
+    assert fast_loss_only.accuracy is None and fast_loss_only.choice_loss is None
+
+
+def test_the_choice_loss_is_the_cross_entropy_among_the_choices(toy: Any) -> None:
+    model, encoder, examples, choices = _toy_model(toy)
+    measured = quality.measure(model, encoder, examples[:5], choices, device=CPU)
+    expected = 0.0
+    for example in examples[:5]:
+        scores = []
+        for choice in choices:
+            encoded = encoder.encode(example.prompt, choice)
+            logprob, _ = quality.sequence_logprobs(model, encoder.batch([encoded], CPU))
+            scores.append(float(logprob[0]))
+        logits = torch.tensor(scores)
+        expected -= float(torch.log_softmax(logits, 0)[choices.index(example.completion)])
+    assert measured.choice_loss == pytest.approx(expected / 5, rel=1e-4)
+    assert measured.choice_loss is not None and measured.choice_loss < measured.loss
+
+
+def test_multi_token_completions_use_the_general_path(toy: Any) -> None:
+    model, encoder, examples, _ = _toy_model(toy)
+    renamed = [Example(e.prompt, e.completion + " ->") for e in examples[:6]]
+    choices = sorted({e.completion for e in renamed})
+    measured = quality.measure(model, encoder, renamed, choices, device=CPU)
+    assert measured.accuracy is not None and 0 <= measured.accuracy <= 1
+    assert measured.choice_loss is not None and measured.choice_loss > 0
+
+
+def test_without_stop_when_ready_the_whole_budget_runs(toy: Any) -> None:
+    base = models.load_model(toy.v2, what="v2", device=CPU)
+    old = adapters.read_adapter(toy.adapter, what="adapter")
+    model = adapters.attach(base, LoraConfig(**{**old.config.to_dict(), "inference_mode": False}))
+    adapters.load_factors(model, old.factors)
+    train = read_jsonl(toy.split("train"), what="train")
+    validation = read_jsonl(toy.split("validation"), what="validation")[:16]
+
+    def run(stop: bool) -> Any:
+        return finetune(
+            model=model,
+            encoder=Encoder(models.load_tokenizer(toy.v2)),
+            train=train,
+            validation=validation,
+            choices=sorted({e.completion for e in train}),
+            config=Finetune(max_steps=6, eval_every=2, batch_size=4, stop_when_ready=stop),
+            regularize=None,
+            target=Target("loss", 1000.0),  # met at once
+            seed=0,
+            device=CPU,
+        )
+
+    stopped = run(True)
+    assert stopped.ready_step == 0 and stopped.steps == 0
+    whole = run(False)
+    assert whole.ready_step == 0 and whole.steps == 6
+    assert [e.step for e in whole.history] == [0, 2, 4, 6]
+    assert whole.ready_seconds == whole.history[0].seconds
+
+
+def test_reference_qualities_are_measured_once_per_pair_of_bases(toy: Any, tmp_path: Path) -> None:
+    from relora_operator import validation
+
+    manifest = toy_manifest(toy, strategy="reuse")
+    manifest["spec"]["output"]["uri"] = str(tmp_path / "out")
+    migration, _ = validation.validate_manifest(manifest)
+    assert migration is not None
+    spec = migration.spec
+    storage = Storage(base_dir=tmp_path)
+    bases = migrate.load_bases(spec, storage, CPU)
+    first = migrate.migrate_adapter(
+        spec=spec, adapter=spec.adapters[0], bases=bases, storage=storage
+    )
+    renamed = spec.adapters[0].model_copy(update={"name": "again"})
+    second = migrate.migrate_adapter(spec=spec, adapter=renamed, bases=bases, storage=storage)
+    assert len(bases.references) == 1
+    assert second.quality["source"] == first.quality["source"]
+    assert second.quality["before"] == first.quality["before"]
+    assert second.seconds["reference"] is not None and first.seconds["reference"] is not None
+    assert second.seconds["reference"] < first.seconds["reference"]
+
+
+def test_a_run_spec_layers_budget_variant_and_seed(toy: Any) -> None:
+    manifest = toy_manifest(toy)
+    no_search = next(v for v in variants.VARIANTS if v.name == "relora-no-search")
+    spec = variants.spec_for(manifest, no_search, seed=7, output="/tmp/out")
+    method = spec.method
+    assert method.seed == 7 and method.strategy == "relora"
+    assert (method.initialization.alpha.min, method.initialization.alpha.max) == (1, 1)
+    assert (method.initialization.beta.min, method.initialization.beta.max) == (0, 0)
+    assert method.finetune.max_steps == variants.COMMON_FINETUNE["maxSteps"]
+    assert spec.output.uri == "/tmp/out"
+    scratch = next(v for v in variants.VARIANTS if v.name == "scratch")
+    assert variants.spec_for(manifest, scratch, seed=0, output="o").method.strategy == "scratch"
+    assert variants.merge({"a": {"b": 1, "c": 2}}, {"a": {"b": 3}}) == {"a": {"b": 3, "c": 2}}
+    broken = variants.Variant("broken", "x", {"finetune": {"maxSteps": -1}})
+    with pytest.raises(BadInput, match="maxSteps"):
+        variants.spec_for(manifest, broken, seed=0, output="o")
+    with pytest.raises(BadInput, match="unknown"):
+        variants.by_name(["nope"], quick=True)
+    quick = {v.name for v in variants.by_name(None, quick=True)}
+    assert {"scratch", "reuse", "warm-start", "relora"} <= quick
+    assert quick < {v.name for v in variants.by_name(None, quick=False)}
+
+
+def _migrate(toy: Any, tmp_path: Path, name: str, **initialization: Any) -> Any:
+    from relora_operator import validation
+
+    manifest = toy_manifest(toy)
+    manifest["spec"]["output"]["uri"] = str(tmp_path / name)
+    manifest["spec"]["method"]["initialization"] = {"trials": 3, **initialization}
+    manifest["spec"]["method"]["finetune"]["maxSteps"] = 0
+    migration, problems = validation.validate_manifest(manifest)
+    assert migration is not None, problems
+    spec = migration.spec
+    storage = Storage(base_dir=tmp_path)
+    bases = migrate.load_bases(spec, storage, CPU)
+    return migrate.migrate_adapter(
+        spec=spec, adapter=spec.adapters[0], bases=bases, storage=storage
+    )
+
+
+def test_search_objectives_score_the_same_anchor_differently(toy: Any, tmp_path: Path) -> None:
+    values = {}
+    for objective in ("loss", "choice-loss", "lookahead"):
+        report = _migrate(
+            toy, tmp_path, objective, objective=objective, lookaheadSteps=3, validationSamples=24
+        )
+        anchor = report.trials[0]
+        assert anchor["params"] == {"alpha": 1.0, "beta": 0.0}
+        values[objective] = anchor["value"]
+    assert values["choice-loss"] < values["loss"], "choices are fewer than the vocabulary"
+    assert values["lookahead"] != pytest.approx(values["choice-loss"]), "it trained first"
+    again = _migrate(
+        toy, tmp_path, "again", objective="lookahead", lookaheadSteps=3, validationSamples=24
+    )
+    assert again.trials[0]["value"] == pytest.approx(values["lookahead"], rel=1e-5)

@@ -1,0 +1,149 @@
+"""`relora bench` end to end on the toy world: runs through migrate_adapter, report written."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from relora_trainer.bench import commands, running, session, variants
+from relora_trainer.testbed import world
+from tests.conftest import toy_manifest
+
+CPU = torch.device("cpu")
+TINY_BUDGET = {"maxSteps": 4, "evalEvery": 2, "batchSize": 8, "checkpointEvery": 100}
+
+
+def _testbed(toy: Any, folder: Path) -> world.TestbedPaths:
+    """A testbed folder whose two manifests migrate the toy world's adapter."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = world.TestbedPaths(folder)
+    for severity in paths.severities:
+        manifest = toy_manifest(toy)
+        manifest["spec"]["method"] = {"initialization": {"trials": 3, "validationSamples": 32}}
+        paths.manifest(severity).write_text(yaml.safe_dump(manifest))
+    paths.summary.write_text(json.dumps({"figures": {"adapter": {"v1/adapter/test": 0.9}}}))
+    return paths
+
+
+def test_run_matrix_measures_every_run_through_migrate(toy: Any, tmp_path: Path) -> None:
+    paths = _testbed(toy, tmp_path / "testbed")
+    chosen = variants.by_name(["warm-start", "relora", "reuse"], quick=True)
+    common = {**TINY_BUDGET, "stopWhenReady": False}
+    started: list[tuple[str, str, int]] = []
+
+    def on_run(severity: str, variant: variants.Variant, seed: int) -> Any:
+        started.append((severity, variant.name, seed))
+        return running.StageSink(lambda stage, done, of, detail: None)
+
+    records = running.run_matrix(
+        manifests_by_severity={"mild": paths.manifest("mild")},
+        variants=chosen,
+        seeds=[0, 1],
+        out=tmp_path / "bench",
+        device=CPU,
+        common=common,
+        on_run=on_run,
+    )
+    assert len(records) == 6 == len(started)
+    assert [s[1] for s in started[:3]] == ["warm-start", "relora", "reuse"]
+    assert [s[1] for s in started[3:]] == ["relora", "reuse", "warm-start"], "rotated by seed"
+    for record in records:
+        folder = tmp_path / "bench" / "runs" / "mild" / record.variant / f"seed-{record.seed}"
+        report = json.loads((folder / "report.json").read_text())
+        assert report["strategy"] == record.strategy
+        assert record.steps == (0 if record.variant == "reuse" else 4), "the whole budget"
+        assert record.accuracy("after", "test") is not None
+        assert record.accuracy("source", "validation") is not None
+    relora = [r for r in records if r.variant == "relora"]
+    assert all(len(r.trials) == 3 and r.search_seconds > 0 for r in relora)
+    assert all(
+        r.time_to_readiness is None or r.time_to_readiness >= r.search_seconds for r in relora
+    )
+
+
+def test_a_bench_session_writes_the_report(
+    toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = _testbed(toy, tmp_path / "testbed")
+    built: list[world.BuildConfig] = []
+
+    def fake_build(out: Path, config: world.BuildConfig, **kwargs: Any) -> world.TestbedPaths:
+        built.append(config)
+        assert out == paths.root
+        return paths
+
+    monkeypatch.setattr(world, "build", fake_build)
+    monkeypatch.setattr(variants, "COMMON_FINETUNE", TINY_BUDGET)
+    written = session.run(
+        session.Options(
+            quick=True,
+            seeds=2,
+            out=str(tmp_path / "bench"),
+            testbed=str(paths.root),
+            variants=["scratch", "relora"],
+            severities=["severe"],
+            threads=0,
+            command="relora bench --quick --seeds 2",
+        )
+    )
+    assert len(built) == 1 and built[0].model is None
+    text = written["markdown"].read_text()
+    assert "`relora bench --quick --seeds 2`" in text
+    assert "## v1 -> v2-severe" in text and "v2-mild" not in text
+    assert "scratch/relora time to readiness" in text
+    document = json.loads(written["json"].read_text())
+    assert {r["variant"] for r in document["runs"]} == {"scratch", "relora"}
+    assert len(document["runs"]) == 4
+    assert document["context"]["budget"]["maxSteps"] == 4
+    assert (tmp_path / "bench" / "curves-severe.png").is_file()
+
+
+def test_the_bench_command_registers_with_its_options() -> None:
+    parser = argparse.ArgumentParser()
+    commands.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "--quick", "--seeds", "4", "--variant", "relora"])
+    assert args.quick and args.seeds == 4 and args.variant == ["relora"]
+    assert args.handler is commands._cmd_bench
+    defaults = parser.parse_args(["bench"])
+    assert defaults.out == commands.DEFAULT_OUT and defaults.testbed == commands.DEFAULT_TESTBED
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--severity", "extreme"])
+
+
+def test_registering_the_commands_imports_no_ml_stack() -> None:
+    import subprocess
+    import sys
+
+    probe = """
+import argparse, sys
+for name in ("torch", "transformers", "peft", "optuna", "matplotlib"):
+    sys.modules[name] = None
+from relora_trainer.bench import commands as bench
+from relora_trainer.testbed import commands as testbed
+parser = argparse.ArgumentParser(prog="relora")
+sub = parser.add_subparsers(dest="command")
+bench.register(sub)
+kinds = sub.add_parser("testbed").add_subparsers(dest="kind")
+testbed.register_build(kinds)
+assert parser.parse_args(["testbed", "build", "--quick"]).quick
+assert parser.parse_args(["bench", "--quick"]).quick
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_the_command_defaults_are_the_benchmark_settings() -> None:
+    parser = argparse.ArgumentParser()
+    commands.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench"])
+    assert args.target_fraction == variants.TARGET_FRACTION
+    assert args.steps is None and not args.tune
+    assert session.Options().target_fraction == variants.TARGET_FRACTION
