@@ -97,7 +97,11 @@ def test_baselines_run_through_the_same_path(strategy: str, toy: Any, tmp_path: 
     assert code == (EXIT_OK if report["ready"] else EXIT_NOT_READY)
     if strategy == "reuse":
         assert report["steps"] == 0
-        assert report["quality"]["after"] == report["quality"]["before"]
+        # the old adapter re-factorized at its own rank (an SVD of B @ A): equal up to rounding
+        for split, before in report["quality"]["before"].items():
+            after = report["quality"]["after"][split]
+            assert after["accuracy"] == before["accuracy"], split
+            assert after["loss"] == pytest.approx(before["loss"], rel=1e-5), split
     else:
         assert report["steps"] > 0
 

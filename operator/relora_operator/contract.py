@@ -99,7 +99,21 @@ def last_progress(log: str) -> AdapterProgress | None:
     return None
 
 
+OPERATOR_FIELDS = (
+    "suspend",
+    "queue_name",
+    "backoff_limit",
+    "active_deadline_seconds",
+    "pre_running_deadline_seconds",
+    "ttl_seconds_after_finished",
+)
+"""Spec fields the operator applies itself, to the Job or to the status: the trainer has no use
+for them, so it gets their defaults, and changing one leaves the trainer pod's template as is."""
+
+
 def single_adapter_spec(spec: AdapterMigrationSpec, adapter: str) -> str:
-    """The spec a trainer pod gets: only its adapter (keeps the Job small)."""
+    """The spec a trainer pod gets: only its adapter (keeps the Job small), and the defaults of
+    the fields the operator applies itself (OPERATOR_FIELDS)."""
     chosen = [a for a in spec.adapters if a.name == adapter]
-    return json.dumps(spec.model_copy(update={"adapters": chosen}).to_wire())
+    defaults = {name: AdapterMigrationSpec.model_fields[name].default for name in OPERATOR_FIELDS}
+    return json.dumps(spec.model_copy(update={"adapters": chosen, **defaults}).to_wire())

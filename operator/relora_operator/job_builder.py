@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -133,6 +134,7 @@ def build_job(
             "name": naming.job_name(name, adapter.name, uid),
             "namespace": namespace,
             "labels": labels,
+            "annotations": {naming.TEMPLATE_HASH: template_hash(job_spec["template"])},
             "ownerReferences": [
                 {
                     "apiVersion": API_VERSION,
@@ -146,3 +148,9 @@ def build_job(
         },
         "spec": job_spec,
     }
+
+
+def template_hash(template: dict[str, Any]) -> str:
+    """Identifies a Job's pod template. A Job's pod cannot change, so a spec edit that changes
+    the template (method, image, resources, env...) does not reach a Job created before it."""
+    return hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:16]

@@ -4,7 +4,10 @@ A pure function of what the operator sees (the resource, its Jobs, their Pods, l
 read from pod logs, the time) that returns the status to write and the actions to take. Level
 based: a restarted operator computes the same thing from the same objects, so it creates no
 duplicate Job and loses nothing. Finished results are kept from the previous status, so a Job
-deleted by hand or by its TTL does not erase an outcome.
+deleted by hand or by its TTL does not erase an outcome. An unfinished adapter whose Job was
+deleted gets it again (JobRecreated), once no pod of the old Job still runs a trainer on the
+same output (WaitingForOldPod). A Job made from an older spec (its pod template cannot change)
+goes on, and the adapter's message says so.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ BLOCKING_WAITS = (
     "CreateContainerConfigError",
     "CreateContainerError",
 )
+
+# Reasons for something of the operator's deleted behind its back: the message says what.
+AFTER_DELETION = ("JobRecreated", "WaitingForOldPod")
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,7 @@ def _adapter_status(
     progress: AdapterProgress | None,
     now: datetime.datetime,
     actions: Actions,
+    strays: list[Obj] | None = None,
 ) -> Obj:
     spec = migration.spec
     if (
@@ -123,12 +130,37 @@ def _adapter_status(
     if job is None:
         if spec.suspend:
             return {"name": adapter.name, "phase": "Suspended", "reason": "Suspended"}
+        job_name = naming.job_name(migration.name, adapter.name, migration.uid)
+        old_pod = _newest([p for p in strays or [] if _active(p)])
+        if old_pod is not None:  # a Job deleted without its pod (propagation Orphan)
+            message = (
+                f"Job {job_name} was deleted but its pod {old_pod['metadata']['name']} still "
+                "runs a trainer on the same output; the Job is created again once that pod ends "
+                "(delete the pod to go on now)"
+            )
+            return {
+                "name": adapter.name,
+                "phase": "Pending",
+                "reason": "WaitingForOldPod",
+                "message": message,
+                "jobName": job_name,
+            }
         actions.create.append(adapter)
+        if previous and previous.get("phase") not in FINAL and "attempts" in previous:
+            # Its Job had been seen, unfinished: someone deleted it.
+            return {
+                "name": adapter.name,
+                "phase": "Pending",
+                "reason": "JobRecreated",
+                "message": f"Job {job_name} was deleted before it finished; created again "
+                "(the trainer resumes from the state saved in the output)",
+                "jobName": job_name,
+            }
         return {
             "name": adapter.name,
             "phase": "Pending",
             "reason": "JobCreated",
-            "jobName": naming.job_name(migration.name, adapter.name, migration.uid),
+            "jobName": job_name,
         }
     name = job["metadata"]["name"]
     base: Obj = {"name": adapter.name, "jobName": name, "attempts": len(pods)}
@@ -188,6 +220,31 @@ def _adapter_status(
         actions.fail.append((name, reason, text))
         return {**base, "phase": "Failed", "reason": reason, "message": _cut(text)}
     return {**base, "phase": "Pending", "reason": reason, "message": _cut(message)}
+
+
+def _stale(job: Obj, wanted: str | None) -> bool:
+    made = (job["metadata"].get("annotations") or {}).get(naming.TEMPLATE_HASH)
+    return bool(made and wanted and made != wanted)
+
+
+def _note_stale(entry: Obj, job: Obj) -> Obj:
+    """Say that the spec changed after the Job was made (a Job's pod template is immutable)."""
+    name = job["metadata"]["name"]
+    if entry["phase"] in FINAL:
+        note = (
+            f"the spec changed while Job {name} ran: this outcome is of the spec it was made from"
+        )
+    else:
+        note = (
+            f"the spec changed after Job {name} was made; a Job's pod cannot change, so it "
+            "goes on as made: delete the Job to run the new spec"
+        )
+    message = f"{entry['message']}; {note}" if entry.get("message") else note
+    return {**entry, "message": _cut(message)}
+
+
+def _active(pod: Obj) -> bool:
+    return (pod.get("status") or {}).get("phase") in ("Pending", "Running")
 
 
 def _blocked(pod: Obj) -> tuple[str, str]:
@@ -258,7 +315,9 @@ def _describe(adapter: Obj) -> str:
         text += f" (search trial {progress.get('trial', 0)}/{progress.get('trials', '?')})"
     elif progress.get("stage") == "finetune":
         text += f" (step {progress.get('step', 0)}/{progress.get('maxSteps', '?')})"
-    if adapter.get("message") and adapter.get("phase") == "Failed":
+    if adapter.get("message") and (
+        adapter.get("phase") == "Failed" or adapter.get("reason") in AFTER_DELETION
+    ):
         text += f": {adapter['message']}"
     return text
 
@@ -319,27 +378,42 @@ def observe(
     pods: dict[str, list[Obj]],
     progress: dict[str, AdapterProgress],
     now: datetime.datetime,
+    strays: list[Obj] | None = None,
+    templates: dict[str, str] | None = None,
 ) -> tuple[Obj, Actions]:
-    """The status to write and the actions to take, from what exists now."""
+    """The status to write and the actions to take, from what exists now.
+
+    ``pods`` maps each Job's name to its pods; ``strays`` are the migration's pods that belong
+    to none of ``jobs`` (their Job was deleted without them, or is being deleted);
+    ``templates`` maps an adapter to the hash of the pod template its Job would get now
+    (job_builder.template_hash): a Job made from another one did not get the latest spec.
+    """
     actions = Actions()
+    stray_by_adapter: dict[str, list[Obj]] = {}
+    for pod in strays or []:
+        label = (pod["metadata"].get("labels") or {}).get(naming.ADAPTER, "")
+        stray_by_adapter.setdefault(label, []).append(pod)
     by_adapter = {j["metadata"].get("labels", {}).get(naming.ADAPTER): j for j in jobs}
     previous = {a["name"]: a for a in migration.status.get("adapters") or []}
     adapters = []
     for adapter in migration.spec.adapters:
         job = by_adapter.get(adapter.name)
         job_pods = pods.get(job["metadata"]["name"], []) if job is not None else []
-        adapters.append(
-            _adapter_status(
-                migration,
-                adapter,
-                job,
-                job_pods,
-                previous.get(adapter.name),
-                progress.get(adapter.name),
-                now,
-                actions,
-            )
+        entry = _adapter_status(
+            migration,
+            adapter,
+            job,
+            job_pods,
+            previous.get(adapter.name),
+            progress.get(adapter.name),
+            now,
+            actions,
+            stray_by_adapter.get(adapter.name, []),
         )
+        wanted = (templates or {}).get(adapter.name)
+        if job is not None and entry is not previous.get(adapter.name) and _stale(job, wanted):
+            entry = _note_stale(entry, job)
+        adapters.append(entry)
     finished = [a for a in adapters if a["phase"] in FINAL]
     if len(finished) == len(adapters):
         phase = "Succeeded" if all(a["phase"] == "Succeeded" for a in adapters) else "Failed"

@@ -49,6 +49,7 @@ class Sandbox:
         self.emulator = Emulator(bookmark_interval=bookmark_interval)
         self.jobs = JobRunner(self.emulator, workdir, image_commands=image_commands or {})
         self._runner: web.AppRunner | None = None
+        self._restarts: set[asyncio.Task[None]] = set()
 
     @property
     def url(self) -> str:
@@ -60,6 +61,13 @@ class Sandbox:
 
     async def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        await self._listen()
+        self.jobs.api_port = self.port
+        self.kubeconfig_path.write_text(yaml.safe_dump(kubeconfig(self.url), sort_keys=False))
+        self.emulator.admin[("POST", "/sandbox/v1/restart")] = self._http_restart
+        self.jobs.start()
+
+    async def _listen(self) -> None:
         self._runner = web.AppRunner(self.emulator.app, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
@@ -67,16 +75,41 @@ class Sandbox:
         sockets = getattr(site._server, "sockets", None) or []
         if sockets:
             self.port = sockets[0].getsockname()[1]
-        self.jobs.api_port = self.port
-        self.kubeconfig_path.write_text(yaml.safe_dump(kubeconfig(self.url), sort_keys=False))
-        self.jobs.start()
 
-    async def stop(self) -> None:
-        await self.jobs.stop()
+    async def _close(self) -> None:
         self.emulator.store.close_watches()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    async def restart(self, *, down_seconds: float = 1.0) -> None:
+        """Fault injection: an API server restart. Every connection and watch is dropped, the
+        port refuses connections for ``down_seconds``, then the same store is served again on
+        the same port (as etcd keeps the objects behind a restarted kube-apiserver). The Job
+        runner and its pod processes go on meanwhile, as kubelets do."""
+        await self._close()
+        await asyncio.sleep(down_seconds)
+        await self._listen()
+
+    async def _http_restart(self, request: web.Request) -> web.StreamResponse:
+        """POST /sandbox/v1/restart {"downSeconds": N}: restart just after answering."""
+        body = await request.json() if request.can_read_body else {}
+        down = float((body or {}).get("downSeconds", 1.0))
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._restart_soon(down))
+        self._restarts.add(task)
+        task.add_done_callback(self._restarts.discard)
+        return web.json_response({"restarting": True, "downSeconds": down}, status=202)
+
+    async def _restart_soon(self, down_seconds: float) -> None:
+        await asyncio.sleep(0.1)  # let the answer go out first
+        await self.restart(down_seconds=down_seconds)
+
+    async def stop(self) -> None:
+        for task in list(self._restarts):
+            await task
+        await self.jobs.stop()
+        await self._close()
 
 
 class SandboxThread:
@@ -96,6 +129,10 @@ class SandboxThread:
         asyncio.run_coroutine_threadsafe(self.sandbox.stop(), self.loop).result(timeout=30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
+
+    def run(self, coroutine: Any, *, timeout: float = 60.0) -> Any:
+        """Run ``coroutine`` on the sandbox's loop and return its result (e.g. ``restart()``)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=timeout)
 
     def call(self, function: Any, *args: Any, **kwargs: Any) -> Any:
         """Run ``function`` on the sandbox's loop (where the store lives) and return its result."""

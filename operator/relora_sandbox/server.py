@@ -56,6 +56,8 @@ class Emulator:
         self.admission = Admission(self.registry, self.store)
         self.bookmark_interval = bookmark_interval
         self.requests: Counter[str] = Counter()
+        # Called with every request before it is served (tests audit who calls what).
+        self.request_hooks: list[Callable[[web.Request], None]] = []
         self.log_source: LogSource | None = None
         self.admin: dict[tuple[str, str], AdminHandler] = {}
         self.delay_seconds = 0.0  # fault injection: slow responses
@@ -127,6 +129,8 @@ class Emulator:
     # ---------------------------------------------------------------- HTTP
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         self.requests[request.method] += 1
+        for hook in self.request_hooks:
+            hook(request)
         if self.delay_seconds:
             await asyncio.sleep(self.delay_seconds)
         try:

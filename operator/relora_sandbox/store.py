@@ -290,11 +290,17 @@ class Store:
             self.replace(kind, meta.get("namespace", ""), meta["name"], body, status=False)
 
     def collect_dangling(self, kind: Kind, obj: Obj) -> None:
-        """Delete an object whose owners all never existed or are gone (as the GC does)."""
+        """Delete an object whose owners all never existed or are gone (as the GC does).
+
+        ``obj`` may be an older copy: the owners that count are those stored now (an object
+        orphaned meanwhile has none left and stays)."""
         meta = obj["metadata"]
-        owners = {r.get("uid") for r in meta.get("ownerReferences") or []}
-        stored = (meta.get("namespace", ""), meta["name"]) in self.table(kind)
-        if owners and stored and not owners & self._live_uids():
+        current = self.table(kind).get((meta.get("namespace", ""), meta["name"]))
+        if current is None or current["metadata"].get("uid") != meta.get("uid"):
+            return
+        references = current["metadata"].get("ownerReferences") or []
+        owners = {r.get("uid") for r in references}
+        if owners and not owners & self._live_uids():
             self.delete(kind, meta.get("namespace", ""), meta["name"])
 
     def _orphan(self, uid: str) -> None:

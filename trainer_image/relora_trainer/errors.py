@@ -55,3 +55,10 @@ class UnsupportedStorage(BadInput):
     """A URI whose storage is not reachable from here (e.g. s3:// without s3fs installed)."""
 
     reason = "UnsupportedStorage"
+
+
+class OutputNotWritable(BadInput):
+    """The output storage refuses writes (no permission, read-only, full, a file where a folder
+    must be): retrying the same pod on the same storage cannot help."""
+
+    reason = "OutputNotWritable"

@@ -4,7 +4,9 @@ It runs the same code path as `relora run` (relora_trainer.migrate) and follows 
 relora_operator.contract: the spec comes in the environment, progress goes to stdout as JSON
 lines, the outcome goes to the termination message, and the exit code says whether a retry
 can help (0 done, 3 bad input: never retried, anything else: retried, resuming from the
-checkpoints in the output storage).
+checkpoints in the output storage). An output that cannot be written (no permission, read-only,
+full, a file where the folder must be) is bad input too: it is checked before the ML stack is
+even imported, and a write failing the same way later ends the pod with exit 3 as well.
 """
 
 from __future__ import annotations
@@ -14,15 +16,17 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from relora_operator import contract
-from relora_operator.api.spec import AdapterMigrationSpec
-from relora_trainer import errors, local_run, migrate, models
-from relora_trainer.progress import JsonLinesProgress
-from relora_trainer.report import AdapterReport
+from relora_operator.api.spec import Adapter, AdapterMigrationSpec
+from relora_trainer import errors, storage
 from relora_trainer.storage import Storage
+
+if TYPE_CHECKING:
+    from relora_trainer.report import AdapterReport
 
 
 def outcome_of(report: AdapterReport) -> contract.Outcome:
@@ -56,30 +60,58 @@ def _write(outcome: contract.Outcome) -> None:
         print(f"cannot write the termination message to {path}: {error}", file=sys.stderr)
 
 
-def run() -> int:
-    local_run.quiet_libraries()
+def _request() -> tuple[AdapterMigrationSpec, Adapter, Storage]:
+    """The spec, the adapter and the storage this pod is asked to work with (BadInput if
+    the environment the operator sets is missing or wrong)."""
+    raw = os.environ.get(contract.ENV_MIGRATION)
+    name = os.environ.get(contract.ENV_ADAPTER)
+    if not raw or not name:
+        raise errors.BadInput(f"{contract.ENV_MIGRATION} and {contract.ENV_ADAPTER} must be set")
     try:
-        raw = os.environ.get(contract.ENV_MIGRATION)
-        name = os.environ.get(contract.ENV_ADAPTER)
-        if not raw or not name:
-            raise errors.BadInput(
-                f"{contract.ENV_MIGRATION} and {contract.ENV_ADAPTER} must be set"
-            )
+        spec = AdapterMigrationSpec.model_validate_json(raw)
+    except ValidationError as error:
+        raise errors.BadInput(f"{contract.ENV_MIGRATION}: {error.errors()[0]['msg']}") from error
+    adapter = next((a for a in spec.adapters if a.name == name), None)
+    if adapter is None:
+        raise errors.BadInput(f"no adapter named {name!r} in {contract.ENV_MIGRATION}")
+    mounts = json.loads(os.environ.get(contract.ENV_PVC_MOUNTS) or "{}")
+    where = Storage(base_dir=Path.cwd(), pvc_mounts={k: Path(v) for k, v in mounts.items()})
+    return spec, adapter, where
+
+
+def run() -> int:
+    try:
+        spec, adapter, where = _request()
+        output = f"{spec.output.uri.rstrip('/')}/{adapter.name}"
+        # Before loading anything (minutes on a real model): an output that cannot be written
+        # fails now, as bad input (exit 3: the Job is not retried).
+        folder = where.check_writable(output, what="spec.output")
+        from safetensors import SafetensorError
+
+        from relora_trainer import local_run, migrate, models  # the ML stack: slow to import
+        from relora_trainer.progress import JsonLinesProgress
+
+        local_run.quiet_libraries()
         try:
-            spec = AdapterMigrationSpec.model_validate_json(raw)
-        except ValidationError as error:
-            raise errors.BadInput(
-                f"{contract.ENV_MIGRATION}: {error.errors()[0]['msg']}"
-            ) from error
-        adapter = next((a for a in spec.adapters if a.name == name), None)
-        if adapter is None:
-            raise errors.BadInput(f"no adapter named {name!r} in {contract.ENV_MIGRATION}")
-        mounts = json.loads(os.environ.get(contract.ENV_PVC_MOUNTS) or "{}")
-        storage = Storage(base_dir=Path.cwd(), pvc_mounts={k: Path(v) for k, v in mounts.items()})
-        bases = migrate.load_bases(spec, storage, models.pick_device("auto"))
-        report = migrate.migrate_adapter(
-            spec=spec, adapter=adapter, bases=bases, storage=storage, progress=JsonLinesProgress()
-        )
+            try:
+                bases = migrate.load_bases(spec, where, models.pick_device("auto"))
+            except SafetensorError as error:  # a torn weights file: no retry can mend it
+                raise errors.InvalidWeights(
+                    "spec.sourceModel or spec.targetModel: a weights file is not a readable "
+                    f"safetensors file ({' '.join(str(error).split())[:200]})"
+                ) from error
+            report = migrate.migrate_adapter(
+                spec=spec,
+                adapter=adapter,
+                bases=bases,
+                storage=where,
+                progress=JsonLinesProgress(),
+            )
+        except OSError as error:  # the output filling up or turning read-only midway
+            found = storage.unwritable(error, what="spec.output", uri=output, folder=folder)
+            if found is None:
+                raise
+            raise found from error
     except errors.BadInput as error:
         print(f"error: {error.reason}: {error}", file=sys.stderr)
         _write(contract.Outcome(kind="error", reason=error.reason, message=str(error)))

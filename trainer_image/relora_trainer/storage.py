@@ -11,16 +11,32 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from relora_operator.api import uris
-from relora_trainer.errors import MissingInput, UnsupportedStorage
+from relora_trainer.errors import MissingInput, OutputNotWritable, UnsupportedStorage
 
 PVC_ROOT_ENV = "RELORA_PVC_ROOT"
 DEFAULT_PVC_ROOT = "/mnt/pvc"
+WRITE_CHECK = ".relora-write-check"
+"""The file :meth:`Storage.check_writable` writes (and removes) in an output folder."""
+
+# Write failures that a retry on the same storage cannot fix.
+UNWRITABLE = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for the file system",
+    errno.ENOTDIR: "a file is where a folder must be",
+    errno.EEXIST: "a file is where a folder must be",
+    errno.EISDIR: "a folder is where a file must be",
+}
 
 
 @dataclass(frozen=True)
@@ -85,6 +101,27 @@ class Storage:
         local.parent.mkdir(parents=True, exist_ok=True)
         filesystem.get(remote, str(local), recursive=filesystem.isdir(remote))
 
+    def check_writable(self, uri: str, *, what: str) -> Path:
+        """Create the local folder of output ``uri`` and write a file in it, before any long
+        work; raise OutputNotWritable naming ``what`` and the reason when that fails."""
+        if uris.parse_uri(uri).scheme == "hf":
+            raise UnsupportedStorage(f"{what}: hf:// is read-only here; write to a path, pvc or s3")
+        folder = self.local_path(uri)
+        probe = folder / WRITE_CHECK
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with probe.open("wb") as handle:
+                handle.write(b"relora write check\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            probe.unlink()
+        except OSError as error:
+            found = unwritable(error, what=what, uri=uri, folder=folder)
+            if found is None:
+                raise
+            raise found from error
+        return folder
+
     def publish(self, local: Path, uri: str) -> None:
         """Make ``local`` available at ``uri``: a copy for other local paths, an upload to S3."""
         parsed = uris.parse_uri(uri)
@@ -94,6 +131,27 @@ class Storage:
             raise UnsupportedStorage("output: hf:// is read-only here; write to a path, pvc or s3")
         elif local.resolve() != self.local_path(uri).resolve():
             shutil.copytree(local, self.local_path(uri), dirs_exist_ok=True)
+
+
+def unwritable(error: OSError, *, what: str, uri: str, folder: Path) -> OutputNotWritable | None:
+    """An OutputNotWritable for a write failure in ``folder`` that no retry can fix, else None
+    (the error is then another kind, or about another file)."""
+    if error.errno not in UNWRITABLE:
+        return None
+    paths = [p for p in (error.filename, error.filename2) if p is not None]
+    inside = not paths or any(_within(Path(os.fsdecode(p)), folder) for p in paths)
+    if not inside:
+        return None
+    where = f" at {paths[0]}" if paths else ""
+    return OutputNotWritable(
+        f"{what}: cannot write {uri} (local folder {folder}): {UNWRITABLE[error.errno]}{where}"
+    )
+
+
+def _within(path: Path, folder: Path) -> bool:
+    """``path`` is ``folder``, inside it, or one of the folders above it (created on the way)."""
+    path, folder = Path(os.path.abspath(path)), Path(os.path.abspath(folder))
+    return path == folder or folder in path.parents or path in folder.parents
 
 
 def _s3_filesystem(what: str):  # type: ignore[no-untyped-def]

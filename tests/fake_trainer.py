@@ -1,0 +1,79 @@
+"""A fast stand-in for the trainer Job entrypoint, for operator fault tests.
+
+It follows the trainer contract (relora_operator.contract) without any ML stack:
+
+- progress: one JSON line ``{"event": "progress", ...}`` on stdout per step;
+- outcome: a compact JSON ``Outcome`` in the file named by RELORA_TERMINATION_LOG;
+- exit code: 0 (finished), 3 (bad input, never retried) or anything else (retried).
+
+The test holds it in the "running" phase: each attempt writes the spec it got as
+``CONTROL/ADAPTER/POD.spec.json`` and its pid as ``POD.pid`` (the test counts attempts and can
+check the process), then waits for ``CONTROL/ADAPTER/release``, whose content says how to end:
+``ready`` (default), ``not-ready``, ``bad-input`` (exit 3) or ``crash`` (exit 1, and the release
+is used up: the retry waits for a new one). CONTROL is $FAKE_TRAINER_CONTROL. Standard library
+only: it starts in ~30 ms.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+GIVE_UP_SECONDS = 300.0  # never outlive a test run even if nobody releases it
+
+
+def _outcome(text: str) -> None:
+    path = os.environ.get("RELORA_TERMINATION_LOG", "/dev/termination-log")
+    Path(path).write_text(text)
+
+
+def main() -> int:
+    adapter = os.environ["RELORA_ADAPTER"]
+    spec = json.loads(os.environ["RELORA_MIGRATION"])
+    assert [a["name"] for a in spec["adapters"]] == [adapter], "one adapter per trainer pod"
+    folder = Path(os.environ["FAKE_TRAINER_CONTROL"]) / adapter
+    folder.mkdir(parents=True, exist_ok=True)
+    pod = os.environ.get("HOSTNAME", "pod")
+    (folder / f"{pod}.spec.json").write_text(json.dumps(spec))
+    (folder / f"{pod}.pid").write_text(str(os.getpid()))
+    release = folder / "release"
+    deadline = time.monotonic() + GIVE_UP_SECONDS
+    step = 0
+    while not release.exists():
+        if time.monotonic() > deadline:
+            return 1
+        step += 1
+        record = {"event": "progress", "adapter": adapter, "stage": "finetune"}
+        print(json.dumps({**record, "step": step, "maxSteps": 1000}), flush=True)
+        time.sleep(0.1)
+    action = release.read_text().strip() or "ready"
+    if action == "bad-input":
+        message = "spec.adapters[0].uri: adapter_model.safetensors is truncated"
+        _outcome(json.dumps({"kind": "error", "reason": "InvalidAdapter", "message": message}))
+        return 3
+    if action == "crash":  # once: the retry waits for a new release
+        release.unlink()
+        _outcome(json.dumps({"kind": "error", "reason": "InternalError", "message": "boom"}))
+        return 1
+    ready = action == "ready"
+    result = {
+        "kind": "result",
+        "ready": ready,
+        "metric": "accuracy",
+        "target": 0.9,
+        "quality_source": 0.95,
+        "quality_before": 0.6,
+        "quality_after": 0.93 if ready else 0.7,
+        "steps": step,
+        "time_to_readiness_seconds": 1.5 if ready else None,
+    }
+    _outcome(json.dumps({k: v for k, v in result.items() if v is not None}))
+    print(json.dumps({"event": "progress", "adapter": adapter, "stage": "saving"}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
