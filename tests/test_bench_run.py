@@ -80,11 +80,12 @@ def test_a_bench_session_writes_the_report(
 
     monkeypatch.setattr(world, "build", fake_build)
     monkeypatch.setattr(variants, "COMMON_FINETUNE", TINY_BUDGET)
+    monkeypatch.chdir(tmp_path)
     written = session.run(
         session.Options(
             quick=True,
             seeds=2,
-            out=str(tmp_path / "bench"),
+            out="bench",  # relative to the working directory, not to the testbed's manifests
             testbed=str(paths.root),
             variants=["scratch", "relora"],
             severities=["severe"],
@@ -102,6 +103,8 @@ def test_a_bench_session_writes_the_report(
     assert len(document["runs"]) == 4
     assert document["context"]["budget"]["maxSteps"] == 4
     assert (tmp_path / "bench" / "curves-severe.png").is_file()
+    assert len(list((tmp_path / "bench" / "runs" / "severe").glob("*/seed-*/report.json"))) == 4
+    assert not (paths.root / "bench").exists()
 
 
 def test_the_bench_command_registers_with_its_options() -> None:

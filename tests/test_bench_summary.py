@@ -10,6 +10,7 @@ import pytest
 
 from relora_trainer.bench import summary, variants, writing
 from relora_trainer.bench.running import RunRecord, order_for
+from relora_trainer.errors import BadInput
 
 
 def record(
@@ -173,7 +174,7 @@ def test_every_variant_is_tried_first_by_some_seed() -> None:
     assert sorted(v.name for v in order_for(chosen, 5)) == sorted(v.name for v in chosen)
 
 
-def test_tuning_gives_every_strategy_four_candidates_and_one_rule(tmp_path: Path) -> None:
+def test_tuning_gives_every_strategy_six_candidates_and_one_rule(tmp_path: Path) -> None:
     from relora_trainer.bench import tuning
 
     names = [v.name for v in tuning.grid()]
@@ -181,7 +182,11 @@ def test_tuning_gives_every_strategy_four_candidates_and_one_rule(tmp_path: Path
         s: sum(tuning.strategy_of(n) == s for n in names)
         for s in {"scratch", "warm-start", "relora"}
     }
-    assert counts == {"scratch": 4, "warm-start": 4, "relora": 4}
+    assert counts == {"scratch": 6, "warm-start": 6, "relora": 6}
+    picked = ["warm-start@lr=0.006", "relora@lr=0.001,choice-loss"]
+    assert [v.name for v in tuning.grid(picked)] == picked
+    with pytest.raises(BadInput, match="unknown"):
+        tuning.grid(["warm-start@lr=0.5"])
     assert len(set(names)) == len(names)
     assert not set(tuning.TUNING_SEEDS) & set(range(10)), "tuning seeds are not benchmark seeds"
     runs = [

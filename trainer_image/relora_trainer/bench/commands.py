@@ -101,7 +101,8 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
         "--variant",
         action="append",
         metavar="NAME",
-        help="run only this variant (repeatable; e.g. relora, warm-start)",
+        help="run only this variant (repeatable; e.g. relora, warm-start; with --tune: a tuning "
+        "candidate such as warm-start@lr=0.004)",
     )
     bench.add_argument(
         "--severity",
@@ -127,7 +128,7 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     bench.add_argument(
         "--tune",
         action="store_true",
-        help="run the tuning grid (four configurations per strategy, tuning seeds) instead, "
+        help="run the tuning grid (six configurations per strategy, tuning seeds) instead, "
         "and write tuning-report.md",
     )
     bench.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -54,7 +54,7 @@ def run(options: Options, *, console: Console | None = None) -> dict[str, Path]:
     console = console or Console(stderr=True)
     device = models.pick_device(options.device)
     if options.tune:
-        chosen = tuning.grid()
+        chosen = tuning.grid(options.variants)
         seeds = list(tuning.TUNING_SEEDS)
     else:
         chosen = variants.by_name(options.variants, quick=options.quick)
@@ -64,7 +64,7 @@ def run(options: Options, *, console: Console | None = None) -> dict[str, Path]:
         Path(options.testbed), world.config_for(model=options.model), device=device, console=console
     )
     severities = [s for s in paths.severities if not options.severities or s in options.severities]
-    out = Path(options.out)
+    out = Path(options.out).resolve()  # run outputs too: not relative to the manifests
     load_range = [float("inf"), 0.0]
     budget = dict(variants.COMMON_FINETUNE)
     if options.steps is not None:

@@ -1,7 +1,7 @@
 """The tuning behind the benchmark's settings: the same effort for every trained strategy.
 
-Each of scratch, warm-start and relora gets four candidate configurations (the baselines: four
-learning rates; relora: two learning rates x two search objectives), run on tuning seeds the
+Each of scratch, warm-start and relora gets six candidate configurations (the baselines: six
+learning rates; relora: three learning rates x two search objectives), run on tuning seeds the
 benchmark never uses, with the benchmark's budget and target, on both severities. One selection
 rule for all: the lowest mean time-to-readiness on the validation split (a run that never met
 the target counts what it spent). The test split plays no part. ``relora bench --tune`` reruns
@@ -19,16 +19,17 @@ from pathlib import Path
 from relora_trainer.bench.running import RunRecord
 from relora_trainer.bench.summary import Stat
 from relora_trainer.bench.variants import RELORA_METHOD, Variant, merge
+from relora_trainer.errors import BadInput
 
 TUNING_SEEDS = (100, 101)
-BASELINE_RATES = (0.001, 0.002, 0.003, 0.004)
-RELORA_RATES = (0.002, 0.004)
+BASELINE_RATES = (0.001, 0.002, 0.003, 0.004, 0.006, 0.008)
+RELORA_RATES = (0.001, 0.002, 0.004)
 RELORA_OBJECTIVES = ("loss", "choice-loss")
 REPORT_MD = "tuning-report.md"
 
 
-def grid() -> list[Variant]:
-    """Four configurations per trained strategy."""
+def grid(names: Sequence[str] | None = None) -> list[Variant]:
+    """Six configurations per trained strategy (only those ``names`` if given)."""
     candidates = []
     for strategy in ("scratch", "warm-start"):
         for rate in BASELINE_RATES:
@@ -52,6 +53,12 @@ def grid() -> list[Variant]:
                     method,
                 )
             )
+    if names:
+        known = {c.name for c in candidates}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise BadInput(f"--variant with --tune: unknown {unknown}; known: {sorted(known)}")
+        candidates = [c for c in candidates if c.name in names]
     return candidates
 
 
