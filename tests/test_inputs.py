@@ -72,6 +72,11 @@ def _nan_adapter(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v * float("inf") if "lora_B" in k else v for k, v in state.items()}
 
 
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
 def _write(relative: str, text: str) -> Breaker:
     return lambda root: (root / relative).write_text(text)
 
@@ -95,6 +100,11 @@ CASES: list[tuple[str, Breaker, str]] = [
         "GPT2LMHeadModel",
     ),
     ("non-finite weights", _nan_weights, "InvalidWeights: spec.targetModel: weight model."),
+    (
+        "truncated model weights",
+        lambda root: _truncate(root / "models/v2-mild/model.safetensors"),
+        "InvalidWeights: spec.targetModel: a weights file in ",
+    ),
     (
         "adapter weights missing",
         lambda root: (root / ADAPTER_WEIGHTS).unlink(),

@@ -80,3 +80,21 @@ def test_non_finite_objective_fails_the_trial_and_falls_back() -> None:
     )
     assert {t.state for t in result.trials} == {"FAIL"}
     assert result.coefficients == {"all": (1.0, 0.0)} and result.best_value is None
+
+
+def test_a_journal_torn_by_a_crash_loses_only_its_last_record(tmp_path: Path) -> None:
+    journal = tmp_path / "search.journal"
+    first = Initialization(trials=3, sampler="tpe")
+    search.run_search(groups=["all"], config=first, seed=0, objective=_bowl, journal=journal)
+    lines = journal.read_bytes().splitlines(keepends=True)
+    journal.write_bytes(b"".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])  # torn write
+    again = Initialization(trials=5, sampler="tpe")
+    result = search.run_search(
+        groups=["all"], config=again, seed=0, objective=_bowl, journal=journal
+    )
+    assert len([t for t in result.trials if t.state == "COMPLETE"]) >= 4
+    # The journal stays readable for the next retry too.
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(journal))
+    )
+    assert len(optuna.load_study(study_name=search.STUDY_NAME, storage=storage).trials) >= 5

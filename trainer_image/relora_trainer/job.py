@@ -86,20 +86,12 @@ def run() -> int:
         # Before loading anything (minutes on a real model): an output that cannot be written
         # fails now, as bad input (exit 3: the Job is not retried).
         folder = where.check_writable(output, what="spec.output")
-        from safetensors import SafetensorError
-
         from relora_trainer import local_run, migrate, models  # the ML stack: slow to import
         from relora_trainer.progress import JsonLinesProgress
 
         local_run.quiet_libraries()
         try:
-            try:
-                bases = migrate.load_bases(spec, where, models.pick_device("auto"))
-            except SafetensorError as error:  # a torn weights file: no retry can mend it
-                raise errors.InvalidWeights(
-                    "spec.sourceModel or spec.targetModel: a weights file is not a readable "
-                    f"safetensors file ({' '.join(str(error).split())[:200]})"
-                ) from error
+            bases = migrate.load_bases(spec, where, models.pick_device("auto"))
             report = migrate.migrate_adapter(
                 spec=spec,
                 adapter=adapter,

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -37,6 +38,11 @@ def load_model(folder: Path, *, what: str, device: torch.device) -> nn.Module:
     _read_config(folder, what)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    except SafetensorError as error:  # a torn or corrupted weights file: no retry mends it
+        raise InvalidWeights(
+            f"{what}: a weights file in {folder} is not a readable safetensors file "
+            f"({' '.join(str(error).split())[:200]})"
+        ) from error
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise MissingInput(f"{what}: cannot load a causal LM from {folder}: {first}") from error

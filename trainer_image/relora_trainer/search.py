@@ -87,6 +87,7 @@ def run_search(
     storage: JournalStorage | None = None
     if journal is not None:
         journal.parent.mkdir(parents=True, exist_ok=True)
+        _drop_torn_tail(journal)
         storage = JournalStorage(JournalFileBackend(str(journal)))
     study = optuna.create_study(
         study_name=STUDY_NAME,
@@ -140,6 +141,16 @@ def run_search(
         coefficients = {g: (_clip(1.0, config.alpha), _clip(0.0, config.beta)) for g in groups}
         best_value = None
     return SearchResult(coefficients, best_value, records, _spent(study))
+
+
+def _drop_torn_tail(journal: Path) -> None:
+    """Cut a last line a crash left half-written: the journal is one JSON record per line, and
+    the next record appended to a torn line would make the whole file unreadable."""
+    if not journal.is_file():
+        return
+    data = journal.read_bytes()
+    if data and not data.endswith(b"\n"):
+        journal.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
 def _spent(study: optuna.Study) -> float:
