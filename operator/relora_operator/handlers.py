@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import hashlib
 import json
 import logging
 import time
@@ -84,9 +85,6 @@ class Operator:
         self.written: dict[str, str] = {}  # uid -> digest of the status last written
         self.phases: dict[str, Counter[str]] = {}  # uid -> its adapters by phase
         self.phase_totals: Counter[str] = Counter()  # the sum of those: relora_adapters
-        # uid -> (kind, name) -> resourceVersion of the Jobs and pods its last reconciliation
-        # read: a watch event for a version already read needs no new reconciliation.
-        self.seen: dict[str, dict[tuple[str, str], str]] = {}
 
     def remember(self, kwargs: dict[str, Any]) -> None:
         if "migrations_by_uid" in kwargs:
@@ -102,7 +100,6 @@ class Operator:
         found = self._values("migrations_by_uid", uid)
         if not found or uid in self.gone:
             self.written.pop(uid, None)
-            self.seen.pop(uid, None)
             self._count_phases(uid, None)
             return  # deleted: ownerReferences take the Jobs away
         name, namespace = found[0]["metadata"]["name"], found[0]["metadata"]["namespace"]
@@ -129,8 +126,9 @@ class Operator:
 
     def own_write(self, uid: str, body: Mapping[str, Any]) -> bool:
         """Whether ``body`` is the migration as the operator's own last status write left it
-        (same status, spec unchanged since): reconciling it again would find nothing to do, and
-        at scale these echoes were a third of all reconciliations."""
+        (same status, spec unchanged since): reconciling it again would find nothing to do.
+        While trainers run, each progress update is a write, and these echoes were a third of
+        all reconciliations."""
         written = self.written.get(uid)
         meta = body.get("metadata") or {}
         status = body.get("status") or {}
@@ -141,20 +139,11 @@ class Operator:
             and _digest(status) == written
         )
 
-    def already_read(self, uid: str, kind: str, body: Mapping[str, Any]) -> bool:
-        """Whether the last reconciliation of migration ``uid`` read this version of the Job or
-        pod ``body``: its watch event then needs no new one. (A Job's status and its pod's
-        change together: without this, a third of all reconciliations found nothing new.)"""
-        meta = body.get("metadata") or {}
-        version = meta.get("resourceVersion")
-        return bool(version) and self.seen.get(uid, {}).get((kind, meta.get("name", ""))) == version
-
     def _forget(self, uid: str) -> None:
         """A migration deleted behind Kopf's back: stop reconciling it, drop what is kept."""
         self.gone.add(uid)
         self.unsent.pop(uid, None)
         self.written.pop(uid, None)
-        self.seen.pop(uid, None)
         self._count_phases(uid, None)
         for key in [k for k in self.progress if k[0] == uid]:
             del self.progress[key]
@@ -175,13 +164,7 @@ class Operator:
             return
         selector = f"{naming.MANAGED_BY}={naming.OPERATOR},{naming.MIGRATION_UID}={uid}"
         jobs = await self.kube.list_jobs(namespace, selector)
-        listed = await self.kube.list_pods(namespace, selector)
-        self.seen[uid] = {
-            (kind, obj["metadata"]["name"]): obj["metadata"].get("resourceVersion", "")
-            for kind, objs in (("Job", jobs), ("Pod", listed))
-            for obj in objs
-        }
-        pods, strays = _pods_by_job(jobs, listed)
+        pods, strays = _pods_by_job(jobs, await self.kube.list_pods(namespace, selector))
         progress = await self._progress(namespace, uid, jobs, pods)
         migration = observe.Migration(name, namespace, uid, meta.get("generation", 1), spec, status)
         now = datetime.datetime.now(datetime.UTC)
@@ -330,7 +313,8 @@ class Operator:
 
 
 def _digest(status: Mapping[str, Any]) -> str:
-    return json.dumps(status, sort_keys=True, separators=(",", ":"))
+    text = json.dumps(status, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _pods_by_job(jobs: list[Obj], pods: list[Obj]) -> tuple[dict[str, list[Obj]], list[Obj]]:
@@ -426,16 +410,16 @@ async def migration_changed(
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
-async def job_changed(labels: kopf.Labels, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def job_changed(labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
     operator: Operator = memo["relora"]
     uid = labels.get(naming.MIGRATION_UID)
-    if uid and not operator.already_read(uid, "Job", body):
+    if uid:
         operator.poker.poke(uid)
 
 
 @kopf.on.event("", "v1", "pods", labels=MANAGED)
-async def pod_changed(labels: kopf.Labels, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def pod_changed(labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
     operator: Operator = memo["relora"]
     uid = labels.get(naming.MIGRATION_UID)
-    if uid and not operator.already_read(uid, "Pod", body):
+    if uid:
         operator.poker.poke(uid)

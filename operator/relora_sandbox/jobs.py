@@ -219,9 +219,10 @@ class JobRunner:
 
     # ------------------------------------------------------------------ reconcile
     def reconcile(self) -> None:
-        store = self.emulator.store
-        jobs, _ = store.select(self.jobs_kind, None)
-        pods, _ = store.select(self.pods_kind, None)
+        # The stored objects themselves, read only (every write below stores a new object):
+        # copying every Job and pod on each pass made the runner quadratic in the Jobs it ran.
+        jobs = _stored(self.emulator.store, self.jobs_kind)
+        pods = _stored(self.emulator.store, self.pods_kind)
         by_owner: dict[str, list[Obj]] = {}
         for pod in pods:
             for ref in pod["metadata"].get("ownerReferences") or []:
@@ -658,6 +659,10 @@ class JobRunner:
             os.killpg(running.process.pid, signal.SIGKILL)
         if not keep:
             running.disruption = None
+
+
+def _stored(store: Any, kind: Kind) -> list[Obj]:
+    return [obj for _, obj in sorted(store.table(kind).items())]
 
 
 class _ConfigError(Exception):
