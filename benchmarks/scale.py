@@ -28,8 +28,6 @@ import os
 import platform
 import resource
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from relora_sandbox import processes
 
 ROOT = Path(__file__).resolve().parent.parent
 FLOOR = Path(__file__).resolve().parent / "floor_operator.py"
@@ -187,18 +187,12 @@ class Recorder:
 
 
 # ---------------------------------------------------------------------- the operator process
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def operator_argv(subject: str, liveness: int) -> list[str]:
     common = [
         "--standalone",
         "--namespace",
         NAMESPACE,
-        f"--liveness=http://127.0.0.1:{liveness}/healthz",
+        f"--liveness={processes.liveness_url(liveness)}",
         "--log-format=json",
     ]
     if subject == "relora":
@@ -221,42 +215,22 @@ def proc_usage(pid: int) -> tuple[float, float]:
 def start_operator(
     subject: str, kubeconfig: Path, log: Path, metrics_port: int, trainer: list[str]
 ) -> subprocess.Popen[bytes]:
-    liveness = _free_port()
+    liveness = processes.free_port()
     env = {
         **os.environ,
         "KUBECONFIG": str(kubeconfig),
         "RELORA_TRAINER_COMMAND": json.dumps(trainer),
         "RELORA_METRICS_PORT": str(metrics_port),
     }
-    process = subprocess.Popen(
+    log.write_bytes(b"")
+    return processes.start_live(
         operator_argv(subject, liveness),
         env=env,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
+        log=log,
+        liveness_port=liveness,
+        timeout=120,
         cwd=ROOT,
     )
-    deadline = time.monotonic() + 120
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"{subject} operator exited: {log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{liveness}/healthz", timeout=1):
-                return process
-        except OSError:
-            if time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError(f"{subject} operator never became live") from None
-            time.sleep(0.1)
-
-
-def stop_operator(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
 
 
 # ---------------------------------------------------------------------- one subject
@@ -335,7 +309,7 @@ def run_subject(
         own_cpu = _own_cpu()
         recorder.counting = True
         started_operator = time.monotonic()
-        metrics_port = _free_port()
+        metrics_port = processes.free_port()
         process = start_operator(
             subject,
             box.kubeconfig_path,
@@ -365,7 +339,7 @@ def run_subject(
             reconciles = _reconciles(metrics_port) if subject == "relora" else None
             own_cpu = _own_cpu() - own_cpu
         finally:
-            stop_operator(process)
+            processes.stop(process, timeout=20)
 
         def final_state() -> tuple[int, int, dict[str, int]]:
             items, _ = emulator.store.select(kind, NAMESPACE)

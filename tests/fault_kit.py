@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from relora_sandbox import processes
 from tests.conftest import untyped, wait_for
 
 GROUP, VERSION, PLURAL = "relora.dev", "v1alpha1", "adaptermigrations"
@@ -26,24 +25,25 @@ FINAL = ("Succeeded", "Failed")
 Obj = dict[str, Any]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 class OperatorProcess:
     """`python -m relora_operator` watching one namespace: started, SIGKILLed, restarted."""
 
-    def __init__(self, kubeconfig: Path, namespace: str, logs: Path, *, trainer: list[str]) -> None:
+    def __init__(
+        self,
+        kubeconfig: Path,
+        namespace: str,
+        logs: Path,
+        *,
+        trainer: list[str] | None = None,
+    ) -> None:
         self.kubeconfig, self.namespace, self.logs = kubeconfig, namespace, logs
-        self.trainer = trainer
-        self.metrics_port = free_port()
+        self.trainer = trainer or [sys.executable, "-m", "relora_trainer.job"]
+        self.metrics_port = processes.free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
     def start(self) -> None:
-        liveness = free_port()
+        liveness = processes.free_port()
         env = {
             **os.environ,
             "KUBECONFIG": str(self.kubeconfig),
@@ -57,21 +57,12 @@ class OperatorProcess:
             "relora_operator",
             "--namespace",
             self.namespace,
-            f"--liveness=http://127.0.0.1:{liveness}/healthz",
+            f"--liveness={processes.liveness_url(liveness)}",
         ]
         with self.logs.open("ab") as log:
             log.write(f"---- start {self.starts + 1}\n".encode())
-            self.process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
         self.starts += 1
-        deadline = time.monotonic() + 60
-        while True:
-            assert self.process.poll() is None, f"the operator exited: {self.tail()}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{liveness}/healthz", timeout=1):
-                    return
-            except OSError:
-                assert time.monotonic() < deadline, "the operator never became live"
-                time.sleep(0.1)
+        self.process = processes.start_live(argv, env=env, log=self.logs, liveness_port=liveness)
 
     @property
     def alive(self) -> bool:
@@ -84,23 +75,21 @@ class OperatorProcess:
         self.process.wait(timeout=10)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        if self.process is not None:
+            processes.stop(self.process)
 
     def tail(self, characters: int = 3000) -> str:
         return self.logs.read_text(errors="replace")[-characters:]
 
-    def metric(self, line_start: str) -> float:
-        """The value of the first metric sample whose line starts with ``line_start``."""
+    def metrics(self) -> str:
+        """The Prometheus exposition text of the operator's metrics endpoint."""
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as response:
-            text = response.read().decode()
-        for line in text.splitlines():
+            return str(response.read().decode())
+
+    def metric(self, line_start: str) -> float:
+        """The value of the first metric sample whose line starts with ``line_start``."""
+        for line in self.metrics().splitlines():
             if line.startswith(line_start):
                 return float(line.rsplit(" ", 1)[1])
         return 0.0

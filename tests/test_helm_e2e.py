@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -28,6 +25,7 @@ from aiohttp import web
 from kubernetes import client, config
 
 from relora_operator.api.resource import GROUP, PLURAL, VERSION
+from relora_sandbox import processes
 from tests.conftest import kubectl_binary, untyped, wait_for
 from tests.helm_chart import CHART, container, helm, one, render, rules_of, values_file
 from tests.test_argocd import health
@@ -36,12 +34,6 @@ TOKEN = "relora-operator-e2e"  # tells the operator's requests apart from the te
 TRAINER_IMAGE = "registry.example/relora-trainer"
 
 Request = tuple[str, str, dict[str, str]]  # method, path, query
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def rbac_attributes(method: str, path: str, query: dict[str, str]) -> tuple[str, ...] | None:
@@ -151,28 +143,9 @@ def _start_operator(
     for variable in deployment_container["env"]:
         env[variable["name"]] = variable["value"]
     argv = [sys.executable, "-m", "relora_operator", *deployment_container["args"]]
-    process = subprocess.Popen(argv, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     [liveness] = [a for a in deployment_container["args"] if a.startswith("--liveness=")]
     port = int(re.findall(r":(\d+)/", liveness)[0])
-    deadline = time.monotonic() + 60
-    while True:
-        assert process.poll() is None, f"the operator exited: {log.read_text()[-2000:]}"
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
-                return process
-        except OSError:
-            assert time.monotonic() < deadline, "the operator never became live"
-            time.sleep(0.2)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+    return processes.start_live(argv, env=env, log=log, liveness_port=port)
 
 
 def _migration(name: str, namespace: str) -> dict[str, Any]:
@@ -205,11 +178,11 @@ def test_chart_installs_and_its_operator_creates_the_job(
 ) -> None:
     release_namespace = cluster.namespace("relora-system")
     watched = cluster.namespace("team-a")
-    metrics_port = _free_port()
+    metrics_port = processes.free_port()
     docs = render(
         {
             "watchNamespaces": [watched],
-            "operator": {"resyncSeconds": 1, "livenessPort": _free_port()},
+            "operator": {"resyncSeconds": 1, "livenessPort": processes.free_port()},
             "metrics": {"port": metrics_port},
             "trainer": {"image": {"repository": TRAINER_IMAGE, "tag": "e2e"}},
         },
@@ -255,7 +228,7 @@ def test_chart_installs_and_its_operator_creates_the_job(
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
             metrics = r.read().decode()
     finally:
-        _stop(process)
+        processes.stop(process)
 
     [job] = jobs
     trainer = job.spec.template.spec.containers[0]

@@ -22,9 +22,9 @@ from kubernetes import client
 from relora_trainer import local_run
 from relora_trainer.errors import EXIT_BAD_INPUT
 from tests.conftest import toy_manifest, untyped
+from tests.fault_kit import OperatorProcess
 from tests.test_operator_e2e import (
     CRD_FILE,
-    OperatorProcess,
     _adapter,
     _get,
     _jobs,

@@ -8,13 +8,8 @@ the toy world is the PVC claim `toy`.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,74 +25,10 @@ from relora_trainer import models
 from relora_trainer.data import Encoder, read_jsonl
 from relora_trainer.quality import measure
 from tests.conftest import kubectl_binary, untyped, wait_for
+from tests.fault_kit import OperatorProcess
 
 GROUP, VERSION, PLURAL = "relora.dev", "v1alpha1", "adaptermigrations"
 CRD_FILE = Path(__file__).parent.parent / "crds" / "adaptermigrations.relora.dev.yaml"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class OperatorProcess:
-    """The operator as a separate process: started, killed (-9) and restarted by tests."""
-
-    def __init__(self, kubeconfig: Path, namespace: str, logs: Path) -> None:
-        self.kubeconfig, self.namespace, self.logs = kubeconfig, namespace, logs
-        self.metrics_port = _free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        liveness = _free_port()
-        env = {
-            **os.environ,
-            "KUBECONFIG": str(self.kubeconfig),
-            "RELORA_TRAINER_COMMAND": json.dumps([sys.executable, "-m", "relora_trainer.job"]),
-            "RELORA_RESYNC_SECONDS": "1",
-            "RELORA_METRICS_PORT": str(self.metrics_port),
-        }
-        argv = [
-            sys.executable,
-            "-m",
-            "relora_operator",
-            "--namespace",
-            self.namespace,
-            f"--liveness=http://127.0.0.1:{liveness}/healthz",
-        ]
-        self.process = subprocess.Popen(
-            argv, env=env, stdout=self.logs.open("ab"), stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            assert self.process.poll() is None, (
-                f"the operator exited: {self.logs.read_text()[-2000:]}"
-            )
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{liveness}/healthz", timeout=1):
-                    return
-            except OSError:
-                assert time.monotonic() < deadline, "the operator never became live"
-                time.sleep(0.2)
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-
-    def metrics(self) -> str:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return str(response.read().decode())
 
 
 @pytest.fixture(scope="session")
