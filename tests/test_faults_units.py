@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from safetensors import SafetensorError
 
 from relora_operator import contract, job_builder, naming, observe
 from relora_operator.api.spec import AdapterMigrationSpec
 from relora_operator.handlers import _pods_by_job
 from relora_operator.settings import Settings
-from relora_trainer import errors, job, migrate, storage
+from relora_trainer import errors, job, migrate, models, storage
 from relora_trainer.errors import OutputNotWritable
 from relora_trainer.storage import Storage
 
@@ -218,8 +219,21 @@ def test_the_output_filling_up_midway_ends_the_pod_as_bad_input(
 def test_a_torn_weights_file_ends_the_pod_as_bad_input(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    torn = SafetensorError("Error while deserializing header: incomplete metadata")
-    code, outcome = _run_job(monkeypatch, tmp_path, torn)
+    # Loading a model maps a torn safetensors file to InvalidWeights naming the model ...
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+
+    def torn(*args: Any, **kwargs: Any) -> None:
+        raise SafetensorError("Error while deserializing header: incomplete metadata")
+
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", torn)
+    with pytest.raises(
+        errors.InvalidWeights, match=r"spec\.targetModel: a weights file in "
+    ) as info:
+        models.load_model(folder, what="spec.targetModel", device=torch.device("cpu"))
+    # ... which the Job entrypoint ends as bad input: exit 3, no retry.
+    code, outcome = _run_job(monkeypatch, tmp_path, info.value)
     assert code == 3 and outcome["reason"] == "InvalidWeights"
     assert "not a readable safetensors file" in outcome["message"]
 
