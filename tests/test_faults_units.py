@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors import SafetensorError
+from transformers import AutoModelForCausalLM
 
 from relora_operator import contract, job_builder, naming, observe
 from relora_operator.api.spec import AdapterMigrationSpec
@@ -227,7 +228,7 @@ def test_a_torn_weights_file_ends_the_pod_as_bad_input(
     def torn(*args: Any, **kwargs: Any) -> None:
         raise SafetensorError("Error while deserializing header: incomplete metadata")
 
-    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", torn)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", torn)
     with pytest.raises(
         errors.InvalidWeights, match=r"spec\.targetModel: a weights file in "
     ) as info:
