@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -155,3 +156,28 @@ def namespace(api: Any, request: pytest.FixtureRequest) -> Any:
     core.create_namespace({"metadata": {"name": name}})
     yield name
     core.delete_namespace(name)
+
+
+@pytest.fixture(scope="session")
+def toy_claim(sandbox: Any, toy: Any) -> str:
+    """The toy world as the PVC claim `toy` of the sandbox."""
+    claim = Path(sandbox.jobs.pvc_root) / "toy"
+    claim.parent.mkdir(parents=True, exist_ok=True)
+    if not claim.exists():
+        claim.symlink_to(toy.root)
+    return "toy"
+
+
+@pytest.fixture
+def operator(
+    sandbox: Any, namespace: str, toy_claim: str, api: Any, tmp_path: Path
+) -> Iterator[Any]:
+    """The operator process watching ``namespace`` (tests.fault_kit.OperatorProcess), with the
+    CRD installed and the toy world as PVC claim `toy`."""
+    from tests.fault_kit import OperatorProcess, ensure_crd  # it imports this module
+
+    ensure_crd(api)
+    process = OperatorProcess(Path(sandbox.kubeconfig_path), namespace, tmp_path / "operator.log")
+    process.start()
+    yield process
+    process.stop()

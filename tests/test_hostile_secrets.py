@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,6 @@ from relora_trainer.errors import EXIT_BAD_INPUT
 from tests.conftest import toy_manifest, untyped
 from tests.fault_kit import OperatorProcess
 from tests.test_operator_e2e import (
-    CRD_FILE,
     _adapter,
     _get,
     _jobs,
@@ -111,33 +109,13 @@ def test_relora_run_writes_no_credential_anywhere(
 
 
 # ------------------------------------------------------------------ the operator
-@pytest.fixture
-def operator_run(
-    sandbox: Any, namespace: str, toy: Any, api: Any, tmp_path: Path
-) -> Iterator[OperatorProcess]:
-    """The operator watching ``namespace``, with the toy world as PVC claim `toy`."""
-    claim = Path(sandbox.jobs.pvc_root) / "toy"
-    claim.parent.mkdir(parents=True, exist_ok=True)
-    if not claim.exists():
-        claim.symlink_to(toy.root)
-    extensions = untyped(client.ApiextensionsV1Api(api))
-    try:
-        extensions.create_custom_resource_definition(yaml.safe_load(CRD_FILE.read_text()))
-    except client.exceptions.ApiException as error:
-        assert error.status == 409
-    process = OperatorProcess(Path(sandbox.kubeconfig_path), namespace, tmp_path / "operator.log")
-    process.start()
-    yield process
-    process.stop()
-
-
 def _secret(name: str, data: dict[str, str]) -> dict[str, Any]:
     encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
     return {"metadata": {"name": name}, "type": "Opaque", "data": encoded}
 
 
 def test_secrets_referenced_by_the_spec_stay_out_of_everything_the_operator_shows(
-    api: Any, sandbox: Any, namespace: str, operator_run: OperatorProcess, toy: Any
+    api: Any, sandbox: Any, namespace: str, toy_claim: str, operator: OperatorProcess, toy: Any
 ) -> None:
     canary = _canary()
     core = untyped(client.CoreV1Api(api))
@@ -181,8 +159,8 @@ def test_secrets_referenced_by_the_spec_stay_out_of_everything_the_operator_show
         "jobs": json.dumps(serialize(_jobs(api, namespace))),
         "pods": json.dumps(serialize(pods)),
         "events": json.dumps(serialize(core.list_namespaced_event(namespace).items)),
-        "operator log": operator_run.logs.read_text(errors="replace"),
-        "metrics": operator_run.metrics(),
+        "operator log": operator.logs.read_text(errors="replace"),
+        "metrics": operator.metrics(),
     }
     for pod in pods:
         texts[f"log of {pod.metadata.name}"] = core.read_namespaced_pod_log(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,32 +27,6 @@ from tests.conftest import kubectl_binary, untyped, wait_for
 from tests.fault_kit import OperatorProcess
 
 GROUP, VERSION, PLURAL = "relora.dev", "v1alpha1", "adaptermigrations"
-CRD_FILE = Path(__file__).parent.parent / "crds" / "adaptermigrations.relora.dev.yaml"
-
-
-@pytest.fixture(scope="session")
-def toy_claim(sandbox: Any, toy: Any) -> str:
-    """The toy world as the PVC claim `toy` of the sandbox."""
-    claim = Path(sandbox.jobs.pvc_root) / "toy"
-    claim.parent.mkdir(parents=True, exist_ok=True)
-    if not claim.exists():
-        claim.symlink_to(toy.root)
-    return "toy"
-
-
-@pytest.fixture
-def operator(
-    sandbox: Any, namespace: str, toy_claim: str, api: Any, tmp_path: Path
-) -> Iterator[OperatorProcess]:
-    extensions = untyped(client.ApiextensionsV1Api(api))
-    try:
-        extensions.create_custom_resource_definition(yaml.safe_load(CRD_FILE.read_text()))
-    except client.exceptions.ApiException as error:
-        assert error.status == 409
-    process = OperatorProcess(Path(sandbox.kubeconfig_path), namespace, tmp_path / "operator.log")
-    process.start()
-    yield process
-    process.stop()
 
 
 def _adapter(name: str, **readiness: Any) -> dict[str, Any]:
