@@ -62,3 +62,8 @@ class OutputNotWritable(BadInput):
     must be): retrying the same pod on the same storage cannot help."""
 
     reason = "OutputNotWritable"
+
+
+class CorpusError(RuntimeError):
+    """A testbed corpus could not be obtained; the one-line message says what to do. (Not a
+    migration input, so not a BadInput: it has no status reason.)"""

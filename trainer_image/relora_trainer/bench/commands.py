@@ -8,7 +8,8 @@ import shlex
 import sys
 
 from relora_trainer.bench.variants import COMMON_FINETUNE, TARGET_FRACTION
-from relora_trainer.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE
+from relora_trainer.errors import EXIT_OK, EXIT_USAGE
+from relora_trainer.testbed.commands import FAILURES, report_failure
 
 DEFAULT_OUT = ".relora/bench"
 DEFAULT_TESTBED = "examples/testbed"
@@ -21,8 +22,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         from relora_trainer.bench import session
-        from relora_trainer.errors import BadInput
-        from relora_trainer.testbed.corpora import CorpusError
     except ImportError as error:
         print(
             f"error: relora bench needs the trainer and testbed extras ({error.name} is missing)",
@@ -48,15 +47,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 command=command,
             )
         )
-    except CorpusError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except BadInput as error:
-        print(f"error: {error.reason}: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except (ValueError, OSError) as error:
-        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
-        return EXIT_INTERNAL
+    except FAILURES as error:
+        return report_failure(error)
     print(f"report: {outcome['markdown']} and {outcome['json']}")
     return EXIT_OK
 

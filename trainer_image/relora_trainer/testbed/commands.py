@@ -8,7 +8,30 @@ import sys
 import time
 from pathlib import Path
 
-from relora_trainer.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE
+from relora_trainer.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERNAL,
+    EXIT_OK,
+    EXIT_USAGE,
+    BadInput,
+    CorpusError,
+)
+
+FAILURES = (CorpusError, BadInput, ValueError, OSError)
+"""What `relora testbed build` and `relora bench` report in one line instead of a traceback."""
+
+
+def report_failure(error: Exception) -> int:
+    """Print ``error`` (one of FAILURES) as one line on stderr; return its exit code."""
+    if isinstance(error, CorpusError):
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if isinstance(error, BadInput):
+        print(f"error: {error.reason}: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+    return EXIT_INTERNAL
+
 
 DEFAULT_OUT = "examples/testbed"
 
@@ -19,8 +42,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
         import torch
         from rich.console import Console
 
-        from relora_trainer import errors, local_run, models
-        from relora_trainer.testbed import corpora, world
+        from relora_trainer import local_run, models
+        from relora_trainer.testbed import world
     except ImportError as error:
         print(
             f"error: needs the trainer and testbed extras ({error.name} is missing)",
@@ -37,15 +60,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
         device = models.pick_device(args.device)
         config = world.config_for(seed=args.seed, quick=args.quick, model=args.model)
         paths = world.build(out, config, device=device, console=console)
-    except corpora.CorpusError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except errors.BadInput as error:
-        print(f"error: {error.reason}: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except (ValueError, OSError) as error:
-        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
-        return EXIT_INTERNAL
+    except FAILURES as error:
+        return report_failure(error)
     manifests = " ".join(str(paths.manifest(s)) for s in paths.severities)
     print(
         f"testbed written to {paths.root} in {time.perf_counter() - started:.0f} s: models/v1, "

@@ -32,6 +32,8 @@ import numpy as np
 import rdata
 from rich.console import Console
 
+from relora_trainer.errors import CorpusError as CorpusError  # raised by this module
+
 DATA_DIR_ENV: Final = "RELORA_DATA_DIR"
 """Environment variable that overrides the default cache folder."""
 
@@ -96,10 +98,6 @@ NOUN_LEXNAMES: Final[Mapping[int, str]] = MappingProxyType(
     }
 )
 """WordNet lexicographer file number (``lex_filenum``) -> name, for the 26 noun files."""
-
-
-class CorpusError(RuntimeError):
-    """A corpus could not be obtained; the one-line message says what to do."""
 
 
 @dataclass(frozen=True)
