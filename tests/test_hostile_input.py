@@ -39,6 +39,7 @@ from relora_trainer import cli
 from relora_trainer.errors import EXIT_BAD_INPUT, EXIT_USAGE
 from relora_trainer.storage import Storage
 from tests.conftest import EXAMPLES
+from tests.test_crd import _nodes
 
 SCHEMA: dict[str, Any] = crd.openapi_schema()
 SPEC: dict[str, Any] = SCHEMA["properties"]["spec"]
@@ -707,20 +708,10 @@ EXEMPT = {
 }
 
 
-def _walk(node: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
-    yield path, node
-    for name, sub in node.get("properties", {}).items():
-        yield from _walk(sub, f"{path}.{name}")
-    if isinstance(node.get("items"), dict):
-        yield from _walk(node["items"], f"{path}[]")
-    if isinstance(node.get("additionalProperties"), dict):
-        yield from _walk(node["additionalProperties"], f"{path}{{}}")
-
-
 def unbounded(root: dict[str, Any]) -> list[str]:
     """Fields of a CRD schema without an upper bound on their size."""
     found = []
-    for path, node in _walk(root):
+    for path, node in _nodes(root):
         if path in EXEMPT:
             continue
         kind = node.get("type")
