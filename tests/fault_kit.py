@@ -15,6 +15,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from relora_operator import seals
 from relora_sandbox import processes
 from tests.conftest import untyped, wait_for
 
@@ -22,6 +23,7 @@ GROUP, VERSION, PLURAL = "relora.dev", "v1alpha1", "adaptermigrations"
 CRD_FILE = Path(__file__).parent.parent / "crds" / "adaptermigrations.relora.dev.yaml"
 FAKE_TRAINER = Path(__file__).parent / "fake_trainer.py"
 FINAL = ("Succeeded", "Failed")
+SEAL_KEY = "relora-fault-tests-seal-key-0123456789"  # one key across operator restarts
 Obj = dict[str, Any]
 
 
@@ -50,6 +52,7 @@ class OperatorProcess:
             "RELORA_TRAINER_COMMAND": json.dumps(self.trainer),
             "RELORA_RESYNC_SECONDS": "1",
             "RELORA_METRICS_PORT": str(self.metrics_port),
+            seals.KEY_ENV: SEAL_KEY,
         }
         argv = [
             sys.executable,

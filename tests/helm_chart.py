@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import atexit
+import base64
 import functools
 import os
 import shutil
@@ -151,6 +152,20 @@ def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
     assert [c["name"] for c in pod["containers"]] == ["operator"]
     found: dict[str, Any] = pod["containers"][0]
     return found
+
+
+def container_env(docs: list[dict[str, Any]]) -> dict[str, str]:
+    """The operator container's environment, values from the rendered Secrets resolved."""
+    secrets = {d["metadata"]["name"]: d.get("data") or {} for d in docs if d["kind"] == "Secret"}
+    env = {}
+    for variable in container(docs)["env"]:
+        if "value" in variable:
+            env[variable["name"]] = variable["value"]
+        else:
+            ref = variable["valueFrom"]["secretKeyRef"]
+            encoded = secrets[ref["name"]][ref["key"]]
+            env[variable["name"]] = base64.b64decode(encoded).decode()
+    return env
 
 
 def rules_of(role: dict[str, Any]) -> set[Rule]:

@@ -9,7 +9,9 @@ search, corrupted inputs and checkpoints) are in tests/test_faults_trainer.py.
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -21,7 +23,7 @@ from aiohttp import web
 from kubernetes.client.exceptions import ApiException
 
 from relora_sandbox.jobs import Fault
-from tests.conftest import wait_for
+from tests.conftest import kubectl_binary, wait_for
 from tests.fault_kit import (
     FAKE_TRAINER,
     Cluster,
@@ -544,3 +546,51 @@ def test_a_method_edit_mid_run_is_reported_and_applies_to_a_new_job(
     cluster.wait_phase("tuned", "Succeeded", "Failed")
     status = _assert_succeeded(cluster, "tuned", ["one"])
     assert "message" not in status["adapters"][0]
+
+
+def test_a_forged_finished_status_is_reverted(
+    sandbox: Any, cluster: Cluster, operator: OperatorProcess, trainers: Trainers
+) -> None:
+    """`kubectl patch --subresource=status` turning a failed migration into a ready one (what a
+    user allowed to write the status could do, and Ready gates rollouts): the operator finds
+    that the entry does not carry its seal and derives it again, with a Warning event; once the
+    Job is gone, a new Job reads the result again."""
+    cluster.create(fake_manifest("forged", cluster.namespace, ["one"], trainers))
+    trainers.wait_started("one")
+    trainers.release("one", "not-ready")
+    cluster.wait_phase("forged", "Failed")
+    measured = cluster.adapter("forged", "one")
+    assert measured["reason"] == "NotReady" and measured["seal"]
+    lie = [
+        {"op": "replace", "path": "/status/phase", "value": "Succeeded"},
+        {"op": "replace", "path": "/status/adapters/0/phase", "value": "Succeeded"},
+        {"op": "replace", "path": "/status/adapters/0/reason", "value": "Ready"},
+        {"op": "replace", "path": "/status/adapters/0/result/ready", "value": True},
+    ]
+    kubectl = [kubectl_binary(), f"--kubeconfig={sandbox.kubeconfig_path}", "-n", cluster.namespace]
+    patch = [*kubectl, "patch", "adaptermigration", "forged", "--subresource=status"]
+    subprocess.run([*patch, "--type=json", "-p", json.dumps(lie)], check=True, capture_output=True)
+
+    def reverted() -> bool:
+        entry = cluster.adapter("forged", "one")
+        phase = cluster.status("forged")["phase"]
+        return bool(entry["reason"] == "NotReady" and phase == "Failed")
+
+    wait_for(reverted, timeout=30, what="the forged status reverted")
+    assert cluster.adapter("forged", "one") == measured
+    warnings = [e for e in cluster.events("forged") if e["reason"] == "StatusReverted"]
+    assert len(warnings) == 1 and warnings[0]["type"] == "Warning", warnings
+    assert "(Succeeded/Ready) was not written by the operator" in warnings[0]["message"]
+
+    # The Job gone (its TTL), the lie told again: a new Job reads the result again.
+    (job,) = cluster.jobs("forged")
+    cluster.batch.delete_namespaced_job(
+        job["metadata"]["name"], cluster.namespace, propagation_policy="Background"
+    )
+    wait_for(lambda: not cluster.jobs("forged"), what="the Job gone")
+    subprocess.run([*patch, "--type=json", "-p", json.dumps(lie)], check=True, capture_output=True)
+    cluster.wait_adapter("forged", "one", "Reverifying", "Running")
+    assert cluster.condition("forged", "Ready")["status"] == "False"
+    trainers.wait_started("one", 2)
+    cluster.wait_phase("forged", "Failed")  # the release file still says not-ready
+    assert cluster.adapter("forged", "one")["reason"] == "NotReady"

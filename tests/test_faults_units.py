@@ -75,7 +75,7 @@ def _pod(name: str, phase: str, owner_uid: str | None = None) -> Obj:
 
 def _migration(spec: AdapterMigrationSpec, adapters: list[Obj]) -> observe.Migration:
     return observe.Migration(
-        "m", "ns", "uid-1", 1, spec, {"adapters": adapters} if adapters else {}
+        "m", "ns", "uid-1", 1, spec, {"adapters": adapters} if adapters else {}, b"k" * 32
     )
 
 
@@ -194,6 +194,7 @@ def _run_job(
     termination = tmp_path / "termination-log"
     monkeypatch.setenv(contract.ENV_MIGRATION, contract.single_adapter_spec(spec, "one"))
     monkeypatch.setenv(contract.ENV_ADAPTER, "one")
+    monkeypatch.setenv(contract.ENV_OWNER, contract.owner("ns", "m", "uid-1"))
     monkeypatch.setenv(contract.ENV_TERMINATION_LOG, str(termination))
     monkeypatch.chdir(tmp_path)
 

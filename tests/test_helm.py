@@ -15,7 +15,7 @@ import yaml
 
 import relora_operator
 from relora_operator import __main__ as operator_main
-from relora_operator import job_builder, settings
+from relora_operator import job_builder, seals, settings
 from relora_operator.api import resource
 from relora_operator.api.spec import AdapterMigrationSpec
 from tests.conftest import ROOT
@@ -23,6 +23,7 @@ from tests.helm_chart import (
     CHART,
     KUBE_VERSION,
     container,
+    container_env,
     helm,
     one,
     operator_rules,
@@ -50,6 +51,7 @@ EVERYTHING_ON: dict[str, Any] = {
 BUILT_IN = {
     "CustomResourceDefinition",
     "ServiceAccount",
+    "Secret",
     "ClusterRole",
     "ClusterRoleBinding",
     "Role",
@@ -61,7 +63,10 @@ BUILT_IN = {
 
 
 def _env(docs: list[dict[str, Any]]) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in container(docs)["env"]}
+    """The settings the chart gives the operator (the seal key apart: a generated secret)."""
+    env = container_env(docs)
+    env.pop(seals.KEY_ENV)
+    return env
 
 
 def _arg(docs: list[dict[str, Any]], flag: str) -> list[str]:
@@ -80,6 +85,7 @@ QUIET: dict[str, Any] = {
     "crds": {"install": False},
     "rbac": {"create": False},
     "serviceAccount": {"create": False, "name": "existing"},
+    "operator": {"sealKey": {"existingSecret": "own-seal-key"}},
 }
 
 
@@ -109,6 +115,7 @@ def test_default_install_objects() -> None:
         "ClusterRoleBinding",
         "CustomResourceDefinition",
         "Deployment",
+        "Secret",
         "Service",
         "ServiceAccount",
     ]
@@ -348,6 +355,21 @@ def test_bring_your_own_service_account_and_rbac() -> None:
     docs = render(QUIET)
     assert sorted(d["kind"] for d in docs) == ["Deployment", "NetworkPolicy"]
     assert one(docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "existing"
+    (key,) = [e for e in container(docs)["env"] if e["name"] == seals.KEY_ENV]
+    assert key["valueFrom"]["secretKeyRef"] == {"name": "own-seal-key", "key": "key"}
+
+
+def test_the_seal_key_is_a_generated_secret_kept_across_upgrades() -> None:
+    """The key that signs finished outcomes: generated (long enough for the operator), kept on
+    uninstall, read by the operator from the Secret (never a plain value in the Deployment)."""
+    docs = render()
+    secret = one(docs, "Secret")
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    (key,) = [e for e in container(docs)["env"] if e["name"] == seals.KEY_ENV]
+    assert key["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": "key"}
+    value, given = seals.key_from_env(container_env(docs))
+    assert given and len(value) >= seals.MIN_KEY_LENGTH
+    assert container_env(render())[seals.KEY_ENV] != value.decode(), "a fresh install: a new key"
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,16 @@ from kubernetes import client, config
 from relora_operator.api.resource import GROUP, PLURAL, VERSION
 from relora_sandbox import processes
 from tests.conftest import kubectl_binary, untyped, wait_for
-from tests.helm_chart import CHART, container, helm, one, render, rules_of, values_file
+from tests.helm_chart import (
+    CHART,
+    container,
+    container_env,
+    helm,
+    one,
+    render,
+    rules_of,
+    values_file,
+)
 from tests.test_argocd import health
 
 TOKEN = "relora-operator-e2e"  # tells the operator's requests apart from the test's
@@ -136,12 +145,12 @@ def audit(sandbox: Any) -> Iterator[list[Request]]:
 
 
 def _start_operator(
-    deployment_container: dict[str, Any], kubeconfig: Path, log: Path
+    docs: list[dict[str, Any]], kubeconfig: Path, log: Path
 ) -> subprocess.Popen[bytes]:
-    """`relora-operator` (the image's entrypoint) with the Deployment's args and env."""
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
-    for variable in deployment_container["env"]:
-        env[variable["name"]] = variable["value"]
+    """`relora-operator` (the image's entrypoint) with the Deployment's args and env (the seal
+    key from the chart's Secret)."""
+    deployment_container = container(docs)
+    env = {**os.environ, **container_env(docs), "KUBECONFIG": str(kubeconfig)}
     argv = [sys.executable, "-m", "relora_operator", *deployment_container["args"]]
     [liveness] = [a for a in deployment_container["args"] if a.startswith("--liveness=")]
     port = int(re.findall(r":(\d+)/", liveness)[0])
@@ -206,7 +215,7 @@ def test_chart_installs_and_its_operator_creates_the_job(
     kubeconfig = tmp_path / "operator-kubeconfig"
     kubeconfig.write_text(yaml.safe_dump(operator_kubeconfig))
     log = tmp_path / "operator.log"
-    process = _start_operator(container(docs), kubeconfig, log)
+    process = _start_operator(docs, kubeconfig, log)
     try:
         cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(_migration("chart", watched)))
         batch = untyped(client.BatchV1Api(cluster.api))

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import datetime
 from typing import Any
 
-from relora_operator import contract, metrics, naming, observe
+from relora_operator import contract, metrics, naming, observe, seals
 from relora_operator.api.resource import AdapterMigration
 from relora_operator.api.status import AdapterMigrationStatus, AdapterProgress
 
 NOW = datetime.datetime(2026, 11, 29, 12, 0, 0, tzinfo=datetime.UTC)
 UID = "uid-1"
+KEY = b"k" * 32
 
 
 def _migration(
@@ -19,7 +21,7 @@ def _migration(
     manifest["spec"].pop("queueName", None)
     manifest["spec"].update(spec)
     parsed = AdapterMigration.from_manifest(manifest)
-    return observe.Migration(parsed.metadata.name, "ml", UID, 1, parsed.spec, status or {})
+    return observe.Migration(parsed.metadata.name, "ml", UID, 1, parsed.spec, status or {}, KEY)
 
 
 def _job(
@@ -258,3 +260,84 @@ def test_transitions_are_counted_once(manifest: dict[str, Any]) -> None:
     metrics.record_transitions(new, new)  # a re-derived status counts nothing
     assert finished._value.get() == before + 2
     assert metrics.TIME_TO_READINESS._sum.get() == histogram_before + 25.0
+
+
+# ---------------------------------------------------------------- forged status
+def _forge(status: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """``status`` with its first adapter changed by someone other than the operator."""
+    forged = copy.deepcopy(status)
+    forged["adapters"][0].update(changes)
+    return forged
+
+
+def _failed_world() -> tuple[list[dict[str, Any]], dict[str, list[Any]]]:
+    """sentiment's Job failed on bad input; news-topic's Job completed, ready."""
+    bad = contract.Outcome(kind="error", reason="InvalidData", message="no examples").encode()
+    jobs = [
+        _job("sentiment", conditions=[_true("Failed", "PodFailurePolicy", "exit code 3")]),
+        _job("news-topic", conditions=[_true("Complete")]),
+    ]
+    pods = {
+        "job-sentiment": [_pod("p1", "Failed", **_terminated(bad, 3))],
+        "job-news-topic": [_pod("p2", "Succeeded", **_terminated(_result(True), 0))],
+    }
+    return jobs, pods
+
+
+def test_finished_entries_are_sealed_and_kept(manifest: dict[str, Any]) -> None:
+    jobs, pods = _failed_world()
+    status, _ = observe.observe(_migration(manifest), jobs, pods, {}, NOW)
+    assert all(seals.genuine(KEY, UID, a) for a in status["adapters"])
+    assert not seals.genuine(b"another key" * 4, UID, status["adapters"][0])
+    assert not seals.genuine(KEY, "another-uid", status["adapters"][0]), "no replay elsewhere"
+    # Kept as is once the Jobs are gone (deleted by their TTL).
+    again, actions = observe.observe(_migration(manifest, status), [], {}, {}, NOW)
+    assert again["adapters"] == status["adapters"] and actions.create == []
+
+
+def test_a_forged_success_is_derived_again_from_the_job(manifest: dict[str, Any]) -> None:
+    jobs, pods = _failed_world()
+    status, _ = observe.observe(_migration(manifest), jobs, pods, {}, NOW)
+    assert status["phase"] == "Failed"
+    forged = _forge(status, phase="Succeeded", reason="Ready", message="all good")
+    forged["phase"] = "Succeeded"
+    for condition in forged["conditions"]:
+        if condition["type"] == "Ready":
+            condition.update(status="True", reason="Succeeded")
+    again, actions = observe.observe(_migration(manifest, forged), jobs, pods, {}, NOW)
+    assert again == status, "what the operator measured, exactly"
+    reverted = [e for e in actions.events if e[1] == "StatusReverted"]
+    assert reverted == [
+        (
+            "Warning",
+            "StatusReverted",
+            "status.adapters[sentiment] (Succeeded/Ready) was not written by the operator and "
+            "does not count: restored from Job job-sentiment",
+        )
+    ]
+    # A copied seal does not help either: it signs another entry.
+    copied = _forge(status, phase="Succeeded", reason="Ready", seal=status["adapters"][1]["seal"])
+    again, actions = observe.observe(_migration(manifest, copied), jobs, pods, {}, NOW)
+    assert again == status and [e[1] for e in actions.events].count("StatusReverted") == 1
+
+
+def test_a_forged_result_whose_job_is_gone_is_read_again_by_a_new_job(
+    manifest: dict[str, Any],
+) -> None:
+    jobs, pods = _failed_world()
+    status, _ = observe.observe(_migration(manifest), jobs, pods, {}, NOW)
+    forged = _forge(status, phase="Succeeded", reason="Ready")
+    again, actions = observe.observe(_migration(manifest, forged), [], {}, {}, NOW)
+    assert [a.name for a in actions.create] == ["sentiment"], "only the forged one"
+    entry = again["adapters"][0]
+    assert entry["phase"] == "Pending" and entry["reason"] == "Reverifying"
+    assert "seal" not in entry and again["phase"] != "Succeeded"
+    assert _ready(again)["status"] == "False"
+    assert again["adapters"][1] == status["adapters"][1], "the genuine one is kept"
+    assert [e[1] for e in actions.events].count("StatusReverted") == 1
+    # The new Job runs: still Reverifying until it finishes, then its outcome counts.
+    running = [_job("sentiment")]
+    later, more = observe.observe(
+        _migration(manifest, again), running, {"job-sentiment": [_pod("p3", "Running")]}, {}, NOW
+    )
+    assert later["adapters"][0]["phase"] == "Running" and more.create == []

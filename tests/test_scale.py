@@ -157,7 +157,7 @@ def test_phases_are_counted_per_migration_and_echoes_skipped(
     api: Any, namespace: str, migrations: Any
 ) -> None:
     settings = Settings(trainer_command=scale.stand_in_command(), metrics_port=0)
-    operator = handlers.Operator(settings, Kube(api))
+    operator = handlers.Operator(settings, Kube(api), b"k" * 32)
     index: dict[str, list[dict[str, Any]]] = {}
     operator.indexes["migrations_by_uid"] = index
     uids = []

@@ -1,7 +1,8 @@
 """The contract between the operator and the trainer pods it starts: one source for both sides.
 
 Operator -> trainer: environment variables (the spec of one adapter's migration as JSON, the
-adapter's name, where each PVC claim is mounted, where to write the termination message).
+adapter's name, the migration that owns the output, where each PVC claim is mounted, where to
+write the termination message).
 
 Trainer -> operator, without any Kubernetes API rights for the trainer (least privilege; the
 operator is the only writer of the AdapterMigration status):
@@ -27,6 +28,7 @@ from relora_operator.api.status import MAX_COEFFICIENTS, AdapterProgress
 
 ENV_MIGRATION = "RELORA_MIGRATION"
 ENV_ADAPTER = "RELORA_ADAPTER"
+ENV_OWNER = "RELORA_OWNER"
 ENV_PVC_MOUNTS = "RELORA_PVC_MOUNTS"
 ENV_TERMINATION_LOG = "RELORA_TERMINATION_LOG"
 TERMINATION_LOG = "/dev/termination-log"
@@ -78,6 +80,11 @@ class Outcome(BaseModel):
             return cls.model_validate_json(text.strip())
         except ValidationError:
             return None
+
+
+def owner(namespace: str, name: str, uid: str) -> str:
+    """The ENV_OWNER value: the migration the trainer writes for (its output's owner)."""
+    return json.dumps({"namespace": namespace, "name": name, "uid": uid}, sort_keys=True)
 
 
 def last_progress(log: str) -> AdapterProgress | None:

@@ -27,7 +27,7 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 from urllib3.exceptions import HTTPError
 
-from relora_operator import contract, job_builder, metrics, naming, observe, validation
+from relora_operator import contract, job_builder, metrics, naming, observe, seals, validation
 from relora_operator.api.resource import GROUP, PLURAL, VERSION
 from relora_operator.api.spec import Adapter, AdapterMigrationSpec
 from relora_operator.api.status import MAX_MESSAGE, AdapterProgress
@@ -71,9 +71,10 @@ class Poker:
 class Operator:
     """What the handlers share: settings, the API client, the indexes and the poker."""
 
-    def __init__(self, settings: Settings, kube: Kube) -> None:
+    def __init__(self, settings: Settings, kube: Kube, seal_key: bytes) -> None:
         self.settings = settings
         self.kube = kube
+        self.seal_key = seal_key
         self.poker = Poker(self.reconcile)
         self.indexes: dict[str, Any] = {}
         self.log_checked: dict[str, float] = {}
@@ -166,7 +167,9 @@ class Operator:
         jobs = await self.kube.list_jobs(namespace, selector)
         pods, strays = _pods_by_job(jobs, await self.kube.list_pods(namespace, selector))
         progress = await self._progress(namespace, uid, jobs, pods)
-        migration = observe.Migration(name, namespace, uid, meta.get("generation", 1), spec, status)
+        migration = observe.Migration(
+            name, namespace, uid, meta.get("generation", 1), spec, status, self.seal_key
+        )
         now = datetime.datetime.now(datetime.UTC)
         wanted = {
             adapter.name: self._job(name, namespace, uid, spec, adapter)
@@ -372,7 +375,14 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # Off: no list/watch of CRDs and namespaces, so a single-namespace install needs no
     # cluster-scoped RBAC (the chart's namespaced mode).
     settings.scanning.disabled = not options.cluster_scanning
-    operator = Operator(options, Kube.connect())
+    seal_key, given = seals.key_from_env()
+    if not given:
+        LOG.warning(
+            "%s is not set: finished outcomes are signed with a key of this process only, so "
+            "after a restart each is derived again (from its Job, or a new Job)",
+            seals.KEY_ENV,
+        )
+    operator = Operator(options, Kube.connect(), seal_key)
     memo["relora"] = operator
     metrics.serve(options.metrics_port)
     memo["resync"] = asyncio.get_running_loop().create_task(operator.resync())

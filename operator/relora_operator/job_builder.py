@@ -52,6 +52,7 @@ def build_job(
     env: list[dict[str, Any]] = [
         {"name": contract.ENV_MIGRATION, "value": contract.single_adapter_spec(spec, adapter.name)},
         {"name": contract.ENV_ADAPTER, "value": adapter.name},
+        {"name": contract.ENV_OWNER, "value": contract.owner(namespace, name, uid)},
         {"name": contract.ENV_PVC_MOUNTS, "value": json.dumps(mounts, sort_keys=True)},
         {"name": contract.ENV_TERMINATION_LOG, "value": contract.TERMINATION_LOG},
         {"name": "HF_HOME", "value": "/tmp/hf"},

@@ -16,7 +16,7 @@ import datetime
 from dataclasses import dataclass, field
 from typing import Any
 
-from relora_operator import contract, naming
+from relora_operator import contract, naming, seals
 from relora_operator.api.spec import Adapter, AdapterMigrationSpec
 from relora_operator.api.status import MAX_MESSAGE, AdapterProgress
 
@@ -31,7 +31,7 @@ BLOCKING_WAITS = (
 )
 
 # Reasons for something of the operator's deleted behind its back: the message says what.
-AFTER_DELETION = ("JobRecreated", "WaitingForOldPod")
+AFTER_DELETION = ("JobRecreated", "WaitingForOldPod", "Reverifying")
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class Migration:
     generation: int
     spec: AdapterMigrationSpec
     status: Obj  # the status as last written (wire form), {} at first
+    seal_key: bytes  # signs finished entries (relora_operator.seals)
 
 
 @dataclass
@@ -115,6 +116,9 @@ def _adapter_status(
     strays: list[Obj] | None = None,
 ) -> Obj:
     spec = migration.spec
+    key, uid = migration.seal_key, migration.uid
+    if previous and previous.get("phase") in FINAL and not seals.genuine(key, uid, previous):
+        previous = _forged(adapter, previous, job, actions)
     if (
         previous
         and previous.get("phase") in FINAL
@@ -146,6 +150,8 @@ def _adapter_status(
                 "jobName": job_name,
             }
         actions.create.append(adapter)
+        if previous and previous.get("reason") == "Reverifying":
+            return {**previous, "jobName": job_name}
         if previous and previous.get("phase") not in FINAL and "attempts" in previous:
             # Its Job had been seen, unfinished: someone deleted it.
             return {
@@ -220,6 +226,35 @@ def _adapter_status(
         actions.fail.append((name, reason, text))
         return {**base, "phase": "Failed", "reason": reason, "message": _cut(text)}
     return {**base, "phase": "Pending", "reason": reason, "message": _cut(message)}
+
+
+def _forged(adapter: Adapter, entry: Obj, job: Obj | None, actions: Actions) -> Obj | None:
+    """A finished entry without the operator's seal: say so, and tell the caller what to derive
+    it from instead (the Job when it exists; else a new Job re-reads the output)."""
+    claimed = f"{entry.get('phase')}/{entry.get('reason')}"
+    if job is not None:
+        source = f"restored from Job {job['metadata']['name']}"
+        replacement = None
+    else:
+        source = "its Job is gone, so a new Job reads the result again from the output"
+        replacement = {
+            "name": adapter.name,
+            "phase": "Pending",
+            "reason": "Reverifying",
+            "message": f"the finished outcome in the status ({claimed}) was not the operator's; "
+            "a new Job reads the result again from the output",
+        }
+    actions.events.append(
+        (
+            "Warning",
+            "StatusReverted",
+            _cut(
+                f"status.adapters[{adapter.name}] ({claimed}) was not written by the operator "
+                f"and does not count: {source}"
+            ),
+        )
+    )
+    return replacement
 
 
 def _stale(job: Obj, wanted: str | None) -> bool:
@@ -413,6 +448,9 @@ def observe(
         wanted = (templates or {}).get(adapter.name)
         if job is not None and entry is not previous.get(adapter.name) and _stale(job, wanted):
             entry = _note_stale(entry, job)
+        if entry["phase"] in FINAL:
+            seal = seals.sign(migration.seal_key, migration.uid, entry)
+            entry = {**entry, seals.SEAL_FIELD: seal}
         adapters.append(entry)
     finished = [a for a in adapters if a["phase"] in FINAL]
     if len(finished) == len(adapters):

@@ -214,10 +214,12 @@ def _evaluate(expression: str, value: str, old: str | None) -> bool:
     """A CEL rule on JSON values; memoized: CEL is pure, and cel-python takes about a
     millisecond per rule, so a status write, which leaves the spec as it was, or many resources
     with the same values would otherwise spend most of the API server's time here."""
-    activation = {"self": json_to_cel(json.loads(value))}
-    if old is not None:
-        activation["oldSelf"] = json_to_cel(json.loads(old))
     try:
+        # A value out of CEL's types (an integer past int64) fails here: the schema's own
+        # checks have already refused it.
+        activation = {"self": json_to_cel(json.loads(value))}
+        if old is not None:
+            activation["oldSelf"] = json_to_cel(json.loads(old))
         return bool(_program(expression).evaluate(activation))
     except Exception as error:
         raise _Unevaluable(str(error)) from error

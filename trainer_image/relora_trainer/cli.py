@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import secrets
 import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from relora_operator import __version__, crd, manifests, validation
+from relora_operator import __version__, crd, manifests, seals, validation
 from relora_operator.api import resource
 from relora_trainer.bench import commands as bench_commands
 from relora_trainer.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_USAGE
@@ -113,6 +114,7 @@ def _cmd_sandbox(args: argparse.Namespace) -> int:
             "RELORA_TRAINER_COMMAND": trainer,
             "RELORA_RESYNC_SECONDS": "2",
             "RELORA_METRICS_PORT": str(args.metrics_port),
+            seals.KEY_ENV: _sandbox_seal_key(Path(args.workdir)),
         }
         argv = [
             sys.executable,
@@ -214,6 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("crd", help="print the AdapterMigration CRD (YAML)")
     show.set_defaults(handler=_cmd_crd)
     return parser
+
+
+def _sandbox_seal_key(workdir: Path) -> str:
+    """The operator's seal key for this sandbox, kept in its folder (a restart keeps it)."""
+    path = workdir / "seal-key"
+    if not path.is_file():
+        workdir.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

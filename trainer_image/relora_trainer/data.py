@@ -17,6 +17,9 @@ from relora_trainer.errors import InvalidData, MissingInput
 
 MAX_LINE_BYTES = 1_000_000
 IGNORE_INDEX = -100
+MAX_CHOICES = 64
+"""Distinct completions an accuracy score chooses among (each example is scored against every
+one of them): a classification task has a few; free-form completions need the loss metric."""
 
 
 @dataclass(frozen=True)

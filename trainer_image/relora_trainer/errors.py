@@ -64,6 +64,32 @@ class OutputNotWritable(BadInput):
     reason = "OutputNotWritable"
 
 
+class InvalidOutput(BadInput):
+    """An output folder that is, contains or lies inside an input of the same migration."""
+
+    reason = "InvalidOutput"
+
+
+class OutputInUse(BadInput):
+    """An output folder that belongs to another migration (or holds files relora did not
+    write), or that another migration is writing right now."""
+
+    reason = "OutputInUse"
+
+
+class OutsideClaim(BadInput):
+    """A pvc:// path that leads out of its claim's folder (through a symbolic link)."""
+
+    reason = "OutsideClaim"
+
+
+class OutputBusy(RuntimeError):
+    """The output folder is locked by another run of the same migration (a pod of an earlier
+    attempt still ending): not bad input, a later attempt will get it."""
+
+    reason = "OutputBusy"
+
+
 class CorpusError(RuntimeError):
     """A testbed corpus could not be obtained; the one-line message says what to do. (Not a
     migration input, so not a BadInput: it has no status reason.)"""

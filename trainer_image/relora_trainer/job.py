@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from relora_operator import contract
 from relora_operator.api.spec import Adapter, AdapterMigrationSpec
-from relora_trainer import errors, storage
+from relora_trainer import errors, ownership, storage
 from relora_trainer.storage import Storage
 
 if TYPE_CHECKING:
@@ -60,13 +60,21 @@ def _write(outcome: contract.Outcome) -> None:
         print(f"cannot write the termination message to {path}: {error}", file=sys.stderr)
 
 
-def _request() -> tuple[AdapterMigrationSpec, Adapter, Storage]:
-    """The spec, the adapter and the storage this pod is asked to work with (BadInput if
-    the environment the operator sets is missing or wrong)."""
+def _request() -> tuple[AdapterMigrationSpec, Adapter, Storage, ownership.Owner]:
+    """The spec, the adapter, the storage and the owner this pod is asked to work with
+    (BadInput if the environment the operator sets is missing or wrong)."""
     raw = os.environ.get(contract.ENV_MIGRATION)
     name = os.environ.get(contract.ENV_ADAPTER)
-    if not raw or not name:
-        raise errors.BadInput(f"{contract.ENV_MIGRATION} and {contract.ENV_ADAPTER} must be set")
+    owned = os.environ.get(contract.ENV_OWNER)
+    if not raw or not name or not owned:
+        raise errors.BadInput(
+            f"{contract.ENV_MIGRATION}, {contract.ENV_ADAPTER} and {contract.ENV_OWNER} must be set"
+        )
+    try:
+        fields = json.loads(owned)
+        owner = ownership.Owner(str(fields["namespace"]), str(fields["name"]), str(fields["uid"]))
+    except (ValueError, KeyError, TypeError) as error:
+        raise errors.BadInput(f"{contract.ENV_OWNER}: not the operator's owner record") from error
     try:
         spec = AdapterMigrationSpec.model_validate_json(raw)
     except ValidationError as error:
@@ -76,15 +84,18 @@ def _request() -> tuple[AdapterMigrationSpec, Adapter, Storage]:
         raise errors.BadInput(f"no adapter named {name!r} in {contract.ENV_MIGRATION}")
     mounts = json.loads(os.environ.get(contract.ENV_PVC_MOUNTS) or "{}")
     where = Storage(base_dir=Path.cwd(), pvc_mounts={k: Path(v) for k, v in mounts.items()})
-    return spec, adapter, where
+    return spec, adapter, where, owner
 
 
 def run() -> int:
     try:
-        spec, adapter, where = _request()
-        output = f"{spec.output.uri.rstrip('/')}/{adapter.name}"
-        # Before loading anything (minutes on a real model): an output that cannot be written
-        # fails now, as bad input (exit 3: the Job is not retried).
+        spec, adapter, where, owner = _request()
+        output = spec.output_uri(adapter.name)
+        # Before loading anything (minutes on a real model): an output that is an input,
+        # belongs to another migration or cannot be written fails now, as bad input (exit 3:
+        # the Job is not retried).
+        ownership.check_apart(spec, adapter, where)
+        ownership.check_owner(spec, adapter, where, owner)
         folder = where.check_writable(output, what="spec.output")
         from relora_trainer import local_run, migrate, models  # the ML stack: slow to import
         from relora_trainer.progress import JsonLinesProgress
@@ -98,6 +109,7 @@ def run() -> int:
                 bases=bases,
                 storage=where,
                 progress=JsonLinesProgress(),
+                owner=owner,
             )
         except OSError as error:  # the output filling up or turning read-only midway
             found = storage.unwritable(error, what="spec.output", uri=output, folder=folder)
@@ -110,7 +122,7 @@ def run() -> int:
         return contract.EXIT_BAD_INPUT
     except Exception as error:  # report, then let the Job retry
         traceback.print_exc()
-        reason = "InternalError"
+        reason = error.reason if isinstance(error, errors.OutputBusy) else "InternalError"
         _write(
             contract.Outcome(
                 kind="error", reason=reason, message=f"{type(error).__name__}: {error}"

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from relora_operator import manifests, validation
 from relora_operator.api.resource import AdapterMigration
-from relora_trainer import errors, migrate, models
+from relora_trainer import errors, migrate, models, ownership
 from relora_trainer.progress import NullProgress, ProgressSink, RichProgress
 from relora_trainer.report import AdapterReport
 from relora_trainer.storage import Storage
@@ -93,6 +93,11 @@ def run(
             raise errors.BadInput(f"--adapter: no adapter named {unknown} in {path}")
         base_dir = Path.cwd() if path == "-" else Path(path).resolve().parent
         storage = Storage(base_dir=base_dir)
+        meta = migration.metadata
+        owner = ownership.Owner(namespace=meta.namespace or "default", name=meta.name)
+        for adapter in selected:  # refused before minutes of model loading
+            migrate.check_inputs(spec, adapter, storage)
+            ownership.check_owner(spec, adapter, storage, owner)
         chosen = models.pick_device(device)
         console.print(f"Loading models on {chosen} ...")
         bases = migrate.load_bases(spec, storage, chosen)
@@ -102,7 +107,12 @@ def run(
             for adapter in selected:
                 reports.append(
                     migrate.migrate_adapter(
-                        spec=spec, adapter=adapter, bases=bases, storage=storage, progress=sink
+                        spec=spec,
+                        adapter=adapter,
+                        bases=bases,
+                        storage=storage,
+                        progress=sink,
+                        owner=owner,
                     )
                 )
     except manifests.ManifestError as error:
@@ -111,6 +121,9 @@ def run(
     except errors.BadInput as error:
         print(f"error: {error.reason}: {error}", file=sys.stderr)
         return errors.EXIT_BAD_INPUT
+    except errors.OutputBusy as error:
+        print(f"error: {error.reason}: {error}", file=sys.stderr)
+        return errors.EXIT_INTERNAL
     except Exception as error:
         if debug:
             traceback.print_exc()

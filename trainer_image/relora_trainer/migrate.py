@@ -8,7 +8,6 @@ ready, save a PEFT folder and a report. Timing separates loading and reference m
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -23,8 +22,8 @@ from transformers import PreTrainedTokenizerBase
 
 from relora_operator.api.spec import Adapter, AdapterMigrationSpec, Readiness
 from relora_operator.api.status import AdapterProgress
-from relora_trainer import adapters, fusion, models, report, search
-from relora_trainer.data import Encoder, Example, TaskData, read_jsonl
+from relora_trainer import adapters, fusion, models, ownership, report, search
+from relora_trainer.data import MAX_CHOICES, Encoder, Example, TaskData, read_jsonl
 from relora_trainer.errors import InvalidData
 from relora_trainer.finetune import Evaluation, Target, autocast, finetune, look_ahead
 from relora_trainer.progress import NullProgress, ProgressSink
@@ -69,20 +68,12 @@ def load_bases(spec: AdapterMigrationSpec, storage: Storage, device: torch.devic
     return Bases(source, target, tokenizer, device, time.perf_counter() - started)
 
 
-def fingerprint(spec: AdapterMigrationSpec, adapter: Adapter) -> str:
-    """Identifies the work of one adapter: a changed input or method invalidates saved state."""
-    relevant = {
-        "source": spec.source_model.to_wire(),
-        "target": spec.target_model.to_wire(),
-        "adapter": adapter.to_wire(),
-        "method": spec.method.to_wire(),
-    }
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+fingerprint = ownership.fingerprint
 
 
 def output_dir(spec: AdapterMigrationSpec, adapter: Adapter, storage: Storage) -> Path:
     """The local folder an adapter's results are written to before publishing."""
-    return storage.local_path(f"{spec.output.uri.rstrip('/')}/{adapter.name}")
+    return storage.local_path(spec.output_uri(adapter.name), what="spec.output.uri")
 
 
 def _read_data(adapter: Adapter, storage: Storage) -> TaskData:
@@ -100,7 +91,28 @@ def _read_data(adapter: Adapter, storage: Storage) -> TaskData:
         raise InvalidData(
             f"{where}: accuracy needs at least two distinct completions, found {task.choices}"
         )
+    if adapter.readiness.metric == "accuracy" and len(task.choices) > MAX_CHOICES:
+        raise InvalidData(
+            f"{where}: {len(task.choices)} distinct completions; accuracy scores every example "
+            f"against each of them, so it takes at most {MAX_CHOICES} (a classification task): "
+            f"set spec.adapters[{adapter.name}].readiness.metric: loss for free-form completions"
+        )
     return task
+
+
+def check_inputs(spec: AdapterMigrationSpec, adapter: Adapter, storage: Storage) -> None:
+    """What can be refused before any model is loaded: an output that is an input, task data
+    that cannot be used, a search objective the data cannot serve."""
+    ownership.check_apart(spec, adapter, storage)
+    task = _read_data(adapter, storage)
+    objective = spec.method.initialization.objective
+    choosing = spec.method.strategy == "relora" and objective == "choice-loss"
+    if choosing and len(task.choices) > MAX_CHOICES:
+        raise InvalidData(
+            f"spec.method.initialization.objective: choice-loss scores each validation "
+            f"example against every distinct completion, and adapter {adapter.name!r} has "
+            f"{len(task.choices)} (at most {MAX_CHOICES}): use objective: loss"
+        )
 
 
 def readiness_target(readiness: Readiness, source: Quality) -> Target:
@@ -120,10 +132,14 @@ class _Quality:
         self, encoder: Encoder, task: TaskData, device: torch.device, *, metric: str = "accuracy"
     ) -> None:
         self.encoder, self.task, self.device, self.metric = encoder, task, device, metric
+        # Accuracy scores each example against every completion: reported only where bounded.
+        self.scores_choices = len(task.choices) <= MAX_CHOICES
 
     def on(
-        self, model: nn.Module, examples: list[Example], *, with_accuracy: bool = True
+        self, model: nn.Module, examples: list[Example], *, with_accuracy: bool | None = None
     ) -> Quality:
+        if with_accuracy is None:
+            with_accuracy = self.scores_choices
         with autocast(self.device):
             return measure(
                 model,
@@ -156,13 +172,31 @@ def migrate_adapter(
     bases: Bases,
     storage: Storage,
     progress: ProgressSink | None = None,
+    owner: ownership.Owner = ownership.LOCAL,
 ) -> report.AdapterReport:
-    """Migrate one adapter; resumable: state lives in ``<output>/<name>/state``."""
+    """Migrate one adapter; resumable: state lives in ``<output>/<name>/state``. The output
+    folder is claimed for ``owner`` for the whole run (see relora_trainer.ownership)."""
+    check_inputs(spec, adapter, storage)
+    key = fingerprint(spec, adapter)
+    with ownership.Claim(
+        spec=spec, adapter=adapter, storage=storage, owner=owner, work=key
+    ) as claim:
+        return _migrate_claimed(spec, adapter, bases, storage, progress, claim, key)
+
+
+def _migrate_claimed(
+    spec: AdapterMigrationSpec,
+    adapter: Adapter,
+    bases: Bases,
+    storage: Storage,
+    progress: ProgressSink | None,
+    claim: ownership.Claim,
+    key: str,
+) -> report.AdapterReport:
     sink = progress or NullProgress()
     method = spec.method
-    out = output_dir(spec, adapter, storage)
+    out = claim.folder
     state = out / STATE_DIR
-    key = fingerprint(spec, adapter)
     finished = report.load_finished(out, key)
     if finished is not None:
         sink.note(adapter.name, "already migrated with this spec: keeping the existing result")
@@ -212,6 +246,7 @@ def migrate_adapter(
                 scale=scale,
                 rank=rank,
                 journal=state / "search.journal",
+                study_name=f"{search.STUDY_NAME}-{key}",
                 report_trial=lambda k, n, value: sink.update(
                     adapter.name, AdapterProgress(stage="search", trial=k, trials=n)
                 ),
@@ -256,7 +291,8 @@ def migrate_adapter(
             on_step=on_step,
         )
         sink.update(adapter.name, AdapterProgress(stage="saving"))
-        model.save_pretrained(str(out), save_embedding_layers=False)
+        staging = claim.fresh_staging()
+        model.save_pretrained(str(staging), save_embedding_layers=False)
         after_quality = quality.splits(model)
     finally:
         model.unload()
@@ -264,7 +300,7 @@ def migrate_adapter(
     adapter_report = report.AdapterReport.build(
         adapter=adapter,
         strategy=method.strategy,
-        output_uri=f"{spec.output.uri.rstrip('/')}/{adapter.name}",
+        output_uri=spec.output_uri(adapter.name),
         fingerprint=key,
         device=str(bases.device),
         rank=rank,
@@ -275,7 +311,8 @@ def migrate_adapter(
         load_seconds=bases.load_seconds,
         reference_seconds=reference_seconds,
     )
-    report.write(out, adapter_report)
+    report.write(staging, adapter_report)
+    claim.publish(keep=(STATE_DIR,))
     storage.publish(out, adapter_report.output_uri)
     return adapter_report
 
@@ -307,6 +344,7 @@ def _search_init(
     scale: float,
     rank: int,
     journal: Path,
+    study_name: str,
     report_trial: Callable[[int, int, float | None], None],
 ) -> search.SearchResult:
     """Search the fusion coefficients, then load the best fused adapter into ``model``."""
@@ -349,6 +387,7 @@ def _search_init(
         seed=spec.method.seed,
         objective=objective,
         journal=journal,
+        study_name=study_name,
         on_trial=report_trial,
     )
     adapters.load_factors(model, fused(result.coefficients))

@@ -81,6 +81,7 @@ def run_search(
     objective: Callable[[Coefficients], float],
     journal: Path | None = None,
     on_trial: Callable[[int, int, float | None], None] | None = None,
+    study_name: str = STUDY_NAME,
 ) -> SearchResult:
     """Minimize ``objective`` over per-group (alpha, beta); resume from ``journal`` if present."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -90,7 +91,7 @@ def run_search(
         _drop_torn_tail(journal)
         storage = JournalStorage(JournalFileBackend(str(journal)))
     study = optuna.create_study(
-        study_name=STUDY_NAME,
+        study_name=study_name,
         storage=storage,
         direction="minimize",
         sampler=_sampler(config, seed),

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from relora_operator.api import uris
-from relora_trainer.errors import MissingInput, OutputNotWritable, UnsupportedStorage
+from relora_trainer.errors import MissingInput, OutputNotWritable, OutsideClaim, UnsupportedStorage
 
 PVC_ROOT_ENV = "RELORA_PVC_ROOT"
 DEFAULT_PVC_ROOT = "/mnt/pvc"
@@ -50,15 +50,24 @@ class Storage:
     pvc_mounts: dict[str, Path] = field(default_factory=dict)  # claim -> where it is mounted
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "relora")
 
-    def local_path(self, uri: str) -> Path:
-        """The local path for ``uri`` without fetching anything (paths and PVCs only)."""
+    def local_path(self, uri: str, *, what: str = "uri") -> Path:
+        """The local path for ``uri`` without fetching anything (paths and PVCs only); raise
+        OutsideClaim naming ``what`` when a pvc:// path leads out of its claim (a symbolic
+        link inside the volume pointing elsewhere)."""
         parsed = uris.parse_uri(uri)
         if parsed.scheme == "path":
             path = Path(parsed.path)
             return path if path.is_absolute() else self.base_dir / path
         if parsed.scheme == "pvc":
             root = self.pvc_mounts.get(parsed.authority, self.pvc_root / parsed.authority)
-            return root / parsed.path
+            path = root / parsed.path
+            real, real_root = Path(os.path.realpath(path)), Path(os.path.realpath(root))
+            if real != real_root and real_root not in real.parents:
+                raise OutsideClaim(
+                    f"{what}: {uri} leads out of claim {parsed.authority!r} (a symbolic link in "
+                    f"the volume resolves it to {real}); point it at a path inside the claim"
+                )
+            return path
         if parsed.scheme == "s3":
             return self.cache_dir / "s3" / parsed.authority / parsed.path
         return self.cache_dir / "hf" / parsed.authority / parsed.path
@@ -70,7 +79,7 @@ class Storage:
             return self._fetch_hub(parsed, what=what, revision=revision)
         if parsed.scheme == "s3":
             self._copy_s3(f"s3://{parsed.authority}/{parsed.path}", self.local_path(uri), what)
-        path = self.local_path(uri)
+        path = self.local_path(uri, what=what)
         if not path.exists():
             raise MissingInput(f"{what}: {uri} does not exist (looked at {path})")
         return path
@@ -95,7 +104,7 @@ class Storage:
         return path
 
     def _copy_s3(self, remote: str, local: Path, what: str) -> None:
-        filesystem = _s3_filesystem(what)
+        filesystem = s3_filesystem(what)
         if not filesystem.exists(remote):
             raise MissingInput(f"{what}: {remote} does not exist")
         local.parent.mkdir(parents=True, exist_ok=True)
@@ -106,7 +115,7 @@ class Storage:
         work; raise OutputNotWritable naming ``what`` and the reason when that fails."""
         if uris.parse_uri(uri).scheme == "hf":
             raise UnsupportedStorage(f"{what}: hf:// is read-only here; write to a path, pvc or s3")
-        folder = self.local_path(uri)
+        folder = self.local_path(uri, what=what)
         probe = folder / WRITE_CHECK
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -126,10 +135,10 @@ class Storage:
         """Make ``local`` available at ``uri``: a copy for other local paths, an upload to S3."""
         parsed = uris.parse_uri(uri)
         if parsed.scheme == "s3":
-            _s3_filesystem("output").put(str(local), uri, recursive=True)
+            s3_filesystem("output").put(str(local), uri, recursive=True)
         elif parsed.scheme == "hf":
             raise UnsupportedStorage("output: hf:// is read-only here; write to a path, pvc or s3")
-        elif local.resolve() != self.local_path(uri).resolve():
+        elif local.resolve() != self.local_path(uri, what="spec.output.uri").resolve():
             shutil.copytree(local, self.local_path(uri), dirs_exist_ok=True)
 
 
@@ -154,7 +163,7 @@ def _within(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents or path in folder.parents
 
 
-def _s3_filesystem(what: str):  # type: ignore[no-untyped-def]
+def s3_filesystem(what: str):  # type: ignore[no-untyped-def]
     try:
         import fsspec
 

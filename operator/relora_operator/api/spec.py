@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from relora_operator.api import uris
 from relora_operator.api.base import DNS_LABEL_PATTERN, URI, APIModel
@@ -288,13 +288,55 @@ class Method(APIModel):
 
 
 class Output(APIModel):
-    """Where migrated adapters and reports are written: one folder per adapter, by name."""
+    """Where migrated adapters and reports are written: one folder per adapter, by name.
+
+    Each folder URI/NAME is owned by the migration that first wrote it (an ownership record in
+    the folder): another migration never writes into it, unless ``overwrite`` says so. An input
+    of the migration is never overwritten, whatever ``overwrite`` says."""
 
     uri: URI = Field(description="Output root; adapter NAME goes to URI/NAME.")
+    overwrite: bool = Field(
+        default=False,
+        description=(
+            "Replace an output folder that another migration owns, or that holds files relora "
+            "did not write. Default: false (the migration fails with OutputInUse instead)."
+        ),
+    )
+
+
+_CEL_INPUTS = [
+    "self.sourceModel.uri",
+    "self.targetModel.uri",
+    "a.uri",
+    "a.data.train",
+    "a.data.validation",
+    "a.data.test",
+]
+"""The inputs the API server keeps apart from an adapter's output folder: the bases and the
+adapter's own files (another adapter's inputs too would cost CEL budget quadratic in the number
+of adapters; the models and the trainer check those)."""
 
 
 class AdapterMigrationSpec(APIModel):
     """Migrate LoRA adapters trained on sourceModel so that they serve on targetModel."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": uris.cel_outputs_apart(
+                        root="self.output.uri", adapters="self.adapters", inputs=_CEL_INPUTS
+                    ),
+                    "message": (
+                        "an adapter's output folder (output.uri/NAME) must not be, contain or "
+                        "lie inside an input (a model, the adapter or its data); choose "
+                        "another output.uri"
+                    ),
+                    "fieldPath": ".output.uri",
+                }
+            ]
+        }
+    )
 
     source_model: ModelRef = Field(
         description="The old base model the adapters were trained on.",
@@ -405,3 +447,34 @@ class AdapterMigrationSpec(APIModel):
         if self.source_model == self.target_model:
             raise ValueError("sourceModel and targetModel are the same model; nothing to migrate")
         return self
+
+    @model_validator(mode="after")
+    def _outputs_apart(self) -> AdapterMigrationSpec:
+        for adapter in self.adapters:
+            folder = self.output_uri(adapter.name)
+            for field, uri in self.inputs():
+                relation = uris.overlap(folder, uri)
+                if relation is not None:
+                    raise ValueError(
+                        f"output.uri: adapter {adapter.name!r} would be written to {folder}, "
+                        f"which {relation} {field} ({uri}); an output must not be, contain or "
+                        "lie inside an input: choose another output.uri"
+                    )
+        return self
+
+    def output_uri(self, adapter: str) -> str:
+        """Where adapter ``adapter`` is written: output.uri/NAME."""
+        return uris.join(self.output.uri, adapter)
+
+    def inputs(self) -> list[tuple[str, str]]:
+        """(field, URI) of everything the migration reads."""
+        found = [("sourceModel.uri", self.source_model.uri)]
+        found.append(("targetModel.uri", self.target_model.uri))
+        for adapter in self.adapters:
+            where = f"adapters[{adapter.name}]"
+            found.append((f"{where}.uri", adapter.uri))
+            found.append((f"{where}.data.train", adapter.data.train))
+            found.append((f"{where}.data.validation", adapter.data.validation))
+            if adapter.data.test is not None:
+                found.append((f"{where}.data.test", adapter.data.test))
+        return found

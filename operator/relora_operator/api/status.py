@@ -113,6 +113,14 @@ class AdapterStatus(StatusModel):
     attempts: int = Field(default=0, ge=0, le=MAX_COUNT, description="Pods started for it so far.")
     progress: AdapterProgress | None = Field(default=None, description="Live progress.")
     result: AdapterResult | None = Field(default=None, description="Final outcome.")
+    seal: str | None = Field(
+        default=None,
+        max_length=128,
+        description=(
+            "The operator's signature of a finished entry; one changed by anyone else is "
+            "derived again from the Job or the output."
+        ),
+    )
 
 
 class AdapterMigrationStatus(StatusModel):

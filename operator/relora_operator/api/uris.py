@@ -189,3 +189,65 @@ def parse_uri(uri: str) -> ParsedURI:
         )
     path = "/".join(segments[1:]).strip("/")
     return ParsedURI(scheme="pvc" if scheme == "pvc" else "s3", authority=segments[0], path=path)
+
+
+def join(root: str, name: str) -> str:
+    """``root/name``: where an output root puts the folder ``name`` (one '/' between them)."""
+    return f"{root.rstrip('/')}/{name}"
+
+
+def _place(uri: str) -> tuple[str, str, tuple[str, ...]]:
+    """(scheme, authority, path segments) with '.' and empty segments dropped; an absolute
+    plain path has the authority '/'."""
+    parsed = parse_uri(uri)
+    authority = parsed.authority
+    if parsed.scheme == "path" and parsed.path.startswith("/"):
+        authority = "/"
+    segments = tuple(s for s in parsed.path.split("/") if s not in ("", "."))
+    return parsed.scheme, authority, segments
+
+
+Overlap = Literal["is", "contains", "lies inside"]
+
+
+def overlap(uri: str, other: str) -> Overlap | None:
+    """How ``uri`` relates to ``other`` when one is the other or inside it, by their text
+    (a relative and an absolute path are not compared: the trainer compares the folders they
+    resolve to); None when they are apart."""
+    scheme, authority, path = _place(uri)
+    other_scheme, other_authority, other_path = _place(other)
+    if (scheme, authority) != (other_scheme, other_authority):
+        return None
+    if path == other_path:
+        return "is"
+    if path[: len(other_path)] == other_path:
+        return "lies inside"
+    if other_path[: len(path)] == path:
+        return "contains"
+    return None
+
+
+def _cel_apart(output: str, uri: str) -> str:
+    """CEL: the text of ``uri`` is neither the folder ``output`` nor inside it, nor above it."""
+    above = f"({uri}.endsWith('/') ? {uri} : {uri} + '/')"
+    return f"!(({uri} + '/').startsWith({output} + '/') || ({output} + '/').startsWith({above}))"
+
+
+def _cel_present(path: str) -> str:
+    """CEL: every field on ``path`` (``root.a.b``) is set; a missing one is the schema's to
+    report, and the rule must not fail evaluating it."""
+    parts = path.split(".")
+    return " && ".join(f"has({'.'.join(parts[: i + 1])})" for i in range(1, len(parts)))
+
+
+def cel_outputs_apart(*, root: str, adapters: str, inputs: list[str]) -> str:
+    """A CEL rule: every adapter's output folder (``root``/NAME) is apart from its inputs.
+
+    ``adapters`` is the CEL list of adapters (bound to ``a``), ``inputs`` the field paths of the
+    URIs to keep apart (``self.sourceModel.uri``, ``a.data.test``); unset ones are skipped. A
+    textual check for the API server; the models and the trainer also normalize paths and
+    resolve folders."""
+    folder = f"({root}.endsWith('/') ? {root} : {root} + '/') + a.name"
+    listed = " + ".join(f"({_cel_present(path)} ? [{path}] : [])" for path in inputs)
+    apart = f"a, !has(a.name) || ({listed}).all(u, {_cel_apart(folder, 'u')})"
+    return f"!({_cel_present(root)}) || !has({adapters}) || {adapters}.all({apart})"
