@@ -37,8 +37,10 @@ class OperatorProcess:
         logs: Path,
         *,
         trainer: list[str] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.kubeconfig, self.namespace, self.logs = kubeconfig, namespace, logs
+        self.extra_env = env or {}
         self.trainer = trainer or [sys.executable, "-m", "relora_trainer.job"]
         self.metrics_port = processes.free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -53,6 +55,7 @@ class OperatorProcess:
             "RELORA_RESYNC_SECONDS": "1",
             "RELORA_METRICS_PORT": str(self.metrics_port),
             seals.KEY_ENV: SEAL_KEY,
+            **self.extra_env,
         }
         argv = [
             sys.executable,

@@ -40,6 +40,12 @@ CLIENT_CALLS: dict[str, Rule] = {
     "read_namespaced_pod_log": ("", "pods/log", "get"),
     "create_namespaced_event": ("", "events", "create"),
 }
+# leadership.py's calls on the coordination API (in the release namespace only).
+LEASE_CALLS: dict[str, Rule] = {
+    "read_namespaced_lease": ("coordination.k8s.io", "leases", "get"),
+    "create_namespaced_lease": ("coordination.k8s.io", "leases", "create"),
+    "replace_namespaced_lease": ("coordination.k8s.io", "leases", "update"),
+}
 # Kopf posts its own events (handler failures) through the core API.
 KOPF_EVENTS: Rule = ("", "events", "create")
 # Kopf's cluster scanning (RELORA_CLUSTER_SCANNING=true, cluster-wide mode only).
@@ -199,6 +205,19 @@ def client_calls() -> set[str]:
         if isinstance(node, ast.Attribute)
         and _dotted(node.value) in ("self.batch", "self.core", "self.custom")
     }
+
+
+def lease_rules() -> set[Rule]:
+    """The rules leader election needs, from the calls leadership.py makes."""
+    tree = ast.parse((ROOT / "operator" / "relora_operator" / "leadership.py").read_text())
+    calls = {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and _dotted(node.value) == "self.coordination"
+    }
+    unknown = calls - set(LEASE_CALLS)
+    assert not unknown, f"leadership.py calls {sorted(unknown)}: map each to its RBAC rule"
+    return {LEASE_CALLS[call] for call in calls}
 
 
 def watched_resources() -> set[tuple[str, str]]:

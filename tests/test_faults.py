@@ -20,8 +20,10 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from relora_operator import leadership
 from relora_sandbox.jobs import Fault
 from tests.conftest import kubectl_binary, wait_for
 from tests.fault_kit import (
@@ -594,3 +596,56 @@ def test_a_forged_finished_status_is_reverted(
     trainers.wait_started("one", 2)
     cluster.wait_phase("forged", "Failed")  # the release file still says not-ready
     assert cluster.adapter("forged", "one")["reason"] == "NotReady"
+
+
+def test_two_replicas_elect_one_leader_and_the_standby_takes_over(
+    sandbox: Any, cluster: Cluster, trainers: Trainers, tmp_path: Path
+) -> None:
+    """Two operator processes on the same namespace (two replicas of the Deployment): one
+    leads, the other stands by (answering its liveness probe) instead of doubling every event;
+    the leader SIGKILLed (no release), the standby takes over once the Lease expires and
+    finishes the migration: one Job, each event once."""
+    lease = {
+        leadership.NAMESPACE_ENV: cluster.namespace,
+        leadership.SECONDS_ENV: "3",
+    }
+
+    def replica(name: str) -> OperatorProcess:
+        return OperatorProcess(
+            Path(sandbox.kubeconfig_path),
+            cluster.namespace,
+            tmp_path / f"{name}.log",
+            trainer=[sys.executable, str(FAKE_TRAINER)],
+            env=lease,
+        )
+
+    first, second = replica("first"), replica("second")
+    first.start()
+    second.start()  # returns once its liveness probe answers: standing by
+    try:
+        coordination = client.CoordinationV1Api(cluster.api)
+
+        def holder() -> str:
+            found = coordination.read_namespaced_lease(leadership.DEFAULT_NAME, cluster.namespace)
+            assert found.spec is not None
+            return str(found.spec.holder_identity or "")
+
+        assert first.process is not None and second.process is not None
+        assert f"-{first.process.pid}-" in holder()
+        wait_for(lambda: "standing by: the lease is held by" in second.tail(), what="a standby")
+        cluster.create(fake_manifest("led", cluster.namespace, ["one"], trainers))
+        trainers.wait_started("one")
+        cluster.wait_adapter("led", "one", "Running")
+        first.kill()
+        wait_for(lambda: f"-{second.process.pid}-" in holder(), timeout=30, what="a new leader")
+        trainers.release("one")
+        cluster.wait_phase("led", "Succeeded", timeout=60)
+        assert len(cluster.jobs("led")) == 1 and len(trainers.attempts("one")) == 1
+        reasons = [e["reason"] for e in cluster.events("led")]
+        for reason in ("AdapterPending", "AdapterRunning", "AdapterSucceeded"):
+            assert reasons.count(reason) == 1, reasons
+        second.stop()  # a clean exit gives the lease up at once
+        wait_for(lambda: holder() == "", timeout=10, what="the lease released")
+    finally:
+        first.stop()
+        second.stop()

@@ -15,7 +15,7 @@ import yaml
 
 import relora_operator
 from relora_operator import __main__ as operator_main
-from relora_operator import job_builder, seals, settings
+from relora_operator import job_builder, leadership, seals, settings
 from relora_operator.api import resource
 from relora_operator.api.spec import AdapterMigrationSpec
 from tests.conftest import ROOT
@@ -25,6 +25,7 @@ from tests.helm_chart import (
     container,
     container_env,
     helm,
+    lease_rules,
     one,
     operator_rules,
     render,
@@ -48,6 +49,7 @@ EVERYTHING_ON: dict[str, Any] = {
 }
 # Kinds that kubernetes-validate knows; ServiceMonitor (a prometheus-operator CRD) is checked
 # by hand below.
+LEASE_ENV = (leadership.NAMESPACE_ENV, leadership.NAME_ENV, leadership.SECONDS_ENV)
 BUILT_IN = {
     "CustomResourceDefinition",
     "ServiceAccount",
@@ -65,7 +67,8 @@ BUILT_IN = {
 def _env(docs: list[dict[str, Any]]) -> dict[str, str]:
     """The settings the chart gives the operator (the seal key apart: a generated secret)."""
     env = container_env(docs)
-    env.pop(seals.KEY_ENV)
+    for variable in (seals.KEY_ENV, *LEASE_ENV):
+        env.pop(variable, None)
     return env
 
 
@@ -115,6 +118,8 @@ def test_default_install_objects() -> None:
         "ClusterRoleBinding",
         "CustomResourceDefinition",
         "Deployment",
+        "Role",
+        "RoleBinding",
         "Secret",
         "Service",
         "ServiceAccount",
@@ -170,8 +175,11 @@ def test_rbac_namespaced_mode_has_no_cluster_scoped_permission() -> None:
     docs = render(NAMESPACED)
     kinds = {d["kind"] for d in docs}
     assert not kinds & {"ClusterRole", "ClusterRoleBinding"}
-    roles = [d for d in docs if d["kind"] == "Role"]
-    bindings = [d for d in docs if d["kind"] == "RoleBinding"]
+    watched = ("team-a", "team-b")
+    roles = [d for d in docs if d["kind"] == "Role" and d["metadata"]["namespace"] in watched]
+    bindings = [
+        d for d in docs if d["kind"] == "RoleBinding" and d["metadata"]["namespace"] in watched
+    ]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
     for role in roles:
@@ -183,6 +191,23 @@ def test_rbac_namespaced_mode_has_no_cluster_scoped_permission() -> None:
     assert "--all-namespaces" not in container(docs)["args"]
     # Kopf must not try to list namespaces or watch CRDs: it has no right to.
     assert settings.Settings.from_env(_env(docs)).cluster_scanning is False
+
+
+def test_leader_election_rights_are_exactly_what_it_calls_in_the_release_namespace() -> None:
+    for values in ({}, NAMESPACED):
+        docs = render(values)
+        [role] = [d for d in docs if d["kind"] == "Role" and "leader" in d["metadata"]["name"]]
+        assert role["metadata"]["namespace"] == "relora-system"
+        assert rules_of(role) == lease_rules()
+        env = container_env(docs)
+        assert env[leadership.NAMESPACE_ENV] == "relora-system"
+        config = leadership.LeaseConfig.from_env(env)
+        assert config is not None and config.name == role["metadata"]["name"].removesuffix(
+            "-leader-election"
+        )
+    off = render({"leaderElection": {"enabled": False}})
+    assert not [d for d in off if d["kind"] == "Role"]
+    assert leadership.LeaseConfig.from_env(container_env(off)) is None
 
 
 def test_operator_rules_are_what_the_readme_lists() -> None:
@@ -225,7 +250,11 @@ def test_deployment_runs_one_hardened_operator() -> None:
     docs = render()
     deployment = one(docs, "Deployment")
     assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    # Leader election on by default: a rolling update's new pod stands by until the old one
+    # hands the Lease over; without it, Recreate (never two operators side by side).
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate"}
+    alone = one(render({"leaderElection": {"enabled": False}}), "Deployment")
+    assert alone["spec"]["strategy"] == {"type": "Recreate"}
     pod = deployment["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == one(docs, "ServiceAccount")["metadata"]["name"]
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -382,7 +411,12 @@ def test_the_seal_key_is_a_generated_secret_kept_across_upgrades() -> None:
         ({"image": {"pullPolicy": "Sometimes"}}, "image.pullPolicy must be one of"),
         ({"image": {"digest": "latest"}}, "image.digest: Does not match pattern"),
         ({"metrics": {"port": 70000}}, "metrics.port: Must be less than or equal to 65535"),
-        ({"replicaCount": 2}, "Additional property replicaCount is not allowed"),
+        ({"replicas": 2}, "Additional property replicas is not allowed"),
+        (
+            {"replicaCount": 2, "leaderElection": {"enabled": False, "leaseSeconds": 15}},
+            "replicaCount > 1 needs leaderElection.enabled: true",
+        ),
+        ({"leaderElection": {"leaseSeconds": 0}}, "leaderElection.leaseSeconds: Must be greater"),
         ({"trainer": {"command": []}}, "trainer.command: Array must have at least 1 items"),
         (
             {"metrics": {"enabled": False, "serviceMonitor": {"enabled": True}}},

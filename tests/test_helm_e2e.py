@@ -32,7 +32,6 @@ from tests.helm_chart import (
     container,
     container_env,
     helm,
-    one,
     render,
     rules_of,
     values_file,
@@ -204,10 +203,14 @@ def test_chart_installs_and_its_operator_creates_the_job(
         "serviceaccount",
         "role.rbac.authorization.k8s.io",
         "rolebinding.rbac.authorization.k8s.io",
+        "secret",
         "service",
         "deployment.apps",
     }, applied
-    role = one(docs, "Role")
+    [role] = [d for d in docs if d["kind"] == "Role" and d["metadata"]["namespace"] == watched]
+    [leases] = [
+        d for d in docs if d["kind"] == "Role" and d["metadata"]["namespace"] == release_namespace
+    ]
     assert cluster.kubectl("get", "role", "-n", watched, role["metadata"]["name"], "-o", "name")
 
     operator_kubeconfig = yaml.safe_load(Path(sandbox.kubeconfig_path).read_text())
@@ -250,18 +253,22 @@ def test_chart_installs_and_its_operator_creates_the_job(
     ready = next(c for c in migration["status"]["conditions"] if c["type"] == "Ready")
     assert health(migration) == {"status": "Progressing", "message": ready["message"]}
 
-    # Every request the operator made is allowed by the chart's Role in the watched namespace.
-    allowed = rules_of(role)
-    made = set()
+    # Every request the operator made is allowed by the chart's Role in its namespace: the
+    # watched one, or the release namespace for the leader election's Lease.
+    allowed = {watched: rules_of(role), release_namespace: rules_of(leases)}
+    made: set[tuple[str, ...]] = set()
+    elected: set[tuple[str, ...]] = set()
     for method, path, query in audit:
         attributes = rbac_attributes(method, path, query)
         if attributes is None:
             assert method == "GET", path  # discovery: allowed to every authenticated user
             continue
         namespace, *rule = attributes
-        assert namespace == watched, f"{method} {path}: outside the watched namespace"
-        made.add(tuple(rule))
-    assert made <= allowed, f"not granted by the chart: {sorted(made - allowed)}"
+        assert namespace in allowed, f"{method} {path}: outside the watched namespace"
+        (made if namespace == watched else elected).add(tuple(rule))
+    assert made <= allowed[watched], f"not granted by the chart: {sorted(made - allowed[watched])}"
+    assert elected <= allowed[release_namespace], sorted(elected)
+    assert ("coordination.k8s.io", "leases", "create") in elected, "it took the Lease"
     assert {
         (GROUP, PLURAL, "list"),
         (GROUP, PLURAL, "watch"),
