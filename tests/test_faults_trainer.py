@@ -5,6 +5,7 @@ for the faults that need no trainer)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -15,9 +16,10 @@ from typing import Any
 
 import pytest
 import torch
+from kubernetes.client.exceptions import ApiException
 
 from relora_operator.api.spec import AdapterMigrationSpec
-from relora_trainer import migrate, storage
+from relora_trainer import migrate, ownership, storage
 from tests.conftest import wait_for
 from tests.fault_kit import Cluster, Obj, OperatorProcess, ensure_crd
 
@@ -264,9 +266,14 @@ def test_a_corrupted_checkpoint_makes_the_trainer_start_over(
     cluster.create(_manifest("torn", cluster.namespace, [adapter], method=method, suspend=True))
     cluster.wait_phase("torn", "Suspended")
     stored = AdapterMigrationSpec.model_validate(cluster.get("torn")["spec"])
-    state = world / "output" / cluster.namespace / "torn" / "one" / migrate.STATE_DIR
+    folder = world / "output" / cluster.namespace / "torn" / "one"
+    state = folder / migrate.STATE_DIR
     state.mkdir(parents=True)
-    (state / migrate.FINGERPRINT_FILE).write_text(migrate.fingerprint(stored, stored.adapters[0]))
+    work = migrate.fingerprint(stored, stored.adapters[0])
+    (state / migrate.FINGERPRINT_FILE).write_text(work)
+    # As a pod of this migration that crashed left it: owned by the migration.
+    owner = ownership.Owner(cluster.namespace, "torn", cluster.get("torn")["metadata"]["uid"])
+    (folder / ownership.OWNER_FILE).write_bytes(ownership.Record(owner, work).encode())
     torn = os.urandom(4096)
     (state / "checkpoint.pt").write_bytes(torn)
     cluster.patch("torn", {"spec": {"suspend": False}})
@@ -282,3 +289,55 @@ def test_a_corrupted_checkpoint_makes_the_trainer_start_over(
     # The state was not thrown away as another spec's (the torn file is still there: no
     # checkpoint was due), so the trainer read it and started over.
     assert (state / "checkpoint.pt").read_bytes() == torn
+
+
+# ---------------------------------------------------------------- 8. outputs are owned
+def _hashes(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_a_second_migration_on_the_same_output_fails_and_changes_nothing(
+    cluster: Cluster, operator: OperatorProcess, world: Path
+) -> None:
+    """Two migrations of one namespace pointed at one output folder, one after the other (the
+    issue's "silently share it"): the second fails with OutputInUse naming the first, as bad
+    input, and not a byte of the first's result changes; an output that is the old adapter is
+    refused by the API server before anything runs."""
+    namespace = cluster.namespace
+    shared = f"pvc://faults/output/{namespace}/shared"
+    method = {"strategy": "reuse"}
+    cluster.create(_manifest("owner", namespace, [_adapter("one")], output=shared, method=method))
+    cluster.wait_phase("owner", "Succeeded", "Failed", timeout=120)
+    result = world / "output" / namespace / "shared" / "one"
+    before = _hashes(result)
+    assert "report.json" in before and ".relora-owner.json" in before
+    inputs = _hashes(world / "adapters")
+    measured = cluster.adapter("owner", "one")
+
+    cluster.create(
+        _manifest("intruder", namespace, [_adapter("one")], output=shared, method=method)
+    )
+    cluster.wait_phase("intruder", "Failed", timeout=120)
+    entry = _failed_once_without_retry(cluster, "intruder", "one", "OutputInUse")
+    assert f"{shared}/one belongs to migration {namespace}/owner" in entry["message"]
+    assert "spec.output.overwrite: true" in entry["message"]
+    assert _hashes(result) == before, "the first migration's result is untouched"
+    assert cluster.adapter("owner", "one") == measured
+
+    with pytest.raises(ApiException) as refused:
+        cluster.create(
+            _manifest(
+                "onto-input",
+                namespace,
+                [_adapter("toy-category")],
+                output="pvc://faults/adapters",
+                method=method,
+            )
+        )
+    assert refused.value.status == 422
+    assert "must not be, contain or lie inside an input" in str(refused.value.body)
+    assert _hashes(world / "adapters") == inputs

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import kopf
 import pytest
 from kopf.testing import KopfRunner
 from kubernetes import client
@@ -64,7 +65,9 @@ def test_kopf_lifecycle_with_finalizers(
     args = (GROUP, VERSION, namespace, PLURAL)
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     argv = ["run", "--standalone", "--namespace", namespace, "--verbose", str(OPERATOR)]
-    with KopfRunner(argv, timeout=60) as runner:
+    # A registry of its own: only the sample's handlers (not those of modules other tests
+    # imported into this process, such as relora_operator.handlers).
+    with KopfRunner(argv, timeout=60, registry=kopf.OperatorRegistry()) as runner:
         custom.create_namespaced_custom_object(
             *args,
             {

@@ -131,7 +131,7 @@ def _real(path: Path) -> Path:
 def read_record(folder: Path) -> Record | None:
     try:
         return Record.decode((folder / OWNER_FILE).read_bytes())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no folder, or a file in its place
         return None
 
 
