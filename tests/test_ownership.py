@@ -15,9 +15,10 @@ import fsspec
 import pytest
 import yaml
 
+from relora_operator import contract
 from relora_operator.api.resource import AdapterMigration
 from relora_operator.validation import validate_manifest
-from relora_trainer import errors, local_run, ownership, storage
+from relora_trainer import errors, job, local_run, migrate, ownership, storage
 from relora_trainer.errors import EXIT_BAD_INPUT, EXIT_NOT_READY, EXIT_OK
 from relora_trainer.storage import Storage
 from tests.conftest import toy_manifest
@@ -78,7 +79,7 @@ def test_an_output_that_is_the_old_adapter_is_refused_by_validation_and_by_the_t
     before = digest(world)
     manifest = _manifest(world, uri=str(world / "adapters"))
     _, problems = validate_manifest(manifest)
-    assert [p.path for p in problems] == ["spec"], problems
+    assert [p.path for p in problems] == ["spec.output"], problems
     assert "would be written to" in str(problems[0]) and "adapters[toy-category].uri" in str(
         problems[0]
     )
@@ -102,10 +103,10 @@ def test_an_output_inside_the_target_model_is_refused(
     before = digest(world)
     manifest = _manifest(world, uri=str(world / "models" / "v2-mild" / "adapters"))
     migration, problems = validate_manifest(manifest)
-    assert migration is None and "lies inside targetModel.uri" in str(problems[0])
+    assert migration is None and "lies inside spec.targetModel.uri" in str(problems[0])
     manifest["spec"]["adapters"][0]["name"] = "v2-mild"  # output = the models folder / v2-mild
     manifest["spec"]["output"] = {"uri": str(world / "models")}
-    assert "which is targetModel.uri" in str(validate_manifest(manifest)[1][0])
+    assert "which is spec.targetModel.uri" in str(validate_manifest(manifest)[1][0])
     assert _run(tmp_path, manifest) == EXIT_BAD_INPUT
     assert digest(world) == before
 
@@ -341,3 +342,41 @@ def test_a_pvc_path_leading_out_of_its_claim_is_refused(tmp_path: Path) -> None:
     with pytest.raises(errors.OutsideClaim):
         where.check_writable("pvc://models/escape/out", what="spec.output")
     assert not (tmp_path / "secret").exists(), "nothing written outside the claim"
+
+
+def test_a_finished_result_is_reported_without_loading_any_model(
+    world: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A retried pod, or the operator re-reading an outcome whose status was forged, gets the
+    owned result from the output in seconds, without loading a base (minutes on a real LLM)."""
+    manifest = _manifest(world)
+    code = _run(tmp_path, manifest)
+    report = json.loads((tmp_path / "output" / TASK / "report.json").read_text())
+
+    def never(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(migrate, "load_bases", never)
+    capsys.readouterr()
+    assert _run(tmp_path, manifest) == code
+    assert "already migrated" in capsys.readouterr().err
+
+    spec = AdapterMigration.from_manifest(manifest).spec
+    termination = tmp_path / "termination-log"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(contract.ENV_MIGRATION, contract.single_adapter_spec(spec, TASK))
+    monkeypatch.setenv(contract.ENV_ADAPTER, TASK)
+    monkeypatch.setenv(contract.ENV_OWNER, contract.owner("default", "toy", "uid-1"))
+    monkeypatch.setenv(contract.ENV_TERMINATION_LOG, str(termination))
+    assert job.run() == EXIT_OK
+    outcome = contract.Outcome.decode(termination.read_text())
+    assert outcome is not None and outcome.kind == "result"
+    assert outcome.steps == report["steps"] and outcome.ready == report["ready"]
+    # Another migration's pod gets nothing of it, and loads nothing either.
+    monkeypatch.setenv(contract.ENV_OWNER, contract.owner("default", "other", "uid-2"))
+    assert job.run() == EXIT_BAD_INPUT
+    outcome = contract.Outcome.decode(termination.read_text())
+    assert outcome is not None and outcome.reason == "OutputInUse"

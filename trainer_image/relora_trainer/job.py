@@ -101,6 +101,10 @@ def run() -> int:
         from relora_trainer.progress import JsonLinesProgress
 
         local_run.quiet_libraries()
+        done = migrate.finished(spec, adapter, where, owner)
+        if done is not None:  # nothing to load: report what the output holds
+            _write(outcome_of(done))
+            return errors.EXIT_OK
         try:
             bases = migrate.load_bases(spec, where, models.pick_device("auto"))
             report = migrate.migrate_adapter(

@@ -98,23 +98,31 @@ def run(
         for adapter in selected:  # refused before minutes of model loading
             migrate.check_inputs(spec, adapter, storage)
             ownership.check_owner(spec, adapter, storage, owner)
-        chosen = models.pick_device(device)
-        console.print(f"Loading models on {chosen} ...")
-        bases = migrate.load_bases(spec, storage, chosen)
-        reports = []
+        results: dict[str, AdapterReport] = {}
+        for adapter in selected:  # finished before: nothing to load for it
+            found = migrate.finished(spec, adapter, storage, owner)
+            if found is not None:
+                results[adapter.name] = found
+                console.print(
+                    f"{adapter.name}: already migrated with this spec: keeping the existing result"
+                )
+        todo = [a for a in selected if a.name not in results]
+        if todo:
+            chosen = models.pick_device(device)
+            console.print(f"Loading models on {chosen} ...")
+            bases = migrate.load_bases(spec, storage, chosen)
         sink: ProgressSink
         with RichProgress(console) if not quiet else _Quiet() as sink:
-            for adapter in selected:
-                reports.append(
-                    migrate.migrate_adapter(
-                        spec=spec,
-                        adapter=adapter,
-                        bases=bases,
-                        storage=storage,
-                        progress=sink,
-                        owner=owner,
-                    )
+            for adapter in todo:
+                results[adapter.name] = migrate.migrate_adapter(
+                    spec=spec,
+                    adapter=adapter,
+                    bases=bases,
+                    storage=storage,
+                    progress=sink,
+                    owner=owner,
                 )
+        reports = [results[a.name] for a in selected]
     except manifests.ManifestError as error:
         print(f"error: {error}", file=sys.stderr)
         return errors.EXIT_USAGE

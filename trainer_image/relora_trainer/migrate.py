@@ -100,6 +100,18 @@ def _read_data(adapter: Adapter, storage: Storage) -> TaskData:
     return task
 
 
+def finished(
+    spec: AdapterMigrationSpec, adapter: Adapter, storage: Storage, owner: ownership.Owner
+) -> report.AdapterReport | None:
+    """The finished result of this very work by this owner, if the output holds one: found
+    before any model is loaded (a retried pod, or the operator re-reading an outcome)."""
+    folder = output_dir(spec, adapter, storage)
+    record = ownership.read_record(folder)
+    if record is None or not record.owner.same(owner):
+        return None
+    return report.load_finished(folder, fingerprint(spec, adapter))
+
+
 def check_inputs(spec: AdapterMigrationSpec, adapter: Adapter, storage: Storage) -> None:
     """What can be refused before any model is loaded: an output that is an input, task data
     that cannot be used, a search objective the data cannot serve."""

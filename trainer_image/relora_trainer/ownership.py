@@ -112,14 +112,14 @@ def check_apart(spec: AdapterMigrationSpec, adapter: Adapter, storage: Storage) 
     for field, uri in spec.inputs():
         if uris.parse_uri(uri).scheme not in ("path", "pvc"):
             continue
-        path = _real(storage.local_path(uri, what=f"spec.{field}"))
+        path = _real(storage.local_path(uri, what=field))
         if path == folder or folder in path.parents or path in folder.parents:
             relation = "is"
             if path != folder:
                 relation = "holds" if folder in path.parents else "lies in"
             raise InvalidOutput(
                 f"spec.output.uri: adapter {adapter.name!r} would be written to {folder}, which "
-                f"{relation} the folder of spec.{field} ({uri} -> {path}); an output must not be, "
+                f"{relation} the folder of {field} ({uri} -> {path}); an output must not be, "
                 "contain or lie inside an input: choose another output.uri"
             )
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from relora_operator.api import uris
 from relora_operator.api.base import DNS_LABEL_PATTERN, URI, APIModel
@@ -448,33 +448,44 @@ class AdapterMigrationSpec(APIModel):
             raise ValueError("sourceModel and targetModel are the same model; nothing to migrate")
         return self
 
-    @model_validator(mode="after")
-    def _outputs_apart(self) -> AdapterMigrationSpec:
-        for adapter in self.adapters:
-            folder = self.output_uri(adapter.name)
-            for field, uri in self.inputs():
-                relation = uris.overlap(folder, uri)
-                if relation is not None:
-                    raise ValueError(
-                        f"output.uri: adapter {adapter.name!r} would be written to {folder}, "
-                        f"which {relation} {field} ({uri}); an output must not be, contain or "
-                        "lie inside an input: choose another output.uri"
-                    )
-        return self
-
     def output_uri(self, adapter: str) -> str:
         """Where adapter ``adapter`` is written: output.uri/NAME."""
         return uris.join(self.output.uri, adapter)
 
     def inputs(self) -> list[tuple[str, str]]:
         """(field, URI) of everything the migration reads."""
-        found = [("sourceModel.uri", self.source_model.uri)]
-        found.append(("targetModel.uri", self.target_model.uri))
-        for adapter in self.adapters:
-            where = f"adapters[{adapter.name}]"
-            found.append((f"{where}.uri", adapter.uri))
-            found.append((f"{where}.data.train", adapter.data.train))
-            found.append((f"{where}.data.validation", adapter.data.validation))
-            if adapter.data.test is not None:
-                found.append((f"{where}.data.test", adapter.data.test))
-        return found
+        return _inputs(self.source_model, self.target_model, self.adapters)
+
+    @field_validator("output")
+    @classmethod
+    def _outputs_apart(cls, output: Output, info: ValidationInfo) -> Output:
+        """No adapter's output folder is, holds or lies inside an input (the fields before
+        ``output`` are validated first; when one of them failed, its own error says so)."""
+        found = [info.data.get(k) for k in ("source_model", "target_model", "adapters")]
+        source, target, adapters = found
+        if source is None or target is None or adapters is None:
+            return output
+        inputs = _inputs(source, target, adapters)
+        for adapter in adapters:
+            folder = uris.join(output.uri, adapter.name)
+            for field, uri in inputs:
+                relation = uris.overlap(folder, uri)
+                if relation is not None:
+                    raise ValueError(
+                        f"adapter {adapter.name!r} would be written to {folder}, which "
+                        f"{relation} {field} ({uri}); an output must not be, contain or lie "
+                        "inside an input: choose another output.uri"
+                    )
+        return output
+
+
+def _inputs(source: ModelRef, target: ModelRef, adapters: list[Adapter]) -> list[tuple[str, str]]:
+    found = [("spec.sourceModel.uri", source.uri), ("spec.targetModel.uri", target.uri)]
+    for adapter in adapters:
+        where = f"spec.adapters[{adapter.name}]"
+        found.append((f"{where}.uri", adapter.uri))
+        found.append((f"{where}.data.train", adapter.data.train))
+        found.append((f"{where}.data.validation", adapter.data.validation))
+        if adapter.data.test is not None:
+            found.append((f"{where}.data.test", adapter.data.test))
+    return found
