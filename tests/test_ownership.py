@@ -380,3 +380,13 @@ def test_a_finished_result_is_reported_without_loading_any_model(
     assert job.run() == EXIT_BAD_INPUT
     outcome = contract.Outcome.decode(termination.read_text())
     assert outcome is not None and outcome.reason == "OutputInUse"
+
+
+def test_a_result_from_before_ownership_records_says_so(world: Path, tmp_path: Path) -> None:
+    spec = AdapterMigration.from_manifest(_manifest(world)).spec
+    out = tmp_path / "output" / TASK
+    out.mkdir(parents=True)
+    (out / "report.json").write_text("{}")
+    owner = ownership.Owner("default", "toy")
+    with pytest.raises(errors.OutputInUse, match="without an ownership record"):
+        ownership.check_owner(spec, spec.adapters[0], Storage(base_dir=tmp_path), owner)

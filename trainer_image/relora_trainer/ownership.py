@@ -146,6 +146,11 @@ def _refusal(uri: str, record: Record | None, files: list[str]) -> OutputInUse:
     if record is not None:
         return OutputInUse(f"spec.output.uri: {uri} belongs to migration {record.owner}; {fix}")
     shown = ", ".join(files[:5]) + (", ..." if len(files) > 5 else "")
+    if "report.json" in files:  # a result of a relora release before ownership records
+        return OutputInUse(
+            f"spec.output.uri: {uri} holds a result without an ownership record (written by "
+            f"an earlier relora release, or by hand: {shown}); {fix}"
+        )
     return OutputInUse(
         f"spec.output.uri: {uri} holds files that relora did not write ({shown}); {fix}"
     )
