@@ -135,7 +135,7 @@ def test_reference_qualities_are_measured_once_per_pair_of_bases(toy: Any, tmp_p
     )
     renamed = spec.adapters[0].model_copy(update={"name": "again"})
     second = migrate.migrate_adapter(spec=spec, adapter=renamed, bases=bases, storage=storage)
-    assert len(bases.references) == 1
+    assert len(bases.on_target) == len(bases.on_source) == 1
     assert second.quality["source"] == first.quality["source"]
     assert second.quality["before"] == first.quality["before"]
     assert second.seconds["reference"] is not None and first.seconds["reference"] is not None

@@ -110,7 +110,7 @@ def run(
         if todo:
             chosen = models.pick_device(device)
             console.print(f"Loading models on {chosen} ...")
-            bases = migrate.load_bases(spec, storage, chosen)
+            bases = migrate.load_bases(spec, storage, chosen, todo)
         sink: ProgressSink
         with RichProgress(console) if not quiet else _Quiet() as sink:
             for adapter in todo:

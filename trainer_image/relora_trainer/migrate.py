@@ -8,6 +8,7 @@ ready, save a PEFT folder and a report. Timing separates loading and reference m
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import time
@@ -24,7 +25,7 @@ from relora_operator.api.spec import Adapter, AdapterMigrationSpec, Readiness
 from relora_operator.api.status import AdapterProgress
 from relora_trainer import adapters, fusion, models, ownership, report, search
 from relora_trainer.data import MAX_CHOICES, Encoder, Example, TaskData, read_jsonl
-from relora_trainer.errors import InvalidData
+from relora_trainer.errors import IncompatibleModels, InvalidData
 from relora_trainer.finetune import Evaluation, Target, autocast, finetune, look_ahead
 from relora_trainer.progress import NullProgress, ProgressSink
 from relora_trainer.quality import Quality, measure
@@ -36,22 +37,59 @@ FINGERPRINT_FILE = "fingerprint"
 
 @dataclass
 class Bases:
-    """The two base models and the tokenizer, loaded once for all adapters of a migration."""
+    """The target base, the tokenizer and what was measured on the source base, loaded once
+    for all adapters of a migration.
 
-    source: nn.Module
+    One base is resident at a time: the source base is loaded first, only when an adapter
+    needs it (a readiness target relative to the old adapter on the old base), measured and
+    freed; then the target base is loaded. The base evolution W_target - W_source of the
+    adapted modules reads the source's weights one tensor at a time from its files.
+    """
+
     target: nn.Module
     tokenizer: PreTrainedTokenizerBase
     device: torch.device
+    dtype: torch.dtype
     load_seconds: float
-    # Reference qualities (old adapter on the source and on the target) by adapter inputs: the
-    # bases never change, so adapters that share inputs (a benchmark's runs) measure them once.
-    references: dict[str, tuple[dict[str, Quality], dict[str, Quality]]] = field(
-        default_factory=dict
-    )
+    source_dir: Path
+    source_files: models.WeightFiles
+    # The old adapter on the source base, by adapter inputs (measured in the source phase),
+    # and on the target base: adapters that share inputs (a benchmark's runs) measure once.
+    on_source: dict[str, dict[str, Quality]] = field(default_factory=dict)
+    on_target: dict[str, dict[str, Quality]] = field(default_factory=dict)
+    source_seconds: float = 0.0
+    _source: nn.Module | None = None
+
+    def source(self) -> nn.Module:
+        """The source base, loaded again (the slow path: an adapter that was not measured in
+        the source phase, or weights the files name otherwise than the model)."""
+        if self._source is None:
+            self._source = models.load_model(
+                self.source_dir, what="spec.sourceModel", device=self.device, dtype=self.dtype
+            )
+        return self._source
 
 
-def load_bases(spec: AdapterMigrationSpec, storage: Storage, device: torch.device) -> Bases:
-    """Fetch and load both bases; raise IncompatibleModels / InvalidWeights / MissingInput."""
+def _reference_key(adapter: Adapter) -> str:
+    return json.dumps({"uri": adapter.uri, "data": adapter.data.to_wire()}, sort_keys=True)
+
+
+def _needs_source(adapter: Adapter) -> bool:
+    """Whether the readiness target depends on the old adapter on the old base."""
+    return adapter.readiness.target is None
+
+
+def load_bases(
+    spec: AdapterMigrationSpec,
+    storage: Storage,
+    device: torch.device,
+    adapters_to_measure: list[Adapter] | None = None,
+) -> Bases:
+    """Fetch the bases; measure the old adapters that need it on the source base, free it, then
+    load the target. Raise IncompatibleModels / InvalidWeights / MissingInput / InvalidAdapter.
+
+    ``adapters_to_measure`` (default: every adapter of the spec) are measured on the source now;
+    another one measured later loads the source base again."""
     started = time.perf_counter()
     source_dir = storage.fetch(
         spec.source_model.uri, what="spec.sourceModel", revision=spec.source_model.revision
@@ -59,13 +97,60 @@ def load_bases(spec: AdapterMigrationSpec, storage: Storage, device: torch.devic
     target_dir = storage.fetch(
         spec.target_model.uri, what="spec.targetModel", revision=spec.target_model.revision
     )
-    source = models.load_model(source_dir, what="spec.sourceModel", device=device)
-    target = models.load_model(target_dir, what="spec.targetModel", device=device)
-    models.check_compatible(source, target)
-    models.check_finite(source, what="spec.sourceModel")
-    models.check_finite(target, what="spec.targetModel")
+    dtype = models.dtype_for(spec.method.precision, device)
+    # Before minutes of loading: the architectures and the stored shapes agree.
+    models.check_compatible(
+        models.Shape.of_files(source_dir, what="spec.sourceModel"),
+        models.Shape.of_files(target_dir, what="spec.targetModel"),
+    )
     tokenizer = models.load_tokenizer(target_dir, source_dir)
-    return Bases(source, target, tokenizer, device, time.perf_counter() - started)
+    wanted = [a for a in adapters_to_measure or spec.adapters if _needs_source(a)]
+    on_source: dict[str, dict[str, Quality]] = {}
+    source_seconds = 0.0
+    shape: models.Shape | None = None
+    if wanted:
+        source = models.load_model(source_dir, what="spec.sourceModel", device=device, dtype=dtype)
+        models.check_finite(source, what="spec.sourceModel")
+        shape = models.Shape.of(source)
+        measuring = time.perf_counter()
+        for adapter in wanted:
+            key = _reference_key(adapter)
+            if key not in on_source:
+                old, task = _old_adapter(adapter, storage, source), _read_data(adapter, storage)
+                quality = _Quality(Encoder(tokenizer), task, device)
+                on_source[key] = quality.splits(_with_adapter(source, old.config, old.factors))
+        source_seconds = time.perf_counter() - measuring
+        del source  # one base resident at a time
+        _free(device)
+    target = models.load_model(target_dir, what="spec.targetModel", device=device, dtype=dtype)
+    models.check_finite(target, what="spec.targetModel")
+    models.check_compatible(
+        shape or models.Shape.of_files(source_dir, what="spec.sourceModel"), target
+    )
+    return Bases(
+        target,
+        tokenizer,
+        device,
+        dtype,
+        time.perf_counter() - started - source_seconds,
+        source_dir,
+        models.WeightFiles(source_dir, what="spec.sourceModel"),
+        on_source=on_source,
+        source_seconds=source_seconds,
+    )
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _old_adapter(adapter: Adapter, storage: Storage, model: nn.Module) -> adapters.OldAdapter:
+    where = f"spec.adapters[{adapter.name}].uri"
+    old = adapters.read_adapter(storage.fetch(adapter.uri, what=where), what=where)
+    adapters.check_fits(old, model, what=where)
+    return old
 
 
 fingerprint = ownership.fingerprint
@@ -127,10 +212,12 @@ def check_inputs(spec: AdapterMigrationSpec, adapter: Adapter, storage: Storage)
         )
 
 
-def readiness_target(readiness: Readiness, source: Quality) -> Target:
+def readiness_target(readiness: Readiness, source: Quality | None) -> Target:
     """The absolute target: as given, or relative to the old adapter on the old base."""
     if readiness.target is not None:
         return Target(readiness.metric, readiness.target)
+    if source is None:
+        raise ValueError("a relative readiness target needs the old adapter's source quality")
     fraction = readiness.relative_to_source or 1.0
     reference = source.value(readiness.metric)
     value = reference / fraction if readiness.metric == "loss" else reference * fraction
@@ -218,9 +305,7 @@ def _migrate_claimed(
     state.mkdir(parents=True, exist_ok=True)
     (state / FINGERPRINT_FILE).write_text(key)
 
-    where = f"spec.adapters[{adapter.name}].uri"
-    old = adapters.read_adapter(storage.fetch(adapter.uri, what=where), what=where)
-    adapters.check_fits(old, bases.target, what=where)
+    old = _old_adapter(adapter, storage, bases.target)
     task = _read_data(adapter, storage)
     encoder = Encoder(bases.tokenizer)
     quality = _Quality(encoder, task, bases.device, metric=adapter.readiness.metric)
@@ -228,18 +313,21 @@ def _migrate_claimed(
 
     sink.update(adapter.name, AdapterProgress(stage="evaluate"))
     started = time.perf_counter()
-    reference_key = json.dumps({"uri": adapter.uri, "data": adapter.data.to_wire()}, sort_keys=True)
-    if reference_key not in bases.references:
-        on_source = _with_adapter(bases.source, old.config, old.factors)
-        source_quality = quality.splits(on_source)
+    reference_key = _reference_key(adapter)
+    if reference_key not in bases.on_source and _needs_source(adapter):
+        on_source = _with_adapter(bases.source(), old.config, old.factors)
+        bases.on_source[reference_key] = quality.splits(on_source)
         on_source.unload()
+    if reference_key not in bases.on_target:
         on_target = _with_adapter(bases.target, old.config, old.factors)
-        before_quality = quality.splits(on_target)
+        bases.on_target[reference_key] = quality.splits(on_target)
         on_target.unload()
-        bases.references[reference_key] = (source_quality, before_quality)
-    source_quality, before_quality = bases.references[reference_key]
-    reference_seconds = time.perf_counter() - started
-    target = readiness_target(adapter.readiness, source_quality["validation"])
+    source_quality = bases.on_source.get(reference_key)
+    before_quality = bases.on_target[reference_key]
+    reference_seconds = time.perf_counter() - started + bases.source_seconds
+    target = readiness_target(
+        adapter.readiness, source_quality["validation"] if source_quality else None
+    )
 
     rank = method.rank or old.rank
     config = adapters.new_config(old.config, rank=rank, base=spec.target_model.uri)
@@ -317,7 +405,11 @@ def _migrate_claimed(
         device=str(bases.device),
         rank=rank,
         target=target,
-        qualities={"source": source_quality, "before": before_quality, "after": after_quality},
+        qualities={
+            **({"source": source_quality} if source_quality else {}),
+            "before": before_quality,
+            "after": after_quality,
+        },
         search_result=result,
         outcome=outcome,
         load_seconds=bases.load_seconds,
@@ -332,17 +424,28 @@ def _migrate_claimed(
 def _terms(
     old: adapters.OldAdapter, bases: Bases, *, projection: str, scale: float
 ) -> dict[str, fusion.ModuleTerms]:
-    """Per adapted module: the old update and the base evolution W_target - W_source."""
+    """Per adapted module: the old update and the base evolution W_target - W_source (the
+    source weight read from its files, one tensor at a time, in fp32)."""
     fan_in_fan_out = bool(old.config.fan_in_fan_out)
     old_scale = adapters.lora_scale(old.config, old.rank)
     terms = {}
     with torch.no_grad():
         for module, factors in old.factors.items():
-            w_source = adapters.base_weight(bases.source, module, fan_in_fan_out=fan_in_fan_out)
             w_target = adapters.base_weight(bases.target, module, fan_in_fan_out=fan_in_fan_out)
+            stored = bases.source_files.get(f"{module}.weight")
+            if stored is None:  # named otherwise in the files: from the model itself
+                weight = adapters.base_weight(bases.source(), module, fan_in_fan_out=False)
+                stored = weight.detach()
+            w_source = (stored.T if fan_in_fan_out else stored).to(w_target.device)
+            if w_source.shape != w_target.shape:
+                raise IncompatibleModels(
+                    f"weight {module} is {tuple(w_source.shape)} in sourceModel but "
+                    f"{tuple(w_target.shape)} in targetModel"
+                )
             terms[module] = fusion.prepare(
                 factors, w_target.float() - w_source.float(), scale=old_scale, projection=projection
             )
+            del stored, w_source
     return terms
 
 

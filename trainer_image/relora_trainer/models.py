@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -33,11 +37,30 @@ def _read_config(folder: Path, what: str) -> dict[str, object]:
     return loaded
 
 
-def load_model(folder: Path, *, what: str, device: torch.device) -> nn.Module:
-    """An AutoModelForCausalLM from a model folder, in float32 (bf16 autocast is applied later)."""
+PRECISIONS: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+}
+
+
+def dtype_for(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype the bases are loaded in: ``auto`` is bf16 on a GPU that has it, else fp32 (a
+    CPU has no bf16 units). LoRA weights and the optimizer stay in fp32 whatever this is."""
+    if precision != "auto":
+        return PRECISIONS[precision]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_model(
+    folder: Path, *, what: str, device: torch.device, dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """An AutoModelForCausalLM from a model folder, in ``dtype``, frozen, on ``device``."""
     _read_config(folder, what)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     except SafetensorError as error:  # a torn or corrupted weights file: no retry mends it
         raise InvalidWeights(
             f"{what}: a weights file in {folder} is not a readable safetensors file "
@@ -63,16 +86,50 @@ def load_tokenizer(*folders: Path) -> PreTrainedTokenizerBase:
     raise MissingInput(f"no tokenizer found ({'; '.join(problems)})")
 
 
-def check_compatible(source: nn.Module, target: nn.Module) -> None:
-    """Raise IncompatibleModels unless both models have the same architecture and shapes."""
-    kinds = (type(source).__name__, type(target).__name__)
+@dataclass(frozen=True)
+class Shape:
+    """What the compatibility check needs of a model: its class and its weights' shapes."""
+
+    kind: str
+    shapes: dict[str, tuple[int, ...]]
+    partial: bool = False
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Shape:
+        return cls(type(model).__name__, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+
+    @classmethod
+    def of_files(cls, folder: Path, *, what: str) -> Shape:
+        """From config.json and the safetensors headers, without loading a weight. The files
+        may leave out what the model derives (tied embeddings): only common weights are
+        compared then (``partial``)."""
+        config = _read_config(folder, what)
+        architectures = config.get("architectures")
+        kind = str(architectures[0]) if isinstance(architectures, list) and architectures else "?"
+        shapes: dict[str, tuple[int, ...]] = {}
+        files = WeightFiles(folder, what=what)
+        for path in sorted(set(files.files.values())):
+            with _opened(path, what=what) as handle:
+                for key in handle.keys():  # noqa: SIM118 - a safetensors handle, not a dict
+                    shapes[key] = tuple(handle.get_slice(key).get_shape())
+        return cls(kind, shapes, partial=True)
+
+
+def check_compatible(source: nn.Module | Shape, target: nn.Module | Shape) -> None:
+    """Raise IncompatibleModels unless both models have the same architecture and shapes
+    (either may be the Shape of a model not in memory: from files, or freed)."""
+    found = source if isinstance(source, Shape) else Shape.of(source)
+    other = target if isinstance(target, Shape) else Shape.of(target)
+    kinds = (found.kind, other.kind)
     if kinds[0] != kinds[1]:
         raise IncompatibleModels(
             f"sourceModel is a {kinds[0]} but targetModel is a {kinds[1]}; an adapter can only "
             "move between versions of one architecture"
         )
-    source_shapes = {k: tuple(v.shape) for k, v in source.state_dict().items()}
-    target_shapes = {k: tuple(v.shape) for k, v in target.state_dict().items()}
+    source_shapes, target_shapes = found.shapes, other.shapes
+    if found.partial or other.partial:
+        source_shapes = {k: v for k, v in source_shapes.items() if k in target_shapes}
+        target_shapes = {k: v for k, v in target_shapes.items() if k in source_shapes}
     missing = sorted(source_shapes.keys() ^ target_shapes.keys())
     if missing:
         raise IncompatibleModels(
@@ -84,6 +141,51 @@ def check_compatible(source: nn.Module, target: nn.Module) -> None:
             raise IncompatibleModels(
                 f"weight {key} is {shape} in sourceModel but {target_shapes[key]} in targetModel"
             )
+
+
+class WeightFiles:
+    """Single tensors of a model folder's safetensors files, read one at a time (a sharded
+    model's ``model.safetensors.index.json`` included): the base evolution W_target - W_source
+    needs the source's adapted weights, not a second model in memory."""
+
+    def __init__(self, folder: Path, *, what: str) -> None:
+        self.folder, self.what = folder, what
+        index = folder / "model.safetensors.index.json"
+        single = folder / "model.safetensors"
+        self.files: dict[str, Path] = {}
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text()).get("weight_map", {})
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+                raise InvalidWeights(f"{what}: {index} is not a safetensors index") from error
+            self.files = {str(key): folder / str(name) for key, name in weight_map.items()}
+        elif single.is_file():
+            with _opened(single, what=what) as handle:
+                self.files = {key: single for key in handle.keys()}  # noqa: SIM118
+
+    def get(self, key: str) -> torch.Tensor | None:
+        """The tensor ``key`` on the CPU (None if the files do not hold it)."""
+        path = self.files.get(key)
+        if path is None:
+            return None
+        with _opened(path, what=self.what) as handle:
+            tensor: torch.Tensor = handle.get_tensor(key)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InvalidWeights(f"{self.what}: weight {key} has NaN or infinite values")
+        return tensor
+
+
+@contextlib.contextmanager
+def _opened(path: Path, *, what: str) -> Iterator[Any]:
+    """A safetensors file open for reading; InvalidWeights when it is torn or not one."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            yield handle
+    except (SafetensorError, OSError) as error:
+        raise InvalidWeights(
+            f"{what}: a weights file in {path.parent} ({path.name}) is not a readable "
+            f"safetensors file ({' '.join(str(error).split())[:200]})"
+        ) from error
 
 
 def check_finite(model: nn.Module, *, what: str) -> None:

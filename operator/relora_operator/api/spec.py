@@ -39,6 +39,7 @@ Granularity = Literal["global", "module-type", "layer"]
 Projection = Literal["adapter-subspace", "none"]
 RegularizationSchedule = Literal["step", "cosine", "constant", "none"]
 SearchObjective = Literal["loss", "choice-loss", "lookahead"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
 
 
 class ModelRef(APIModel):
@@ -281,6 +282,13 @@ class Method(APIModel):
         default=None, ge=1, le=1024, description="LoRA rank of the output. Default: the old rank."
     )
     seed: int = Field(default=0, ge=0, le=2**31 - 1, description="Random seed.")
+    precision: Precision = Field(
+        default="auto",
+        description=(
+            "dtype of the base models: auto (bf16 on a GPU that has it, else fp32), bf16, fp16 "
+            "or fp32. LoRA weights and the optimizer stay in fp32."
+        ),
+    )
     initialization: Initialization = Field(
         default_factory=Initialization, description="The initialization search (relora only)."
     )

@@ -1,0 +1,147 @@
+"""One base resident at a time, the base evolution read from files, and the precision switch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from relora_operator import validation
+from relora_operator.api.spec import AdapterMigrationSpec
+from relora_trainer import migrate, models
+from relora_trainer.storage import Storage
+from tests.conftest import toy_manifest
+
+CPU = torch.device("cpu")
+
+
+def _spec(toy: Any, tmp_path: Path, **changes: Any) -> AdapterMigrationSpec:
+    manifest = toy_manifest(toy, strategy="relora")
+    manifest["spec"]["output"]["uri"] = str(tmp_path / "out")
+    manifest["spec"]["method"]["initialization"] = {"trials": 3, "validationSamples": 16}
+    manifest["spec"]["method"]["finetune"]["maxSteps"] = 10
+    for key, value in changes.items():
+        if key == "readiness":
+            manifest["spec"]["adapters"][0]["readiness"] = value
+        else:
+            manifest["spec"]["method"][key] = value
+    migration, problems = validation.validate_manifest(manifest)
+    assert migration is not None, problems
+    return migration.spec
+
+
+class Loads:
+    """Which base folders models.load_model was asked for, and whether two were alive at once."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.folders: list[str] = []
+        self.alive: list[Any] = []
+        self.most = 0
+        real = models.load_model
+
+        def load(folder: Path, **kwargs: Any) -> Any:
+            import weakref
+
+            model = real(folder, **kwargs)
+            self.folders.append(Path(folder).name)
+            self.alive = [r for r in self.alive if r() is not None] + [weakref.ref(model)]
+            self.most = max(self.most, len(self.alive))
+            return model
+
+        monkeypatch.setattr(models, "load_model", load)
+
+
+def test_the_source_base_is_measured_then_freed_before_the_target_loads(
+    toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loads = Loads(monkeypatch)
+    spec = _spec(toy, tmp_path)
+    bases = migrate.load_bases(spec, Storage(base_dir=tmp_path), CPU)
+    assert loads.folders == ["v1", "v2-mild"] and loads.most == 1, "one base resident at a time"
+    assert len(bases.on_source) == 1 and bases._source is None
+
+    def no_source() -> None:
+        raise AssertionError("the source base was loaded again")
+
+    monkeypatch.setattr(bases, "source", no_source)
+    report = migrate.migrate_adapter(
+        spec=spec, adapter=spec.adapters[0], bases=bases, storage=Storage(base_dir=tmp_path)
+    )
+    assert report.quality["source"]["validation"]["accuracy"] is not None
+    reference = report.seconds["reference"]
+    assert reference is not None and reference >= bases.source_seconds > 0
+
+
+def test_an_absolute_target_never_loads_the_source_base(
+    toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loads = Loads(monkeypatch)
+    spec = _spec(toy, tmp_path, readiness={"target": 0.5})
+    bases = migrate.load_bases(spec, Storage(base_dir=tmp_path), CPU)
+    report = migrate.migrate_adapter(
+        spec=spec, adapter=spec.adapters[0], bases=bases, storage=Storage(base_dir=tmp_path)
+    )
+    assert loads.folders == ["v2-mild"]
+    assert "source" not in report.quality and report.quality_of("source") is None
+    assert report.coefficients, "the search ran on the evolution read from the files"
+
+
+def test_the_evolution_from_files_equals_the_one_from_the_models(toy: Any, tmp_path: Path) -> None:
+    """Sharded files too (an index and several shards): the same tensors as the model's."""
+    source = AutoModelForCausalLM.from_pretrained(toy.v1, dtype=torch.float32)
+    sharded = tmp_path / "sharded"
+    source.save_pretrained(sharded, max_shard_size="20KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(list(sharded.glob("model-*.safetensors"))) > 2
+    for folder in (toy.v1, sharded):
+        files = models.WeightFiles(folder, what="spec.sourceModel")
+        for name, parameter in source.named_parameters():
+            stored = files.get(name)
+            if stored is not None:
+                assert torch.equal(stored, parameter.detach()), name
+        assert files.get("model.layers.0.self_attn.q_proj.weight") is not None
+        assert files.get("no.such.weight") is None
+    shape = models.Shape.of_files(sharded, what="spec.sourceModel")
+    assert shape.kind == "LlamaForCausalLM" and shape.partial
+    models.check_compatible(shape, source)
+
+
+def test_a_torn_source_file_is_invalid_weights(toy: Any, tmp_path: Path) -> None:
+    from relora_trainer.errors import InvalidWeights
+
+    torn = tmp_path / "torn"
+    torn.mkdir()
+    for file in toy.v1.iterdir():
+        (torn / file.name).write_bytes(file.read_bytes())
+    weights = torn / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
+    with pytest.raises(InvalidWeights, match=r"spec\.sourceModel: a weights file in"):
+        models.Shape.of_files(torn, what="spec.sourceModel")
+
+
+def test_bf16_on_the_cpu_migrates_like_fp32(toy: Any, tmp_path: Path) -> None:
+    """The bases in bf16 (as on a GPU), the LoRA weights and the optimizer in fp32: the same
+    migration as fp32 within bf16's precision."""
+    results = {}
+    for precision in ("fp32", "bf16"):
+        spec = _spec(toy, tmp_path / precision, precision=precision)
+        storage = Storage(base_dir=tmp_path)
+        bases = migrate.load_bases(spec, storage, CPU)
+        assert bases.dtype == models.PRECISIONS[precision]
+        assert next(bases.target.parameters()).dtype == models.PRECISIONS[precision]
+        results[precision] = migrate.migrate_adapter(
+            spec=spec, adapter=spec.adapters[0], bases=bases, storage=storage
+        )
+        out = tmp_path / precision / "out" / "toy-category" / "adapter_model.safetensors"
+        with safe_open(str(out), framework="pt") as handle:
+            assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.float32}  # noqa: SIM118
+    fp32, bf16 = results["fp32"].quality, results["bf16"].quality
+    for stage in ("source", "before", "after"):
+        a, b = fp32[stage]["validation"], bf16[stage]["validation"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=0.05), stage
+        assert b["accuracy"] == pytest.approx(a["accuracy"], abs=0.06), stage
+    assert models.dtype_for("auto", CPU) == torch.float32, "a CPU has no bf16 units"
