@@ -147,7 +147,10 @@ def floor(manifest: Path, steps: int, device: str) -> None:
     spec = json.loads(manifest.read_text())["spec"]
     root = manifest.parent
     target = root / spec["targetModel"]["uri"]
-    model: Any = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+    from relora_trainer import models
+
+    dtype = models.dtype_for("auto", torch.device(device))  # as relora's precision: auto
+    model: Any = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
     model = model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(target)
     lora = get_peft_model(
@@ -220,6 +223,13 @@ def main() -> int:
         "seconds_per_step": report["seconds"]["training"] / max(report["steps"], 1),
         "seconds": report["seconds"],
     }
+    from relora_trainer import local_run, plan
+    from relora_trainer.storage import Storage
+
+    spec = local_run.load_manifest(str(manifest)).spec
+    device = "cuda" if args.device == "cuda" else "cpu"
+    estimated = plan.estimate(spec, spec.adapters[0], Storage(base_dir=world), device=device)
+    rows["relora"]["plan_gib"] = estimated.peak()
     base = rows["floor"]
     for row in rows.values():
         row["peak_ratio"] = row["peak_gib"] / base["peak_gib"]
@@ -253,6 +263,11 @@ def main() -> int:
     (args.out / "memory-report.md").write_text(f"# {title}\n\n{table}\n")
     print(title)
     print(table)
+    relora = rows["relora"]
+    print(
+        f"relora plan estimated {relora['plan_gib']:.2f} GiB: "
+        f"{relora['plan_gib'] / relora['peak_gib']:.2f} x the measured peak"
+    )
     return 0
 
 

@@ -22,8 +22,8 @@ CPU = torch.device("cpu")
 def _spec(toy: Any, tmp_path: Path, **changes: Any) -> AdapterMigrationSpec:
     manifest = toy_manifest(toy, strategy="relora")
     manifest["spec"]["output"]["uri"] = str(tmp_path / "out")
-    manifest["spec"]["method"]["initialization"] = {"trials": 3, "validationSamples": 16}
-    manifest["spec"]["method"]["finetune"]["maxSteps"] = 10
+    manifest["spec"]["method"]["initialization"] = {"trials": 2, "validationSamples": 8}
+    manifest["spec"]["method"]["finetune"]["maxSteps"] = 4
     for key, value in changes.items():
         if key == "readiness":
             manifest["spec"]["adapters"][0]["readiness"] = value

@@ -29,6 +29,7 @@ from tests.conftest import kubectl_binary, wait_for
 from tests.fault_kit import (
     FAKE_TRAINER,
     Cluster,
+    Obj,
     OperatorProcess,
     Trainers,
     ensure_crd,
@@ -580,7 +581,12 @@ def test_a_forged_finished_status_is_reverted(
 
     wait_for(reverted, timeout=30, what="the forged status reverted")
     assert cluster.adapter("forged", "one") == measured
-    warnings = [e for e in cluster.events("forged") if e["reason"] == "StatusReverted"]
+
+    def warnings_now() -> list[Obj]:
+        return [e for e in cluster.events("forged") if e["reason"] == "StatusReverted"]
+
+    wait_for(warnings_now, what="the StatusReverted event")  # posted just after the write
+    warnings = warnings_now()
     assert len(warnings) == 1 and warnings[0]["type"] == "Warning", warnings
     assert "(Succeeded/Ready) was not written by the operator" in warnings[0]["message"]
 
@@ -636,14 +642,26 @@ def test_two_replicas_elect_one_leader_and_the_standby_takes_over(
         cluster.create(fake_manifest("led", cluster.namespace, ["one"], trainers))
         trainers.wait_started("one")
         cluster.wait_adapter("led", "one", "Running")
+        # Killed once its events are out (an event queued in a killed process is lost: that is
+        # the operator-restart test's business, not this one's).
+        wait_for(
+            lambda: "AdapterRunning" in [e["reason"] for e in cluster.events("led")],
+            what="the Running event",
+        )
         first.kill()
         wait_for(lambda: f"-{second.process.pid}-" in holder(), timeout=30, what="a new leader")
         trainers.release("one")
         cluster.wait_phase("led", "Succeeded", timeout=60)
         assert len(cluster.jobs("led")) == 1 and len(trainers.attempts("one")) == 1
-        reasons = [e["reason"] for e in cluster.events("led")]
-        for reason in ("AdapterPending", "AdapterRunning", "AdapterSucceeded"):
-            assert reasons.count(reason) == 1, reasons
+        expected = ("AdapterPending", "AdapterRunning", "AdapterSucceeded")
+
+        def reasons() -> list[str]:
+            return [str(e["reason"]) for e in cluster.events("led")]
+
+        # The event of a status write is posted just after it: wait for the last one.
+        wait_for(lambda: set(expected) <= set(reasons()), what="the Succeeded event")
+        for reason in expected:
+            assert reasons().count(reason) == 1, reasons()
         second.stop()  # a clean exit gives the lease up at once
         wait_for(lambda: holder() == "", timeout=10, what="the lease released")
     finally:

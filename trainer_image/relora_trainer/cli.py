@@ -60,6 +60,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_BAD_INPUT if invalid else EXIT_OK
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from relora_trainer import plan
+
+    return plan.run(args.filename, device=args.device, sequence=args.seq_len)
+
+
 def _cmd_crd(args: argparse.Namespace) -> int:
     sys.stdout.write(crd.render_yaml())
     return EXIT_OK
@@ -171,6 +177,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--debug", action="store_true", help="print tracebacks of internal errors")
     run.set_defaults(handler=_cmd_run)
+
+    planning = commands.add_parser(
+        "plan",
+        help="estimate each adapter's peak memory and the smallest GPU that holds it",
+        description=(
+            "From the models' config.json and safetensors headers (no weight is read), the old "
+            "adapter's config and the training data: per adapter the parameters, the memory of "
+            "the weights, LoRA + AdamW and activations, the peak, and the smallest common GPU "
+            "(24/40/48/80/141 GiB) with and without gradient checkpointing."
+        ),
+    )
+    planning.add_argument("-f", "--filename", required=True, metavar="FILE", help="the manifest")
+    planning.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    planning.add_argument(
+        "--seq-len", type=int, metavar="N", help="tokens per example (default: the data's longest)"
+    )
+    planning.set_defaults(handler=_cmd_plan)
 
     testbed = commands.add_parser("testbed", help="build model pairs to try migrations on")
     kinds = testbed.add_subparsers(dest="kind", required=True, metavar="KIND")

@@ -18,7 +18,8 @@ from relora_trainer.report import AdapterReport
 from relora_trainer.storage import Storage
 
 
-def _load(path: str) -> AdapterMigration:
+def load_manifest(path: str) -> AdapterMigration:
+    """The one AdapterMigration of the manifest at ``path``, validated (BadInput otherwise)."""
     documents = [
         d
         for d in manifests.read_documents(path)
@@ -85,7 +86,7 @@ def run(
     console = Console(stderr=True)
     quiet_libraries()
     try:
-        migration = _load(path)
+        migration = load_manifest(path)
         spec = migration.spec
         selected = [a for a in spec.adapters if not only or a.name in only]
         unknown = sorted(set(only or []) - {a.name for a in spec.adapters})

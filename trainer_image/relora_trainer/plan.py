@@ -1,0 +1,288 @@
+"""`relora plan -f manifest.yaml`: what each adapter's migration needs in memory, before it runs.
+
+From each base's config.json and safetensors headers (no weight is read), the old adapter's
+config and the task data's longest example, per adapter:
+
+- ``weights``: the parameters of one base in the load dtype (one base is resident at a time);
+- ``lora``: the LoRA parameters with their gradients and AdamW moments, all fp32 (16 bytes each);
+- ``activations``: what the backward pass keeps, per layer ``34 * s * b * h`` bytes in 16-bit
+  (Korthikanti et al., 2022, without the attention-score term: PyTorch's SDPA does not store
+  them), scaled to the activation dtype, plus the fp32 logits; with gradient checkpointing only
+  each layer's input is kept, and one layer is recomputed at a time;
+- ``overhead``: the runtime. On a CPU 0.4 GiB (Python, torch, transformers) plus 10% of the
+  weights (copies while they load): both read off benchmarks/trainer_memory.py's floor at two
+  sizes (0.41 GiB with no weights to speak of, 4.24 GiB with 3.47 GiB of weights), a fit of two
+  points. On a GPU 1 GiB (CUDA context) plus 5% of the weights (allocator slack): not measured
+  yet (no GPU was lent).
+
+The peak is the larger of the source phase (weights + inference activations, when a relative
+readiness target needs the old base) and the target phase (weights + LoRA + training
+activations). The smallest common GPU that holds it is named with and without checkpointing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from relora_operator.api.spec import Adapter, AdapterMigrationSpec
+from relora_trainer import models
+from relora_trainer.errors import MissingInput
+from relora_trainer.storage import Storage
+
+GIB = 2**30
+GPUS_GIB = (24, 40, 48, 80, 141)
+"""Common GPU memory sizes: RTX 4090 / A6000-class, A100 40 and 80 GB, L40S, H100, H200."""
+OVERHEAD = {"cuda": (1.0, 0.05), "cpu": (0.4, 0.10)}
+"""Runtime overhead by device: (GiB, share of the weights); see the module's docstring."""
+_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    adapter: str
+    device: str
+    precision: str
+    parameters: int
+    lora_parameters: int
+    batch: int
+    sequence: int
+    weights: float  # GiB
+    lora: float
+    activations: float
+    checkpointed: float
+    overhead: float
+    source_phase: float
+
+    def peak(self, *, checkpointing: bool = False) -> float:
+        training = self.activations if not checkpointing else self.checkpointed
+        target = self.weights + self.lora + training + self.overhead
+        return max(self.source_phase, target)
+
+    def smallest_gpu(self, *, checkpointing: bool = False) -> int | None:
+        need = self.peak(checkpointing=checkpointing)
+        return next((size for size in GPUS_GIB if need <= size * 0.95), None)
+
+
+def _config(folder: Path, what: str) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise MissingInput(f"{what}: {folder} has no config.json")
+    loaded: dict[str, Any] = json.loads(path.read_text())
+    text: dict[str, Any] = loaded.get("text_config", loaded)
+    return text
+
+
+def _count(config: dict[str, Any]) -> tuple[int, dict[str, tuple[int, int]], int]:
+    """Parameters of a decoder-only transformer from its config (Llama, Mistral, Qwen2...), the
+    (in, out) of each projection, and the number of layers."""
+    h = int(config["hidden_size"])
+    layers = int(config["num_hidden_layers"])
+    heads = int(config["num_attention_heads"])
+    kv = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or h // heads)
+    inter = int(config["intermediate_size"])
+    vocab = int(config["vocab_size"])
+    dims = {
+        "q_proj": (h, heads * head_dim),
+        "k_proj": (h, kv * head_dim),
+        "v_proj": (h, kv * head_dim),
+        "o_proj": (heads * head_dim, h),
+        "gate_proj": (h, inter),
+        "up_proj": (h, inter),
+        "down_proj": (inter, h),
+    }
+    per_layer = sum(i * o for i, o in dims.values()) + 2 * h
+    embeddings = vocab * h * (1 if config.get("tie_word_embeddings") else 2)
+    return layers * per_layer + embeddings + h, dims, layers
+
+
+def _targeted(module: str, targets: list[str] | str) -> bool:
+    """PEFT's rule: a list matches a module by its name's tail, a string as a full regex."""
+    if targets == "all-linear":
+        return True
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    return any(module == t or module.endswith(f".{t}") for t in targets)
+
+
+def _lora_parameters(
+    shapes: dict[str, tuple[int, ...]],
+    dims: dict[str, tuple[int, int]],
+    layers: int,
+    *,
+    targets: list[str] | str,
+    rank: int,
+) -> int:
+    """r * (in + out) for every adapted weight (from the file headers when there are some)."""
+    if shapes:
+        return sum(
+            rank * (shape[0] + shape[1])
+            for key, shape in shapes.items()
+            if len(shape) == 2
+            and key.endswith(".weight")
+            and "embed" not in key
+            and not key.startswith("lm_head")
+            and _targeted(key.removesuffix(".weight"), targets)
+        )
+    chosen = {k: v for k, v in dims.items() if _targeted(k, targets)}
+    return layers * sum(rank * (i + o) for i, o in chosen.values())
+
+
+def _sequence(adapter: Adapter, storage: Storage, tokenizer: Any) -> int:
+    """The longest prompt + completion of the training data, in tokens."""
+    where = f"spec.adapters[{adapter.name}].data.train"
+    path = storage.fetch(adapter.data.train, what=where)
+    longest = 1
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                row = json.loads(line)
+                text = str(row.get("prompt", "")) + str(row.get("completion", ""))
+                longest = max(longest, len(tokenizer(text)["input_ids"]) + 1)
+    return longest
+
+
+def estimate(
+    spec: AdapterMigrationSpec,
+    adapter: Adapter,
+    storage: Storage,
+    *,
+    device: str,
+    sequence: int | None = None,
+) -> Estimate:
+    """The memory estimate of one adapter's migration on ``device`` (``cpu`` or ``cuda``)."""
+    target_dir = storage.fetch(
+        spec.target_model.uri, what="spec.targetModel", revision=spec.target_model.revision
+    )
+    config = _config(target_dir, "spec.targetModel")
+    shapes = models.Shape.of_files(target_dir, what="spec.targetModel").shapes
+    counted, dims, layers = _count(config)
+    parameters = sum(math.prod(s) for s in shapes.values()) if shapes else counted
+    if shapes and not config.get("tie_word_embeddings") and "lm_head.weight" not in shapes:
+        parameters += int(config["vocab_size"]) * int(config["hidden_size"])
+    where = f"spec.adapters[{adapter.name}].uri"
+    adapter_config = json.loads(
+        (storage.fetch(adapter.uri, what=where) / "adapter_config.json").read_text()
+    )
+    rank = spec.method.rank or int(adapter_config["r"])
+    lora = _lora_parameters(
+        shapes, dims, layers, targets=adapter_config.get("target_modules") or [], rank=rank
+    )
+    if spec.method.precision == "auto":
+        precision = "bf16" if device == "cuda" else "fp32"
+    else:
+        precision = spec.method.precision
+    size = _BYTES[precision]
+    if sequence is None:
+        sequence = _sequence(adapter, storage, models.load_tokenizer(target_dir))
+    batch = spec.method.finetune.batch_size
+    h, vocab = int(config["hidden_size"]), int(config["vocab_size"])
+    tokens = batch * sequence
+    per_layer = 34 * tokens * h * size / 2
+    logits = 3 * tokens * vocab * 4  # logits, their softmax and gradient, in fp32
+    activations = (layers * per_layer + logits) / GIB
+    checkpointed = (layers * tokens * h * size + per_layer + logits) / GIB
+    weights = parameters * size / GIB
+    evaluation = (4 * tokens * h * size + tokens * vocab * 4) / GIB
+    fixed, share = OVERHEAD["cuda" if device == "cuda" else "cpu"]
+    overhead = fixed + share * weights
+    needs_source = adapter.readiness.target is None
+    return Estimate(
+        adapter=adapter.name,
+        device=device,
+        precision=precision,
+        parameters=parameters,
+        lora_parameters=lora,
+        batch=batch,
+        sequence=sequence,
+        weights=weights,
+        lora=lora * 16 / GIB,
+        activations=activations,
+        checkpointed=checkpointed,
+        overhead=overhead,
+        source_phase=(weights + evaluation + overhead) if needs_source else 0.0,
+    )
+
+
+def warnings_for(spec: AdapterMigrationSpec, found: Estimate) -> list[str]:
+    """What the spec's resources cannot hold (host memory: a base is loaded through it)."""
+    problems = []
+    limits = (spec.resources.limits or {}) if spec.resources else {}
+    memory = limits.get("memory")
+    if memory is not None:
+        from kubernetes.utils import parse_quantity
+
+        host = float(parse_quantity(memory)) / GIB
+        need = found.weights + found.overhead
+        if found.device == "cpu":
+            need = found.peak()
+        if host < need:
+            problems.append(
+                f"{found.adapter}: spec.resources.limits.memory {memory} is below the "
+                f"{need:.1f} GiB a base takes while it loads; raise it"
+            )
+    if found.device == "cuda" and found.smallest_gpu(checkpointing=True) is None:
+        problems.append(
+            f"{found.adapter}: {found.peak(checkpointing=True):.0f} GiB does not fit one "
+            f"{GPUS_GIB[-1]} GiB GPU even with checkpointing: lower batchSize or use several GPUs"
+        )
+    return problems
+
+
+def run(path: str, *, device: str, sequence: int | None = None) -> int:
+    """`relora plan`: print each adapter's estimate; the exit code of the other commands."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from relora_operator import manifests
+    from relora_trainer import errors, local_run
+    from relora_trainer.local_run import quiet_libraries
+
+    quiet_libraries()
+    try:
+        migration = local_run.load_manifest(path)
+        base_dir = Path.cwd() if path == "-" else Path(path).resolve().parent
+        storage = Storage(base_dir=base_dir)
+        found = [
+            estimate(migration.spec, a, storage, device=device, sequence=sequence)
+            for a in migration.spec.adapters
+        ]
+    except manifests.ManifestError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return errors.EXIT_USAGE
+    except errors.BadInput as error:
+        print(f"error: {error.reason}: {error}", file=sys.stderr)
+        return errors.EXIT_BAD_INPUT
+    table = Table(title=f"Memory plan on {device} (GiB; one base resident at a time)")
+    for column in ("adapter", "precision", "parameters", "LoRA", "batch x seq", "weights"):
+        table.add_column(column)
+    for column in ("LoRA+AdamW", "activations", "peak", "GPU", "peak (ckpt)", "GPU (ckpt)"):
+        table.add_column(column, justify="right")
+    problems = []
+    for e in found:
+        gpu, gpu_ckpt = e.smallest_gpu(), e.smallest_gpu(checkpointing=True)
+        table.add_row(
+            e.adapter,
+            e.precision,
+            f"{e.parameters / 1e9:.2f}B",
+            f"{e.lora_parameters / 1e6:.1f}M",
+            f"{e.batch} x {e.sequence}",
+            f"{e.weights:.1f}",
+            f"{e.lora:.2f}",
+            f"{e.activations:.1f}",
+            f"{e.peak():.1f}",
+            f"{gpu} GiB" if gpu else "none",
+            f"{e.peak(checkpointing=True):.1f}",
+            f"{gpu_ckpt} GiB" if gpu_ckpt else "none",
+        )
+        problems += warnings_for(migration.spec, e)
+    Console(width=160).print(table)
+    for problem in problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    return errors.EXIT_OK
