@@ -124,3 +124,29 @@ def test_plan_on_a_missing_model_is_bad_input(tmp_path: Path, capsys: Any) -> No
     path.write_text(yaml.safe_dump(manifest))
     assert cli.main(["plan", "-f", str(path)]) == 3
     assert "MissingInput: spec.targetModel" in capsys.readouterr().err
+
+
+def test_running_out_of_memory_is_a_clear_reason_not_a_retry(
+    toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """An OOM in the fine-tuning: exit 3 (the same pod would run out again) with the reason
+    OutOfMemory, the plan's estimate and what to change, in one line."""
+    import torch
+
+    from relora_trainer import local_run, migrate
+
+    def out_of_memory(**kwargs: Any) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(migrate, "finetune", out_of_memory)
+    manifest = toy_manifest(toy, strategy="warm-start")
+    manifest["spec"]["output"]["uri"] = str(tmp_path / "out")
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    assert local_run.run(str(path), quiet=True, device="cpu") == 3
+    [line] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert line.startswith(
+        "error: OutOfMemory: toy-category: ran out of cpu memory (CUDA out of memory. Tried to "
+        "allocate 2.00 GiB); relora plan estimates "
+    )
+    assert "lower spec.method.finetune.batchSize" in line

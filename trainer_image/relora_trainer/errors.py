@@ -83,6 +83,13 @@ class OutsideClaim(BadInput):
     reason = "OutsideClaim"
 
 
+class OutOfMemory(BadInput):
+    """The migration did not fit the memory of its device: the same pod on the same machine
+    would run out again, so it is not retried; the message gives the estimate and the fix."""
+
+    reason = "OutOfMemory"
+
+
 class OutputBusy(RuntimeError):
     """The output folder is locked by another run of the same migration (a pod of an earlier
     attempt still ending): not bad input, a later attempt will get it."""

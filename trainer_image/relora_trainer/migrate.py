@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from relora_operator.api.spec import Adapter, AdapterMigrationSpec, Readiness
 from relora_operator.api.status import AdapterProgress
-from relora_trainer import adapters, fusion, models, ownership, report, search
+from relora_trainer import adapters, fusion, models, ownership, plan, report, search
 from relora_trainer.data import MAX_CHOICES, Encoder, Example, TaskData, read_jsonl
 from relora_trainer.errors import IncompatibleModels, InvalidData
 from relora_trainer.finetune import Evaluation, Target, autocast, finetune, look_ahead
@@ -84,6 +84,22 @@ def load_bases(
     storage: Storage,
     device: torch.device,
     adapters_to_measure: list[Adapter] | None = None,
+) -> Bases:
+    """Fetch and load the bases (see :func:`_load_bases`); OutOfMemory, with the estimate,
+    when they do not fit the device."""
+    try:
+        return _load_bases(spec, storage, device, adapters_to_measure)
+    except (torch.OutOfMemoryError, MemoryError) as error:
+        _free(device)
+        first = (adapters_to_measure or spec.adapters)[0]
+        raise plan.out_of_memory(error, spec, first, storage, device.type) from error
+
+
+def _load_bases(
+    spec: AdapterMigrationSpec,
+    storage: Storage,
+    device: torch.device,
+    adapters_to_measure: list[Adapter] | None,
 ) -> Bases:
     """Fetch the bases; measure the old adapters that need it on the source base, free it, then
     load the target. Raise IncompatibleModels / InvalidWeights / MissingInput / InvalidAdapter.
@@ -280,7 +296,11 @@ def migrate_adapter(
     with ownership.Claim(
         spec=spec, adapter=adapter, storage=storage, owner=owner, work=key
     ) as claim:
-        return _migrate_claimed(spec, adapter, bases, storage, progress, claim, key)
+        try:
+            return _migrate_claimed(spec, adapter, bases, storage, progress, claim, key)
+        except (torch.OutOfMemoryError, MemoryError) as error:
+            _free(bases.device)
+            raise plan.out_of_memory(error, spec, adapter, storage, bases.device.type) from error
 
 
 def _migrate_claimed(

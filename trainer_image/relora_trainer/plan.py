@@ -32,7 +32,7 @@ from typing import Any
 
 from relora_operator.api.spec import Adapter, AdapterMigrationSpec
 from relora_trainer import models
-from relora_trainer.errors import MissingInput
+from relora_trainer.errors import MissingInput, OutOfMemory
 from relora_trainer.storage import Storage
 
 GIB = 2**30
@@ -286,3 +286,31 @@ def run(path: str, *, device: str, sequence: int | None = None) -> int:
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)
     return errors.EXIT_OK
+
+
+def out_of_memory(
+    error: BaseException,
+    spec: AdapterMigrationSpec,
+    adapter: Adapter,
+    storage: Storage,
+    device: str,
+) -> OutOfMemory:
+    """The OutOfMemory a migration that ran out of memory reports: what ran out, the plan's
+    estimate and what to change (a retry on the same machine would run out again)."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    try:
+        found = estimate(spec, adapter, storage, device="cuda" if device == "cuda" else "cpu")
+    except Exception:  # the estimate is a courtesy: the reason stands without it
+        return OutOfMemory(
+            f"{adapter.name}: ran out of {device} memory ({first}); lower "
+            "spec.method.finetune.batchSize or give the trainer more memory"
+        )
+    fits = found.smallest_gpu(checkpointing=False)
+    where = f"a {fits} GiB GPU holds it" if fits else "no single common GPU holds it"
+    return OutOfMemory(
+        f"{adapter.name}: ran out of {device} memory ({first}); relora plan estimates "
+        f"{found.peak():.1f} GiB ({found.weights:.1f} GiB of weights in {found.precision}, "
+        f"{found.activations:.1f} GiB of activations at batch {found.batch} x {found.sequence} "
+        f"tokens; {where}): lower spec.method.finetune.batchSize, set spec.method.precision "
+        "to bf16 on a GPU, or schedule the trainer on a larger device"
+    )
