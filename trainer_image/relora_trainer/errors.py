@@ -57,6 +57,12 @@ class UnsupportedStorage(BadInput):
     reason = "UnsupportedStorage"
 
 
+class StorageAccessDenied(BadInput):
+    """Object storage refused the trainer: no credentials, partial ones, or no permission."""
+
+    reason = "StorageAccessDenied"
+
+
 class OutputNotWritable(BadInput):
     """The output storage refuses writes (no permission, read-only, full, a file where a folder
     must be): retrying the same pod on the same storage cannot help."""

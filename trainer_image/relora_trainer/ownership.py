@@ -164,20 +164,24 @@ class _Remote:
         self.fs = storage_module.s3_filesystem("spec.output.uri")
 
     def state(self) -> tuple[Record | None, list[str]]:
-        if not self.fs.exists(self.uri):
-            return None, []
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.uri, detail=False)]
-        record = None
-        if OWNER_FILE in names:
-            record = Record.decode(self.fs.cat_file(f"{self.uri}/{OWNER_FILE}"))
+        with storage_module.s3_access("spec.output.uri", self.uri):
+            if not self.fs.exists(self.uri):
+                return None, []
+            listed = self.fs.ls(self.uri, detail=False)
+            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in listed]
+            record = None
+            if OWNER_FILE in names:
+                record = Record.decode(self.fs.cat_file(f"{self.uri}/{OWNER_FILE}"))
         return record, sorted(n for n in names if n not in IGNORED | {OWNER_FILE})
 
     def clear(self) -> None:
-        if self.fs.exists(self.uri):
-            self.fs.rm(self.uri, recursive=True)
+        with storage_module.s3_access("spec.output.uri", self.uri):
+            if self.fs.exists(self.uri):
+                self.fs.rm(self.uri, recursive=True)
 
     def write(self, record: Record) -> None:
-        self.fs.pipe_file(f"{self.uri}/{OWNER_FILE}", record.encode())
+        with storage_module.s3_access("spec.output.uri", self.uri):
+            self.fs.pipe_file(f"{self.uri}/{OWNER_FILE}", record.encode())
 
 
 def check_owner(

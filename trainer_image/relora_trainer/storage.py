@@ -11,14 +11,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from relora_operator.api import uris
-from relora_trainer.errors import MissingInput, OutputNotWritable, OutsideClaim, UnsupportedStorage
+from relora_trainer.errors import (
+    MissingInput,
+    OutputNotWritable,
+    OutsideClaim,
+    StorageAccessDenied,
+    UnsupportedStorage,
+)
 
 PVC_ROOT_ENV = "RELORA_PVC_ROOT"
 DEFAULT_PVC_ROOT = "/mnt/pvc"
@@ -105,10 +113,11 @@ class Storage:
 
     def _copy_s3(self, remote: str, local: Path, what: str) -> None:
         filesystem = s3_filesystem(what)
-        if not filesystem.exists(remote):
-            raise MissingInput(f"{what}: {remote} does not exist")
-        local.parent.mkdir(parents=True, exist_ok=True)
-        filesystem.get(remote, str(local), recursive=filesystem.isdir(remote))
+        with s3_access(what, remote):
+            if not filesystem.exists(remote):
+                raise MissingInput(f"{what}: {remote} does not exist")
+            local.parent.mkdir(parents=True, exist_ok=True)
+            filesystem.get(remote, str(local), recursive=filesystem.isdir(remote))
 
     def check_writable(self, uri: str, *, what: str) -> Path:
         """Create the local folder of output ``uri`` and write a file in it, before any long
@@ -135,11 +144,21 @@ class Storage:
         """Make ``local`` available at ``uri``: a copy for other local paths, an upload to S3."""
         parsed = uris.parse_uri(uri)
         if parsed.scheme == "s3":
-            s3_filesystem("output").put(str(local), uri, recursive=True)
+            with s3_access("spec.output.uri", uri):
+                self._upload(local, uri)
         elif parsed.scheme == "hf":
             raise UnsupportedStorage("output: hf:// is read-only here; write to a path, pvc or s3")
         elif local.resolve() != self.local_path(uri, what="spec.output.uri").resolve():
             shutil.copytree(local, self.local_path(uri), dirs_exist_ok=True)
+
+    @staticmethod
+    def _upload(local: Path, uri: str) -> None:
+        """File by file into the prefix (a folder put onto an existing prefix nests), the
+        report last: it marks the result finished for whoever reads the prefix."""
+        files = sorted(p for p in local.rglob("*") if p.is_file())
+        files.sort(key=lambda p: p.name == "report.json")
+        remote = [f"{uri.rstrip('/')}/{p.relative_to(local).as_posix()}" for p in files]
+        s3_filesystem("output").put([str(p) for p in files], remote)
 
 
 def unwritable(error: OSError, *, what: str, uri: str, folder: Path) -> OutputNotWritable | None:
@@ -155,6 +174,27 @@ def unwritable(error: OSError, *, what: str, uri: str, folder: Path) -> OutputNo
     return OutputNotWritable(
         f"{what}: cannot write {uri} (local folder {folder}): {UNWRITABLE[error.errno]}{where}"
     )
+
+
+@contextlib.contextmanager
+def s3_access(what: str, uri: str) -> Iterator[None]:
+    """Object-store refusals as StorageAccessDenied naming ``what`` (no retry fixes missing
+    credentials or permissions: the secret must change)."""
+    try:
+        yield
+    except PermissionError as error:
+        raise StorageAccessDenied(
+            f"{what}: access to {uri} denied ({error}); check the trainer's credentials "
+            "(spec.env / spec.envFrom secrets) and the bucket policy"
+        ) from error
+    except Exception as error:
+        if type(error).__name__ not in ("NoCredentialsError", "PartialCredentialsError"):
+            raise
+        raise StorageAccessDenied(
+            f"{what}: no usable credentials for {uri} ({error}); give the trainer "
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY through spec.envFrom (a Secret), or a "
+            "spec.serviceAccountName bound to a role"
+        ) from error
 
 
 def _within(path: Path, folder: Path) -> bool:
