@@ -6,7 +6,9 @@ A :class:`BadInput` is deterministic: retrying cannot fix it, so the trainer Job
 
 from __future__ import annotations
 
-from relora_operator import contract
+import sys
+
+from relora_operator import contract, manifests
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -106,3 +108,13 @@ class OutputBusy(RuntimeError):
 class CorpusError(RuntimeError):
     """A testbed corpus could not be obtained; the one-line message says what to do. (Not a
     migration input, so not a BadInput: it has no status reason.)"""
+
+
+def refuse(error: BadInput | manifests.ManifestError) -> int:
+    """Print a command's one-line refusal on stderr; return its exit code (usage for a
+    manifest that cannot be read, bad input otherwise)."""
+    if isinstance(error, manifests.ManifestError):
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"error: {error.reason}: {error}", file=sys.stderr)
+    return EXIT_BAD_INPUT

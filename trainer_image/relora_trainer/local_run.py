@@ -35,6 +35,11 @@ def load_manifest(path: str) -> AdapterMigration:
     return migration
 
 
+def storage_for(path: str) -> Storage:
+    """Relative paths of the manifest at ``path`` resolve against its folder (stdin: here)."""
+    return Storage(base_dir=Path.cwd() if path == "-" else Path(path).resolve().parent)
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -92,8 +97,7 @@ def run(
         unknown = sorted(set(only or []) - {a.name for a in spec.adapters})
         if unknown:
             raise errors.BadInput(f"--adapter: no adapter named {unknown} in {path}")
-        base_dir = Path.cwd() if path == "-" else Path(path).resolve().parent
-        storage = Storage(base_dir=base_dir)
+        storage = storage_for(path)
         meta = migration.metadata
         owner = ownership.Owner(namespace=meta.namespace or "default", name=meta.name)
         for adapter in selected:  # refused before minutes of model loading
@@ -124,12 +128,8 @@ def run(
                     owner=owner,
                 )
         reports = [results[a.name] for a in selected]
-    except manifests.ManifestError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return errors.EXIT_USAGE
-    except errors.BadInput as error:
-        print(f"error: {error.reason}: {error}", file=sys.stderr)
-        return errors.EXIT_BAD_INPUT
+    except (manifests.ManifestError, errors.BadInput) as error:
+        return errors.refuse(error)
     except errors.OutputBusy as error:
         print(f"error: {error.reason}: {error}", file=sys.stderr)
         return errors.EXIT_INTERNAL

@@ -247,18 +247,13 @@ def run(path: str, *, device: str, sequence: int | None = None) -> int:
     quiet_libraries()
     try:
         migration = local_run.load_manifest(path)
-        base_dir = Path.cwd() if path == "-" else Path(path).resolve().parent
-        storage = Storage(base_dir=base_dir)
+        storage = local_run.storage_for(path)
         found = [
             estimate(migration.spec, a, storage, device=device, sequence=sequence)
             for a in migration.spec.adapters
         ]
-    except manifests.ManifestError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return errors.EXIT_USAGE
-    except errors.BadInput as error:
-        print(f"error: {error.reason}: {error}", file=sys.stderr)
-        return errors.EXIT_BAD_INPUT
+    except (manifests.ManifestError, errors.BadInput) as error:
+        return errors.refuse(error)
     table = Table(title=f"Memory plan on {device} (GiB; one base resident at a time)")
     for column in ("adapter", "precision", "parameters", "LoRA", "batch x seq", "weights"):
         table.add_column(column)
