@@ -145,3 +145,48 @@ def test_bf16_on_the_cpu_migrates_like_fp32(toy: Any, tmp_path: Path) -> None:
         assert b["loss"] == pytest.approx(a["loss"], rel=0.05), stage
         assert b["accuracy"] == pytest.approx(a["accuracy"], abs=0.06), stage
     assert models.dtype_for("auto", CPU) == torch.float32, "a CPU has no bf16 units"
+
+
+def test_gradient_checkpointing_trains_the_same_and_is_switched_back(
+    toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`gradientCheckpointing: on` recomputes activations (transformers' own switch, spied on)
+    and gives the same fine-tuning as off, step for step; the base is left as it was."""
+    from transformers import PreTrainedModel
+
+    calls: list[str] = []
+    enable, disable = (
+        PreTrainedModel.gradient_checkpointing_enable,
+        PreTrainedModel.gradient_checkpointing_disable,
+    )
+
+    def spy_enable(self: Any, **kwargs: Any) -> None:
+        calls.append("on")
+        enable(self, **kwargs)
+
+    def spy_disable(self: Any) -> None:
+        calls.append("off")
+        disable(self)
+
+    monkeypatch.setattr(PreTrainedModel, "gradient_checkpointing_enable", spy_enable)
+    monkeypatch.setattr(PreTrainedModel, "gradient_checkpointing_disable", spy_disable)
+    histories = {}
+    for setting in ("off", "on"):
+        manifest_spec = _spec(toy, tmp_path / setting)
+        finetune = manifest_spec.method.finetune.model_copy(
+            update={"gradient_checkpointing": setting}
+        )
+        spec = manifest_spec.model_copy(
+            update={"method": manifest_spec.method.model_copy(update={"finetune": finetune})}
+        )
+        storage = Storage(base_dir=tmp_path)
+        bases = migrate.load_bases(spec, storage, CPU)
+        report = migrate.migrate_adapter(
+            spec=spec, adapter=spec.adapters[0], bases=bases, storage=storage
+        )
+        histories[setting] = [(h["step"], h["loss"]) for h in report.history]
+        assert not getattr(bases.target, "is_gradient_checkpointing", False)
+    assert calls == ["on", "off"]
+    assert [s for s, _ in histories["on"]] == [s for s, _ in histories["off"]]
+    for (_, on), (_, off) in zip(histories["on"], histories["off"], strict=True):
+        assert on == pytest.approx(off, rel=1e-5)

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel
@@ -353,7 +354,10 @@ def _migrate_claimed(
     config = adapters.new_config(old.config, rank=rank, base=spec.target_model.uri)
     scale = adapters.lora_scale(config, rank)
     torch.manual_seed(method.seed)
+    checkpointing = _checkpointing(spec, adapter, storage, bases.device)
     model = adapters.attach(bases.target, config)
+    if checkpointing:
+        _recompute(bases.target, True)
     result: search.SearchResult | None = None
     try:
         if method.strategy == "relora":
@@ -416,6 +420,8 @@ def _migrate_claimed(
         after_quality = quality.splits(model)
     finally:
         model.unload()
+        if checkpointing:
+            _recompute(bases.target, False)
 
     adapter_report = report.AdapterReport.build(
         adapter=adapter,
@@ -439,6 +445,32 @@ def _migrate_claimed(
     claim.publish(keep=(STATE_DIR,))
     storage.publish(out, adapter_report.output_uri)
     return adapter_report
+
+
+def _checkpointing(
+    spec: AdapterMigrationSpec, adapter: Adapter, storage: Storage, device: torch.device
+) -> bool:
+    """Whether to recompute activations: as set, or (auto) when the plan's estimate without it
+    does not fit this GPU (a CPU's memory is the host's: off)."""
+    wanted = spec.method.finetune.gradient_checkpointing
+    if wanted != "auto":
+        return wanted == "on"
+    if device.type != "cuda":
+        return False
+    total = torch.cuda.get_device_properties(device).total_memory / plan.GIB
+    return plan.estimate(spec, adapter, storage, device="cuda").peak() > 0.95 * total
+
+
+def _recompute(model: nn.Module, on: bool) -> None:
+    """Gradient checkpointing on or off (transformers' own; non-reentrant: the frozen
+    embeddings need no input gradients for the LoRA layers to get theirs)."""
+    pretrained: Any = model  # a transformers PreTrainedModel
+    if on:
+        pretrained.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    else:
+        pretrained.gradient_checkpointing_disable()
 
 
 def _terms(

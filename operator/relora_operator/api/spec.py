@@ -265,6 +265,14 @@ class Finetune(APIModel):
             "whole budget and still record when the target was first met (false: benchmarks)."
         ),
     )
+    gradient_checkpointing: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description=(
+            "Recompute each layer's activations in the backward pass instead of keeping them "
+            "(less memory, about a third more compute): on, off, or auto (on when relora "
+            "plan's estimate without it does not fit the GPU; off on a CPU)."
+        ),
+    )
 
 
 class Method(APIModel):
