@@ -170,7 +170,8 @@ def floor(manifest: Path, steps: int, device: str) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seconds += time.perf_counter() - started
-    print(json.dumps({"steps": steps, "train_seconds": seconds}))
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    print(json.dumps({"steps": steps, "train_seconds": seconds, "device_peak_gib": peak}))
 
 
 def _measure(argv: list[str], cwd: Path) -> tuple[float, float, str]:
@@ -213,6 +214,7 @@ def main() -> int:
         "peak_gib": peak,
         "wall_seconds": wall,
         "seconds_per_step": timing["train_seconds"] / timing["steps"],
+        "device_peak_gib": timing["device_peak_gib"],
     }
     run_argv = [sys.executable, "-m", "relora_trainer.cli", "run", "-f", str(manifest)]
     peak, wall, _ = _measure([*run_argv, "--quiet", "--device", args.device], world)
@@ -222,6 +224,7 @@ def main() -> int:
         "wall_seconds": wall,
         "seconds_per_step": report["seconds"]["training"] / max(report["steps"], 1),
         "seconds": report["seconds"],
+        "device_peak_gib": report.get("device_peak_gib"),
     }
     from relora_trainer import local_run, plan
     from relora_trainer.storage import Storage
@@ -247,13 +250,15 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "memory-report.json").write_text(json.dumps(result, indent=2))
     lines = [
-        "| subject | peak RSS (GiB) | x floor | s / step | x floor | wall (s) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| subject | peak RSS (GiB) | x floor | s / step | x floor | wall (s) | GPU peak (GiB) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in rows.items():
+        gpu = row["device_peak_gib"]
         lines.append(
             f"| {name} | {row['peak_gib']:.2f} | {row['peak_ratio']:.2f} | "
-            f"{row['seconds_per_step']:.2f} | {row['step_ratio']:.2f} | {row['wall_seconds']:.0f} |"
+            f"{row['seconds_per_step']:.2f} | {row['step_ratio']:.2f} | {row['wall_seconds']:.0f} "
+            f"| {'-' if gpu is None else f'{gpu:.2f}'} |"
         )
     table = "\n".join(lines)
     title = (

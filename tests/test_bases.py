@@ -185,6 +185,7 @@ def test_gradient_checkpointing_trains_the_same_and_is_switched_back(
             spec=spec, adapter=spec.adapters[0], bases=bases, storage=storage
         )
         histories[setting] = [(h["step"], h["loss"]) for h in report.history]
+        assert report.checkpointing is (setting == "on") and report.device_peak_gib is None
         assert not getattr(bases.target, "is_gradient_checkpointing", False)
     assert calls == ["on", "off"]
     assert [s for s, _ in histories["on"]] == [s for s, _ in histories["off"]]

@@ -440,6 +440,12 @@ def _migrate_claimed(
         outcome=outcome,
         load_seconds=bases.load_seconds,
         reference_seconds=reference_seconds,
+        device_peak_gib=(
+            torch.cuda.max_memory_allocated(bases.device) / plan.GIB
+            if bases.device.type == "cuda"
+            else None
+        ),
+        checkpointing=checkpointing,
     )
     report.write(staging, adapter_report)
     claim.publish(keep=(STATE_DIR,))

@@ -46,6 +46,10 @@ class AdapterReport:
     ready_step: int | None
     seconds: dict[str, float | None]
     history: list[dict[str, Any]]
+    # Peak memory the process allocated on its GPU so far (GiB; None on a CPU), and whether
+    # activations were recomputed (gradient checkpointing).
+    device_peak_gib: float | None = None
+    checkpointing: bool = False
 
     @classmethod
     def build(
@@ -63,6 +67,8 @@ class AdapterReport:
         outcome: FinetuneOutcome,
         load_seconds: float,
         reference_seconds: float,
+        device_peak_gib: float | None = None,
+        checkpointing: bool = False,
     ) -> AdapterReport:
         search_seconds = search_result.seconds if search_result else 0.0
         return cls(
@@ -96,6 +102,8 @@ class AdapterReport:
                 "timeToReadiness": outcome.ready_seconds,
             },
             history=[asdict(e) for e in outcome.history],
+            device_peak_gib=device_peak_gib,
+            checkpointing=checkpointing,
         )
 
     def quality_of(self, stage: str, split: str = "validation") -> float | None:
