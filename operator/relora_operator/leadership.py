@@ -145,6 +145,7 @@ class Elector:
         self.serializer = client.ApiClient()
         self.observed = Observed()
         self.stop = threading.Event()
+        self.seen_holder: str | None = None  # the holder the last read found
 
     def _read(self) -> Any | None:
         try:
@@ -160,6 +161,7 @@ class Elector:
         current = None
         if found is not None and found.spec is not None:
             current = self.serializer.sanitize_for_serialization(found.spec)
+            self.seen_holder = found.spec.holder_identity
         wanted = claim(
             current,
             me=self.config.identity,
@@ -189,10 +191,6 @@ class Elector:
                 return False
             raise
         return True
-
-    def holder(self) -> str | None:
-        found = self._read()
-        return found.spec.holder_identity if found is not None and found.spec else None
 
     def release(self) -> None:
         """Stop renewing and give the lease up (if still ours): a standby takes over at once."""
@@ -230,7 +228,7 @@ class Elector:
                         self.config.identity,
                     )
                     return True
-                holder = self.holder()
+                holder = self.seen_holder
                 if holder != said:
                     LOG.info("standing by: the lease is held by %s", holder)
                     said = holder

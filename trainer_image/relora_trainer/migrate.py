@@ -75,11 +75,6 @@ def _reference_key(adapter: Adapter) -> str:
     return json.dumps({"uri": adapter.uri, "data": adapter.data.to_wire()}, sort_keys=True)
 
 
-def _needs_source(adapter: Adapter) -> bool:
-    """Whether the readiness target depends on the old adapter on the old base."""
-    return adapter.readiness.target is None
-
-
 def load_bases(
     spec: AdapterMigrationSpec,
     storage: Storage,
@@ -116,19 +111,16 @@ def _load_bases(
     )
     dtype = models.dtype_for(spec.method.precision, device)
     # Before minutes of loading: the architectures and the stored shapes agree.
-    models.check_compatible(
-        models.Shape.of_files(source_dir, what="spec.sourceModel"),
-        models.Shape.of_files(target_dir, what="spec.targetModel"),
-    )
+    shape = models.Shape.of_files(source_dir, what="spec.sourceModel")
+    models.check_compatible(shape, models.Shape.of_files(target_dir, what="spec.targetModel"))
     tokenizer = models.load_tokenizer(target_dir, source_dir)
-    wanted = [a for a in adapters_to_measure or spec.adapters if _needs_source(a)]
+    wanted = [a for a in adapters_to_measure or spec.adapters if a.readiness.needs_source]
     on_source: dict[str, dict[str, Quality]] = {}
     source_seconds = 0.0
-    shape: models.Shape | None = None
     if wanted:
         source = models.load_model(source_dir, what="spec.sourceModel", device=device, dtype=dtype)
         models.check_finite(source, what="spec.sourceModel")
-        shape = models.Shape.of(source)
+        shape = models.Shape.of(source)  # all of its weights, not only the stored ones
         measuring = time.perf_counter()
         for adapter in wanted:
             key = _reference_key(adapter)
@@ -141,9 +133,7 @@ def _load_bases(
         _free(device)
     target = models.load_model(target_dir, what="spec.targetModel", device=device, dtype=dtype)
     models.check_finite(target, what="spec.targetModel")
-    models.check_compatible(
-        shape or models.Shape.of_files(source_dir, what="spec.sourceModel"), target
-    )
+    models.check_compatible(shape, target)
     return Bases(
         target,
         tokenizer,
@@ -218,6 +208,11 @@ def check_inputs(spec: AdapterMigrationSpec, adapter: Adapter, storage: Storage)
     """What can be refused before any model is loaded: an output that is an input, task data
     that cannot be used, a search objective the data cannot serve."""
     ownership.check_apart(spec, adapter, storage)
+    _task(spec, adapter, storage)
+
+
+def _task(spec: AdapterMigrationSpec, adapter: Adapter, storage: Storage) -> TaskData:
+    """The adapter's task data, refused when the method cannot use it."""
     task = _read_data(adapter, storage)
     objective = spec.method.initialization.objective
     choosing = spec.method.strategy == "relora" and objective == "choice-loss"
@@ -227,6 +222,7 @@ def check_inputs(spec: AdapterMigrationSpec, adapter: Adapter, storage: Storage)
             f"example against every distinct completion, and adapter {adapter.name!r} has "
             f"{len(task.choices)} (at most {MAX_CHOICES}): use objective: loss"
         )
+    return task
 
 
 def readiness_target(readiness: Readiness, source: Quality | None) -> Target:
@@ -292,13 +288,15 @@ def migrate_adapter(
 ) -> report.AdapterReport:
     """Migrate one adapter; resumable: state lives in ``<output>/<name>/state``. The output
     folder is claimed for ``owner`` for the whole run (see relora_trainer.ownership)."""
-    check_inputs(spec, adapter, storage)
+    # Refused before the claim writes anything: an output that is an input, unusable data.
+    ownership.check_apart(spec, adapter, storage)
+    task = _task(spec, adapter, storage)
     key = fingerprint(spec, adapter)
     with ownership.Claim(
         spec=spec, adapter=adapter, storage=storage, owner=owner, work=key
     ) as claim:
         try:
-            return _migrate_claimed(spec, adapter, bases, storage, progress, claim, key)
+            return _migrate_claimed(spec, adapter, task, bases, storage, progress, claim, key)
         except (torch.OutOfMemoryError, MemoryError) as error:
             _free(bases.device)
             raise plan.out_of_memory(error, spec, adapter, storage, bases.device.type) from error
@@ -307,6 +305,7 @@ def migrate_adapter(
 def _migrate_claimed(
     spec: AdapterMigrationSpec,
     adapter: Adapter,
+    task: TaskData,
     bases: Bases,
     storage: Storage,
     progress: ProgressSink | None,
@@ -327,7 +326,6 @@ def _migrate_claimed(
     (state / FINGERPRINT_FILE).write_text(key)
 
     old = _old_adapter(adapter, storage, bases.target)
-    task = _read_data(adapter, storage)
     encoder = Encoder(bases.tokenizer)
     quality = _Quality(encoder, task, bases.device, metric=adapter.readiness.metric)
     torch.manual_seed(method.seed)
@@ -335,7 +333,7 @@ def _migrate_claimed(
     sink.update(adapter.name, AdapterProgress(stage="evaluate"))
     started = time.perf_counter()
     reference_key = _reference_key(adapter)
-    if reference_key not in bases.on_source and _needs_source(adapter):
+    if reference_key not in bases.on_source and adapter.readiness.needs_source:
         on_source = _with_adapter(bases.source(), old.config, old.factors)
         bases.on_source[reference_key] = quality.splits(on_source)
         on_source.unload()

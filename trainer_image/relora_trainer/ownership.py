@@ -193,13 +193,26 @@ def check_owner(
         return
     uri = spec.output_uri(adapter.name)
     folder = storage.local_path(uri, what="spec.output.uri")
-    record, files = read_record(folder), _foreign_files(folder)
-    if uris.parse_uri(uri).scheme == "s3":
-        record, files = _Remote(uri).state()
-    if record is not None and record.owner.same(owner):
-        return
-    if record is not None or files:
+    remote = _Remote(uri) if uris.parse_uri(uri).scheme == "s3" else None
+    record, files = _standing(folder, remote)
+    if _taken(record, files, owner):
         raise _refusal(uri, record, files)
+
+
+def _standing(folder: Path, remote: _Remote | None) -> tuple[Record | None, list[str]]:
+    """The output's ownership record (the object store's first) and its other files."""
+    record, files = read_record(folder), _foreign_files(folder)
+    if remote is not None:
+        remote_record, remote_files = remote.state()
+        record, files = remote_record or record, sorted(set(files) | set(remote_files))
+    return record, files
+
+
+def _taken(record: Record | None, files: list[str], owner: Owner) -> bool:
+    """Whether an output in this state is someone else's (another owner's, or not relora's)."""
+    if record is not None:
+        return not record.owner.same(owner)
+    return bool(files)
 
 
 class Claim:
@@ -260,12 +273,8 @@ class Claim:
 
     def _take(self) -> None:
         """Under the lock: check the record, clear the folder if allowed, write our record."""
-        record, files = read_record(self.folder), _foreign_files(self.folder)
-        if self.remote is not None:
-            remote_record, remote_files = self.remote.state()
-            record, files = remote_record or record, sorted(set(files) | set(remote_files))
-        mine = record is not None and record.owner.same(self.owner)
-        if not mine and (record is not None or files):
+        record, files = _standing(self.folder, self.remote)
+        if _taken(record, files, self.owner):
             if not self.overwrite:
                 raise _refusal(self.uri, record, files)
             shutil.rmtree(self.folder, ignore_errors=True)

@@ -192,7 +192,6 @@ def estimate(
     evaluation = (4 * tokens * h * size + tokens * vocab * 4) / GIB
     fixed, share = OVERHEAD["cuda" if device == "cuda" else "cpu"]
     overhead = fixed + share * weights
-    needs_source = adapter.readiness.target is None
     return Estimate(
         adapter=adapter.name,
         device=device,
@@ -206,7 +205,7 @@ def estimate(
         activations=activations,
         checkpointed=checkpointed,
         overhead=overhead,
-        source_phase=(weights + evaluation + overhead) if needs_source else 0.0,
+        source_phase=(weights + evaluation + overhead) if adapter.readiness.needs_source else 0.0,
     )
 
 

@@ -112,6 +112,12 @@ class Readiness(APIModel):
             raise ValueError("an accuracy target must be in (0, 1]")
         return self
 
+    @property
+    def needs_source(self) -> bool:
+        """Whether the target is relative to the old adapter on the old base (which must then
+        be measured)."""
+        return self.target is None
+
 
 class Adapter(APIModel):
     """One task adapter trained on the old base, to be migrated to the new base."""
