@@ -11,8 +11,9 @@ from peft import LoraConfig
 
 from relora_operator.api.spec import Finetune, Regularization
 from relora_trainer import adapters, models
+from relora_trainer import finetune as finetune_module
 from relora_trainer.data import Encoder, read_jsonl
-from relora_trainer.finetune import FinetuneOutcome, Target, batch_indices, finetune
+from relora_trainer.finetune import FinetuneOutcome, MicroBatch, Target, batch_indices, finetune
 
 CPU = torch.device("cpu")
 
@@ -31,11 +32,17 @@ def test_batch_order_is_a_pure_function_of_seed_and_step() -> None:
 
 
 def _run(
-    toy: Any, *, state: Path | None, config: Finetune, target: Target, **kw: Any
+    toy: Any,
+    *,
+    state: Path | None,
+    config: Finetune,
+    target: Target,
+    dropout: float = 0.2,
+    **kw: Any,
 ) -> tuple[FinetuneOutcome, dict[str, torch.Tensor]]:
     base = models.load_model(toy.v2, what="v2", device=CPU)
     old = adapters.read_adapter(toy.adapter, what="adapter")
-    lora = LoraConfig(**{**old.config.to_dict(), "lora_dropout": 0.2, "inference_mode": False})
+    lora = LoraConfig(**{**old.config.to_dict(), "lora_dropout": dropout, "inference_mode": False})
     torch.manual_seed(0)
     model = adapters.attach(base, lora)
     adapters.load_factors(model, old.factors)
@@ -109,3 +116,85 @@ def test_runs_the_budget_when_never_ready(toy: Any) -> None:
     assert not outcome.ready and outcome.steps == 7
     assert [e.step for e in outcome.history] == [0, 3, 6, 7]
     assert outcome.ready_seconds is None and outcome.train_seconds > 0
+
+
+def test_micro_batches_accumulate_the_same_steps(toy: Any) -> None:
+    """microBatchSize 3 of a batch of 8 (uneven: 3 + 3 + 2 examples, each micro-batch padded to
+    its own width): the loss is the mean over the whole step's labelled tokens, so the
+    parameters after 6 steps equal the whole-batch run's (fp32, no dropout)."""
+    config = Finetune(max_steps=6, batch_size=8, eval_every=3, learning_rate=5e-3)
+    whole, whole_weights = _run(toy, state=None, config=config, target=UNREACHABLE, dropout=0.0)
+    split_config = config.model_copy(update={"micro_batch_size": 3})
+    split, split_weights = _run(
+        toy, state=None, config=split_config, target=UNREACHABLE, dropout=0.0
+    )
+    assert whole.micro_batch is None and split.micro_batch == 3
+    for name, value in whole_weights.items():
+        assert torch.allclose(split_weights[name], value, atol=1e-6), name
+    moved = max(float((v - whole_weights[n]).abs().max()) for n, v in _initial(toy).items())
+    assert moved > 1e-4, "the steps did move the parameters: the comparison means something"
+    assert [e.loss for e in split.history] == pytest.approx([e.loss for e in whole.history])
+
+
+def _initial(toy: Any) -> dict[str, torch.Tensor]:
+    _, weights = _run(toy, state=None, config=Finetune(max_steps=0), target=UNREACHABLE)
+    return weights
+
+
+def test_running_out_of_gpu_memory_halves_the_micro_batch(
+    toy: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step (or an evaluation) that runs out of GPU memory is redone with half the examples
+    per forward pass, gradients accumulated, and the run goes on with the same steps as one
+    that had the memory; what happened is told once per halving."""
+    config = Finetune(max_steps=4, batch_size=8, eval_every=2, learning_rate=5e-3)
+    roomy, roomy_weights = _run(toy, state=None, config=config, target=UNREACHABLE, dropout=0.0)
+
+    real_loss = finetune_module.task_loss
+    from relora_trainer.quality import measure as real_measure
+
+    def loss(model: Any, batch: dict[str, torch.Tensor], **kw: Any) -> torch.Tensor:
+        if batch["input_ids"].shape[0] > 2:  # then the first step, 4 at a time: halved to 2
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return real_loss(model, batch, **kw)
+
+    def measure(*args: Any, batch_size: int, **kw: Any) -> Any:
+        if batch_size > 4:  # the first evaluation, 64 examples at a time: halved to 4
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+        return real_measure(*args, batch_size=batch_size, **kw)
+
+    monkeypatch.setattr(finetune_module, "task_loss", loss)
+    monkeypatch.setattr(finetune_module, "measure", measure)
+    told: list[str] = []
+    micro = MicroBatch(8, batch=8, on_change=told.append)
+    tight, tight_weights = _run(
+        toy, state=None, config=config, target=UNREACHABLE, dropout=0.0, micro=micro
+    )
+    assert tight.micro_batch == 2 and tight.steps == roomy.steps == 4
+    assert [e.step for e in tight.history] == [e.step for e in roomy.history] == [0, 2, 4]
+    assert [e.accuracy for e in tight.history] == [e.accuracy for e in roomy.history]
+    for name, value in roomy_weights.items():
+        assert torch.allclose(tight_weights[name], value, atol=1e-6), name
+    assert told == [
+        "ran out of GPU memory: continuing with micro-batches of 4 examples (gradient "
+        "accumulation: the same steps)",
+        "ran out of GPU memory: continuing with micro-batches of 2 examples (gradient "
+        "accumulation: the same steps)",
+    ]
+
+
+def test_out_of_memory_at_one_example_is_not_swallowed(
+    toy: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def loss(*args: Any, **kw: Any) -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(finetune_module, "task_loss", loss)
+    config = Finetune(max_steps=2, batch_size=4, eval_every=2)
+    with pytest.raises(torch.OutOfMemoryError):
+        _run(toy, state=None, config=config, target=UNREACHABLE)
+
+
+def test_a_micro_batch_larger_than_the_batch_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"microBatchSize \(9\) must not exceed batchSize \(8\)"):
+        Finetune(batch_size=8, micro_batch_size=9)

@@ -149,4 +149,37 @@ def test_running_out_of_memory_is_a_clear_reason_not_a_retry(
         "error: OutOfMemory: toy-category: ran out of cpu memory (CUDA out of memory. Tried to "
         "allocate 2.00 GiB); relora plan estimates "
     )
-    assert "lower spec.method.finetune.batchSize" in line
+    assert "set spec.method.finetune.microBatchSize (or lower batchSize)" in line
+
+
+def test_logits_follow_the_completion_and_activations_the_micro_batch(
+    toy: Any, tmp_path: Path
+) -> None:
+    """Only the columns that predict a completion token get logits (the loss computes no
+    others), and a micro-batch holds the activations of its own examples only."""
+    migration, _ = validation.validate_manifest(toy_manifest(toy))
+    assert migration is not None
+    spec, storage = migration.spec, Storage(base_dir=tmp_path)
+    adapter = spec.adapters[0]
+
+    def found(**kw: Any) -> plan.Estimate:
+        return plan.estimate(spec, adapter, storage, device="cpu", sequence=512, **kw)
+
+    short, everything = found(completion=2), found()
+    assert everything.sequence == short.sequence == 512
+    assert short.activations < everything.activations
+    vocabulary = json.loads((toy.v2 / "config.json").read_text())["vocab_size"]
+    batch = spec.method.finetune.batch_size
+    saved = 3 * batch * (512 - batch * 2) * vocabulary * 4 / plan.GIB
+    assert everything.activations - short.activations == pytest.approx(saved)
+
+    tune = spec.method.finetune.model_copy(update={"micro_batch_size": 2})
+    spec_micro = spec.model_copy(
+        update={"method": spec.method.model_copy(update={"finetune": tune})}
+    )
+    micro = plan.estimate(spec_micro, adapter, storage, device="cpu", sequence=512)
+    assert micro.batch == 2 and micro.activations == pytest.approx(
+        everything.activations * 2 / batch
+    )
+    from_data = plan.estimate(spec, adapter, storage, device="cpu")
+    assert from_data.sequence < 512 and from_data.activations < short.activations

@@ -47,6 +47,31 @@ def test_a_migration_reports_trials_steps_and_quality(toy: Any, tmp_path: Path) 
     assert all(u.target is not None and u.max_steps == 60 for u in steps)
     last = steps[-1].step
     assert last is not None and [u.step for u in steps] == list(range(last + 1))
+    # The memory plan rides on every record, from the first (before any weight is trained),
+    # and it is the report's too.
+    planned = {u.planned_peak_gib for u in recorder.updates}
+    (peak,) = planned
+    assert peak is not None and peak > 0
+    report = json.loads((tmp_path / "output/toy-category/report.json").read_text())
+    assert report["planned_peak_gib"] in planned
+
+
+def test_the_operator_reads_the_plan_from_the_trainers_log() -> None:
+    """A trainer's JSON line -> the operator's parser -> the status: plannedPeakGiB."""
+    from relora_operator import contract
+
+    stream = io.StringIO()
+    JsonLinesProgress(stream).update(
+        "a", AdapterProgress(stage="finetune", step=3, max_steps=9, planned_peak_gib=17.25)
+    )
+    found = contract.last_progress("starting\n" + stream.getvalue())
+    assert found is not None
+    assert found.to_wire() == {
+        "stage": "finetune",
+        "step": 3,
+        "maxSteps": 9,
+        "plannedPeakGiB": 17.25,
+    }
 
 
 def test_json_lines_progress() -> None:

@@ -36,7 +36,12 @@ def _report(tmp_path: Path) -> dict[str, Any]:
 def test_relora_run_writes_a_loadable_adapter_whose_quality_matches_the_report(
     toy: Any, tmp_path: Path
 ) -> None:
-    path = _write(tmp_path, toy_manifest(toy))
+    manifest = toy_manifest(toy)
+    # A target well inside what 60 steps reach on any build of the toy world (0.97 of the
+    # source was reached on one build and missed by 0.01 on another: library versions move
+    # the toy adapter); this test is about the files and the report, not about the method.
+    manifest["spec"]["adapters"][0]["readiness"] = {"relativeToSource": 0.9}
+    path = _write(tmp_path, manifest)
     result = subprocess.run(
         [sys.executable, "-m", "relora_trainer.cli", "run", "-f", str(path), "--quiet"],
         capture_output=True,

@@ -128,3 +128,112 @@ def test_a_migration_from_and_to_s3(s3: dict[str, str], toy: Any, tmp_path: Path
     refusal = "error: StorageAccessDenied: spec.adapters[toy-category].data.train: no usable"
     assert f"{refusal} credentials for s3://{BUCKET}/toy/data/" in denied.stderr
     assert "Traceback" not in denied.stderr
+
+
+def _job(manifest: dict[str, Any], folder: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    """The trainer Job's entrypoint as a pod runs it: the spec in the environment, progress as
+    JSON lines on stdout, a home (and so a local cache) of its own: a new machine."""
+    from relora_operator import contract
+
+    folder.mkdir(parents=True, exist_ok=True)
+    owner = {"namespace": "team", "name": manifest["metadata"]["name"], "uid": "u-1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "relora_trainer.job"],
+        env={
+            **os.environ,
+            **env,
+            "HOME": str(folder / "home"),
+            contract.ENV_MIGRATION: json.dumps(manifest["spec"]),
+            contract.ENV_ADAPTER: manifest["spec"]["adapters"][0]["name"],
+            contract.ENV_OWNER: json.dumps(owner),
+            contract.ENV_TERMINATION_LOG: str(folder / "termination-log"),
+        },
+        cwd=folder,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def _progress(line: str) -> dict[str, Any] | None:
+    try:
+        record: dict[str, Any] = json.loads(line)
+    except ValueError:
+        return None
+    return record if record.get("event") == "progress" else None
+
+
+def test_a_pod_killed_mid_run_resumes_from_its_checkpoint_on_s3(
+    s3: dict[str, str], toy: Any, tmp_path: Path
+) -> None:
+    """The output on S3 and nothing kept on the machine: the search journal and the
+    fine-tuning checkpoints are uploaded as they are written, and a new pod (an empty cache)
+    takes the run over from there: no trial and no step done twice."""
+    fs = _filesystem(s3)
+    bucket = f"{BUCKET}-resume"
+    fs.mkdir(bucket)
+    fs.put(str(toy.root) + "/", f"{bucket}/toy/", recursive=True)
+
+    class OnS3:
+        v1 = f"s3://{bucket}/toy/models/v1"
+        v2 = f"s3://{bucket}/toy/models/v2-mild"
+        adapter = f"s3://{bucket}/toy/adapters/toy-category"
+
+        @staticmethod
+        def split(name: str) -> str:
+            return f"s3://{bucket}/toy/data/toy-category/{name}.jsonl"
+
+    manifest = toy_manifest(OnS3, strategy="relora")
+    method = manifest["spec"]["method"]
+    method["initialization"] = {"trials": 4, "validationSamples": 32}
+    method["finetune"] = {
+        "maxSteps": 40,
+        "evalEvery": 5,
+        "checkpointEvery": 5,
+        "stopWhenReady": False,
+        "batchSize": 8,
+    }
+    manifest["spec"]["output"] = {"uri": f"s3://{bucket}/out"}
+    out = f"{bucket}/out/toy-category"
+
+    first = _job(manifest, tmp_path / "pod-1", s3)
+    assert first.stdout is not None
+    seen: list[dict[str, Any]] = []
+    for line in first.stdout:
+        record = _progress(line)
+        if record is not None:
+            seen.append(record)
+            if record.get("stage") == "finetune" and record.get("step", 0) >= 12:
+                first.kill()  # SIGKILL: nothing is flushed or uploaded on the way out
+                break
+    first.wait(timeout=60)
+    killed_at = max(r.get("step", 0) for r in seen if r.get("stage") == "finetune")
+    assert first.returncode != 0 and 12 <= killed_at < 40, (first.returncode, killed_at)
+    assert fs.exists(f"{out}/state/checkpoint.pt") and fs.exists(f"{out}/state/search.journal")
+    assert not fs.exists(f"{out}/report.json")
+    assert all(r.get("plannedPeakGiB", 0) > 0 for r in seen), "the plan rides on every record"
+
+    second = _job(manifest, tmp_path / "pod-2", s3)
+    stdout, _ = second.communicate(timeout=600)
+    assert second.returncode in (EXIT_OK, EXIT_NOT_READY), stdout[-2000:]
+    records = [r for r in map(_progress, stdout.splitlines()) if r is not None]
+    steps = [r["step"] for r in records if r.get("stage") == "finetune"]
+    trials = [r["trial"] for r in records if r.get("stage") == "search"]
+    assert not trials, "the search had finished: its journal came back, no trial ran again"
+    # From the last checkpoint the first pod uploaded (every 5 steps; it may have run a few
+    # steps past the last one we read before the kill landed).
+    resumed_after = min(steps) - 1
+    assert resumed_after % 5 == 0 and 10 <= resumed_after <= killed_at + 5, steps
+    assert steps == list(range(resumed_after + 1, 41)), steps
+    report = json.loads(fs.cat_file(f"{out}/report.json"))
+    assert report["steps"] == 40 and len(report["trials"]) == 4
+    assert [e["step"] for e in report["history"]] == list(range(0, 41, 5))
+    termination = json.loads((tmp_path / "pod-2" / "termination-log").read_text())
+    assert termination["steps"] == 40
+
+    # A third pod, after the end: the finished result is read from S3, no model is loaded.
+    third = _job(manifest, tmp_path / "pod-3", s3)
+    stdout, _ = third.communicate(timeout=120)
+    assert third.returncode in (EXIT_OK, EXIT_NOT_READY)
+    assert not [r for r in map(_progress, stdout.splitlines()) if r is not None]
+    assert not (tmp_path / "pod-3" / "home" / ".cache" / "relora" / "s3" / bucket / "toy").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,3 +49,57 @@ def test_hub_download_failure_is_one_clear_line(
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(MissingInput, match=r"^spec.sourceModel: cannot download hf://org/model"):
         Storage(base_dir=tmp_path).fetch("hf://org/model", what="spec.sourceModel")
+
+
+def _hub_cache(home: Path, repo: str, revisions: dict[str, Path], refs: dict[str, str]) -> None:
+    """The Hugging Face hub's cache layout (what a `huggingface-cli download` leaves): one
+    snapshot folder per commit, refs naming commits."""
+    root = home / "hub" / f"models--{repo.replace('/', '--')}"
+    for commit, source in revisions.items():
+        snapshot = root / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        for file in source.iterdir():
+            if file.is_file():
+                (snapshot / file.name).write_bytes(file.read_bytes())
+    (root / "refs").mkdir(parents=True)
+    for ref, commit in refs.items():
+        (root / "refs" / ref).write_text(commit)
+
+
+def test_hub_models_come_from_the_cache_offline_with_revisions_pinned(
+    toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """hf:// through huggingface_hub's real cache with no network: the revision picks the
+    snapshot (a branch through its ref, a commit as is), a subfolder is resolved inside it, and
+    what the cache lacks is one clear line naming the field, the repo and the revision."""
+    old, new = "a" * 40, "b" * 40
+    home = tmp_path / "hf"
+    _hub_cache(home, "org/toy", {old: toy.v1, new: toy.v2}, {"main": new, "v1": old})
+    from huggingface_hub import constants
+
+    # What HF_HOME and HF_HUB_OFFLINE=1 set when the process starts (read at import time).
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    storage = Storage(base_dir=tmp_path)
+
+    latest = storage.fetch("hf://org/toy", what="spec.targetModel")
+    assert (
+        latest.name == new
+        and (latest / "config.json").read_bytes() == (toy.v2 / "config.json").read_bytes()
+    )
+    assert storage.fetch("hf://org/toy", what="spec.sourceModel", revision="v1").name == old
+    pinned = storage.fetch("hf://org/toy", what="spec.sourceModel", revision=old)
+    assert (pinned / "model.safetensors").read_bytes() == (
+        toy.v1 / "model.safetensors"
+    ).read_bytes()
+    inside = storage.fetch("hf://org/toy/config.json", what="spec.targetModel", revision=old)
+    assert inside == pinned / "config.json"
+
+    with pytest.raises(
+        MissingInput,
+        match=r"^spec.sourceModel: cannot download hf://org/toy \(revision "
+        r"c{40}\): .*; check the name, HF_TOKEN and network access$",
+    ):
+        storage.fetch("hf://org/toy", what="spec.sourceModel", revision="c" * 40)
+    with pytest.raises(MissingInput, match=r"^spec.targetModel: nothing.json is not in hf://org"):
+        storage.fetch("hf://org/toy/nothing.json", what="spec.targetModel")

@@ -87,6 +87,9 @@ def owner(namespace: str, name: str, uid: str) -> str:
     return json.dumps({"namespace": namespace, "name": name, "uid": uid}, sort_keys=True)
 
 
+_PROGRESS_FIELDS = {f.alias or n for n, f in AdapterProgress.model_fields.items()}
+
+
 def last_progress(log: str) -> AdapterProgress | None:
     """The newest progress record in a log's tail (other lines are ignored)."""
     for line in reversed(log.splitlines()):
@@ -98,7 +101,8 @@ def last_progress(log: str) -> AdapterProgress | None:
         except json.JSONDecodeError:
             continue
         if isinstance(record, dict) and record.get("event") == "progress":
-            fields = {k: v for k, v in record.items() if k not in ("event", "adapter")}
+            # Only the fields this release knows: a newer trainer image may say more.
+            fields = {k: v for k, v in record.items() if k in _PROGRESS_FIELDS}
             try:
                 return AdapterProgress.model_validate(fields)
             except ValidationError:

@@ -63,7 +63,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from relora_trainer import plan
 
-    return plan.run(args.filename, device=args.device, sequence=args.seq_len)
+    return plan.run(
+        args.filename, device=args.device, sequence=args.seq_len, completion=args.completion_len
+    )
 
 
 def _cmd_crd(args: argparse.Namespace) -> int:
@@ -192,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     planning.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     planning.add_argument(
         "--seq-len", type=int, metavar="N", help="tokens per example (default: the data's longest)"
+    )
+    planning.add_argument(
+        "--completion-len",
+        type=int,
+        metavar="N",
+        help="completion tokens per example, the ones that get logits (default: the data's "
+        "longest; with --seq-len, all of them)",
     )
     planning.set_defaults(handler=_cmd_plan)
 

@@ -11,6 +11,8 @@ state is checkpointed, so a resumed run continues exactly where the interrupted 
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
 import math
 import os
 import pickle
@@ -18,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from peft import PeftModel
@@ -26,10 +28,11 @@ from peft import PeftModel
 from relora_operator.api.spec import Finetune, Regularization
 from relora_trainer import regularization
 from relora_trainer.adapters import lora_parameters
-from relora_trainer.data import IGNORE_INDEX, Encoder, Example
-from relora_trainer.quality import Quality, measure
+from relora_trainer.data import IGNORE_INDEX, Encoded, Encoder, Example
+from relora_trainer.quality import Quality, completion_logits, measure
 
 CHECKPOINT_FILE = "checkpoint.pt"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class FinetuneOutcome:
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
     history: list[Evaluation] = field(default_factory=list)
+    micro_batch: int | None = None  # examples per forward pass, when fewer than the batch
 
     @property
     def ready(self) -> bool:
@@ -89,26 +93,91 @@ def batch_indices(*, step: int, size: int, batch_size: int, seed: int) -> list[i
     return indices
 
 
-def task_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy of the labelled (completion) tokens, as ``model(**batch).loss``.
-
-    Only the positions that predict a labelled token get logits (``logits_to_keep``): with a
-    one-token completion that skips the output projection, the largest matrix of the model,
-    on every prompt token.
-    """
-    labels = batch["labels"][:, 1:]
-    columns = torch.nonzero((labels != IGNORE_INDEX).any(dim=0)).squeeze(1)
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    try:
-        logits = model(**inputs, use_cache=False, logits_to_keep=columns).logits
-    except TypeError:  # a model class without logits_to_keep: all positions
-        logits = model(**inputs).logits[:, :-1][:, columns]
-    picked = labels[:, columns]
-    return torch.nn.functional.cross_entropy(
+def task_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], *, tokens: int | None = None
+) -> torch.Tensor:
+    """Mean cross-entropy of the labelled (completion) tokens, as ``model(**batch).loss``; with
+    ``tokens``, their summed cross-entropy divided by it (a micro-batch's share of its step)."""
+    logits, labels = completion_logits(model, batch)
+    loss = torch.nn.functional.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]),
-        picked.reshape(-1),
+        labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
+        reduction="mean" if tokens is None else "sum",
     )
+    return loss if tokens is None else loss / tokens
+
+
+def backward(
+    model: torch.nn.Module,
+    encoder: Encoder,
+    examples: Sequence[Encoded],
+    *,
+    micro_batch: int,
+    device: torch.device,
+) -> float:
+    """The gradient of one step's task loss (the mean over all its labelled tokens), computed
+    ``micro_batch`` examples at a time and accumulated: the same gradient as the whole batch at
+    once, with the activations of a micro-batch only. Returns the loss."""
+    batches = [
+        encoder.batch(examples[start : start + micro_batch], device)
+        for start in range(0, len(examples), micro_batch)
+    ]
+    tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    total = 0.0
+    for batch in batches:
+        with autocast(device):
+            loss = task_loss(model, batch, tokens=max(tokens, 1))
+        loss.backward()
+        total += float(loss.detach())
+    return total
+
+
+EVALUATION_BATCH = 64
+"""Examples per forward pass when measuring quality (no gradients), until memory runs short."""
+
+
+class MicroBatch:
+    """Examples per forward pass: the step's whole batch (or spec's microBatchSize), halved
+    whenever work runs out of GPU memory (the work is then redone), down to 1. Quality is
+    measured EVALUATION_BATCH examples at a time until then, a micro-batch at a time after."""
+
+    def __init__(
+        self, size: int, *, batch: int, on_change: Callable[[str], None] | None = None
+    ) -> None:
+        self.size, self.batch = min(size, batch), batch
+        self.on_change = on_change
+
+    @property
+    def evaluation(self) -> int:
+        return EVALUATION_BATCH if self.size >= self.batch else self.size
+
+    def run(self, work: Callable[[], T], reset: Callable[[], None] | None = None) -> T:
+        """``work()`` (which reads the sizes) until it fits; ``reset()`` drops what a failed
+        attempt left (partial gradients) before the redo."""
+        while True:
+            try:
+                return work()
+            except torch.OutOfMemoryError:
+                if self.size == 1:
+                    raise
+            if reset is not None:
+                reset()  # outside the handler: the error's frames (and tensors) are gone
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.size = max(1, self.size // 2)
+            if self.on_change is not None:
+                self.on_change(
+                    f"ran out of GPU memory: continuing with micro-batches of {self.size} "
+                    "examples (gradient accumulation: the same steps)"
+                )
+
+    def backward(
+        self, model: torch.nn.Module, encoder: Encoder, examples: Sequence[Encoded], **kw: Any
+    ) -> float:
+        """:func:`backward` at the current size, as ``run`` redoes it."""
+        return backward(model, encoder, examples, micro_batch=self.size, **kw)
 
 
 def look_ahead(
@@ -121,21 +190,25 @@ def look_ahead(
     batch_size: int,
     seed: int,
     device: torch.device,
+    micro: MicroBatch | None = None,
 ) -> None:
     """``steps`` plain AdamW steps on the LoRA parameters from their current values, on the
     batches the fine-tune itself starts with (a search trial's look-ahead)."""
     parameters = lora_parameters(model)
     optimizer = torch.optim.AdamW(parameters.values(), lr=learning_rate, weight_decay=0.0)
+    micro = micro or MicroBatch(batch_size, batch=batch_size)
     was_training = model.training
     model.train()
     try:
         for step in range(steps):
             picked = batch_indices(step=step, size=len(train), batch_size=batch_size, seed=seed)
             encoded = [encoder.encode(train[i].prompt, train[i].completion) for i in picked]
-            with autocast(device):
-                loss = task_loss(model, encoder.batch(encoded, device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+
+            reset = functools.partial(optimizer.zero_grad, set_to_none=True)
+            reset()
+            micro.run(
+                functools.partial(micro.backward, model, encoder, encoded, device=device), reset
+            )
             torch.nn.utils.clip_grad_norm_(parameters.values(), 1.0)
             optimizer.step()
     finally:
@@ -185,6 +258,8 @@ def finetune(
     state_dir: Path | None = None,
     seconds_before: float = 0.0,
     on_step: StepCallback | None = None,
+    micro: MicroBatch | None = None,
+    on_checkpoint: Callable[[], None] | None = None,
 ) -> FinetuneOutcome:
     """Train the LoRA parameters of ``model`` from their current values until ready or budget."""
     parameters = lora_parameters(model)
@@ -206,6 +281,10 @@ def finetune(
             torch.cuda.set_rng_state_all(saved["cuda_rng"])
         outcome = FinetuneOutcome(**{**saved["outcome"], "history": []})
         outcome.history = [Evaluation(**e) for e in saved["outcome"]["history"]]
+    if micro is None:
+        micro = MicroBatch(config.micro_batch_size or config.batch_size, batch=config.batch_size)
+    if outcome.micro_batch is not None:  # a resumed run that had to shrink: not again
+        micro.size = min(micro.size, outcome.micro_batch)
 
     def clock() -> float:
         return seconds_before + outcome.train_seconds + outcome.eval_seconds
@@ -213,13 +292,16 @@ def finetune(
     def evaluate(step: int) -> Evaluation:
         started = time.perf_counter()
         with autocast(device):
-            quality: Quality = measure(
-                model,
-                encoder,
-                validation,
-                choices,
-                device=device,
-                with_accuracy=target.metric == "accuracy",
+            quality: Quality = micro.run(
+                lambda: measure(
+                    model,
+                    encoder,
+                    validation,
+                    choices,
+                    device=device,
+                    batch_size=micro.evaluation,
+                    with_accuracy=target.metric == "accuracy",
+                )
             )
         outcome.eval_seconds += time.perf_counter() - started
         evaluation = Evaluation(
@@ -244,15 +326,15 @@ def finetune(
         started = time.perf_counter()
         picked = batch_indices(step=step, size=len(train), batch_size=config.batch_size, seed=seed)
         encoded = [encoder.encode(train[i].prompt, train[i].completion) for i in picked]
-        batch = encoder.batch(encoded, device)
-        with autocast(device):
-            loss = task_loss(model, batch)
+        reset = functools.partial(optimizer.zero_grad, set_to_none=True)
+        reset()
+        micro.run(functools.partial(micro.backward, model, encoder, encoded, device=device), reset)
+        if micro.size < config.batch_size:
+            outcome.micro_batch = micro.size
         if regularize is not None:
             lam = regularization.strength(regularize, step=step, max_steps=config.max_steps)
-            if lam > 0:
-                loss = loss + lam * regularization.penalty(parameters, anchors)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+            if lam > 0:  # once per step, not per micro-batch
+                (lam * regularization.penalty(parameters, anchors)).backward()
         torch.nn.utils.clip_grad_norm_(parameters.values(), 1.0)
         optimizer.step()
         schedule.step()
@@ -274,6 +356,8 @@ def finetune(
                     "outcome": asdict(outcome),
                 }
             )
+            if on_checkpoint is not None:
+                on_checkpoint()
         if on_step is not None:
             on_step(done, evaluation)
     return outcome

@@ -27,7 +27,15 @@ from relora_operator.api.status import AdapterProgress
 from relora_trainer import adapters, fusion, models, ownership, plan, report, search
 from relora_trainer.data import MAX_CHOICES, Encoder, Example, TaskData, read_jsonl
 from relora_trainer.errors import IncompatibleModels, InvalidData
-from relora_trainer.finetune import Evaluation, Target, autocast, finetune, look_ahead
+from relora_trainer.finetune import (
+    EVALUATION_BATCH,
+    Evaluation,
+    MicroBatch,
+    Target,
+    autocast,
+    finetune,
+    look_ahead,
+)
 from relora_trainer.progress import NullProgress, ProgressSink
 from relora_trainer.quality import Quality, measure
 from relora_trainer.storage import Storage
@@ -197,6 +205,7 @@ def finished(
 ) -> report.AdapterReport | None:
     """The finished result of this very work by this owner, if the output holds one: found
     before any model is loaded (a retried pod, or the operator re-reading an outcome)."""
+    ownership.restore(spec, adapter, storage, owner)  # an s3:// output, on a new machine
     folder = output_dir(spec, adapter, storage)
     record = ownership.read_record(folder)
     if record is None or not record.owner.same(owner):
@@ -238,29 +247,41 @@ def readiness_target(readiness: Readiness, source: Quality | None) -> Target:
 
 
 class _Quality:
-    """Measures a model on the task's splits with the migration's encoder and device."""
+    """Measures a model on the task's splits with the migration's encoder, device and
+    micro-batch (a measurement that runs out of GPU memory is redone with smaller batches)."""
 
     def __init__(
-        self, encoder: Encoder, task: TaskData, device: torch.device, *, metric: str = "accuracy"
+        self,
+        encoder: Encoder,
+        task: TaskData,
+        device: torch.device,
+        *,
+        metric: str = "accuracy",
+        micro: MicroBatch | None = None,
     ) -> None:
         self.encoder, self.task, self.device, self.metric = encoder, task, device, metric
+        self.micro = micro or MicroBatch(EVALUATION_BATCH, batch=EVALUATION_BATCH)
         # Accuracy scores each example against every completion: reported only where bounded.
         self.scores_choices = len(task.choices) <= MAX_CHOICES
 
     def on(
         self, model: nn.Module, examples: list[Example], *, with_accuracy: bool | None = None
     ) -> Quality:
-        if with_accuracy is None:
-            with_accuracy = self.scores_choices
-        with autocast(self.device):
-            return measure(
-                model,
-                self.encoder,
-                examples,
-                self.task.choices,
-                device=self.device,
-                with_accuracy=with_accuracy,
-            )
+        chosen = self.scores_choices if with_accuracy is None else with_accuracy
+
+        def once() -> Quality:
+            with autocast(self.device):
+                return measure(
+                    model,
+                    self.encoder,
+                    examples,
+                    self.task.choices,
+                    device=self.device,
+                    batch_size=self.micro.evaluation,
+                    with_accuracy=chosen,
+                )
+
+        return self.micro.run(once)
 
     def splits(self, model: nn.Module) -> dict[str, Quality]:
         result = {"validation": self.on(model, self.task.validation)}
@@ -327,10 +348,23 @@ def _migrate_claimed(
 
     old = _old_adapter(adapter, storage, bases.target)
     encoder = Encoder(bases.tokenizer)
-    quality = _Quality(encoder, task, bases.device, metric=adapter.readiness.metric)
+    tune = method.finetune
+    micro = MicroBatch(
+        tune.micro_batch_size or tune.batch_size,
+        batch=tune.batch_size,
+        on_change=lambda message: sink.note(adapter.name, message),
+    )
+    quality = _Quality(encoder, task, bases.device, metric=adapter.readiness.metric, micro=micro)
     torch.manual_seed(method.seed)
 
-    sink.update(adapter.name, AdapterProgress(stage="evaluate"))
+    planned = _plan(spec, adapter, storage, bases.device, sink)
+    checkpointing = _checkpointing(spec, planned, bases.device)
+    peak = round(planned.peak(checkpointing=checkpointing), 2) if planned else None
+
+    def record(**fields: Any) -> AdapterProgress:
+        return AdapterProgress(planned_peak_gib=peak, **fields)
+
+    sink.update(adapter.name, record(stage="evaluate"))
     started = time.perf_counter()
     reference_key = _reference_key(adapter)
     if reference_key not in bases.on_source and adapter.readiness.needs_source:
@@ -352,11 +386,15 @@ def _migrate_claimed(
     config = adapters.new_config(old.config, rank=rank, base=spec.target_model.uri)
     scale = adapters.lora_scale(config, rank)
     torch.manual_seed(method.seed)
-    checkpointing = _checkpointing(spec, adapter, storage, bases.device)
     model = adapters.attach(bases.target, config)
     if checkpointing:
         _recompute(bases.target, True)
     result: search.SearchResult | None = None
+
+    def trial_done(trial: int, trials: int, value: float | None) -> None:
+        claim.save_state(STATE_DIR)  # the search journal, for a pod that takes over
+        sink.update(adapter.name, record(stage="search", trial=trial, trials=trials))
+
     try:
         if method.strategy == "relora":
             result = _search_init(
@@ -369,9 +407,7 @@ def _migrate_claimed(
                 rank=rank,
                 journal=state / "search.journal",
                 study_name=f"{search.STUDY_NAME}-{key}",
-                report_trial=lambda k, n, value: sink.update(
-                    adapter.name, AdapterProgress(stage="search", trial=k, trials=n)
-                ),
+                report_trial=trial_done,
             )
         elif method.strategy in ("reuse", "warm-start"):
             terms = _terms(old, bases, projection="adapter-subspace", scale=scale)
@@ -388,7 +424,7 @@ def _migrate_claimed(
         def on_step(step: int, evaluation: Evaluation | None) -> None:
             sink.update(
                 adapter.name,
-                AdapterProgress(
+                record(
                     stage="finetune",
                     step=step,
                     max_steps=finetune_config.max_steps,
@@ -411,8 +447,10 @@ def _migrate_claimed(
             state_dir=state,
             seconds_before=result.seconds if result else 0.0,
             on_step=on_step,
+            micro=micro,
+            on_checkpoint=lambda: claim.save_state(STATE_DIR),
         )
-        sink.update(adapter.name, AdapterProgress(stage="saving"))
+        sink.update(adapter.name, record(stage="saving"))
         staging = claim.fresh_staging()
         model.save_pretrained(str(staging), save_embedding_layers=False)
         after_quality = quality.splits(model)
@@ -444,6 +482,7 @@ def _migrate_claimed(
             else None
         ),
         checkpointing=checkpointing,
+        planned_peak_gib=peak,
     )
     report.write(staging, adapter_report)
     claim.publish(keep=(STATE_DIR,))
@@ -451,18 +490,34 @@ def _migrate_claimed(
     return adapter_report
 
 
+def _plan(
+    spec: AdapterMigrationSpec,
+    adapter: Adapter,
+    storage: Storage,
+    device: torch.device,
+    sink: ProgressSink,
+) -> plan.Estimate | None:
+    """relora plan's estimate for this run's device; None where the models' configs do not
+    say enough (an architecture the plan does not know): the migration runs without it."""
+    try:
+        return plan.estimate(spec, adapter, storage, device=device.type)
+    except Exception as error:  # a courtesy: never a reason to fail a migration
+        sink.note(adapter.name, f"no memory plan ({type(error).__name__}: {error})")
+        return None
+
+
 def _checkpointing(
-    spec: AdapterMigrationSpec, adapter: Adapter, storage: Storage, device: torch.device
+    spec: AdapterMigrationSpec, planned: plan.Estimate | None, device: torch.device
 ) -> bool:
     """Whether to recompute activations: as set, or (auto) when the plan's estimate without it
     does not fit this GPU (a CPU's memory is the host's: off)."""
     wanted = spec.method.finetune.gradient_checkpointing
     if wanted != "auto":
         return wanted == "on"
-    if device.type != "cuda":
+    if device.type != "cuda" or planned is None:
         return False
     total = torch.cuda.get_device_properties(device).total_memory / plan.GIB
-    return plan.estimate(spec, adapter, storage, device="cuda").peak() > 0.95 * total
+    return planned.peak() > 0.95 * total
 
 
 def _recompute(model: nn.Module, on: bool) -> None:
@@ -546,6 +601,7 @@ def _search_init(
                 batch_size=tune.batch_size,
                 seed=spec.method.seed,
                 device=quality.device,
+                micro=quality.micro,
             )
         measured = quality.on(model, subset, with_accuracy=by_choice)
         if by_choice and measured.choice_loss is not None:

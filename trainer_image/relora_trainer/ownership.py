@@ -183,6 +183,46 @@ class _Remote:
         with storage_module.s3_access("spec.output.uri", self.uri):
             self.fs.pipe_file(f"{self.uri}/{OWNER_FILE}", record.encode())
 
+    def pull(self, folder: Path) -> None:
+        """Copy the prefix's files (saved state, a finished result) into ``folder``."""
+        with storage_module.s3_access("spec.output.uri", self.uri):
+            prefix = self.uri.removeprefix("s3://").rstrip("/")
+            for remote in self.fs.find(prefix):
+                relative = remote.removeprefix(prefix).lstrip("/")
+                local = folder / relative
+                if not relative or not _within_folder(local, folder):
+                    continue
+                local.parent.mkdir(parents=True, exist_ok=True)
+                self.fs.get_file(remote, str(local))
+
+    def push(self, local: Path, name: str) -> None:
+        """Upload the files of ``local`` to ``URI/name`` (the run's saved state)."""
+        with storage_module.s3_access("spec.output.uri", self.uri):
+            Storage.upload(local, f"{self.uri}/{name}")
+
+
+def _within_folder(path: Path, folder: Path) -> bool:
+    """An object key that stays inside the folder once it is a path (no ``..``)."""
+    resolved, root = Path(os.path.abspath(path)), Path(os.path.abspath(folder))
+    return root in resolved.parents
+
+
+def restore(spec: AdapterMigrationSpec, adapter: Adapter, storage: Storage, owner: Owner) -> None:
+    """A new pod's view of an s3:// output it owns: the prefix's files (the saved state of an
+    interrupted run, or the finished result) copied into the local folder that the run works
+    in, when that folder holds nothing of its own yet. Nothing for other schemes: their
+    folder is the output itself."""
+    uri = spec.output_uri(adapter.name)
+    if uris.parse_uri(uri).scheme != "s3":
+        return
+    folder = storage.local_path(uri, what="spec.output.uri")
+    if read_record(folder) is not None:
+        return
+    remote = _Remote(uri)
+    record, _ = remote.state()
+    if record is not None and record.owner.same(owner):
+        remote.pull(folder)
+
 
 def check_owner(
     spec: AdapterMigrationSpec, adapter: Adapter, storage: Storage, owner: Owner
@@ -280,11 +320,20 @@ class Claim:
             shutil.rmtree(self.folder, ignore_errors=True)
             if self.remote is not None:
                 self.remote.clear()
+        elif self.remote is not None and record is not None and read_record(self.folder) is None:
+            self.remote.pull(self.folder)  # ours, left by an earlier pod: its state, its result
         self.folder.mkdir(parents=True, exist_ok=True)
         mark = Record(self.owner, self.work)
         _write_atomic(self.folder / OWNER_FILE, mark.encode())
         if self.remote is not None:
             self.remote.write(mark)
+
+    def save_state(self, name: str) -> None:
+        """Make the run's saved state (the folder ``name`` in the output) outlive this machine:
+        uploaded to the s3:// prefix, from where :func:`restore` brings it to a retried pod.
+        Nothing to do on a local or pvc output (the folder is the output)."""
+        if self.remote is not None and (self.folder / name).is_dir():
+            self.remote.push(self.folder / name, name)
 
     def fresh_staging(self) -> Path:
         """An empty staging folder beside the output (same file system: one rename away)."""

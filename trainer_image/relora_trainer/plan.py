@@ -1,14 +1,16 @@
 """`relora plan -f manifest.yaml`: what each adapter's migration needs in memory, before it runs.
 
 From each base's config.json and safetensors headers (no weight is read), the old adapter's
-config and the task data's longest example, per adapter:
+config and the task data's longest example and completion, per adapter:
 
 - ``weights``: the parameters of one base in the load dtype (one base is resident at a time);
 - ``lora``: the LoRA parameters with their gradients and AdamW moments, all fp32 (16 bytes each);
 - ``activations``: what the backward pass keeps, per layer ``34 * s * b * h`` bytes in 16-bit
   (Korthikanti et al., 2022, without the attention-score term: PyTorch's SDPA does not store
-  them), scaled to the activation dtype, plus the fp32 logits; with gradient checkpointing only
-  each layer's input is kept, and one layer is recomputed at a time;
+  them), scaled to the activation dtype, for one micro-batch (``b``: ``microBatchSize``, else
+  the batch), plus the fp32 logits of the columns that predict a completion token (the loss
+  computes no others); with gradient checkpointing only each layer's input is kept, and one
+  layer is recomputed at a time;
 - ``overhead``: the runtime. On a CPU 0.4 GiB (Python, torch, transformers) plus 10% of the
   weights (copies while they load): both read off benchmarks/trainer_memory.py's floor at two
   sizes (0.41 GiB with no weights to speak of, 4.24 GiB with 3.47 GiB of weights), a fit of two
@@ -134,18 +136,21 @@ def _lora_parameters(
     return layers * sum(rank * (i + o) for i, o in chosen.values())
 
 
-def _sequence(adapter: Adapter, storage: Storage, tokenizer: Any) -> int:
-    """The longest prompt + completion of the training data, in tokens."""
+def _lengths(adapter: Adapter, storage: Storage, tokenizer: Any) -> tuple[int, int]:
+    """The longest prompt + completion of the training data, and the longest completion, in
+    tokens."""
     where = f"spec.adapters[{adapter.name}].data.train"
     path = storage.fetch(adapter.data.train, what=where)
-    longest = 1
+    longest, completion = 1, 1
     with path.open(encoding="utf-8") as handle:
         for line in handle:
             if line.strip():
                 row = json.loads(line)
-                text = str(row.get("prompt", "")) + str(row.get("completion", ""))
-                longest = max(longest, len(tokenizer(text)["input_ids"]) + 1)
-    return longest
+                ids = tokenizer(str(row.get("completion", "")))["input_ids"]
+                prompt = tokenizer(str(row.get("prompt", "")))["input_ids"]
+                longest = max(longest, len(prompt) + len(ids) + 1)
+                completion = max(completion, len(ids))
+    return longest, completion
 
 
 def estimate(
@@ -155,8 +160,11 @@ def estimate(
     *,
     device: str,
     sequence: int | None = None,
+    completion: int | None = None,
 ) -> Estimate:
-    """The memory estimate of one adapter's migration on ``device`` (``cpu`` or ``cuda``)."""
+    """The memory estimate of one adapter's migration on ``device`` (``cpu`` or ``cuda``).
+    ``sequence`` and ``completion`` (tokens) default to the training data's longest; a given
+    ``sequence`` without ``completion`` counts every token as completion (the worst case)."""
     target_dir = storage.fetch(
         spec.target_model.uri, what="spec.targetModel", revision=spec.target_model.revision
     )
@@ -180,16 +188,22 @@ def estimate(
         precision = spec.method.precision
     size = _BYTES[precision]
     if sequence is None:
-        sequence = _sequence(adapter, storage, models.load_tokenizer(target_dir))
-    batch = spec.method.finetune.batch_size
+        sequence, longest = _lengths(adapter, storage, models.load_tokenizer(target_dir))
+        completion = completion or longest
+    completion = min(completion or sequence, sequence)
+    tune = spec.method.finetune
+    batch = tune.micro_batch_size or tune.batch_size  # examples per forward pass
     h, vocab = int(config["hidden_size"]), int(config["vocab_size"])
     tokens = batch * sequence
     per_layer = 34 * tokens * h * size / 2
-    logits = 3 * tokens * vocab * 4  # logits, their softmax and gradient, in fp32
+    # Logits only where a completion token is predicted (the union of the right-padded rows'
+    # columns), in fp32 with their softmax and gradient.
+    columns = min(sequence, batch * completion)
+    logits = 3 * batch * columns * vocab * 4
     activations = (layers * per_layer + logits) / GIB
     checkpointed = (layers * tokens * h * size + per_layer + logits) / GIB
     weights = parameters * size / GIB
-    evaluation = (4 * tokens * h * size + tokens * vocab * 4) / GIB
+    evaluation = (4 * tokens * h * size + batch * columns * vocab * 4) / GIB
     fixed, share = OVERHEAD["cuda" if device == "cuda" else "cpu"]
     overhead = fixed + share * weights
     return Estimate(
@@ -229,12 +243,15 @@ def warnings_for(spec: AdapterMigrationSpec, found: Estimate) -> list[str]:
     if found.device == "cuda" and found.smallest_gpu(checkpointing=True) is None:
         problems.append(
             f"{found.adapter}: {found.peak(checkpointing=True):.0f} GiB does not fit one "
-            f"{GPUS_GIB[-1]} GiB GPU even with checkpointing: lower batchSize or use several GPUs"
+            f"{GPUS_GIB[-1]} GiB GPU even with checkpointing: set "
+            "spec.method.finetune.microBatchSize (or lower batchSize) or use several GPUs"
         )
     return problems
 
 
-def run(path: str, *, device: str, sequence: int | None = None) -> int:
+def run(
+    path: str, *, device: str, sequence: int | None = None, completion: int | None = None
+) -> int:
     """`relora plan`: print each adapter's estimate; the exit code of the other commands."""
     from rich.console import Console
     from rich.table import Table
@@ -248,13 +265,15 @@ def run(path: str, *, device: str, sequence: int | None = None) -> int:
         migration = local_run.load_manifest(path)
         storage = local_run.storage_for(path)
         found = [
-            estimate(migration.spec, a, storage, device=device, sequence=sequence)
+            estimate(
+                migration.spec, a, storage, device=device, sequence=sequence, completion=completion
+            )
             for a in migration.spec.adapters
         ]
     except (manifests.ManifestError, errors.BadInput) as error:
         return errors.refuse(error)
     table = Table(title=f"Memory plan on {device} (GiB; one base resident at a time)")
-    for column in ("adapter", "precision", "parameters", "LoRA", "batch x seq", "weights"):
+    for column in ("adapter", "precision", "parameters", "LoRA", "pass x seq", "weights"):
         table.add_column(column)
     for column in ("LoRA+AdamW", "activations", "peak", "GPU", "peak (ckpt)", "GPU (ckpt)"):
         table.add_column(column, justify="right")
@@ -296,15 +315,17 @@ def out_of_memory(
         found = estimate(spec, adapter, storage, device="cuda" if device == "cuda" else "cpu")
     except Exception:  # the estimate is a courtesy: the reason stands without it
         return OutOfMemory(
-            f"{adapter.name}: ran out of {device} memory ({first}); lower "
-            "spec.method.finetune.batchSize or give the trainer more memory"
+            f"{adapter.name}: ran out of {device} memory ({first}); set "
+            "spec.method.finetune.microBatchSize (or lower batchSize) or give the trainer more "
+            "memory"
         )
     fits = found.smallest_gpu(checkpointing=False)
     where = f"a {fits} GiB GPU holds it" if fits else "no single common GPU holds it"
     return OutOfMemory(
         f"{adapter.name}: ran out of {device} memory ({first}); relora plan estimates "
         f"{found.peak():.1f} GiB ({found.weights:.1f} GiB of weights in {found.precision}, "
-        f"{found.activations:.1f} GiB of activations at batch {found.batch} x {found.sequence} "
-        f"tokens; {where}): lower spec.method.finetune.batchSize, set spec.method.precision "
-        "to bf16 on a GPU, or schedule the trainer on a larger device"
+        f"{found.activations:.1f} GiB of activations at {found.batch} examples per pass x "
+        f"{found.sequence} tokens; {where}): set spec.method.finetune.microBatchSize (or lower "
+        "batchSize), set spec.method.precision to bf16 on a GPU, or schedule the trainer on a "
+        "larger device"
     )

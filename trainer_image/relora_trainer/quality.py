@@ -40,15 +40,33 @@ class Quality:
         return self.accuracy
 
 
+def completion_logits(
+    model: nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits of the positions that predict a labelled (completion) token, and those labels
+    (IGNORE_INDEX in the rows where that column is prompt or padding).
+
+    Only those columns get logits (``logits_to_keep``): the output projection, the largest
+    matrix of the model, and the fp32 logits (batch x columns x vocabulary) skip every prompt
+    token. The columns are the union over the batch's rows (right-padded).
+    """
+    labels = batch["labels"][:, 1:]
+    columns = torch.nonzero((labels != IGNORE_INDEX).any(dim=0)).squeeze(1)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    try:
+        logits = model(**inputs, use_cache=False, logits_to_keep=columns).logits
+    except TypeError:  # a model class without logits_to_keep: all positions
+        logits = model(**inputs).logits[:, :-1][:, columns]
+    return logits, labels[:, columns]
+
+
 def sequence_logprobs(
     model: nn.Module, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the summed log-probability of the labelled tokens, and their count."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
+    logits, labels = completion_logits(model, batch)
     mask = labels != IGNORE_INDEX
-    picked = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1))
+    picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1))
     picked = picked.squeeze(-1) * mask
     return picked.sum(dim=1), mask.sum(dim=1)
 

@@ -50,6 +50,11 @@ class AdapterReport:
     # activations were recomputed (gradient checkpointing).
     device_peak_gib: float | None = None
     checkpointing: bool = False
+    # Examples per forward pass when fewer than the batch (spec's microBatchSize, or halved
+    # after running out of GPU memory); None: the whole batch at once.
+    micro_batch: int | None = None
+    # relora plan's estimate of this run's peak (GiB) on its device, next to the measured one.
+    planned_peak_gib: float | None = None
 
     @classmethod
     def build(
@@ -69,6 +74,7 @@ class AdapterReport:
         reference_seconds: float,
         device_peak_gib: float | None = None,
         checkpointing: bool = False,
+        planned_peak_gib: float | None = None,
     ) -> AdapterReport:
         search_seconds = search_result.seconds if search_result else 0.0
         return cls(
@@ -104,6 +110,8 @@ class AdapterReport:
             history=[asdict(e) for e in outcome.history],
             device_peak_gib=device_peak_gib,
             checkpointing=checkpointing,
+            micro_batch=outcome.micro_batch,
+            planned_peak_gib=planned_peak_gib,
         )
 
     def quality_of(self, stage: str, split: str = "validation") -> float | None:

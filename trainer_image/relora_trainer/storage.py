@@ -145,14 +145,14 @@ class Storage:
         parsed = uris.parse_uri(uri)
         if parsed.scheme == "s3":
             with s3_access("spec.output.uri", uri):
-                self._upload(local, uri)
+                self.upload(local, uri)
         elif parsed.scheme == "hf":
             raise UnsupportedStorage("output: hf:// is read-only here; write to a path, pvc or s3")
         elif local.resolve() != self.local_path(uri, what="spec.output.uri").resolve():
             shutil.copytree(local, self.local_path(uri), dirs_exist_ok=True)
 
     @staticmethod
-    def _upload(local: Path, uri: str) -> None:
+    def upload(local: Path, uri: str) -> None:
         """File by file into the prefix (a folder put onto an existing prefix nests), the
         report last: it marks the result finished for whoever reads the prefix."""
         files = sorted(p for p in local.rglob("*") if p.is_file())

@@ -252,6 +252,16 @@ class Finetune(APIModel):
         default=5e-4, gt=0, le=1, description="Peak learning rate (cosine decay)."
     )
     batch_size: int = Field(default=16, ge=1, le=4096, description="Examples per step.")
+    micro_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description=(
+            "Examples per forward pass; the step's gradient is accumulated over its "
+            "micro-batches (the same steps, less activation memory). Default: the whole batch, "
+            "halved automatically whenever a step runs out of GPU memory."
+        ),
+    )
     eval_every: int = Field(
         default=25, ge=1, le=1_000_000, description="Readiness check interval in steps."
     )
@@ -279,6 +289,15 @@ class Finetune(APIModel):
             "plan's estimate without it does not fit the GPU; off on a CPU)."
         ),
     )
+
+    @model_validator(mode="after")
+    def _micro_within_batch(self) -> Finetune:
+        if self.micro_batch_size is not None and self.micro_batch_size > self.batch_size:
+            raise ValueError(
+                f"microBatchSize ({self.micro_batch_size}) must not exceed batchSize "
+                f"({self.batch_size}): it splits each step's batch"
+            )
+        return self
 
 
 class Method(APIModel):

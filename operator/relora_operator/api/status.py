@@ -74,6 +74,15 @@ class AdapterProgress(StatusModel):
     )
     quality: float | None = Field(default=None, description="Latest measured quality.")
     target: float | None = Field(default=None, description="The readiness target.")
+    planned_peak_gib: float | None = Field(
+        default=None,
+        ge=0,
+        alias="plannedPeakGiB",
+        description=(
+            "The trainer's memory plan (relora plan) on its device: the estimated peak in GiB, "
+            "computed from the models' headers before any weight is loaded."
+        ),
+    )
 
 
 class AdapterResult(StatusModel):
