@@ -76,6 +76,39 @@ def test_the_source_base_is_measured_then_freed_before_the_target_loads(
     assert reference is not None and reference >= bases.source_seconds > 0
 
 
+def test_a_retry_reuses_the_saved_source_measurement(
+    toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The source phase's measurement is saved in the adapter's state: an attempt that comes
+    after one interrupted later (here: the result removed, as if the pod died while saving)
+    does not load the old base at all, and reports the same reference. Another spec (other
+    work) measures again."""
+    storage = Storage(base_dir=tmp_path)
+    spec = _spec(toy, tmp_path)
+    first = migrate.migrate_adapter(
+        spec=spec,
+        adapter=spec.adapters[0],
+        bases=migrate.load_bases(spec, storage, CPU),
+        storage=storage,
+    )
+    out = tmp_path / "out" / "toy-category"
+    assert (out / "state" / migrate.REFERENCE_FILE).is_file()
+    (out / "report.json").unlink()
+
+    loads = Loads(monkeypatch)
+    bases = migrate.load_bases(spec, storage, CPU)
+    assert loads.folders == ["v2-mild"], "the old base is not loaded again"
+    second = migrate.migrate_adapter(
+        spec=spec, adapter=spec.adapters[0], bases=bases, storage=storage
+    )
+    assert second.quality["source"] == first.quality["source"]
+    assert second.target == first.target
+
+    other = _spec(toy, tmp_path, seed=1)
+    migrate.load_bases(other, storage, CPU)
+    assert loads.folders == ["v2-mild", "v1", "v2-mild"], "other work: measured again"
+
+
 def test_an_absolute_target_never_loads_the_source_base(
     toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -155,21 +188,23 @@ def test_gradient_checkpointing_trains_the_same_and_is_switched_back(
     from transformers import PreTrainedModel
 
     calls: list[str] = []
-    enable, disable = (
-        PreTrainedModel.gradient_checkpointing_enable,
-        PreTrainedModel.gradient_checkpointing_disable,
+    # transformers 5 renamed the switch (the old name warns); older releases have the old one.
+    prefix = (
+        "activation" if hasattr(PreTrainedModel, "activation_checkpointing_enable") else "gradient"
     )
+    enable = getattr(PreTrainedModel, f"{prefix}_checkpointing_enable")
+    disable = getattr(PreTrainedModel, f"{prefix}_checkpointing_disable")
 
-    def spy_enable(self: Any, **kwargs: Any) -> None:
+    def spy_enable(self: Any, *args: Any, **kwargs: Any) -> None:
         calls.append("on")
-        enable(self, **kwargs)
+        enable(self, *args, **kwargs)
 
     def spy_disable(self: Any) -> None:
         calls.append("off")
         disable(self)
 
-    monkeypatch.setattr(PreTrainedModel, "gradient_checkpointing_enable", spy_enable)
-    monkeypatch.setattr(PreTrainedModel, "gradient_checkpointing_disable", spy_disable)
+    monkeypatch.setattr(PreTrainedModel, f"{prefix}_checkpointing_enable", spy_enable)
+    monkeypatch.setattr(PreTrainedModel, f"{prefix}_checkpointing_disable", spy_disable)
     histories = {}
     for setting in ("off", "on"):
         manifest_spec = _spec(toy, tmp_path / setting)

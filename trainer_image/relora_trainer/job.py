@@ -106,7 +106,9 @@ def run() -> int:
             _write(outcome_of(done))
             return errors.EXIT_OK
         try:
-            bases = migrate.load_bases(spec, where, models.pick_device("auto"))
+            # Only this pod's adapter is measured on the source base (if its target needs it
+            # and no earlier attempt saved that measurement).
+            bases = migrate.load_bases(spec, where, models.pick_device("auto"), [adapter])
             report = migrate.migrate_adapter(
                 spec=spec,
                 adapter=adapter,

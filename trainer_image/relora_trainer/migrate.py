@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,8 @@ from relora_trainer.quality import Quality, measure
 from relora_trainer.storage import Storage
 
 STATE_DIR = "state"
+REFERENCE_FILE = "reference.json"
+"""The source phase's measurement, in the state folder: a retried pod need not load the old base."""
 FINGERPRINT_FILE = "fingerprint"
 
 
@@ -122,8 +125,16 @@ def _load_bases(
     shape = models.Shape.of_files(source_dir, what="spec.sourceModel")
     models.check_compatible(shape, models.Shape.of_files(target_dir, what="spec.targetModel"))
     tokenizer = models.load_tokenizer(target_dir, source_dir)
-    wanted = [a for a in adapters_to_measure or spec.adapters if a.readiness.needs_source]
     on_source: dict[str, dict[str, Quality]] = {}
+    wanted = []
+    for adapter in adapters_to_measure or spec.adapters:
+        if not adapter.readiness.needs_source:
+            continue
+        saved = saved_reference(spec, adapter, storage)
+        if saved is None:
+            wanted.append(adapter)
+        else:  # measured by an earlier attempt of this work: the source base is not loaded
+            on_source[_reference_key(adapter)] = saved
     source_seconds = 0.0
     if wanted:
         source = models.load_model(source_dir, what="spec.sourceModel", device=device, dtype=dtype)
@@ -153,6 +164,28 @@ def _load_bases(
         on_source=on_source,
         source_seconds=source_seconds,
     )
+
+
+def saved_reference(
+    spec: AdapterMigrationSpec, adapter: Adapter, storage: Storage
+) -> dict[str, Quality] | None:
+    """The old adapter's quality on the source base as an earlier attempt of this very work
+    saved it in the adapter's state (a retried pod skips the source phase), else None."""
+    path = output_dir(spec, adapter, storage) / STATE_DIR / REFERENCE_FILE
+    try:
+        saved = json.loads(path.read_text())
+        if saved.get("fingerprint") != fingerprint(spec, adapter):
+            return None
+        return {split: Quality(**values) for split, values in saved["quality"].items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None  # none yet, or unreadable: measure again
+
+
+def _save_reference(state: Path, key: str, quality: dict[str, Quality]) -> None:
+    partial = state / f"{REFERENCE_FILE}.partial"
+    fields = {split: asdict(q) for split, q in quality.items()}
+    partial.write_text(json.dumps({"fingerprint": key, "quality": fields}))
+    os.replace(partial, state / REFERENCE_FILE)
 
 
 def _free(device: torch.device) -> None:
@@ -376,6 +409,9 @@ def _migrate_claimed(
         bases.on_target[reference_key] = quality.splits(on_target)
         on_target.unload()
     source_quality = bases.on_source.get(reference_key)
+    if source_quality is not None and not (state / REFERENCE_FILE).is_file():
+        _save_reference(state, key, source_quality)
+        claim.save_state(STATE_DIR)
     before_quality = bases.on_target[reference_key]
     reference_seconds = time.perf_counter() - started + bases.source_seconds
     target = readiness_target(
@@ -524,10 +560,15 @@ def _recompute(model: nn.Module, on: bool) -> None:
     """Gradient checkpointing on or off (transformers' own; non-reentrant: the frozen
     embeddings need no input gradients for the LoRA layers to get theirs)."""
     pretrained: Any = model  # a transformers PreTrainedModel
-    if on:
+    renamed = hasattr(pretrained, "activation_checkpointing_enable")  # transformers >= 5.x
+    if on and renamed:
+        pretrained.activation_checkpointing_enable({"use_reentrant": False})
+    elif on:
         pretrained.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
+    elif renamed:
+        pretrained.activation_checkpointing_disable()
     else:
         pretrained.gradient_checkpointing_disable()
 
