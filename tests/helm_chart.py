@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from relora_operator.api import resource
+from relora_api import resource
 from tests.conftest import ROOT
 
 CHART = ROOT / "helm" / "relora-operator"

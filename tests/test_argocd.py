@@ -11,7 +11,7 @@ import pytest
 import yaml
 from lupa import lua51
 
-from relora_operator.api.status import AdapterMigrationStatus, Condition
+from relora_api.status import AdapterMigrationStatus, Condition
 from tests.conftest import ROOT
 from tests.helm_chart import CHART, KUBE_VERSION, one, render
 

@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from relora_operator import validation
-from relora_operator.api.spec import AdapterMigrationSpec
+from relora_api import validation
+from relora_api.spec import AdapterMigrationSpec
 from relora_trainer import migrate, models
 from relora_trainer.storage import Storage
 from tests.conftest import toy_manifest

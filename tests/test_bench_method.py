@@ -16,7 +16,7 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from relora_operator.api.spec import Finetune
+from relora_api.spec import Finetune
 from relora_trainer import adapters, migrate, models, quality
 from relora_trainer.bench import variants
 from relora_trainer.data import Encoder, Example, read_jsonl
@@ -121,7 +121,7 @@ def test_without_stop_when_ready_the_whole_budget_runs(toy: Any) -> None:
 
 
 def test_reference_qualities_are_measured_once_per_pair_of_bases(toy: Any, tmp_path: Path) -> None:
-    from relora_operator import validation
+    from relora_api import validation
 
     manifest = toy_manifest(toy, strategy="reuse")
     manifest["spec"]["output"]["uri"] = str(tmp_path / "out")
@@ -166,7 +166,7 @@ def test_a_run_spec_layers_budget_variant_and_seed(toy: Any) -> None:
 
 
 def _migrate(toy: Any, tmp_path: Path, name: str, **initialization: Any) -> Any:
-    from relora_operator import validation
+    from relora_api import validation
 
     manifest = toy_manifest(toy)
     manifest["spec"]["output"]["uri"] = str(tmp_path / name)

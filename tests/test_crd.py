@@ -13,8 +13,7 @@ import jsonschema
 import pytest
 import yaml
 
-from relora_operator import crd
-from relora_operator.api import resource
+from relora_api import crd, resource
 from relora_sandbox import schema
 from tests.conftest import EXAMPLES, ROOT
 

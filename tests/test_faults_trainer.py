@@ -18,7 +18,7 @@ import pytest
 import torch
 from kubernetes.client.exceptions import ApiException
 
-from relora_operator.api.spec import AdapterMigrationSpec
+from relora_api.spec import AdapterMigrationSpec
 from relora_trainer import migrate, ownership, storage
 from tests.conftest import wait_for
 from tests.fault_kit import Cluster, Obj, OperatorProcess, ensure_crd

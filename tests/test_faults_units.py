@@ -15,8 +15,9 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM
 
-from relora_operator import contract, job_builder, naming, observe
-from relora_operator.api.spec import AdapterMigrationSpec
+from relora_api import contract
+from relora_api.spec import AdapterMigrationSpec
+from relora_operator import job_builder, naming, observe
 from relora_operator.handlers import _pods_by_job
 from relora_operator.settings import Settings
 from relora_trainer import errors, job, migrate, models, storage

@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from relora_operator.api.spec import Finetune, Regularization
+from relora_api.spec import Finetune, Regularization
 from relora_trainer import adapters, models
 from relora_trainer import finetune as finetune_module
 from relora_trainer.data import Encoder, read_jsonl

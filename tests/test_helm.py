@@ -14,10 +14,10 @@ import pytest
 import yaml
 
 import relora_operator
+from relora_api import resource
+from relora_api.spec import AdapterMigrationSpec
 from relora_operator import __main__ as operator_main
 from relora_operator import job_builder, leadership, seals, settings
-from relora_operator.api import resource
-from relora_operator.api.spec import AdapterMigrationSpec
 from tests.conftest import ROOT
 from tests.helm_chart import (
     CHART,

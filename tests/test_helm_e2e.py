@@ -24,7 +24,7 @@ import yaml
 from aiohttp import web
 from kubernetes import client, config
 
-from relora_operator.api.resource import GROUP, PLURAL, VERSION
+from relora_api.resource import GROUP, PLURAL, VERSION
 from relora_sandbox import processes
 from tests.conftest import kubectl_binary, untyped, wait_for
 from tests.helm_chart import (

@@ -31,9 +31,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from relora_operator import crd, manifests, validation
-from relora_operator.api import uris
-from relora_operator.api.resource import AdapterMigration
+from relora_api import crd, manifests, uris, validation
+from relora_api.resource import AdapterMigration
 from relora_sandbox import schema as sandbox_schema
 from relora_trainer import cli
 from relora_trainer.errors import EXIT_BAD_INPUT, EXIT_USAGE

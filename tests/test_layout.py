@@ -24,7 +24,7 @@ def test_operator_side_imports_and_validates_without_torch() -> None:
 import sys
 for name in ("torch", "transformers", "peft", "optuna"):
     sys.modules[name] = None
-import relora_operator, relora_operator.crd, relora_operator.validation
+import relora_operator, relora_api.crd, relora_api.validation
 from relora_trainer import cli
 code = cli.main(["validate", "-f", {str(EXAMPLES / "cluster-migration.yaml")!r}])
 assert code == 0, code

@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 import yaml
 
-from relora_operator import contract, naming
-from relora_operator.api.resource import AdapterMigration
-from relora_operator.api.status import AdapterProgress
+from relora_api import contract
+from relora_api.resource import AdapterMigration
+from relora_api.status import AdapterProgress
+from relora_operator import naming
 from relora_operator.job_builder import build_job
 from relora_operator.settings import Settings
 

@@ -6,9 +6,10 @@ import copy
 import datetime
 from typing import Any
 
-from relora_operator import contract, metrics, naming, observe, seals
-from relora_operator.api.resource import AdapterMigration
-from relora_operator.api.status import AdapterMigrationStatus, AdapterProgress
+from relora_api import contract
+from relora_api.resource import AdapterMigration
+from relora_api.status import AdapterMigrationStatus, AdapterProgress
+from relora_operator import metrics, naming, observe, seals
 
 NOW = datetime.datetime(2026, 11, 29, 12, 0, 0, tzinfo=datetime.UTC)
 UID = "uid-1"

@@ -15,9 +15,9 @@ import fsspec
 import pytest
 import yaml
 
-from relora_operator import contract
-from relora_operator.api.resource import AdapterMigration
-from relora_operator.validation import validate_manifest
+from relora_api import contract
+from relora_api.resource import AdapterMigration
+from relora_api.validation import validate_manifest
 from relora_trainer import errors, job, local_run, migrate, ownership, storage
 from relora_trainer.errors import EXIT_BAD_INPUT, EXIT_NOT_READY, EXIT_OK
 from relora_trainer.storage import Storage

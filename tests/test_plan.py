@@ -11,7 +11,7 @@ import yaml
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from relora_operator import validation
+from relora_api import validation
 from relora_trainer import cli, plan
 from relora_trainer.storage import Storage
 from tests.conftest import toy_manifest

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from relora_operator.api.resource import AdapterMigration
-from relora_operator.api.status import AdapterProgress
+from relora_api.resource import AdapterMigration
+from relora_api.status import AdapterProgress
 from relora_trainer import migrate
 from relora_trainer.progress import JsonLinesProgress
 from relora_trainer.storage import Storage
@@ -58,7 +58,7 @@ def test_a_migration_reports_trials_steps_and_quality(toy: Any, tmp_path: Path) 
 
 def test_the_operator_reads_the_plan_from_the_trainers_log() -> None:
     """A trainer's JSON line -> the operator's parser -> the status: plannedPeakGiB."""
-    from relora_operator import contract
+    from relora_api import contract
 
     stream = io.StringIO()
     JsonLinesProgress(stream).update(

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from relora_operator.api.spec import Regularization, RegularizationSchedule
+from relora_api.spec import Regularization, RegularizationSchedule
 from relora_trainer import regularization
 
 

@@ -133,7 +133,7 @@ def test_a_migration_from_and_to_s3(s3: dict[str, str], toy: Any, tmp_path: Path
 def _job(manifest: dict[str, Any], folder: Path, env: dict[str, str]) -> subprocess.Popen[str]:
     """The trainer Job's entrypoint as a pod runs it: the spec in the environment, progress as
     JSON lines on stdout, a home (and so a local cache) of its own: a new machine."""
-    from relora_operator import contract
+    from relora_api import contract
 
     folder.mkdir(parents=True, exist_ok=True)
     owner = {"namespace": "team", "name": manifest["metadata"]["name"], "uid": "u-1"}

@@ -21,7 +21,8 @@ from benchmarks import scale
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from relora_operator import contract, handlers, metrics
+from relora_api import contract
+from relora_operator import handlers, metrics
 from relora_operator.kube import Kube
 from relora_operator.settings import Settings
 from relora_sandbox import schema

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import optuna
 
-from relora_operator.api.spec import Initialization, Range
+from relora_api.spec import Initialization, Range
 from relora_trainer import search
 
 

@@ -19,7 +19,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from relora_operator import validation
+from relora_api import validation
 from relora_trainer import local_run, migrate
 from relora_trainer.bench import running
 from relora_trainer.data import read_jsonl

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from relora_operator.api.uris import InvalidURI, parse_uri
+from relora_api.uris import InvalidURI, parse_uri
 
 
 @pytest.mark.parametrize(

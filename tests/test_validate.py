@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from relora_operator.api.resource import AdapterMigration
+from relora_api.resource import AdapterMigration
 from relora_trainer import cli
 from relora_trainer.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_USAGE
 from tests.conftest import EXAMPLES

@@ -1,6 +1,10 @@
-"""relora-operator: the AdapterMigration API, its CRD, and (later) the Kopf operator.
+"""relora-operator: the Kopf operator that runs AdapterMigrations as batch/v1 Jobs.
 
-This package must import without torch: the operator image has no ML stack.
+Kopf wiring (handlers), the planner (observe), the Job builder, the Kubernetes client, metrics,
+status seals and leader election. The API it serves lives in relora_api. This package must
+import without torch: the operator image has no ML stack.
 """
 
-__version__ = "0.1.0"
+from relora_api import __version__
+
+__all__ = ["__version__"]

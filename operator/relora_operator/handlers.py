@@ -27,10 +27,11 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 from urllib3.exceptions import HTTPError
 
-from relora_operator import contract, job_builder, metrics, naming, observe, seals, validation
-from relora_operator.api.resource import GROUP, PLURAL, VERSION
-from relora_operator.api.spec import Adapter, AdapterMigrationSpec
-from relora_operator.api.status import MAX_MESSAGE, AdapterProgress
+from relora_api import contract, validation
+from relora_api.resource import GROUP, PLURAL, VERSION
+from relora_api.spec import Adapter, AdapterMigrationSpec
+from relora_api.status import MAX_MESSAGE, AdapterProgress
+from relora_operator import job_builder, metrics, naming, observe, seals
 from relora_operator.kube import Kube
 from relora_operator.settings import Settings
 

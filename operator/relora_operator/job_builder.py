@@ -6,10 +6,10 @@ import hashlib
 import json
 from typing import Any
 
-from relora_operator import contract, naming
-from relora_operator.api import uris
-from relora_operator.api.resource import API_VERSION, KIND
-from relora_operator.api.spec import Adapter, AdapterMigrationSpec
+from relora_api import contract, uris
+from relora_api.resource import API_VERSION, KIND
+from relora_api.spec import Adapter, AdapterMigrationSpec
+from relora_operator import naming
 from relora_operator.settings import Settings
 
 CONTAINER = "trainer"

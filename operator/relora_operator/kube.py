@@ -21,7 +21,7 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from relora_operator.api.resource import GROUP, KIND, PLURAL, VERSION
+from relora_api.resource import GROUP, KIND, PLURAL, VERSION
 
 LOG = logging.getLogger("relora.operator")
 

@@ -17,7 +17,6 @@ MIGRATION_UID = "relora.dev/migration-uid"
 ADAPTER = "relora.dev/adapter"
 QUEUE = "kueue.x-k8s.io/queue-name"
 FAILURE = "relora.dev/failure"  # Job annotation: why the operator stopped it (reason: message)
-RESULT_RECORDED = "relora.dev/result-recorded"  # Job annotation: outcome is in the status
 TEMPLATE_HASH = "relora.dev/template-hash"  # Job annotation: what its pod template was made of
 
 

@@ -16,9 +16,10 @@ import datetime
 from dataclasses import dataclass, field
 from typing import Any
 
-from relora_operator import contract, naming, seals
-from relora_operator.api.spec import Adapter, AdapterMigrationSpec
-from relora_operator.api.status import MAX_MESSAGE, AdapterProgress
+from relora_api import contract
+from relora_api.spec import Adapter, AdapterMigrationSpec
+from relora_api.status import MAX_MESSAGE, AdapterProgress
+from relora_operator import naming, seals
 
 Obj = dict[str, Any]
 FINAL = ("Succeeded", "Failed")

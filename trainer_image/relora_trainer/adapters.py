@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import check_target_module_exists
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils import set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
@@ -287,12 +287,6 @@ def load_factors(model: PeftModel, factors: dict[str, LoraFactors]) -> None:
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise InvalidAdapter(f"adapter weights not used by the model: {unexpected[:3]}")
-
-
-def read_factors(model: PeftModel) -> dict[str, LoraFactors]:
-    """The current adapter weights of ``model``, detached copies on the CPU."""
-    state = get_peft_model_state_dict(model, adapter_name=ADAPTER)
-    return _factors({k: v.detach().cpu().clone() for k, v in state.items()}, what="model")
 
 
 def lora_parameters(model: PeftModel) -> dict[str, torch.nn.Parameter]:

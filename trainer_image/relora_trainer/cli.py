@@ -16,8 +16,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from relora_operator import __version__, crd, manifests, seals, validation
-from relora_operator.api import resource
+from relora_api import crd, manifests, resource, validation
+from relora_operator import __version__, seals
 from relora_trainer.bench import commands as bench_commands
 from relora_trainer.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_USAGE
 from relora_trainer.testbed import commands as testbed_commands

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from relora_operator import contract, manifests
+from relora_api import contract, manifests
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import torch
 from peft import PeftModel
 
-from relora_operator.api.spec import Finetune, Regularization
+from relora_api.spec import Finetune, Regularization
 from relora_trainer import regularization
 from relora_trainer.adapters import lora_parameters
 from relora_trainer.data import IGNORE_INDEX, Encoded, Encoder, Example

@@ -1,7 +1,7 @@
 """The trainer Job's entrypoint: migrate one adapter as the operator asks (`python -m ...job`).
 
 It runs the same code path as `relora run` (relora_trainer.migrate) and follows the contract in
-relora_operator.contract: the spec comes in the environment, progress goes to stdout as JSON
+relora_api.contract: the spec comes in the environment, progress goes to stdout as JSON
 lines, the outcome goes to the termination message, and the exit code says whether a retry
 can help (0 done, 3 bad input: never retried, anything else: retried, resuming from the
 checkpoints in the output storage). An output that cannot be written (no permission, read-only,
@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from relora_operator import contract
-from relora_operator.api.spec import Adapter, AdapterMigrationSpec
+from relora_api import contract
+from relora_api.spec import Adapter, AdapterMigrationSpec
 from relora_trainer import errors, ownership, storage
 from relora_trainer.storage import Storage
 

@@ -10,8 +10,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from relora_operator import manifests, validation
-from relora_operator.api.resource import AdapterMigration
+from relora_api import manifests, validation
+from relora_api.resource import AdapterMigration
 from relora_trainer import errors, migrate, models, ownership
 from relora_trainer.progress import NullProgress, ProgressSink, RichProgress
 from relora_trainer.report import AdapterReport

@@ -23,8 +23,8 @@ from peft import LoraConfig, PeftModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from relora_operator.api.spec import Adapter, AdapterMigrationSpec, Readiness
-from relora_operator.api.status import AdapterProgress
+from relora_api.spec import Adapter, AdapterMigrationSpec, Readiness
+from relora_api.status import AdapterProgress
 from relora_trainer import adapters, fusion, models, ownership, plan, report, search
 from relora_trainer.data import MAX_CHOICES, Encoder, Example, TaskData, read_jsonl
 from relora_trainer.errors import IncompatibleModels, InvalidData

@@ -37,8 +37,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from relora_operator.api import uris
-from relora_operator.api.spec import Adapter, AdapterMigrationSpec
+from relora_api import uris
+from relora_api.spec import Adapter, AdapterMigrationSpec
 from relora_trainer import storage as storage_module
 from relora_trainer.errors import InvalidOutput, OutputBusy, OutputInUse
 from relora_trainer.storage import Storage

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from relora_operator.api.spec import Adapter, AdapterMigrationSpec
+from relora_api.spec import Adapter, AdapterMigrationSpec
 from relora_trainer import models
 from relora_trainer.errors import MissingInput, OutOfMemory
 from relora_trainer.storage import Storage
@@ -256,7 +256,7 @@ def run(
     from rich.console import Console
     from rich.table import Table
 
-    from relora_operator import manifests
+    from relora_api import manifests
     from relora_trainer import errors, local_run
     from relora_trainer.local_run import quiet_libraries
 

@@ -21,7 +21,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from relora_operator.api.status import AdapterProgress
+from relora_api.status import AdapterProgress
 
 
 class ProgressSink(Protocol):

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import torch
 
-from relora_operator.api.spec import Regularization
+from relora_api.spec import Regularization
 
 
 def strength(config: Regularization, *, step: int, max_steps: int) -> float:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from relora_operator.api.spec import Adapter
+from relora_api.spec import Adapter
 from relora_trainer.adapters import CONFIG_FILE, WEIGHTS_FILE
 from relora_trainer.finetune import FinetuneOutcome, Target
 from relora_trainer.quality import Quality

@@ -20,7 +20,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from relora_operator.api.spec import Initialization, Range
+from relora_api.spec import Initialization, Range
 
 Coefficients = dict[str, tuple[float, float]]
 STUDY_NAME = "relora-initialization"

@@ -3,7 +3,7 @@
 - plain paths: relative ones resolve against ``base_dir`` (the manifest's folder locally, the
   working directory in a pod);
 - ``pvc://CLAIM/PATH``: ``<mount of CLAIM>/PATH`` for the claims the trainer Job mounts (the
-  operator says where, see relora_operator.contract), else ``<pvc_root>/CLAIM/PATH``;
+  operator says where, see relora_api.contract), else ``<pvc_root>/CLAIM/PATH``;
 - ``hf://ORG/NAME``: downloaded with huggingface_hub into its cache (honours HF_TOKEN, HF_HOME);
 - ``s3://BUCKET/KEY``: through fsspec/s3fs when installed (inputs are copied into a cache folder,
   outputs are written locally and uploaded by :func:`publish`).
@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from relora_operator.api import uris
+from relora_api import uris
 from relora_trainer.errors import (
     MissingInput,
     OutputNotWritable,

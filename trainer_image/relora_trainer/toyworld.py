@@ -23,7 +23,7 @@ from peft import LoraConfig
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from relora_operator.api.spec import Finetune
+from relora_api.spec import Finetune
 from relora_trainer import adapters
 from relora_trainer.data import Encoder, Example
 from relora_trainer.finetune import Target, finetune

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from relora_operator import manifests, validation
-from relora_operator.api.status import AdapterProgress
+from relora_api import manifests, validation
+from relora_api.status import AdapterProgress
 from relora_trainer import migrate
 from relora_trainer.bench.variants import Variant, spec_for
 from relora_trainer.errors import BadInput

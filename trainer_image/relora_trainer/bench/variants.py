@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from relora_operator import validation
-from relora_operator.api.spec import AdapterMigrationSpec
+from relora_api import validation
+from relora_api.spec import AdapterMigrationSpec
 from relora_trainer.errors import BadInput
 
 

@@ -41,8 +41,3 @@ def wrap(core: Tokenizer) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=None
     )
-
-
-def single_token(tokenizer: PreTrainedTokenizerFast, word: str) -> bool:
-    """Whether ``word`` (e.g. ' plant', with its leading space) is one token."""
-    return len(tokenizer(word, add_special_tokens=False)["input_ids"]) == 1

@@ -50,7 +50,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from relora_operator.api.spec import Finetune
+from relora_api.spec import Finetune
 from relora_trainer import adapters, models
 from relora_trainer.bench.variants import METHODS, TARGET_FRACTION, merge
 from relora_trainer.data import Encoder, Example, read_jsonl

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
-from relora_operator.api import uris
+from relora_api import uris
 
 
 class APIModel(BaseModel):

@@ -23,8 +23,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from relora_operator.api.spec import AdapterMigrationSpec
-from relora_operator.api.status import MAX_COEFFICIENTS, AdapterProgress
+from relora_api.spec import AdapterMigrationSpec
+from relora_api.status import MAX_COEFFICIENTS, AdapterProgress
 
 ENV_MIGRATION = "RELORA_MIGRATION"
 ENV_ADAPTER = "RELORA_ADAPTER"

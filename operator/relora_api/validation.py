@@ -11,9 +11,9 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from relora_operator.api.base import DNS_LABEL_PATTERN
-from relora_operator.api.resource import NAME_PATTERN, AdapterMigration
-from relora_operator.api.status import REASON_PATTERN
+from relora_api.base import DNS_LABEL_PATTERN
+from relora_api.resource import NAME_PATTERN, AdapterMigration
+from relora_api.status import REASON_PATTERN
 
 # What a regular expression means, said for people.
 _PATTERN_HINTS = {

@@ -12,8 +12,8 @@ from typing import Literal
 from pydantic import ConfigDict, Field
 from pydantic.config import JsonDict
 
-from relora_operator.api.base import URI, APIModel
-from relora_operator.api.spec import MAX_ADAPTERS
+from relora_api.base import URI, APIModel
+from relora_api.spec import MAX_ADAPTERS
 
 MAX_COEFFICIENTS = 32
 MAX_MESSAGE = 4096

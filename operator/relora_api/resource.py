@@ -6,8 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from relora_operator.api.spec import AdapterMigrationSpec
-from relora_operator.api.status import AdapterMigrationStatus
+from relora_api.spec import AdapterMigrationSpec
+from relora_api.status import AdapterMigrationStatus
 
 GROUP = "relora.dev"
 VERSION = "v1alpha1"

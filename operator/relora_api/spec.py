@@ -10,9 +10,9 @@ from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from relora_operator.api import uris
-from relora_operator.api.base import DNS_LABEL_PATTERN, URI, APIModel
-from relora_operator.api.kube_types import (
+from relora_api import uris
+from relora_api.base import DNS_LABEL_PATTERN, URI, APIModel
+from relora_api.kube_types import (
     Affinity,
     EnvFromSource,
     EnvVar,

@@ -13,9 +13,9 @@ from typing import Any
 
 import yaml
 
-from relora_operator.api import resource
-from relora_operator.api.spec import AdapterMigrationSpec
-from relora_operator.api.status import AdapterMigrationStatus
+from relora_api import resource
+from relora_api.spec import AdapterMigrationSpec
+from relora_api.status import AdapterMigrationStatus
 
 JSONSchema = dict[str, Any]
 
@@ -210,7 +210,7 @@ def crd() -> JSONSchema:
 
 
 HEADER = (
-    "# Generated from the pydantic models in operator/relora_operator/api by `relora crd`.\n"
+    "# Generated from the pydantic models in operator/relora_api by `relora crd`.\n"
     "# Do not edit: run `make crd` after changing the models (a test fails on drift).\n"
 )
 
