@@ -11,11 +11,12 @@ config and the task data's longest example and completion, per adapter:
   the batch), plus the fp32 logits of the columns that predict a completion token (the loss
   computes no others); with gradient checkpointing only each layer's input is kept, and one
   layer is recomputed at a time;
-- ``overhead``: the runtime. On a CPU 0.4 GiB (Python, torch, transformers) plus 10% of the
-  weights (copies while they load): both read off benchmarks/trainer_memory.py's floor at two
-  sizes (0.41 GiB with no weights to speak of, 4.24 GiB with 3.47 GiB of weights), a fit of two
-  points. On a GPU 1 GiB (CUDA context) plus 5% of the weights (allocator slack): not measured
-  yet (no GPU was lent).
+- ``overhead``: the runtime. On a CPU 1.15 GiB (Python, torch 2.13's CPU build alone is 0.85
+  GiB of RSS, transformers, PEFT) plus 18% of the weights (copies while they load): fitted to
+  benchmarks/trainer_memory.py's relora runs at two sizes (``tiny``: 1.16 GiB with no weights to
+  speak of; ``1b``: 5.30 GiB with 3.47 GiB of weights), then checked on a third, real model
+  (``smollm2``: estimated 1.9 GiB, measured 1.68). On a GPU 1 GiB (CUDA context) plus 5% of the
+  weights (allocator slack): not measured yet (no GPU was lent).
 
 The peak is the larger of the source phase (weights + inference activations, when a relative
 readiness target needs the old base) and the target phase (weights + LoRA + training
@@ -40,7 +41,7 @@ from relora_trainer.storage import Storage
 GIB = 2**30
 GPUS_GIB = (24, 40, 48, 80, 141)
 """Common GPU memory sizes: RTX 4090 / A6000-class, A100 40 and 80 GB, L40S, H100, H200."""
-OVERHEAD = {"cuda": (1.0, 0.05), "cpu": (0.4, 0.10)}
+OVERHEAD = {"cuda": (1.0, 0.05), "cpu": (1.15, 0.18)}
 """Runtime overhead by device: (GiB, share of the weights); see the module's docstring."""
 _BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
