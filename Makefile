@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PACKAGES := operator/relora_api operator/relora_operator operator/relora_sandbox trainer_image/relora_trainer benchmarks
+PACKAGES := operator/relora_api operator/relora_operator operator/relora_sandbox trainer_image/relora_trainer trainer_image/relora_lab benchmarks trainer_image/relora_cli
 
 .PHONY: demo demo-toy bench test lint typecheck unit crd clean
 

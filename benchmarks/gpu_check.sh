@@ -85,7 +85,7 @@ if torch.cuda.is_available():
           "| memory %.1f GiB" % (torch.cuda.get_device_properties(0).total_memory / 2**30))
 else:
     print("no CUDA device")
-import relora_trainer.cli, relora_operator.api  # the project, from PYTHONPATH
+import relora_cli, relora_operator.api  # the project, from PYTHONPATH
 '
 
   local size seconds

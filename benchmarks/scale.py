@@ -57,17 +57,22 @@ def stand_in_command(hold: int = 0) -> list[str]:
     """A trainer that reports a ready adapter per relora_api.contract and exits 0; with
     ``hold``, it first runs that many seconds, writing a progress line every second."""
     from relora_api import contract
+    from relora_api.status import AdapterResult
 
     outcome = contract.Outcome(
         kind="result",
-        ready=True,
-        metric="accuracy",
-        target=0.9,
-        quality_source=0.95,
-        quality_before=0.6,
-        quality_after=0.95,
-        steps=0,
-        time_to_readiness_seconds=0.0,
+        result=AdapterResult(
+            ready=True,
+            strategy="relora",
+            output_uri="pvc://scale/out",
+            metric="accuracy",
+            target=0.9,
+            quality_source=0.95,
+            quality_before=0.6,
+            quality_after=0.95,
+            steps=0,
+            time_to_readiness_seconds=0.0,
+        ),
     ).encode()
     script = f'printf %s {shlex.quote(outcome)} > "${contract.ENV_TERMINATION_LOG}"'
     if hold > 0:

@@ -100,7 +100,7 @@ def build(out: Path, size: str) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from relora_trainer import toyworld
+    from relora_lab import toyworld
 
     world = out / size
     marker = world / "built.json"
@@ -286,7 +286,7 @@ def main() -> int:
         "seconds_per_step": timing["train_seconds"] / timing["steps"],
         "device_peak_gib": timing["device_peak_gib"],
     }
-    run_argv = [sys.executable, "-m", "relora_trainer.cli", "run", "-f", str(manifest)]
+    run_argv = [sys.executable, "-m", "relora_cli", "run", "-f", str(manifest)]
     # a finished output of the same spec is kept as is: the run would load and measure nothing
     shutil.rmtree(world / "output", ignore_errors=True)
     peak, wall, _ = _measure([*run_argv, "--quiet", "--device", args.device], world)

@@ -24,7 +24,8 @@ def manifest() -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def toy(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A tiny model pair, trained adapter and task (built once per session, ~7 s)."""
-    from relora_trainer import local_run, toyworld
+    from relora_lab import toyworld
+    from relora_trainer import local_run
 
     local_run.quiet_libraries()
     return toyworld.build(tmp_path_factory.mktemp("toy"))

@@ -59,18 +59,21 @@ def main() -> int:
         _outcome(json.dumps({"kind": "error", "reason": "InternalError", "message": "boom"}))
         return 1
     ready = action == "ready"
+    spec = json.loads(os.environ["RELORA_MIGRATION"])
     result = {
-        "kind": "result",
         "ready": ready,
+        "strategy": spec.get("method", {}).get("strategy", "relora"),
+        "outputUri": f"{spec['output']['uri'].rstrip('/')}/{adapter}",
         "metric": "accuracy",
         "target": 0.9,
-        "quality_source": 0.95,
-        "quality_before": 0.6,
-        "quality_after": 0.93 if ready else 0.7,
+        "qualitySource": 0.95,
+        "qualityBefore": 0.6,
+        "qualityAfter": 0.93 if ready else 0.7,
         "steps": step,
-        "time_to_readiness_seconds": 1.5 if ready else None,
+        "timeToReadinessSeconds": 1.5 if ready else None,
     }
-    _outcome(json.dumps({k: v for k, v in result.items() if v is not None}))
+    kept = {k: v for k, v in result.items() if v is not None}
+    _outcome(json.dumps({"kind": "result", "result": kept}))
     print(json.dumps({"event": "progress", "adapter": adapter, "stage": "saving"}), flush=True)
     return 0
 

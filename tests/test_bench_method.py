@@ -17,11 +17,14 @@ import torch
 from peft import LoraConfig
 
 from relora_api.spec import Finetune
-from relora_trainer import adapters, migrate, models, quality
-from relora_trainer.bench import variants
+from relora_lab import settings
+from relora_lab.bench import variants
+from relora_trainer import adapters, migrate, models
 from relora_trainer.data import Encoder, Example, read_jsonl
 from relora_trainer.errors import BadInput
-from relora_trainer.finetune import Target, finetune
+from relora_trainer.method import quality
+from relora_trainer.method.config import FinetuneConfig
+from relora_trainer.method.finetune import Target, finetune
 from relora_trainer.storage import Storage
 from tests.conftest import toy_manifest
 
@@ -105,7 +108,9 @@ def test_without_stop_when_ready_the_whole_budget_runs(toy: Any) -> None:
             train=train,
             validation=validation,
             choices=sorted({e.completion for e in train}),
-            config=Finetune(max_steps=6, eval_every=2, batch_size=4, stop_when_ready=stop),
+            config=FinetuneConfig.of(
+                Finetune(max_steps=6, eval_every=2, batch_size=4, stop_when_ready=stop)
+            ),
             regularize=None,
             target=Target("loss", 1000.0),  # met at once
             seed=0,
@@ -154,7 +159,7 @@ def test_a_run_spec_layers_budget_variant_and_seed(toy: Any) -> None:
     assert spec.output.uri == "/tmp/out"
     scratch = next(v for v in variants.VARIANTS if v.name == "scratch")
     assert variants.spec_for(manifest, scratch, seed=0, output="o").method.strategy == "scratch"
-    assert variants.merge({"a": {"b": 1, "c": 2}}, {"a": {"b": 3}}) == {"a": {"b": 3, "c": 2}}
+    assert settings.merge({"a": {"b": 1, "c": 2}}, {"a": {"b": 3}}) == {"a": {"b": 3, "c": 2}}
     broken = variants.Variant("broken", "x", {"finetune": {"maxSteps": -1}})
     with pytest.raises(BadInput, match="maxSteps"):
         variants.spec_for(manifest, broken, seed=0, output="o")

@@ -11,18 +11,20 @@ import pytest
 import torch
 import yaml
 
-from relora_trainer.bench import commands, running, session, variants
-from relora_trainer.testbed import world
+from relora_lab import settings
+from relora_lab.bench import commands, running, session, variants
+from relora_lab.testbed import layout, world
+from relora_lab.testbed.config import BuildConfig
 from tests.conftest import toy_manifest
 
 CPU = torch.device("cpu")
 TINY_BUDGET = {"maxSteps": 4, "evalEvery": 2, "batchSize": 8, "checkpointEvery": 100}
 
 
-def _testbed(toy: Any, folder: Path) -> world.TestbedPaths:
+def _testbed(toy: Any, folder: Path) -> layout.TestbedPaths:
     """A testbed folder whose two manifests migrate the toy world's adapter."""
     folder.mkdir(parents=True, exist_ok=True)
-    paths = world.TestbedPaths(folder)
+    paths = layout.TestbedPaths(folder)
     for severity in paths.severities:
         manifest = toy_manifest(toy)
         manifest["spec"]["method"] = {"initialization": {"trials": 3, "validationSamples": 32}}
@@ -61,7 +63,8 @@ def test_run_matrix_measures_every_run_through_migrate(toy: Any, tmp_path: Path)
         assert record.accuracy("after", "test") is not None
         assert record.accuracy("source", "validation") is not None
     relora = [r for r in records if r.variant == "relora"]
-    trials = variants.RELORA_METHOD["initialization"]["trials"]  # the variant's, not the manifest's
+    # the variant's, not the manifest's
+    trials = settings.RELORA_METHOD["initialization"]["trials"]
     assert all(len(r.trials) == trials and r.search_seconds > 0 for r in relora)
     assert all(
         r.time_to_readiness is None or r.time_to_readiness >= r.search_seconds for r in relora
@@ -72,9 +75,9 @@ def test_a_bench_session_writes_the_report(
     toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     paths = _testbed(toy, tmp_path / "testbed")
-    built: list[world.BuildConfig] = []
+    built: list[BuildConfig] = []
 
-    def fake_build(out: Path, config: world.BuildConfig, **kwargs: Any) -> world.TestbedPaths:
+    def fake_build(out: Path, config: BuildConfig, **kwargs: Any) -> layout.TestbedPaths:
         built.append(config)
         assert out == paths.root
         return paths
@@ -128,8 +131,8 @@ def test_registering_the_commands_imports_no_ml_stack() -> None:
 import argparse, sys
 for name in ("torch", "transformers", "peft", "optuna", "matplotlib"):
     sys.modules[name] = None
-from relora_trainer.bench import commands as bench
-from relora_trainer.testbed import commands as testbed
+from relora_lab.bench import commands as bench
+from relora_lab.testbed import commands as testbed
 parser = argparse.ArgumentParser(prog="relora")
 sub = parser.add_subparsers(dest="command")
 bench.register(sub)
@@ -148,6 +151,6 @@ def test_the_command_defaults_are_the_benchmark_settings() -> None:
     parser = argparse.ArgumentParser()
     commands.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["bench"])
-    assert args.target_fraction == variants.TARGET_FRACTION
+    assert args.target_fraction == settings.TARGET_FRACTION
     assert args.steps is None and not args.tune
-    assert session.Options().target_fraction == variants.TARGET_FRACTION
+    assert session.Options().target_fraction == settings.TARGET_FRACTION

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from relora_trainer.bench import summary, variants, writing
-from relora_trainer.bench.running import RunRecord, order_for
+from relora_lab.bench import summary, variants, writing
+from relora_lab.bench.running import RunRecord, order_for
 from relora_trainer.errors import BadInput
 
 
@@ -175,7 +175,7 @@ def test_every_variant_is_tried_first_by_some_seed() -> None:
 
 
 def test_tuning_gives_every_strategy_six_candidates_and_one_rule(tmp_path: Path) -> None:
-    from relora_trainer.bench import tuning
+    from relora_lab.bench import tuning
 
     names = [v.name for v in tuning.grid()]
     counts = {

@@ -18,8 +18,8 @@ import pytest
 from rdata.conversion import convert_python_to_r_data
 from rdata.unparser import unparse_data
 
-from relora_trainer.testbed import corpora
-from relora_trainer.testbed.corpora import CorpusError, NounSense
+from relora_lab.testbed import corpora
+from relora_lab.testbed.corpora import CorpusError, NounSense
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "corpora"
 

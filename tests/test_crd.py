@@ -49,7 +49,7 @@ def test_committed_crd_matches_the_models() -> None:
 
 def test_relora_crd_prints_the_committed_file() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "relora_trainer.cli", "crd"],
+        [sys.executable, "-m", "relora_cli", "crd"],
         capture_output=True,
         text=True,
         check=True,

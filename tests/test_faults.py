@@ -24,7 +24,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from relora_operator import leadership
-from relora_sandbox.jobs import Fault
+from relora_sandbox.faults import Fault
 from tests.conftest import kubectl_binary, wait_for
 from tests.fault_kit import (
     FAKE_TRAINER,

@@ -11,9 +11,16 @@ from peft import LoraConfig
 
 from relora_api.spec import Finetune, Regularization
 from relora_trainer import adapters, models
-from relora_trainer import finetune as finetune_module
 from relora_trainer.data import Encoder, read_jsonl
-from relora_trainer.finetune import FinetuneOutcome, MicroBatch, Target, batch_indices, finetune
+from relora_trainer.method import finetune as finetune_module
+from relora_trainer.method.config import FinetuneConfig, RegularizationConfig
+from relora_trainer.method.finetune import (
+    FinetuneOutcome,
+    MicroBatch,
+    Target,
+    batch_indices,
+    finetune,
+)
 
 CPU = torch.device("cpu")
 
@@ -54,8 +61,10 @@ def _run(
         train=train,
         validation=validation,
         choices=sorted({e.completion for e in train}),
-        config=config,
-        regularize=Regularization(schedule="step", strength=1.0, relaxed_strength=0.1),
+        config=FinetuneConfig.of(config),
+        regularize=RegularizationConfig.of(
+            Regularization(schedule="step", strength=1.0, relaxed_strength=0.1)
+        ),
         target=target,
         seed=0,
         device=CPU,
@@ -151,7 +160,7 @@ def test_running_out_of_gpu_memory_halves_the_micro_batch(
     roomy, roomy_weights = _run(toy, state=None, config=config, target=UNREACHABLE, dropout=0.0)
 
     real_loss = finetune_module.task_loss
-    from relora_trainer.quality import measure as real_measure
+    from relora_trainer.method.quality import measure as real_measure
 
     def loss(model: Any, batch: dict[str, torch.Tensor], **kw: Any) -> torch.Tensor:
         if batch["input_ids"].shape[0] > 2:  # then the first step, 4 at a time: halved to 2

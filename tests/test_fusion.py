@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from relora_trainer import fusion
 from relora_trainer.adapters import LoraFactors
+from relora_trainer.method import fusion
 
 
 def _old(out: int = 24, inp: int = 16, rank: int = 4, seed: int = 0) -> LoraFactors:

@@ -31,10 +31,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+import relora_cli as cli
 from relora_api import crd, manifests, uris, validation
 from relora_api.resource import AdapterMigration
 from relora_sandbox import schema as sandbox_schema
-from relora_trainer import cli
 from relora_trainer.errors import EXIT_BAD_INPUT, EXIT_USAGE
 from relora_trainer.storage import Storage
 from tests.conftest import EXAMPLES

@@ -19,10 +19,10 @@ import yaml
 from kubernetes import client
 from peft import PeftModel
 
-from relora_sandbox.jobs import Fault
+from relora_sandbox.faults import Fault
 from relora_trainer import models
 from relora_trainer.data import Encoder, read_jsonl
-from relora_trainer.quality import measure
+from relora_trainer.method.quality import measure
 from tests.conftest import kubectl_binary, untyped, wait_for
 from tests.fault_kit import OperatorProcess
 

@@ -13,7 +13,7 @@ import yaml
 
 from relora_api import contract
 from relora_api.resource import AdapterMigration
-from relora_api.status import AdapterProgress
+from relora_api.status import AdapterProgress, AdapterResult
 from relora_operator import naming
 from relora_operator.job_builder import build_job
 from relora_operator.settings import Settings
@@ -137,8 +137,17 @@ def test_outcome_round_trip_and_size_limit() -> None:
     decoded = contract.Outcome.decode(text)
     assert decoded is not None and decoded.reason == "IncompatibleModels"
     assert contract.Outcome.decode("Traceback (most recent call last): ...") is None
-    many = contract.Outcome(kind="result", coefficients={f"g{i}.alpha": 1.0 for i in range(100)})
-    assert len(json.loads(many.encode())["coefficients"]) == 32
+    many = AdapterResult(
+        ready=True,
+        strategy="relora",
+        output_uri="out/a",
+        metric="loss",
+        coefficients={f"g{i}.alpha": 1.0 for i in range(32)},
+    )
+    text = contract.Outcome(kind="result", result=many).encode()
+    assert len(text.encode()) <= contract.MAX_TERMINATION_MESSAGE
+    again = contract.Outcome.decode(text)
+    assert again is not None and again.result == many
 
 
 def test_last_progress_reads_the_newest_progress_line() -> None:

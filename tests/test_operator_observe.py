@@ -8,7 +8,7 @@ from typing import Any
 
 from relora_api import contract
 from relora_api.resource import AdapterMigration
-from relora_api.status import AdapterMigrationStatus, AdapterProgress
+from relora_api.status import AdapterMigrationStatus, AdapterProgress, AdapterResult
 from relora_operator import metrics, naming, observe, seals
 
 NOW = datetime.datetime(2026, 11, 29, 12, 0, 0, tzinfo=datetime.UTC)
@@ -71,15 +71,19 @@ def _ready(status: dict[str, Any]) -> dict[str, Any]:
 def _result(ready: bool = True) -> str:
     return contract.Outcome(
         kind="result",
-        ready=ready,
-        metric="accuracy",
-        target=0.9,
-        quality_source=0.92,
-        quality_before=0.5,
-        quality_after=0.93 if ready else 0.7,
-        steps=40,
-        time_to_readiness_seconds=12.5,
-        coefficients={"alpha": 1.1, "beta": -0.3},
+        result=AdapterResult(
+            ready=ready,
+            strategy="relora",
+            output_uri="s3://ml-adapters/llama-3-2/sentiment",
+            metric="accuracy",
+            target=0.9,
+            quality_source=0.92,
+            quality_before=0.5,
+            quality_after=0.93 if ready else 0.7,
+            steps=40,
+            time_to_readiness_seconds=12.5,
+            coefficients={"alpha": 1.1, "beta": -0.3},
+        ),
     ).encode()
 
 

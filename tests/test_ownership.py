@@ -373,8 +373,8 @@ def test_a_finished_result_is_reported_without_loading_any_model(
     monkeypatch.setenv(contract.ENV_TERMINATION_LOG, str(termination))
     assert job.run() == EXIT_OK
     outcome = contract.Outcome.decode(termination.read_text())
-    assert outcome is not None and outcome.kind == "result"
-    assert outcome.steps == report["steps"] and outcome.ready == report["ready"]
+    assert outcome is not None and outcome.result is not None
+    assert outcome.result.steps == report["steps"] and outcome.result.ready == report["ready"]
     # Another migration's pod gets nothing of it, and loads nothing either.
     monkeypatch.setenv(contract.ENV_OWNER, contract.owner("default", "other", "uid-2"))
     assert job.run() == EXIT_BAD_INPUT

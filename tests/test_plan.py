@@ -11,8 +11,9 @@ import yaml
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+import relora_cli as cli
 from relora_api import validation
-from relora_trainer import cli, plan
+from relora_trainer import plan
 from relora_trainer.storage import Storage
 from tests.conftest import toy_manifest
 

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from relora_api.spec import Regularization, RegularizationSchedule
-from relora_trainer import regularization
+from relora_trainer.method import regularization
+from relora_trainer.method.config import RegularizationConfig
 
 
-def _config(schedule: RegularizationSchedule) -> Regularization:
-    return Regularization(
-        schedule=schedule, strength=2.0, relaxed_strength=0.1, switch_fraction=0.5
+def _config(schedule: RegularizationSchedule) -> RegularizationConfig:
+    return RegularizationConfig.of(
+        Regularization(schedule=schedule, strength=2.0, relaxed_strength=0.1, switch_fraction=0.5)
     )
 
 

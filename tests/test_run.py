@@ -16,7 +16,7 @@ from peft import PeftModel
 from relora_trainer import local_run, models
 from relora_trainer.data import Encoder, read_jsonl
 from relora_trainer.errors import EXIT_BAD_INPUT, EXIT_NOT_READY, EXIT_OK
-from relora_trainer.quality import measure
+from relora_trainer.method.quality import measure
 from tests.conftest import toy_manifest
 
 CPU = torch.device("cpu")
@@ -43,7 +43,7 @@ def test_relora_run_writes_a_loadable_adapter_whose_quality_matches_the_report(
     manifest["spec"]["adapters"][0]["readiness"] = {"relativeToSource": 0.9}
     path = _write(tmp_path, manifest)
     result = subprocess.run(
-        [sys.executable, "-m", "relora_trainer.cli", "run", "-f", str(path), "--quiet"],
+        [sys.executable, "-m", "relora_cli", "run", "-f", str(path), "--quiet"],
         capture_output=True,
         text=True,
     )
@@ -153,9 +153,44 @@ def test_the_local_example_runs_on_the_toy_world(toy: Any, tmp_path: Path) -> No
 
 
 def test_testbed_toy_is_cached(toy: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    from relora_trainer import cli
+    import relora_cli as cli
 
     stamp = (toy.v1 / "model.safetensors").stat().st_mtime_ns
     assert cli.main(["testbed", "toy", "--out", str(toy.root)]) == EXIT_OK
     assert (toy.v1 / "model.safetensors").stat().st_mtime_ns == stamp
     assert "toy world written to" in capsys.readouterr().out
+
+
+def test_the_result_in_the_termination_message_is_the_status_model() -> None:
+    """report.json -> AdapterResult (the status model itself) -> termination message -> the
+    same AdapterResult: per-layer coefficients of a 48-layer model cut to the first 32."""
+    from relora_api import contract
+    from relora_trainer.report import AdapterReport
+
+    report = AdapterReport(
+        adapter="a",
+        strategy="relora",
+        ready=True,
+        metric="accuracy",
+        target=0.9,
+        output_uri="s3://bucket/out/a",
+        fingerprint="f",
+        device="cpu",
+        rank=8,
+        quality={"after": {"validation": {"accuracy": 0.93, "loss": 1.0}}},
+        coefficients={f"layer{i}": {"alpha": 1.0, "beta": 0.5} for i in range(48)},
+        trials=[],
+        steps=40,
+        ready_step=40,
+        seconds={"timeToReadiness": 12.5},
+        history=[],
+    )
+    result = report.result()
+    assert result.quality_after == 0.93 and result.quality_source is None
+    assert result.coefficients is not None and len(result.coefficients) == 32
+    assert list(result.coefficients)[:2] == ["layer0.alpha", "layer0.beta"]
+    text = contract.Outcome(kind="result", result=result).encode()
+    assert len(text.encode()) <= contract.MAX_TERMINATION_MESSAGE
+    decoded = contract.Outcome.decode(text)
+    assert decoded is not None and decoded.result == result
+    assert decoded.result.to_wire()["outputUri"] == "s3://bucket/out/a"

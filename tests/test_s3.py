@@ -65,13 +65,28 @@ def _filesystem(env: dict[str, str]) -> Any:
     )
 
 
+def _on_s3(bucket: str) -> Any:
+    """The toy world's URIs once it is copied to ``s3://bucket/toy/`` (what toy_manifest reads)."""
+
+    class OnS3:
+        v1 = f"s3://{bucket}/toy/models/v1"
+        v2 = f"s3://{bucket}/toy/models/v2-mild"
+        adapter = f"s3://{bucket}/toy/adapters/toy-category"
+
+        @staticmethod
+        def split(name: str) -> str:
+            return f"s3://{bucket}/toy/data/toy-category/{name}.jsonl"
+
+    return OnS3
+
+
 def _run(
     manifest: dict[str, Any], folder: Path, env: dict[str, str]
 ) -> subprocess.CompletedProcess[str]:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{manifest['metadata']['name']}.yaml"
     path.write_text(yaml.safe_dump(manifest))
-    command = [sys.executable, "-m", "relora_trainer.cli", "run", "-f", str(path), "--quiet"]
+    command = [sys.executable, "-m", "relora_cli", "run", "-f", str(path), "--quiet"]
     # A home of its own: the local cache of s3:// files starts empty, as in a new pod.
     return subprocess.run(
         command,
@@ -88,16 +103,7 @@ def test_a_migration_from_and_to_s3(s3: dict[str, str], toy: Any, tmp_path: Path
     fs.put(str(toy.root) + "/", f"{BUCKET}/toy/", recursive=True)
     assert fs.exists(f"{BUCKET}/toy/models/v1/model.safetensors")
 
-    class OnS3:
-        v1 = f"s3://{BUCKET}/toy/models/v1"
-        v2 = f"s3://{BUCKET}/toy/models/v2-mild"
-        adapter = f"s3://{BUCKET}/toy/adapters/toy-category"
-
-        @staticmethod
-        def split(name: str) -> str:
-            return f"s3://{BUCKET}/toy/data/toy-category/{name}.jsonl"
-
-    manifest = toy_manifest(OnS3, strategy="warm-start")
+    manifest = toy_manifest(_on_s3(BUCKET), strategy="warm-start")
     manifest["spec"]["method"]["finetune"]["maxSteps"] = 10
     manifest["spec"]["output"] = {"uri": f"s3://{BUCKET}/out"}
     first = _run(manifest, tmp_path, s3)
@@ -174,16 +180,7 @@ def test_a_pod_killed_mid_run_resumes_from_its_checkpoint_on_s3(
     fs.mkdir(bucket)
     fs.put(str(toy.root) + "/", f"{bucket}/toy/", recursive=True)
 
-    class OnS3:
-        v1 = f"s3://{bucket}/toy/models/v1"
-        v2 = f"s3://{bucket}/toy/models/v2-mild"
-        adapter = f"s3://{bucket}/toy/adapters/toy-category"
-
-        @staticmethod
-        def split(name: str) -> str:
-            return f"s3://{bucket}/toy/data/toy-category/{name}.jsonl"
-
-    manifest = toy_manifest(OnS3, strategy="relora")
+    manifest = toy_manifest(_on_s3(bucket), strategy="relora")
     method = manifest["spec"]["method"]
     method["initialization"] = {"trials": 4, "validationSamples": 32}
     method["finetune"] = {

@@ -34,7 +34,7 @@ def test_sandbox_serves_kubectl_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> N
         [
             sys.executable,
             "-m",
-            "relora_trainer.cli",
+            "relora_cli",
             "sandbox",
             "--workdir",
             str(workdir),

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from relora_sandbox.jobs import Fault
+from relora_sandbox.faults import Fault
 from tests.conftest import python_job, untyped, wait_for
 
 

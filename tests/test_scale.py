@@ -94,7 +94,8 @@ def test_the_stand_in_trainer_follows_the_contract(tmp_path: Path, hold: int) ->
     env = {contract.ENV_TERMINATION_LOG: str(termination)}
     run = subprocess.run(command, env=env, check=True, timeout=10, capture_output=True, text=True)
     outcome = contract.Outcome.decode(termination.read_text())
-    assert outcome is not None and outcome.kind == "result" and outcome.ready, shlex.join(command)
+    assert outcome is not None and outcome.kind == "result", shlex.join(command)
+    assert outcome.result is not None and outcome.result.ready
     progress = contract.last_progress(run.stdout)
     assert (progress is not None) == bool(hold), run.stdout
     if progress is not None:

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import optuna
 
 from relora_api.spec import Initialization, Range
-from relora_trainer import search
+from relora_trainer.method import search
+from relora_trainer.method.config import SearchConfig
+
+
+def _init(**fields: Any) -> SearchConfig:
+    return SearchConfig.of(Initialization(**fields))
 
 
 def _bowl(coefficients: search.Coefficients) -> float:
@@ -16,7 +22,7 @@ def _bowl(coefficients: search.Coefficients) -> float:
 
 
 def test_anchor_trials_come_first_and_the_best_is_returned() -> None:
-    config = Initialization(trials=12, sampler="gp")
+    config = _init(trials=12, sampler="gp")
     result = search.run_search(groups=["all"], config=config, seed=0, objective=_bowl)
     assert [t.params for t in result.trials[:2]] == [
         {"alpha": 1.0, "beta": 0.0},
@@ -30,13 +36,13 @@ def test_anchor_trials_come_first_and_the_best_is_returned() -> None:
 
 
 def test_anchors_are_clipped_to_the_ranges() -> None:
-    config = Initialization(trials=2, alpha=Range(min=0, max=0.5), beta=Range(min=0.1, max=0.2))
+    config = _init(trials=2, alpha=Range(min=0, max=0.5), beta=Range(min=0.1, max=0.2))
     result = search.run_search(groups=["all"], config=config, seed=0, objective=_bowl)
     assert result.trials[0].params == {"alpha": 0.5, "beta": 0.1}
 
 
 def test_groups_get_their_own_coefficients() -> None:
-    config = Initialization(trials=4, sampler="random")
+    config = _init(trials=4, sampler="random")
     result = search.run_search(groups=["q_proj", "v_proj"], config=config, seed=0, objective=_bowl)
     assert set(result.trials[0].params) == {
         "alpha.q_proj",
@@ -55,7 +61,7 @@ def test_a_retry_resumes_the_study_from_its_journal(tmp_path: Path) -> None:
         calls.append(coefficients)
         return _bowl(coefficients)
 
-    first = Initialization(trials=3, sampler="tpe")
+    first = _init(trials=3, sampler="tpe")
     search.run_search(groups=["all"], config=first, seed=0, objective=objective, journal=journal)
     assert len(calls) == 3
     # A trial left RUNNING by a crash is marked failed, not re-run forever.
@@ -64,7 +70,7 @@ def test_a_retry_resumes_the_study_from_its_journal(tmp_path: Path) -> None:
     )
     study = optuna.load_study(study_name=search.STUDY_NAME, storage=storage)
     study.ask()
-    again = Initialization(trials=6, sampler="tpe")
+    again = _init(trials=6, sampler="tpe")
     result = search.run_search(
         groups=["all"], config=again, seed=0, objective=objective, journal=journal
     )
@@ -74,7 +80,7 @@ def test_a_retry_resumes_the_study_from_its_journal(tmp_path: Path) -> None:
 
 
 def test_non_finite_objective_fails_the_trial_and_falls_back() -> None:
-    config = Initialization(trials=2, sampler="random")
+    config = _init(trials=2, sampler="random")
     result = search.run_search(
         groups=["all"], config=config, seed=0, objective=lambda c: float("nan")
     )
@@ -84,11 +90,11 @@ def test_non_finite_objective_fails_the_trial_and_falls_back() -> None:
 
 def test_a_journal_torn_by_a_crash_loses_only_its_last_record(tmp_path: Path) -> None:
     journal = tmp_path / "search.journal"
-    first = Initialization(trials=3, sampler="tpe")
+    first = _init(trials=3, sampler="tpe")
     search.run_search(groups=["all"], config=first, seed=0, objective=_bowl, journal=journal)
     lines = journal.read_bytes().splitlines(keepends=True)
     journal.write_bytes(b"".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])  # torn write
-    again = Initialization(trials=5, sampler="tpe")
+    again = _init(trials=5, sampler="tpe")
     result = search.run_search(
         groups=["all"], config=again, seed=0, objective=_bowl, journal=journal
     )

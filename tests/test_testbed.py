@@ -20,13 +20,16 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from relora_api import validation
+from relora_lab.bench import running
+from relora_lab.testbed import commands, corpora, layout, pretraining, task, world
+from relora_lab.testbed import tokenizer as bpe
+from relora_lab.testbed.cache import STAGES_DIR
+from relora_lab.testbed.config import AdapterRecipe, BuildConfig, Severity, config_for
+from relora_lab.testbed.corpora import NounSense
+from relora_lab.testbed.stages import adapter as adapter_stage
 from relora_trainer import local_run, migrate
-from relora_trainer.bench import running
 from relora_trainer.data import read_jsonl
 from relora_trainer.storage import Storage
-from relora_trainer.testbed import commands, corpora, pretraining, task, world
-from relora_trainer.testbed import tokenizer as bpe
-from relora_trainer.testbed.corpora import NounSense
 
 CPU = torch.device("cpu")
 CATEGORY_WORDS = {
@@ -109,7 +112,7 @@ def fake_corpora(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     return calls
 
 
-TINY = world.BuildConfig(
+TINY = BuildConfig(
     seed=3,
     vocab_size=400,
     architecture=pretraining.Architecture(
@@ -117,16 +120,16 @@ TINY = world.BuildConfig(
     ),
     v1=pretraining.Schedule(steps=4, learning_rate=1e-2, batch_size=4, seq_len=16, warmup_steps=1),
     severities=(
-        world.Severity("mild", steps=2, learning_rate=1e-3),
-        world.Severity("severe", steps=3, learning_rate=1e-2),
+        Severity("mild", steps=2, learning_rate=1e-3),
+        Severity("severe", steps=3, learning_rate=1e-2),
     ),
     sizes=task.Sizes(train=8, validation=3, test=3),
-    adapter=world.AdapterRecipe(rank=2, alpha=4, steps=4, batch_size=4),
+    adapter=AdapterRecipe(rank=2, alpha=4, steps=4, batch_size=4),
 )
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> world.TestbedPaths:
+def built(tmp_path_factory: pytest.TempPathFactory) -> layout.TestbedPaths:
     local_run.quiet_libraries()
     patch = pytest.MonkeyPatch()
     patch.setattr(
@@ -141,7 +144,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> world.TestbedPaths:
         patch.undo()
 
 
-def test_the_build_writes_the_layout_relora_run_takes(built: world.TestbedPaths) -> None:
+def test_the_build_writes_the_layout_relora_run_takes(built: layout.TestbedPaths) -> None:
     for folder in (built.v1, built.v2("mild"), built.v2("severe")):
         model = AutoModelForCausalLM.from_pretrained(folder)
         assert model.config.tie_word_embeddings and model.config.hidden_size == 16
@@ -162,7 +165,7 @@ def test_the_build_writes_the_layout_relora_run_takes(built: world.TestbedPaths)
     assert set(summary["layout"]["manifests"]) == {"migration-mild.yaml", "migration-severe.yaml"}
 
 
-def test_the_manifests_validate_and_migrate_with_relative_paths(built: world.TestbedPaths) -> None:
+def test_the_manifests_validate_and_migrate_with_relative_paths(built: layout.TestbedPaths) -> None:
     for severity in ("mild", "severe"):
         manifest = running.read_manifest(built.manifest(severity))
         migration, problems = validation.validate_manifest(manifest)
@@ -188,19 +191,19 @@ def test_the_manifests_validate_and_migrate_with_relative_paths(built: world.Tes
 
 
 def test_a_second_build_is_cached_and_a_new_seed_redoes_the_work(
-    built: world.TestbedPaths, fake_corpora: dict[str, int], monkeypatch: pytest.MonkeyPatch
+    built: layout.TestbedPaths, fake_corpora: dict[str, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def no_training(*args: Any, **kwargs: Any) -> list[float]:
         raise AssertionError("a cached build must not train")
 
     monkeypatch.setattr(pretraining, "pretrain", no_training)
-    monkeypatch.setattr(world, "finetune", no_training)
+    monkeypatch.setattr(adapter_stage, "finetune", no_training)
     outputs = [
         built.v1 / "model.safetensors",
         built.v2("severe") / "model.safetensors",
         built.adapter / "adapter_model.safetensors",
         built.split("train"),
-        *sorted((built.root / world.STAGES_DIR).glob("*.json")),
+        *sorted((built.root / STAGES_DIR).glob("*.json")),
     ]
     before = [path.stat().st_mtime_ns for path in outputs]
     world.build(built.root, TINY, cache=built.root / "cache", device=CPU)
@@ -212,7 +215,7 @@ def test_a_second_build_is_cached_and_a_new_seed_redoes_the_work(
 
 
 def test_the_build_is_deterministic_for_a_seed(
-    built: world.TestbedPaths, fake_corpora: dict[str, int], tmp_path: Path
+    built: layout.TestbedPaths, fake_corpora: dict[str, int], tmp_path: Path
 ) -> None:
     again = world.build(tmp_path / "again", TINY, cache=tmp_path / "cache", device=CPU)
     for name in ("v1", "v2-mild", "v2-severe"):
@@ -229,12 +232,12 @@ def test_the_build_is_deterministic_for_a_seed(
         assert built.split(split).read_text() == again.split(split).read_text()
 
 
-def test_v2_moved_away_from_v1(built: world.TestbedPaths) -> None:
+def test_v2_moved_away_from_v1(built: layout.TestbedPaths) -> None:
     v1 = load_file(built.v1 / "model.safetensors")
     for severity in ("mild", "severe"):
         v2 = load_file(built.v2(severity) / "model.safetensors")
         assert any(not torch.equal(v1[k], v2[k]) for k in v1), severity
-    stages = json.loads((built.root / world.STAGES_DIR / "v2-severe.json").read_text())
+    stages = json.loads((built.root / STAGES_DIR / "v2-severe.json").read_text())
     assert stages["stats"]["relative_weight_change"] > 0
 
 
@@ -331,10 +334,10 @@ def test_the_build_command_reports_corpus_errors_in_one_line(
 
 
 def test_quick_and_real_model_configurations() -> None:
-    quick = world.config_for(quick=True)
-    full = world.config_for()
+    quick = config_for(quick=True)
+    full = config_for()
     assert quick.v1.steps < full.v1.steps and quick.sizes.train < full.sizes.train
     assert [s.name for s in full.severities] == ["mild", "severe"]
-    real = world.config_for(model="/models/smollm2")
+    real = config_for(model="/models/smollm2")
     assert real.model == "/models/smollm2"
     assert all(s.learning_rate <= 1e-4 for s in real.severities)

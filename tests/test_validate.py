@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
+import relora_cli as cli
 from relora_api.resource import AdapterMigration
-from relora_trainer import cli
 from relora_trainer.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_USAGE
 from tests.conftest import EXAMPLES
 
@@ -304,7 +304,7 @@ def test_a_file_without_migrations_is_refused(
 
 def test_reads_standard_input() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "relora_trainer.cli", "validate", "-f", "-"],
+        [sys.executable, "-m", "relora_cli", "validate", "-f", "-"],
         input=(EXAMPLES / "local-migration.yaml").read_text(),
         capture_output=True,
         text=True,

@@ -24,7 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from relora_api.spec import AdapterMigrationSpec
-from relora_api.status import MAX_COEFFICIENTS, AdapterProgress
+from relora_api.status import AdapterProgress, AdapterResult
 
 ENV_MIGRATION = "RELORA_MIGRATION"
 ENV_ADAPTER = "RELORA_ADAPTER"
@@ -41,34 +41,23 @@ MAX_TERMINATION_MESSAGE = 4096
 
 
 class Outcome(BaseModel):
-    """What a trainer pod reports when it ends (its termination message)."""
+    """What a trainer pod reports when it ends (its termination message): the adapter's result
+    in the very model the operator writes into ``status.adapters[].result``, or an error."""
 
     model_config = ConfigDict(extra="ignore")
 
     kind: Literal["result", "error"]
-    ready: bool = False
     reason: str | None = None  # for errors: IncompatibleModels, InvalidData, ...
     message: str | None = None
-    metric: Literal["accuracy", "loss"] | None = None
-    target: float | None = None
-    quality_source: float | None = None
-    quality_before: float | None = None
-    quality_after: float | None = None
-    coefficients: dict[str, float] | None = None
-    steps: int | None = None
-    time_to_readiness_seconds: float | None = None
+    result: AdapterResult | None = None
 
     def encode(self) -> str:
-        """JSON within the termination message limit (long messages and coefficients cut)."""
-        outcome = self
-        if outcome.coefficients and len(outcome.coefficients) > MAX_COEFFICIENTS:
-            kept = dict(list(outcome.coefficients.items())[:MAX_COEFFICIENTS])
-            outcome = outcome.model_copy(update={"coefficients": kept})
-        text = outcome.model_dump_json(exclude_none=True)
-        if len(text.encode()) > MAX_TERMINATION_MESSAGE and outcome.message:
-            room = len(outcome.message) - (len(text.encode()) - MAX_TERMINATION_MESSAGE) - 16
-            short = outcome.model_copy(update={"message": outcome.message[: max(room, 0)] + "..."})
-            text = short.model_dump_json(exclude_none=True)
+        """JSON within the termination message limit (a long message cut)."""
+        text = self.model_dump_json(exclude_none=True, by_alias=True)
+        if len(text.encode()) > MAX_TERMINATION_MESSAGE and self.message:
+            room = len(self.message) - (len(text.encode()) - MAX_TERMINATION_MESSAGE) - 16
+            short = self.model_copy(update={"message": self.message[: max(room, 0)] + "..."})
+            text = short.model_dump_json(exclude_none=True, by_alias=True)
         return text
 
     @classmethod

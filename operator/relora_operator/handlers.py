@@ -27,7 +27,7 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 from urllib3.exceptions import HTTPError
 
-from relora_api import contract, validation
+from relora_api import contract, times, validation
 from relora_api.resource import GROUP, PLURAL, VERSION
 from relora_api.spec import Adapter, AdapterMigrationSpec
 from relora_api.status import MAX_MESSAGE, AdapterProgress
@@ -236,7 +236,7 @@ class Operator:
             "reason": "InvalidSpec",
             "message": problems,
             "observedGeneration": meta.get("generation", 1),
-            "lastTransitionTime": observe.stamp(datetime.datetime.now(datetime.UTC)),
+            "lastTransitionTime": times.stamp(times.now()),
         }
         status = {
             "observedGeneration": meta.get("generation", 1),
@@ -287,8 +287,8 @@ class Operator:
             key = f"queue:{job['metadata']['uid']}"
             if started and key not in self.log_checked:
                 self.log_checked[key] = 0.0
-                created = observe._parse(job["metadata"].get("creationTimestamp"))
-                begun = observe._parse(started)
+                created = times.parse(job["metadata"].get("creationTimestamp"))
+                begun = times.parse(started)
                 if created and begun:
                     metrics.QUEUE_WAIT.observe(max((begun - created).total_seconds(), 0.0))
 

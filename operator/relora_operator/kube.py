@@ -21,6 +21,7 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from relora_api import times
 from relora_api.resource import GROUP, KIND, PLURAL, VERSION
 
 LOG = logging.getLogger("relora.operator")
@@ -127,8 +128,8 @@ class Kube:
             "reason": reason,
             "message": message[:1024],
             "source": {"component": "relora-operator"},
-            "firstTimestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "lastTimestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "firstTimestamp": times.stamp(now),
+            "lastTimestamp": times.stamp(now),
             "count": 1,
         }
         try:

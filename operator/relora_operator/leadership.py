@@ -18,7 +18,6 @@ operator of equal priority; and a frozen Kopf would not stop this operator's own
 
 from __future__ import annotations
 
-import datetime
 import http.server
 import logging
 import os
@@ -34,6 +33,8 @@ from urllib.parse import urlparse
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+
+from relora_api import times
 
 LOG = logging.getLogger("relora.operator")
 
@@ -99,7 +100,7 @@ def _record(spec: Mapping[str, Any]) -> tuple[Any, ...]:
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return times.micro_stamp(times.now())
 
 
 def claim(

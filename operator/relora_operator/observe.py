@@ -16,7 +16,7 @@ import datetime
 from dataclasses import dataclass, field
 from typing import Any
 
-from relora_api import contract
+from relora_api import contract, times
 from relora_api.spec import Adapter, AdapterMigrationSpec
 from relora_api.status import MAX_MESSAGE, AdapterProgress
 from relora_operator import naming, seals
@@ -53,16 +53,6 @@ class Actions:
     fail: list[tuple[str, str, str]] = field(default_factory=list)  # (job, reason, message)
     ttl: list[tuple[str, int]] = field(default_factory=list)  # (job, seconds)
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
-
-
-def stamp(moment: datetime.datetime) -> str:
-    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _parse(value: str | None) -> datetime.datetime | None:
-    if not value:
-        return None
-    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 def _condition(obj: Obj, kind: str) -> Obj | None:
@@ -177,7 +167,7 @@ def _adapter_status(
         return {**base, "phase": "Failed", "reason": reason, "message": _cut(message)}
     if _condition(job, "Complete"):
         _ttl(job, spec, actions)
-        return {**base, **_result(_outcome(_newest(pods, "Succeeded")), spec, adapter)}
+        return {**base, **_result(_outcome(_newest(pods, "Succeeded")))}
     failed = _condition(job, "Failed")
     if failed:
         _ttl(job, spec, actions)
@@ -217,7 +207,7 @@ def _adapter_status(
             running["progress"] = progress.to_wire()
         return running
     reason, message = _blocked(pod)
-    created = _parse(pod["metadata"].get("creationTimestamp")) or now
+    created = times.parse(pod["metadata"].get("creationTimestamp")) or now
     waited = (now - created).total_seconds()
     if reason != "PodPending" and waited >= spec.pre_running_deadline_seconds:
         text = (
@@ -296,32 +286,20 @@ def _blocked(pod: Obj) -> tuple[str, str]:
     return "PodPending", "the trainer pod is starting"
 
 
-def _result(outcome: contract.Outcome | None, spec: AdapterMigrationSpec, adapter: Adapter) -> Obj:
-    if outcome is None or outcome.kind != "result":
+def _result(outcome: contract.Outcome | None) -> Obj:
+    if outcome is None or outcome.kind != "result" or outcome.result is None:
         return {
             "phase": "Failed",
             "reason": "NoResult",
             "message": "the trainer finished without reporting an outcome",
         }
-    result: Obj = {
-        "ready": outcome.ready,
-        "strategy": spec.method.strategy,
-        "outputUri": f"{spec.output.uri.rstrip('/')}/{adapter.name}",
-        "metric": outcome.metric or adapter.readiness.metric,
-        "target": outcome.target,
-        "qualitySource": outcome.quality_source,
-        "qualityBefore": outcome.quality_before,
-        "qualityAfter": outcome.quality_after,
-        "coefficients": outcome.coefficients,
-        "steps": outcome.steps,
-        "timeToReadinessSeconds": outcome.time_to_readiness_seconds,
-    }
-    result = {k: v for k, v in result.items() if v is not None}
-    if outcome.ready:
+    found = outcome.result
+    result = found.to_wire()
+    if found.ready:
         return {"phase": "Succeeded", "reason": "Ready", "result": result}
     message = (
-        f"{result['metric']} {outcome.quality_after} did not reach the target "
-        f"{outcome.target} within {outcome.steps} steps"
+        f"{found.metric} {found.quality_after} did not reach the target "
+        f"{found.target} within {found.steps} steps"
     )
     return {"phase": "Failed", "reason": "NotReady", "message": message, "result": result}
 
@@ -394,7 +372,9 @@ def _conditions(
     conditions = []
     for kind, (status, reason, message) in values.items():
         old = previous.get(kind)
-        since = old["lastTransitionTime"] if old and old.get("status") == status else stamp(now)
+        since = (
+            old["lastTransitionTime"] if old and old.get("status") == status else times.stamp(now)
+        )
         conditions.append(
             {
                 "type": kind,
@@ -478,7 +458,7 @@ def observe(
     if start:
         status["startTime"] = start
     if phase in FINAL:
-        status["completionTime"] = old.get("completionTime") or stamp(now)
+        status["completionTime"] = old.get("completionTime") or times.stamp(now)
     _events(old, status, actions)
     return status, actions
 

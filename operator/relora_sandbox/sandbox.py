@@ -1,4 +1,5 @@
-"""Run the emulator (and the Job runner) on 127.0.0.1, in this loop or in a background thread."""
+"""Assemble the sandbox (the emulator, the Job runner, the routes of relora_sandbox.routes) and
+run it on 127.0.0.1, in this loop or in a background thread."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import yaml
 from aiohttp import web
 
 from relora_sandbox.jobs import JobRunner
+from relora_sandbox.routes import register_routes
 from relora_sandbox.server import Emulator
 
 
@@ -50,6 +52,7 @@ class Sandbox:
         self.jobs = JobRunner(self.emulator, workdir, image_commands=image_commands or {})
         self._runner: web.AppRunner | None = None
         self._restarts: set[asyncio.Task[None]] = set()
+        register_routes(self)
 
     @property
     def url(self) -> str:
@@ -62,9 +65,8 @@ class Sandbox:
     async def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         await self._listen()
-        self.jobs.api_port = self.port
+        self.jobs.kubelet.api_port = self.port
         self.kubeconfig_path.write_text(yaml.safe_dump(kubeconfig(self.url), sort_keys=False))
-        self.emulator.admin[("POST", "/sandbox/v1/restart")] = self._http_restart
         self.jobs.start()
 
     async def _listen(self) -> None:
@@ -91,15 +93,12 @@ class Sandbox:
         await asyncio.sleep(down_seconds)
         await self._listen()
 
-    async def _http_restart(self, request: web.Request) -> web.StreamResponse:
-        """POST /sandbox/v1/restart {"downSeconds": N}: restart just after answering."""
-        body = await request.json() if request.can_read_body else {}
-        down = float((body or {}).get("downSeconds", 1.0))
+    def restart_soon(self, down_seconds: float) -> None:
+        """``restart()`` in the background, once the request that asks for it is answered."""
         loop = asyncio.get_running_loop()
-        task = loop.create_task(self._restart_soon(down))
+        task = loop.create_task(self._restart_soon(down_seconds))
         self._restarts.add(task)
         task.add_done_callback(self._restarts.discard)
-        return web.json_response({"restarting": True, "downSeconds": down}, status=202)
 
     async def _restart_soon(self, down_seconds: float) -> None:
         await asyncio.sleep(0.1)  # let the answer go out first

@@ -110,11 +110,15 @@ class CorpusError(RuntimeError):
     migration input, so not a BadInput: it has no status reason.)"""
 
 
-def refuse(error: BadInput | manifests.ManifestError) -> int:
-    """Print a command's one-line refusal on stderr; return its exit code (usage for a
-    manifest that cannot be read, bad input otherwise)."""
-    if isinstance(error, manifests.ManifestError):
+def refuse(error: BaseException) -> int:
+    """Print a command's one-line refusal on stderr; return its exit code: usage for a manifest
+    that cannot be read, bad input for what the user must change (an input, a corpus), internal
+    for anything else."""
+    if isinstance(error, manifests.ManifestError | CorpusError):
         print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    print(f"error: {error.reason}: {error}", file=sys.stderr)
-    return EXIT_BAD_INPUT
+        return EXIT_USAGE if isinstance(error, manifests.ManifestError) else EXIT_BAD_INPUT
+    if isinstance(error, BadInput):
+        print(f"error: {error.reason}: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+    return EXIT_INTERNAL

@@ -16,7 +16,6 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
@@ -24,32 +23,6 @@ from relora_api import contract
 from relora_api.spec import Adapter, AdapterMigrationSpec
 from relora_trainer import errors, ownership, storage
 from relora_trainer.storage import Storage
-
-if TYPE_CHECKING:
-    from relora_trainer.report import AdapterReport
-
-
-def outcome_of(report: AdapterReport) -> contract.Outcome:
-    """The compact outcome the operator records in the AdapterMigration status."""
-    coefficients = None
-    if report.coefficients:
-        coefficients = {}
-        for group, values in report.coefficients.items():
-            prefix = "" if group == "all" else f"{group}."
-            coefficients[f"{prefix}alpha"] = values["alpha"]
-            coefficients[f"{prefix}beta"] = values["beta"]
-    return contract.Outcome(
-        kind="result",
-        ready=report.ready,
-        metric="loss" if report.metric == "loss" else "accuracy",
-        target=report.target,
-        quality_source=report.quality_of("source"),
-        quality_before=report.quality_of("before"),
-        quality_after=report.quality_of("after"),
-        coefficients=coefficients,
-        steps=report.steps,
-        time_to_readiness_seconds=report.seconds["timeToReadiness"],
-    )
 
 
 def _write(outcome: contract.Outcome) -> None:
@@ -103,7 +76,7 @@ def run() -> int:
         local_run.quiet_libraries()
         done = migrate.finished(spec, adapter, where, owner)
         if done is not None:  # nothing to load: report what the output holds
-            _write(outcome_of(done))
+            _write(contract.Outcome(kind="result", result=done.result()))
             return errors.EXIT_OK
         try:
             # Only this pod's adapter is measured on the source base (if its target needs it
@@ -135,7 +108,7 @@ def run() -> int:
             )
         )
         return errors.EXIT_INTERNAL
-    _write(outcome_of(report))
+    _write(contract.Outcome(kind="result", result=report.result()))
     return errors.EXIT_OK
 
 

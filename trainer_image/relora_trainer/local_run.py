@@ -6,6 +6,7 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -20,6 +21,12 @@ from relora_trainer.storage import Storage
 
 def load_manifest(path: str) -> AdapterMigration:
     """The one AdapterMigration of the manifest at ``path``, validated (BadInput otherwise)."""
+    return load_document(path)[1]
+
+
+def load_document(path: str) -> tuple[dict[str, Any], AdapterMigration]:
+    """The one AdapterMigration document of ``path`` as written, and validated (BadInput when
+    there is not exactly one or it is invalid; ManifestError when the file cannot be read)."""
     documents = [
         d
         for d in manifests.read_documents(path)
@@ -32,7 +39,7 @@ def load_manifest(path: str) -> AdapterMigration:
     migration, problems = validation.validate_manifest(documents[0].content)
     if migration is None:
         raise errors.BadInput("; ".join(f"{documents[0].label}: {p}" for p in problems))
-    return migration
+    return documents[0].content, migration
 
 
 def storage_for(path: str) -> Storage:

@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +25,12 @@ from transformers import PreTrainedTokenizerBase
 
 from relora_api.spec import Adapter, AdapterMigrationSpec, Readiness
 from relora_api.status import AdapterProgress
-from relora_trainer import adapters, fusion, models, ownership, plan, report, search
+from relora_trainer import adapters, models, ownership, plan, report
 from relora_trainer.data import MAX_CHOICES, Encoder, Example, TaskData, read_jsonl
 from relora_trainer.errors import IncompatibleModels, InvalidData
-from relora_trainer.finetune import (
+from relora_trainer.method import fusion, search, strategies
+from relora_trainer.method.config import FinetuneConfig, SearchConfig
+from relora_trainer.method.finetune import (
     EVALUATION_BATCH,
     Evaluation,
     MicroBatch,
@@ -37,8 +39,8 @@ from relora_trainer.finetune import (
     finetune,
     look_ahead,
 )
+from relora_trainer.method.quality import Quality, measure
 from relora_trainer.progress import NullProgress, ProgressSink
-from relora_trainer.quality import Quality, measure
 from relora_trainer.storage import Storage
 
 STATE_DIR = "state"
@@ -381,7 +383,7 @@ def _migrate_claimed(
 
     old = _old_adapter(adapter, storage, bases.target)
     encoder = Encoder(bases.tokenizer)
-    tune = method.finetune
+    tune = FinetuneConfig.of(method.finetune)
     micro = MicroBatch(
         tune.micro_batch_size or tune.batch_size,
         batch=tune.batch_size,
@@ -432,30 +434,22 @@ def _migrate_claimed(
         sink.update(adapter.name, record(stage="search", trial=trial, trials=trials))
 
     try:
-        if method.strategy == "relora":
-            result = _search_init(
+        chosen = strategies.strategy(method.strategy)
+        result = chosen.initialize(
+            _context(
+                spec=spec,
                 model=model,
                 old=old,
                 bases=bases,
-                spec=spec,
                 quality=quality,
-                scale=scale,
                 rank=rank,
+                scale=scale,
                 journal=state / "search.journal",
                 study_name=f"{search.STUDY_NAME}-{key}",
-                report_trial=trial_done,
+                on_trial=trial_done,
             )
-        elif method.strategy in ("reuse", "warm-start"):
-            terms = _terms(old, bases, projection="adapter-subspace", scale=scale)
-            adapters.load_factors(
-                model,
-                fusion.fuse_all(
-                    terms, {"all": (1.0, 0.0)}, granularity="global", rank=rank, scale=scale
-                ),
-            )
-        finetune_config = method.finetune
-        if method.strategy == "reuse":
-            finetune_config = method.finetune.model_copy(update={"max_steps": 0})
+        )
+        finetune_config = tune if chosen.trains else replace(tune, max_steps=0)
 
         def on_step(step: int, evaluation: Evaluation | None) -> None:
             sink.update(
@@ -476,7 +470,7 @@ def _migrate_claimed(
             validation=task.validation,
             choices=task.choices,
             config=finetune_config,
-            regularize=method.finetune.regularization if method.strategy == "relora" else None,
+            regularize=finetune_config.regularization if chosen.regularized else None,
             target=target,
             seed=method.seed,
             device=bases.device,
@@ -574,7 +568,7 @@ def _recompute(model: nn.Module, on: bool) -> None:
 
 
 def _terms(
-    old: adapters.OldAdapter, bases: Bases, *, projection: str, scale: float
+    old: adapters.OldAdapter, bases: Bases, *, projection: str
 ) -> dict[str, fusion.ModuleTerms]:
     """Per adapted module: the old update and the base evolution W_target - W_source (the
     source weight read from its files, one tensor at a time, in fp32)."""
@@ -601,62 +595,51 @@ def _terms(
     return terms
 
 
-def _search_init(
+def _context(
     *,
+    spec: AdapterMigrationSpec,
     model: PeftModel,
     old: adapters.OldAdapter,
     bases: Bases,
-    spec: AdapterMigrationSpec,
     quality: _Quality,
-    scale: float,
     rank: int,
+    scale: float,
     journal: Path,
     study_name: str,
-    report_trial: Callable[[int, int, float | None], None],
-) -> search.SearchResult:
-    """Search the fusion coefficients, then load the best fused adapter into ``model``."""
-    init = spec.method.initialization
-    terms = _terms(old, bases, projection=init.projection, scale=scale)
-    groups = sorted({fusion.group_of(m, init.granularity) for m in terms})
+    on_trial: Callable[[int, int, float | None], None],
+) -> strategies.Context:
+    """What a strategy may use, the I/O behind it done here: the evolution read from the
+    source's files, quality measured on the search's validation subset."""
+    init = SearchConfig.of(spec.method.initialization)
+    tune = FinetuneConfig.of(spec.method.finetune)
     subset = quality.task.validation[: init.validation_samples]
 
-    def fused(coefficients: search.Coefficients) -> dict[str, adapters.LoraFactors]:
-        return fusion.fuse_all(
-            terms, coefficients, granularity=init.granularity, rank=rank, scale=scale
+    def look_ahead_steps() -> None:
+        look_ahead(
+            model,
+            quality.encoder,
+            quality.task.train,
+            steps=init.lookahead_steps,
+            learning_rate=tune.learning_rate,
+            batch_size=tune.batch_size,
+            seed=spec.method.seed,
+            device=quality.device,
+            micro=quality.micro,
         )
 
-    by_choice = init.objective == "choice-loss" or (
-        init.objective == "lookahead" and quality.metric == "accuracy"
-    )
-    tune = spec.method.finetune
-
-    def objective(coefficients: search.Coefficients) -> float:
-        adapters.load_factors(model, fused(coefficients))
-        if init.objective == "lookahead":
-            look_ahead(
-                model,
-                quality.encoder,
-                quality.task.train,
-                steps=init.lookahead_steps,
-                learning_rate=tune.learning_rate,
-                batch_size=tune.batch_size,
-                seed=spec.method.seed,
-                device=quality.device,
-                micro=quality.micro,
-            )
-        measured = quality.on(model, subset, with_accuracy=by_choice)
-        if by_choice and measured.choice_loss is not None:
-            return measured.choice_loss
-        return measured.loss
-
-    result = search.run_search(
-        groups=groups,
-        config=init,
+    return strategies.Context(
+        model=model,
+        old=old,
+        rank=rank,
+        scale=scale,
+        device=bases.device,
+        evolution=lambda projection: _terms(old, bases, projection=projection),
+        measure=lambda with_accuracy: quality.on(model, subset, with_accuracy=with_accuracy),
+        look_ahead=look_ahead_steps,
+        metric=quality.metric,
+        search=init,
         seed=spec.method.seed,
-        objective=objective,
         journal=journal,
         study_name=study_name,
-        on_trial=report_trial,
+        on_trial=on_trial,
     )
-    adapters.load_factors(model, fused(result.coefficients))
-    return result

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from relora_api.spec import Adapter
+from relora_api.status import MAX_COEFFICIENTS, AdapterResult
 from relora_trainer.adapters import CONFIG_FILE, WEIGHTS_FILE
-from relora_trainer.finetune import FinetuneOutcome, Target
-from relora_trainer.quality import Quality
-from relora_trainer.search import SearchResult
+from relora_trainer.method.finetune import FinetuneOutcome, Target
+from relora_trainer.method.quality import Quality
+from relora_trainer.method.search import SearchResult
 
 REPORT_FILE = "report.json"
 SUMMARY_FILE = "summary.md"
@@ -120,6 +121,32 @@ class AdapterReport:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def result(self) -> AdapterResult:
+        """The compact result the operator records in status.adapters[].result (the fusion
+        coefficients flattened to ``[group.]alpha`` / ``[group.]beta``, the first
+        MAX_COEFFICIENTS of them)."""
+        coefficients = None
+        if self.coefficients:
+            coefficients = {}
+            for group, values in self.coefficients.items():
+                prefix = "" if group == "all" else f"{group}."
+                coefficients[f"{prefix}alpha"] = values["alpha"]
+                coefficients[f"{prefix}beta"] = values["beta"]
+            coefficients = dict(list(coefficients.items())[:MAX_COEFFICIENTS])
+        return AdapterResult(
+            ready=self.ready,
+            strategy=self.strategy,
+            output_uri=self.output_uri,
+            metric="loss" if self.metric == "loss" else "accuracy",
+            target=self.target,
+            quality_source=self.quality_of("source"),
+            quality_before=self.quality_of("before"),
+            quality_after=self.quality_of("after"),
+            coefficients=coefficients,
+            steps=self.steps,
+            time_to_readiness_seconds=self.seconds["timeToReadiness"],
+        )
 
 
 def write(folder: Path, report: AdapterReport) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from relora_api import uris
+from relora_api import contract, uris
 from relora_trainer.errors import (
     MissingInput,
     OutputNotWritable,
@@ -29,7 +29,7 @@ from relora_trainer.errors import (
 )
 
 PVC_ROOT_ENV = "RELORA_PVC_ROOT"
-DEFAULT_PVC_ROOT = "/mnt/pvc"
+DEFAULT_PVC_ROOT = contract.PVC_MOUNT_ROOT
 WRITE_CHECK = ".relora-write-check"
 """The file :meth:`Storage.check_writable` writes (and removes) in an output folder."""
 

@@ -1,0 +1,7 @@
+"""`python -m relora_cli` = the `relora` command."""
+
+import sys
+
+from relora_cli import main
+
+sys.exit(main())

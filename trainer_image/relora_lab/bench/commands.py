@@ -1,0 +1,131 @@
+"""`relora bench`: registered by cli.py with ``register(commands)``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+from relora_lab.bench.variants import COMMON_FINETUNE
+from relora_lab.settings import TARGET_FRACTION
+from relora_lab.testbed.commands import FAILURES
+from relora_trainer.errors import EXIT_OK, EXIT_USAGE, refuse
+
+DEFAULT_OUT = ".relora/bench"
+DEFAULT_TESTBED = "examples/testbed"
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    # Idle OpenMP threads sleep instead of spinning: on a shared machine spinning threads fight
+    # other processes for the cores (measured 3x slower steps under load). Read once by torch's
+    # OpenMP runtime at import, so it must be set before torch is first imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        from relora_lab.bench import session
+    except ImportError as error:
+        print(
+            f"error: relora bench needs the trainer and testbed extras ({error.name} is missing)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    command = "relora " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else "relora"
+    try:
+        outcome = session.run(
+            session.Options(
+                quick=args.quick,
+                seeds=args.seeds,
+                out=args.out,
+                testbed=args.testbed,
+                model=args.model,
+                device=args.device,
+                threads=args.threads,
+                variants=args.variant,
+                severities=args.severity,
+                steps=args.steps,
+                target_fraction=args.target_fraction,
+                tune=args.tune,
+                command=command,
+            )
+        )
+    except FAILURES as error:
+        return refuse(error)
+    print(f"report: {outcome['markdown']} and {outcome['json']}")
+    return EXIT_OK
+
+
+def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add the `bench` command."""
+    bench = commands.add_parser(
+        "bench",
+        help="measure relora against scratch, reuse and warm-start on the testbed",
+        description=(
+            "Build (or reuse) the corpus testbed, then migrate its adapter to v2-mild and "
+            "v2-severe with every strategy and ablation, for several seeds, through the same "
+            "code path as `relora run`; write bench-report.md (tables, PNG plots) and "
+            "bench-report.json. Time to readiness, steps, test accuracy at the budget, "
+            "mean ± std over seeds, ratios against relora measured in the same run."
+        ),
+    )
+    bench.add_argument(
+        "--quick",
+        action="store_true",
+        help="the core variants only, 3 seeds (under 10 minutes on 2 CPU cores once the "
+        "testbed is built)",
+    )
+    bench.add_argument(
+        "--seeds", type=int, default=None, metavar="N", help="seeds 0..N-1 (default 3; 5 full)"
+    )
+    bench.add_argument(
+        "--out", default=DEFAULT_OUT, metavar="DIR", help=f"report folder (default {DEFAULT_OUT})"
+    )
+    bench.add_argument(
+        "--testbed",
+        default=DEFAULT_TESTBED,
+        metavar="DIR",
+        help=f"the testbed folder, built if missing (default {DEFAULT_TESTBED})",
+    )
+    bench.add_argument(
+        "--model",
+        metavar="PATH",
+        help="a Hugging Face causal-LM folder as v1 (see `relora testbed build --model`)",
+    )
+    bench.add_argument(
+        "--variant",
+        action="append",
+        metavar="NAME",
+        help="run only this variant (repeatable; e.g. relora, warm-start; with --tune: a tuning "
+        "candidate such as warm-start@lr=0.004)",
+    )
+    bench.add_argument(
+        "--severity",
+        action="append",
+        choices=["mild", "severe"],
+        help="run only this severity (repeatable)",
+    )
+    bench.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"step budget of every run (default {COMMON_FINETUNE['maxSteps']})",
+    )
+    bench.add_argument(
+        "--target-fraction",
+        type=float,
+        default=TARGET_FRACTION,
+        metavar="F",
+        help=f"readiness: validation accuracy >= F x the old adapter's on v1 (default "
+        f"{TARGET_FRACTION:g})",
+    )
+    bench.add_argument(
+        "--tune",
+        action="store_true",
+        help="run the tuning grid (six configurations per strategy, tuning seeds) instead, "
+        "and write tuning-report.md",
+    )
+    bench.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    bench.add_argument(
+        "--threads", type=int, default=2, help="torch CPU threads (default 2; 0: torch's choice)"
+    )
+    bench.set_defaults(handler=_cmd_bench)

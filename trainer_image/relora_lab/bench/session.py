@@ -1,0 +1,163 @@
+"""One `relora bench` session: testbed, runs, summary, report."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from relora_lab.bench import running, summary, tuning, variants, writing
+from relora_lab.settings import TARGET_FRACTION
+from relora_lab.testbed import world
+from relora_lab.testbed.config import config_for
+from relora_trainer import local_run, models
+from relora_trainer.progress import ProgressSink
+
+QUICK_SEEDS = 3
+FULL_SEEDS = 5
+
+
+@dataclass
+class Options:
+    quick: bool = False
+    seeds: int | None = None
+    out: str = ".relora/bench"
+    testbed: str = "examples/testbed"
+    model: str | None = None
+    device: str = "auto"
+    threads: int = 2
+    variants: list[str] | None = None
+    severities: list[str] | None = None
+    steps: int | None = None  # the step budget (default: variants.COMMON_FINETUNE)
+    target_fraction: float = TARGET_FRACTION
+    tune: bool = False  # run the tuning grid on the tuning seeds instead of the benchmark
+    command: str = "relora bench"
+
+
+def run(options: Options, *, console: Console | None = None) -> dict[str, Path]:
+    """Run the benchmark; return the paths of the written reports."""
+    started = time.perf_counter()
+    local_run.quiet_libraries()
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    console = console or Console(stderr=True)
+    device = models.pick_device(options.device)
+    if options.tune:
+        chosen = tuning.grid(options.variants)
+        seeds = list(tuning.TUNING_SEEDS)
+    else:
+        chosen = variants.by_name(options.variants, quick=options.quick)
+        seeds = list(range(options.seeds or (QUICK_SEEDS if options.quick else FULL_SEEDS)))
+    console.print(f"Testbed {options.testbed} (built if missing; cached) ...")
+    paths = world.build(
+        Path(options.testbed), config_for(model=options.model), device=device, console=console
+    )
+    severities = [s for s in paths.severities if not options.severities or s in options.severities]
+    out = Path(options.out).resolve()  # run outputs too: not relative to the manifests
+    load_range = [float("inf"), 0.0]
+    budget = dict(variants.COMMON_FINETUNE)
+    if options.steps is not None:
+        budget["maxSteps"] = options.steps
+    readiness = {"metric": "accuracy", "relativeToSource": options.target_fraction}
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bars:
+        total = len(severities) * len(seeds) * len(chosen)
+        overall = bars.add_task("runs", total=total, detail="")
+        current = bars.add_task("run", total=1, detail="")
+
+        def on_run(severity: str, variant: variants.Variant, seed: int) -> ProgressSink:
+            label = f"{severity} {variant.name} seed {seed}"
+
+            def report(stage: str, done: int, of: int, detail: str) -> None:
+                bars.update(
+                    current,
+                    description=f"{label}: {stage}",
+                    completed=done,
+                    total=of,
+                    detail=detail,
+                )
+
+            bars.update(current, description=label, completed=0, total=1, detail="")
+            return running.StageSink(report)
+
+        def on_done(record: running.RunRecord) -> None:
+            load_range[0] = min(load_range[0], *record.load_average)
+            load_range[1] = max(load_range[1], *record.load_average)
+            ttr = "-" if record.time_to_readiness is None else f"{record.time_to_readiness:.1f} s"
+            bars.update(overall, advance=1, detail=f"last: {record.variant} ready in {ttr}")
+
+        records = running.run_matrix(
+            manifests_by_severity={s: paths.manifest(s) for s in severities},
+            variants=chosen,
+            seeds=seeds,
+            out=out,
+            device=device,
+            common=budget,
+            readiness=readiness,
+            on_run=on_run,
+            on_done=on_done,
+        )
+    if options.tune:
+        path = tuning.write(out, records, command=options.command)
+        (out / "tuning-runs.json").write_text(
+            json.dumps([r.to_json() for r in records], indent=1, default=str) + "\n"
+        )
+        for strategy, best in tuning.select(records).items():
+            console.print(f"{strategy}: {best.name} ({best.time_to_readiness.text(1)} s)")
+        return {"markdown": path, "json": out / "tuning-runs.json"}
+    table = summary.cells(records)
+    comparisons = summary.compare(table, records, baselines=variants.BASELINES)
+    testbed_figures = json.loads(paths.summary.read_text()).get("figures", {})
+    context = writing.Context(
+        command=options.command,
+        mode="quick" if options.quick else "full",
+        seeds=seeds,
+        wall_seconds=time.perf_counter() - started,
+        device=str(device),
+        threads=torch.get_num_threads(),
+        testbed=str(paths.root),
+        testbed_figures=testbed_figures,
+        budget=budget,
+        variants=chosen,
+        target_rule=(
+            f"validation accuracy >= {options.target_fraction:g} x the old adapter's validation "
+            f"accuracy on v1 (readiness relativeToSource {options.target_fraction:g})"
+        ),
+        load_averages=(load_range[0] if records else 0.0, load_range[1]),
+    )
+    written = writing.write(out, context, table, comparisons, records)
+    _print_summary(console.print, table, comparisons)
+    return written
+
+
+def _print_summary(
+    say: Callable[[str], None],
+    table: dict[str, dict[str, summary.Cell]],
+    comparisons: dict[str, summary.Comparison],
+) -> None:
+    for severity, row in table.items():
+        say(f"[bold]v2-{severity}[/bold]")
+        for line in writing.results_table(row, comparisons.get(severity)):
+            say(line)
+        if severity in comparisons:
+            for line in writing.claims(row, comparisons[severity]):
+                say(line)

@@ -1,0 +1,141 @@
+"""What the benchmark compares: strategies and ablations, each a set of ``spec.method`` fields.
+
+Every variant runs through ``migrate.migrate_adapter`` (the code path of ``relora run``) with
+an ``AdapterMigrationSpec`` built from the testbed's manifest: the shared budget (``COMMON``),
+then the variant's own fields, then the seed. ``relora`` is the method as shipped: the defaults
+of ``spec.method`` plus the shared budget, nothing tuned for the benchmark alone. Each
+strategy's settings live in :mod:`relora_lab.settings` (the testbed's manifests use them too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from relora_api import validation
+from relora_api.spec import AdapterMigrationSpec
+from relora_lab.settings import METHODS, RELORA_METHOD, SCRATCH_METHOD, WARM_START_METHOD, merge
+from relora_trainer.errors import BadInput
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    description: str
+    method: Mapping[str, Any] = field(default_factory=dict)  # wire names (camelCase)
+    baseline: bool = False  # a strategy the method must beat (not an ablation of it)
+    quick: bool = True  # part of `relora bench --quick`
+
+    @property
+    def strategy(self) -> str:
+        return str(self.method.get("strategy", "relora"))
+
+
+COMMON_FINETUNE: Mapping[str, Any] = {
+    "maxSteps": 120,
+    "evalEvery": 10,
+    "batchSize": 16,
+    "checkpointEvery": 1000,
+    "stopWhenReady": False,
+}
+"""The budget every variant gets: the same steps, batch and readiness-check interval; the whole
+budget runs (the test accuracy is the one at the budget), readiness is recorded on the way."""
+
+
+def _relora(**update: Any) -> dict[str, Any]:
+    return merge(RELORA_METHOD, update)
+
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant("scratch", "a fresh LoRA on v2 (PEFT init), plain fine-tune", SCRATCH_METHOD, True),
+    Variant("reuse", "the old adapter on v2 as is (no training)", METHODS["reuse"], True),
+    Variant(
+        "warm-start",
+        "the old adapter as init, plain fine-tune (PortLLM + FT)",
+        WARM_START_METHOD,
+        baseline=True,
+    ),
+    Variant("relora", "searched fusion init + scheduled regularization", RELORA_METHOD),
+    Variant(
+        "relora-no-search",
+        "relora without the search: alpha in [1, 1], beta in [0, 0] (one trial)",
+        _relora(
+            initialization={
+                "alpha": {"min": 1, "max": 1},
+                "beta": {"min": 0, "max": 0},
+                "trials": 1,
+            }
+        ),
+        quick=False,
+    ),
+    Variant(
+        "relora-no-reg",
+        "relora without the regularizer (schedule none)",
+        _relora(finetune={"regularization": {"schedule": "none"}}),
+        quick=False,
+    ),
+    Variant(
+        "relora-constant",
+        "relora with a constant lambda (no relaxation)",
+        _relora(finetune={"regularization": {"schedule": "constant"}}),
+        quick=False,
+    ),
+    Variant(
+        "relora-per-layer",
+        "relora with one (alpha, beta) per layer",
+        _relora(initialization={"granularity": "layer"}),
+        quick=False,
+    ),
+    Variant(
+        "relora-module-type",
+        "relora with one (alpha, beta) per module type",
+        _relora(initialization={"granularity": "module-type"}),
+        quick=False,
+    ),
+    Variant(
+        "relora-full-evolution",
+        "relora fusing the whole evolution (projection none, randomized SVD)",
+        _relora(initialization={"projection": "none"}),
+        quick=False,
+    ),
+)
+
+BASELINES = tuple(v.name for v in VARIANTS if v.baseline)
+
+
+def by_name(names: list[str] | None, *, quick: bool) -> list[Variant]:
+    """The variants to run: those named (any mode), else every variant of the mode."""
+    if not names:
+        return [v for v in VARIANTS if v.quick or not quick]
+    known = {v.name: v for v in VARIANTS}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise BadInput(f"--variant: unknown {unknown}; known: {sorted(known)}")
+    return [known[n] for n in names]
+
+
+def spec_for(
+    manifest: Mapping[str, Any],
+    variant: Variant,
+    *,
+    seed: int,
+    output: str,
+    common: Mapping[str, Any] | None = None,
+    readiness: Mapping[str, Any] | None = None,
+) -> AdapterMigrationSpec:
+    """The validated spec of one run: the manifest's models, adapter and data; the shared budget
+    and the variant's fields (the manifest's own method is not used); seed; output; and (if
+    given) the readiness of every adapter."""
+    method = merge({"finetune": common or COMMON_FINETUNE}, variant.method)
+    method["seed"] = seed
+    method.setdefault("strategy", "relora")
+    document = merge(manifest, {"spec": {"output": {"uri": output}}})
+    document["spec"]["method"] = method
+    if readiness is not None:
+        for adapter in document["spec"]["adapters"]:
+            adapter["readiness"] = dict(readiness)
+    migration, problems = validation.validate_manifest(document)
+    if migration is None:
+        raise BadInput(f"variant {variant.name}: " + "; ".join(str(p) for p in problems))
+    return migration.spec

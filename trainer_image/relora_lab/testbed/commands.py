@@ -1,0 +1,93 @@
+"""`relora testbed build`: registered under the `relora testbed` group by relora_cli."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from relora_trainer.errors import EXIT_OK, EXIT_USAGE, BadInput, CorpusError, refuse
+
+FAILURES = (CorpusError, BadInput, ValueError, OSError)
+"""What `relora testbed build` and `relora bench` report in one line instead of a traceback."""
+
+
+DEFAULT_OUT = "examples/testbed"
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see relora_lab.bench.commands
+    try:
+        import torch
+        from rich.console import Console
+
+        from relora_lab.testbed import world
+        from relora_lab.testbed.config import config_for
+        from relora_trainer import local_run, models
+    except ImportError as error:
+        print(
+            f"error: needs the trainer and testbed extras ({error.name} is missing)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    local_run.quiet_libraries()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    console = Console(stderr=True)
+    out = Path(args.out)
+    started = time.perf_counter()
+    try:
+        device = models.pick_device(args.device)
+        config = config_for(seed=args.seed, quick=args.quick, model=args.model)
+        paths = world.build(out, config, device=device, console=console)
+    except FAILURES as error:
+        return refuse(error)
+    manifests = " ".join(str(paths.manifest(s)) for s in paths.severities)
+    print(
+        f"testbed written to {paths.root} in {time.perf_counter() - started:.0f} s: models/v1, "
+        f"models/v2-{{{','.join(paths.severities)}}}, adapters/, data/; try: relora run -f "
+        f"{paths.manifest(paths.severities[-1])}"
+    )
+    print(f"manifests: {manifests}")
+    return EXIT_OK
+
+
+def register_build(testbed_kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add `build` to the `relora testbed` group."""
+    build = testbed_kinds.add_parser(
+        "build",
+        help="a real model pair from text corpora: tiny Llama v1 (Austen), v2 (+ Bible), task",
+        description=(
+            "Train a byte-level BPE tokenizer, pretrain a tiny Llama v1 on Jane Austen's novels, "
+            "evolve it into v2 (mild and severe) on the King James Bible with Austen replay, "
+            "train a LoRA adapter on v1 for a WordNet gloss -> category task, and write the "
+            "models, adapter, JSONL data and one AdapterMigration manifest per severity. "
+            "Corpora come from Debian packages (apt-get download, cached). Deterministic for a "
+            "seed; cached: a second build with the same parameters returns at once."
+        ),
+    )
+    build.add_argument(
+        "--out",
+        default=DEFAULT_OUT,
+        metavar="DIR",
+        help=f"where to write it (default {DEFAULT_OUT})",
+    )
+    build.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    build.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke-test build in a few minutes (short pretraining, small task): weak models",
+    )
+    build.add_argument(
+        "--model",
+        metavar="PATH",
+        help="a Hugging Face causal-LM folder to use as v1 instead of the tiny Llama (v2 is it "
+        "continued on the Bible; its tokenizer is used); meant for a GPU",
+    )
+    build.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    build.add_argument(
+        "--threads", type=int, default=2, help="torch CPU threads (default 2; 0: torch's choice)"
+    )
+    build.set_defaults(handler=_cmd_build)

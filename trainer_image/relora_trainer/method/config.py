@@ -1,0 +1,81 @@
+"""The method's settings as plain, frozen dataclasses, built from the API's models once (the
+defaults live there only).
+
+The method modules read these and nothing of the API: they can be driven from a benchmark or a
+test without building a manifest, and the API can evolve its wire format without touching them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _plain(cls: type[T], model: Any, **nested: Any) -> T:
+    """``cls`` from the same-named attributes of ``model`` (``nested`` ones given converted)."""
+    names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+    return cls(**{n: nested[n] if n in nested else getattr(model, n) for n in names})
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """A closed interval searched for a fusion coefficient."""
+
+    min: float
+    max: float
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Adaptive initialization: the Bayesian search of the fusion coefficients."""
+
+    trials: int
+    timeout_seconds: int
+    sampler: str
+    granularity: str
+    projection: str
+    alpha: Bounds
+    beta: Bounds
+    validation_samples: int
+    objective: str
+    lookahead_steps: int
+
+    @classmethod
+    def of(cls, model: Any) -> SearchConfig:
+        return _plain(
+            cls, model, alpha=_plain(Bounds, model.alpha), beta=_plain(Bounds, model.beta)
+        )
+
+
+@dataclass(frozen=True)
+class RegularizationConfig:
+    """The scheduled pull toward the initialization."""
+
+    schedule: str
+    strength: float
+    relaxed_strength: float
+    switch_fraction: float
+
+    @classmethod
+    def of(cls, model: Any) -> RegularizationConfig:
+        return _plain(cls, model)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning until ready or out of budget."""
+
+    max_steps: int
+    learning_rate: float
+    batch_size: int
+    micro_batch_size: int | None
+    eval_every: int
+    checkpoint_every: int
+    stop_when_ready: bool
+    regularization: RegularizationConfig
+
+    @classmethod
+    def of(cls, model: Any) -> FinetuneConfig:
+        return _plain(cls, model, regularization=RegularizationConfig.of(model.regularization))

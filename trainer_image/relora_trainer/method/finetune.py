@@ -1,0 +1,402 @@
+"""Fine-tuning with scheduled regularization, readiness checks and resumable checkpoints.
+
+loss = task loss + lambda(step) * mean ||theta - theta0||^2  (theta: the LoRA tensors)
+with a cosine learning-rate decay, an evaluation every ``evalEvery`` steps (and at step 0) that
+stops the run as soon as the readiness target is met (with ``stopWhenReady: false`` the whole
+budget runs and the first evaluation that met the target is still recorded), and a checkpoint
+every ``checkpointEvery`` steps. The batch order is a pure function of (seed, step) and the RNG
+state is checkpointed, so a resumed run continues exactly where the interrupted one left off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gc
+import math
+import os
+import pickle
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from peft import PeftModel
+
+from relora_trainer.adapters import lora_parameters
+from relora_trainer.data import IGNORE_INDEX, Encoded, Encoder, Example
+from relora_trainer.method import regularization
+from relora_trainer.method.config import FinetuneConfig, RegularizationConfig
+from relora_trainer.method.quality import Quality, completion_logits, measure
+
+CHECKPOINT_FILE = "checkpoint.pt"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A readiness target on one metric."""
+
+    metric: str
+    value: float
+
+    def met(self, quality: float) -> bool:
+        return quality <= self.value if self.metric == "loss" else quality >= self.value
+
+
+@dataclass
+class Evaluation:
+    step: int
+    seconds: float  # work seconds since the migration of this adapter began, search included
+    loss: float
+    accuracy: float | None
+    quality: float
+
+
+@dataclass
+class FinetuneOutcome:
+    steps: int = 0
+    ready_step: int | None = None
+    ready_seconds: float | None = None
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    history: list[Evaluation] = field(default_factory=list)
+    micro_batch: int | None = None  # examples per forward pass, when fewer than the batch
+
+    @property
+    def ready(self) -> bool:
+        return self.ready_step is not None
+
+
+StepCallback = Callable[[int, Evaluation | None], None]
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CUDA; nothing on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def batch_indices(*, step: int, size: int, batch_size: int, seed: int) -> list[int]:
+    """The examples of ``step``: consecutive slices of per-epoch permutations seeded by epoch."""
+    indices: list[int] = []
+    position = step * batch_size
+    while len(indices) < batch_size:
+        epoch, offset = divmod(position, size)
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        take = min(batch_size - len(indices), size - offset)
+        indices += order[offset : offset + take].tolist()
+        position += take
+    return indices
+
+
+def task_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], *, tokens: int | None = None
+) -> torch.Tensor:
+    """Mean cross-entropy of the labelled (completion) tokens, as ``model(**batch).loss``; with
+    ``tokens``, their summed cross-entropy divided by it (a micro-batch's share of its step)."""
+    logits, labels = completion_logits(model, batch)
+    loss = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="mean" if tokens is None else "sum",
+    )
+    return loss if tokens is None else loss / tokens
+
+
+def backward(
+    model: torch.nn.Module,
+    encoder: Encoder,
+    examples: Sequence[Encoded],
+    *,
+    micro_batch: int,
+    device: torch.device,
+) -> float:
+    """The gradient of one step's task loss (the mean over all its labelled tokens), computed
+    ``micro_batch`` examples at a time and accumulated: the same gradient as the whole batch at
+    once, with the activations of a micro-batch only. Returns the loss."""
+    batches = [
+        encoder.batch(examples[start : start + micro_batch], device)
+        for start in range(0, len(examples), micro_batch)
+    ]
+    tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    total = 0.0
+    for batch in batches:
+        with autocast(device):
+            loss = task_loss(model, batch, tokens=max(tokens, 1))
+        loss.backward()
+        total += float(loss.detach())
+    return total
+
+
+EVALUATION_BATCH = 64
+"""Examples per forward pass when measuring quality (no gradients), until memory runs short."""
+
+
+class MicroBatch:
+    """Examples per forward pass: the step's whole batch (or spec's microBatchSize), halved
+    whenever work runs out of GPU memory (the work is then redone), down to 1. Quality is
+    measured EVALUATION_BATCH examples at a time until then, a micro-batch at a time after."""
+
+    def __init__(
+        self, size: int, *, batch: int, on_change: Callable[[str], None] | None = None
+    ) -> None:
+        self.size, self.batch = min(size, batch), batch
+        self.on_change = on_change
+
+    @property
+    def evaluation(self) -> int:
+        return EVALUATION_BATCH if self.size >= self.batch else self.size
+
+    def run(self, work: Callable[[], T], reset: Callable[[], None] | None = None) -> T:
+        """``work()`` (which reads the sizes) until it fits; ``reset()`` drops what a failed
+        attempt left (partial gradients) before the redo."""
+        while True:
+            try:
+                return work()
+            except torch.OutOfMemoryError:
+                if self.size == 1:
+                    raise
+            if reset is not None:
+                reset()  # outside the handler: the error's frames (and tensors) are gone
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.size = max(1, self.size // 2)
+            if self.on_change is not None:
+                self.on_change(
+                    f"ran out of GPU memory: continuing with micro-batches of {self.size} "
+                    "examples (gradient accumulation: the same steps)"
+                )
+
+    def backward(
+        self, model: torch.nn.Module, encoder: Encoder, examples: Sequence[Encoded], **kw: Any
+    ) -> float:
+        """:func:`backward` at the current size, as ``run`` redoes it."""
+        return backward(model, encoder, examples, micro_batch=self.size, **kw)
+
+
+def _pull(
+    lam: float, parameters: dict[str, torch.nn.Parameter], anchors: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    return lam * regularization.penalty(parameters, anchors)
+
+
+def train_step(
+    model: torch.nn.Module,
+    encoder: Encoder,
+    train: Sequence[Example],
+    optimizer: torch.optim.Optimizer,
+    micro: MicroBatch,
+    *,
+    step: int,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    penalty: Callable[[], torch.Tensor] | None = None,
+) -> None:
+    """One optimizer step on the batch of ``step``: the task loss's gradient accumulated over
+    micro-batches (redone smaller if memory runs out), ``penalty`` (the regularizer) added
+    once, the gradient norm clipped to 1."""
+    picked = batch_indices(step=step, size=len(train), batch_size=batch_size, seed=seed)
+    encoded = [encoder.encode(train[i].prompt, train[i].completion) for i in picked]
+    reset = functools.partial(optimizer.zero_grad, set_to_none=True)
+    reset()
+    micro.run(functools.partial(micro.backward, model, encoder, encoded, device=device), reset)
+    if penalty is not None:
+        penalty().backward()
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+
+
+def look_ahead(
+    model: PeftModel,
+    encoder: Encoder,
+    train: Sequence[Example],
+    *,
+    steps: int,
+    learning_rate: float,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    micro: MicroBatch | None = None,
+) -> None:
+    """``steps`` plain AdamW steps on the LoRA parameters from their current values, on the
+    batches the fine-tune itself starts with (a search trial's look-ahead)."""
+    parameters = lora_parameters(model)
+    optimizer = torch.optim.AdamW(parameters.values(), lr=learning_rate, weight_decay=0.0)
+    micro = micro or MicroBatch(batch_size, batch=batch_size)
+    was_training = model.training
+    model.train()
+    try:
+        for step in range(steps):
+            train_step(
+                model,
+                encoder,
+                train,
+                optimizer,
+                micro,
+                step=step,
+                batch_size=batch_size,
+                seed=seed,
+                device=device,
+            )
+    finally:
+        model.train(was_training)
+
+
+def _cosine(max_steps: int) -> Callable[[int], float]:
+    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step / max(max_steps, 1), 1.0)))
+
+
+class _Checkpoints:
+    """Atomic save and load of the fine-tuning state in a folder."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self.path = folder / CHECKPOINT_FILE if folder is not None else None
+
+    def load(self) -> dict[str, Any] | None:
+        if self.path is None or not self.path.is_file():
+            return None
+        try:
+            state: dict[str, Any] = torch.load(self.path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError):
+            return None  # a torn or corrupted checkpoint: start over rather than fail
+        return state
+
+    def save(self, state: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".partial")
+        torch.save(state, partial)
+        os.replace(partial, self.path)
+
+
+def finetune(
+    *,
+    model: PeftModel,
+    encoder: Encoder,
+    train: Sequence[Example],
+    validation: Sequence[Example],
+    choices: Sequence[str],
+    config: FinetuneConfig,
+    regularize: RegularizationConfig | None,
+    target: Target,
+    seed: int,
+    device: torch.device,
+    state_dir: Path | None = None,
+    seconds_before: float = 0.0,
+    on_step: StepCallback | None = None,
+    micro: MicroBatch | None = None,
+    on_checkpoint: Callable[[], None] | None = None,
+) -> FinetuneOutcome:
+    """Train the LoRA parameters of ``model`` from their current values until ready or budget."""
+    parameters = lora_parameters(model)
+    anchors = {n: p.detach().clone() for n, p in parameters.items()}
+    optimizer = torch.optim.AdamW(parameters.values(), lr=config.learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(config.max_steps))
+    outcome = FinetuneOutcome()
+    checkpoints = _Checkpoints(state_dir)
+    saved = checkpoints.load()
+    if saved is not None:
+        with torch.no_grad():
+            for name, value in saved["parameters"].items():
+                parameters[name].copy_(value)
+        anchors = {n: v.to(device) for n, v in saved["anchors"].items()}
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        torch.set_rng_state(saved["rng"])
+        if saved.get("cuda_rng") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        outcome = FinetuneOutcome(**{**saved["outcome"], "history": []})
+        outcome.history = [Evaluation(**e) for e in saved["outcome"]["history"]]
+    if micro is None:
+        micro = MicroBatch(config.micro_batch_size or config.batch_size, batch=config.batch_size)
+    if outcome.micro_batch is not None:  # a resumed run that had to shrink: not again
+        micro.size = min(micro.size, outcome.micro_batch)
+
+    def clock() -> float:
+        return seconds_before + outcome.train_seconds + outcome.eval_seconds
+
+    def evaluate(step: int) -> Evaluation:
+        started = time.perf_counter()
+        with autocast(device):
+            quality: Quality = micro.run(
+                lambda: measure(
+                    model,
+                    encoder,
+                    validation,
+                    choices,
+                    device=device,
+                    batch_size=micro.evaluation,
+                    with_accuracy=target.metric == "accuracy",
+                )
+            )
+        outcome.eval_seconds += time.perf_counter() - started
+        evaluation = Evaluation(
+            step, clock(), quality.loss, quality.accuracy, quality.value(target.metric)
+        )
+        outcome.history.append(evaluation)
+        if target.met(evaluation.quality) and outcome.ready_step is None:
+            outcome.ready_step, outcome.ready_seconds = step, evaluation.seconds
+        return evaluation
+
+    if not outcome.history:
+        first = evaluate(0)
+        if on_step is not None:
+            on_step(0, first)
+
+    def stopped() -> bool:
+        return outcome.ready and config.stop_when_ready
+
+    model.train()
+    while outcome.steps < config.max_steps and not stopped():
+        step = outcome.steps
+        started = time.perf_counter()
+        lam = 0.0
+        if regularize is not None:
+            lam = regularization.strength(regularize, step=step, max_steps=config.max_steps)
+        train_step(
+            model,
+            encoder,
+            train,
+            optimizer,
+            micro,
+            step=step,
+            batch_size=config.batch_size,
+            seed=seed,
+            device=device,
+            penalty=functools.partial(_pull, lam, parameters, anchors) if lam > 0 else None,
+        )
+        if micro.size < config.batch_size:
+            outcome.micro_batch = micro.size
+        schedule.step()
+        outcome.steps = step + 1
+        outcome.train_seconds += time.perf_counter() - started
+        done = step + 1
+        evaluation = None
+        if done % config.eval_every == 0 or done == config.max_steps:
+            evaluation = evaluate(done)
+        if done % config.checkpoint_every == 0 and done < config.max_steps and not stopped():
+            checkpoints.save(
+                {
+                    "parameters": {n: p.detach().cpu() for n, p in parameters.items()},
+                    "anchors": {n: a.cpu() for n, a in anchors.items()},
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                    "outcome": asdict(outcome),
+                }
+            )
+            if on_checkpoint is not None:
+                on_checkpoint()
+        if on_step is not None:
+            on_step(done, evaluation)
+    return outcome

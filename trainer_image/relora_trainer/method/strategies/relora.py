@@ -1,0 +1,55 @@
+"""relora: adaptive initialization (a Bayesian search over the fusion coefficients of the old
+update and the base evolution), then fine-tuning pulled toward that start by the scheduled
+regularizer."""
+
+from __future__ import annotations
+
+from relora_trainer import adapters
+from relora_trainer.method import fusion, search
+from relora_trainer.method.search import Coefficients, SearchResult
+from relora_trainer.method.strategies.base import Context
+
+
+class Relora:
+    name = "relora"
+    trains = True
+    regularized = True
+
+    def initialize(self, context: Context) -> SearchResult | None:
+        """Search the fusion coefficients, then load the best fused adapter into the model."""
+        config = context.search
+        terms = context.evolution(config.projection)
+        groups = sorted({fusion.group_of(m, config.granularity) for m in terms})
+        by_choice = config.objective == "choice-loss" or (
+            config.objective == "lookahead" and context.metric == "accuracy"
+        )
+
+        def fused(coefficients: Coefficients) -> dict[str, adapters.LoraFactors]:
+            return fusion.fuse_all(
+                terms,
+                coefficients,
+                granularity=config.granularity,
+                rank=context.rank,
+                scale=context.scale,
+            )
+
+        def objective(coefficients: Coefficients) -> float:
+            adapters.load_factors(context.model, fused(coefficients))
+            if config.objective == "lookahead":
+                context.look_ahead()
+            measured = context.measure(by_choice)
+            if by_choice and measured.choice_loss is not None:
+                return measured.choice_loss
+            return measured.loss
+
+        result = search.run_search(
+            groups=groups,
+            config=config,
+            seed=context.seed,
+            objective=objective,
+            journal=context.journal,
+            study_name=context.study_name,
+            on_trial=context.on_trial,
+        )
+        adapters.load_factors(context.model, fused(result.coefficients))
+        return result
