@@ -226,7 +226,7 @@ def test_a_pod_killed_mid_run_resumes_from_its_checkpoint_on_s3(
     assert report["steps"] == 40 and len(report["trials"]) == 4
     assert [e["step"] for e in report["history"]] == list(range(0, 41, 5))
     termination = json.loads((tmp_path / "pod-2" / "termination-log").read_text())
-    assert termination["steps"] == 40
+    assert termination["result"]["steps"] == 40
 
     # A third pod, after the end: the finished result is read from S3, no model is loaded.
     third = _job(manifest, tmp_path / "pod-3", s3)
