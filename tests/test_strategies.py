@@ -10,7 +10,7 @@ import torch
 
 from relora_api.spec import Initialization, Strategy
 from relora_trainer import adapters, models
-from relora_trainer.method import strategies
+from relora_trainer.method import fusion, strategies
 from relora_trainer.method.config import SearchConfig
 from relora_trainer.method.quality import Quality
 
@@ -84,3 +84,45 @@ def test_relora_searches_on_the_evolution(toy: Any, tmp_path: Path) -> None:
     assert strategies.strategy("relora").regularized is True
     spec_values = set(get_args(Strategy))
     assert set(strategies.STRATEGIES) == spec_values, "every spec.method.strategy has a module"
+
+
+@pytest.mark.parametrize(
+    ("searched", "anchor", "falls_back"), [(0.5, 0.6, True), (0.6, 0.6, False)]
+)
+def test_relora_falls_back_to_the_old_adapter_when_its_start_is_worse(
+    toy: Any, tmp_path: Path, searched: float, anchor: float, falls_back: bool
+) -> None:
+    """The search picks by its objective (here: any start but the anchor); then the start is
+    compared with the old adapter's on the readiness metric, and the worse of the two is
+    never handed to the fine-tuning. Ties keep the searched start."""
+    calls: list[str] = []
+    context = _context(toy, tmp_path, calls)
+    old = context.old
+    torch.manual_seed(1)
+    evolution = {
+        m: fusion.prepare(
+            f,
+            torch.randn(f.b.shape[0], f.a.shape[1]) * 0.01,
+            scale=adapters.lora_scale(old.config, old.rank),
+            projection="adapter-subspace",
+        )
+        for m, f in old.factors.items()
+    }
+    context.evolution = lambda projection: evolution
+    losses = iter([10.0, 5.0, 1.0, 2.0])  # the anchor trial first: the search leaves it
+    accuracies = iter([searched, anchor])  # the check: the searched start, then the anchor
+
+    def measure(with_accuracy: bool) -> Quality:
+        if with_accuracy:
+            return Quality(loss=1.0, accuracy=next(accuracies))
+        return Quality(loss=next(losses), accuracy=None)
+
+    context.measure = measure
+    context.search = SearchConfig.of(Initialization(trials=4, sampler="random"))
+    result = strategies.strategy("relora").initialize(context)
+    assert result is not None and result.fell_back is falls_back
+    module = next(iter(old.factors))
+    got = _update(context.model, module)
+    as_old = torch.allclose(got, old.factors[module].b @ old.factors[module].a, atol=1e-5)
+    assert as_old is falls_back, "the model holds the start that was kept"
+    assert (result.coefficients == {"all": (1.0, 0.0)}) is falls_back

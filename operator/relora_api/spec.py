@@ -219,6 +219,15 @@ class Initialization(APIModel):
             "fine-tune, at its peak learning rate, without regularization)."
         ),
     )
+    fallback: bool = Field(
+        default=True,
+        description=(
+            "After the search, keep its start only if it is at least as good as the old "
+            "adapter's (the anchor alpha=1, beta=0) on the readiness metric, measured on the "
+            "search's validation examples; otherwise start from the old adapter. The search "
+            "then cannot hand the fine-tuning a worse start than warm-start's."
+        ),
+    )
 
 
 class Regularization(APIModel):

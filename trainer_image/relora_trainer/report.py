@@ -56,6 +56,8 @@ class AdapterReport:
     micro_batch: int | None = None
     # relora plan's estimate of this run's peak (GiB) on its device, next to the measured one.
     planned_peak_gib: float | None = None
+    # The search's start was worse than the old adapter's: the fine-tuning started from that.
+    fell_back: bool = False
 
     @classmethod
     def build(
@@ -113,6 +115,7 @@ class AdapterReport:
             checkpointing=checkpointing,
             micro_batch=outcome.micro_batch,
             planned_peak_gib=planned_peak_gib,
+            fell_back=bool(search_result and search_result.fell_back),
         )
 
     def quality_of(self, stage: str, split: str = "validation") -> float | None:
@@ -216,4 +219,9 @@ def summary(report: AdapterReport) -> str:
             for g, c in report.coefficients.items()
         )
         lines += ["", f"Fusion coefficients ({len(report.trials)} trials): {chosen}."]
+        if report.fell_back:
+            lines += [
+                "The searched start was worse than the old adapter's on the readiness metric: "
+                "the fine-tuning started from the old adapter (initialization.fallback)."
+            ]
     return "\n".join(lines) + "\n"

@@ -70,6 +70,11 @@ VARIANTS: tuple[Variant, ...] = (
         quick=False,
     ),
     Variant(
+        "relora-no-fallback",
+        "relora keeping the searched start even when it is worse than the old adapter's",
+        _relora(initialization={"fallback": False}),
+    ),
+    Variant(
         "relora-no-reg",
         "relora without the regularizer (schedule none)",
         _relora(finetune={"regularization": {"schedule": "none"}}),

@@ -41,6 +41,7 @@ class SearchConfig:
     validation_samples: int
     objective: str
     lookahead_steps: int
+    fallback: bool
 
     @classmethod
     def of(cls, model: Any) -> SearchConfig:

@@ -40,6 +40,9 @@ class SearchResult:
     best_value: float | None
     trials: list[TrialRecord] = field(default_factory=list)
     seconds: float = 0.0
+    # The searched start was worse than the old adapter's on the readiness metric, so the
+    # fine-tuning started from the old adapter (spec.method.initialization.fallback).
+    fell_back: bool = False
 
 
 def _names(group: str, groups: Sequence[str]) -> tuple[str, str]:

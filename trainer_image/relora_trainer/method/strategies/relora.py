@@ -4,6 +4,9 @@ regularizer."""
 
 from __future__ import annotations
 
+import time
+from dataclasses import replace
+
 from relora_trainer import adapters
 from relora_trainer.method import fusion, search
 from relora_trainer.method.search import Coefficients, SearchResult
@@ -52,4 +55,20 @@ class Relora:
             on_trial=context.on_trial,
         )
         adapters.load_factors(context.model, fused(result.coefficients))
+        if config.fallback and result.coefficients != _anchor(groups):
+            started = time.perf_counter()
+            searched = context.measure(True).value(context.metric)
+            adapters.load_factors(context.model, fused(_anchor(groups)))
+            anchor = context.measure(True).value(context.metric)
+            worse = searched > anchor if context.metric == "loss" else searched < anchor
+            if not worse:
+                adapters.load_factors(context.model, fused(result.coefficients))
+            else:
+                result = replace(result, coefficients=_anchor(groups), fell_back=True)
+            result.seconds += time.perf_counter() - started  # the check is part of the search
         return result
+
+
+def _anchor(groups: list[str]) -> Coefficients:
+    """The old adapter as it is: alpha 1, beta 0 in every group."""
+    return {group: (1.0, 0.0) for group in groups}
