@@ -102,6 +102,7 @@ class Toleration(APIModel):
     )
     toleration_seconds: int | None = Field(
         default=None,
+        ge=-(2**31),  # zero and negative mean 0 (evict at once); bounded like the upper end
         le=2**31 - 1,
         description="For NoExecute: how long the pod stays bound after the taint.",
     )
