@@ -126,3 +126,39 @@ def test_relora_falls_back_to_the_old_adapter_when_its_start_is_worse(
     as_old = torch.allclose(got, old.factors[module].b @ old.factors[module].a, atol=1e-5)
     assert as_old is falls_back, "the model holds the start that was kept"
     assert (result.coefficients == {"all": (1.0, 0.0)}) is falls_back
+
+
+def test_the_fallback_check_reuses_what_the_trials_measured(toy: Any, tmp_path: Path) -> None:
+    """With choice-loss the trials score accuracy too: the check compares the searched start
+    and the anchor from their trials, with no evaluation of its own."""
+    calls: list[str] = []
+    context = _context(toy, tmp_path, calls)
+    old = context.old
+    torch.manual_seed(1)
+    evolution = {
+        m: fusion.prepare(
+            f,
+            torch.randn(f.b.shape[0], f.a.shape[1]) * 0.01,
+            scale=adapters.lora_scale(old.config, old.rank),
+            projection="adapter-subspace",
+        )
+        for m, f in old.factors.items()
+    }
+    context.evolution = lambda projection: evolution
+    # Trial by trial (the anchor first): the searched best has the lowest choice loss but a
+    # lower accuracy than the anchor.
+    scores = iter([(2.0, 0.6), (3.0, 0.3), (1.0, 0.5), (1.5, 0.55)])
+    measured: list[bool] = []
+
+    def measure(with_accuracy: bool) -> Quality:
+        measured.append(with_accuracy)
+        choice_loss, accuracy = next(scores)
+        return Quality(loss=9.0, accuracy=accuracy, choice_loss=choice_loss)
+
+    context.measure = measure
+    context.search = SearchConfig.of(
+        Initialization(trials=4, sampler="random", objective="choice-loss")
+    )
+    result = strategies.strategy("relora").initialize(context)
+    assert result is not None and result.fell_back, "0.5 < 0.6: back to the old adapter"
+    assert measured == [True] * 4, "four trials, no extra evaluation"

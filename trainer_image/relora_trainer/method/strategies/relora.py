@@ -9,6 +9,7 @@ from dataclasses import replace
 
 from relora_trainer import adapters
 from relora_trainer.method import fusion, search
+from relora_trainer.method.quality import Quality
 from relora_trainer.method.search import Coefficients, SearchResult
 from relora_trainer.method.strategies.base import Context
 
@@ -36,11 +37,15 @@ class Relora:
                 scale=context.scale,
             )
 
+        starts: dict[tuple[tuple[str, tuple[float, float]], ...], Quality] = {}
+
         def objective(coefficients: Coefficients) -> float:
             adapters.load_factors(context.model, fused(coefficients))
             if config.objective == "lookahead":
                 context.look_ahead()
             measured = context.measure(by_choice)
+            if config.objective != "lookahead":  # the start itself was measured: keep it
+                starts[_key(coefficients)] = measured
             if by_choice and measured.choice_loss is not None:
                 return measured.choice_loss
             return measured.loss
@@ -57,16 +62,28 @@ class Relora:
         adapters.load_factors(context.model, fused(result.coefficients))
         if config.fallback and result.coefficients != _anchor(groups):
             started = time.perf_counter()
-            searched = context.measure(True).value(context.metric)
-            adapters.load_factors(context.model, fused(_anchor(groups)))
-            anchor = context.measure(True).value(context.metric)
+
+            def quality_of(coefficients: Coefficients) -> float:
+                """The start's readiness metric: from its trial when that measured it (the
+                trials of choice-loss score accuracy too), else measured now."""
+                known = starts.get(_key(coefficients))
+                if known is not None and (context.metric == "loss" or known.accuracy is not None):
+                    return known.value(context.metric)
+                adapters.load_factors(context.model, fused(coefficients))
+                return context.measure(True).value(context.metric)
+
+            searched = quality_of(result.coefficients)
+            anchor = quality_of(_anchor(groups))
             worse = searched > anchor if context.metric == "loss" else searched < anchor
-            if not worse:
-                adapters.load_factors(context.model, fused(result.coefficients))
-            else:
+            if worse:
                 result = replace(result, coefficients=_anchor(groups), fell_back=True)
+            adapters.load_factors(context.model, fused(result.coefficients))
             result.seconds += time.perf_counter() - started  # the check is part of the search
         return result
+
+
+def _key(coefficients: Coefficients) -> tuple[tuple[str, tuple[float, float]], ...]:
+    return tuple(sorted(coefficients.items()))
 
 
 def _anchor(groups: list[str]) -> Coefficients:
