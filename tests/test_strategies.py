@@ -51,6 +51,22 @@ def _context(toy: Any, tmp_path: Path, calls: list[str], rank: int | None = None
     )
 
 
+def _small_evolution(context: Any) -> None:
+    """A random base evolution (1% of unit scale) in place of the one read from files."""
+    old = context.old
+    torch.manual_seed(1)
+    evolution = {
+        m: fusion.prepare(
+            f,
+            torch.randn(f.b.shape[0], f.a.shape[1]) * 0.01,
+            scale=adapters.lora_scale(old.config, old.rank),
+            projection="adapter-subspace",
+        )
+        for m, f in old.factors.items()
+    }
+    context.evolution = lambda projection: evolution
+
+
 def _update(model: Any, module: str) -> torch.Tensor:
     state = {n: p.detach() for n, p in model.named_parameters() if module in n and "lora_" in n}
     a = next(v for n, v in state.items() if "lora_A" in n)
@@ -98,17 +114,7 @@ def test_relora_falls_back_to_the_old_adapter_when_its_start_is_worse(
     calls: list[str] = []
     context = _context(toy, tmp_path, calls)
     old = context.old
-    torch.manual_seed(1)
-    evolution = {
-        m: fusion.prepare(
-            f,
-            torch.randn(f.b.shape[0], f.a.shape[1]) * 0.01,
-            scale=adapters.lora_scale(old.config, old.rank),
-            projection="adapter-subspace",
-        )
-        for m, f in old.factors.items()
-    }
-    context.evolution = lambda projection: evolution
+    _small_evolution(context)
     losses = iter([10.0, 5.0, 1.0, 2.0])  # the anchor trial first: the search leaves it
     accuracies = iter([searched, anchor])  # the check: the searched start, then the anchor
 
@@ -133,18 +139,7 @@ def test_the_fallback_check_reuses_what_the_trials_measured(toy: Any, tmp_path: 
     and the anchor from their trials, with no evaluation of its own."""
     calls: list[str] = []
     context = _context(toy, tmp_path, calls)
-    old = context.old
-    torch.manual_seed(1)
-    evolution = {
-        m: fusion.prepare(
-            f,
-            torch.randn(f.b.shape[0], f.a.shape[1]) * 0.01,
-            scale=adapters.lora_scale(old.config, old.rank),
-            projection="adapter-subspace",
-        )
-        for m, f in old.factors.items()
-    }
-    context.evolution = lambda projection: evolution
+    _small_evolution(context)
     # Trial by trial (the anchor first): the searched best has the lowest choice loss but a
     # lower accuracy than the anchor.
     scores = iter([(2.0, 0.6), (3.0, 0.3), (1.0, 0.5), (1.5, 0.55)])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -184,10 +183,9 @@ def saved_reference(
 
 
 def _save_reference(state: Path, key: str, quality: dict[str, Quality]) -> None:
-    partial = state / f"{REFERENCE_FILE}.partial"
     fields = {split: asdict(q) for split, q in quality.items()}
-    partial.write_text(json.dumps({"fingerprint": key, "quality": fields}))
-    os.replace(partial, state / REFERENCE_FILE)
+    saved = json.dumps({"fingerprint": key, "quality": fields}).encode()
+    ownership.write_atomic(state / REFERENCE_FILE, saved)
 
 
 def _free(device: torch.device) -> None:
@@ -392,7 +390,7 @@ def _migrate_claimed(
     quality = _Quality(encoder, task, bases.device, metric=adapter.readiness.metric, micro=micro)
     torch.manual_seed(method.seed)
 
-    planned = _plan(spec, adapter, storage, bases.device, sink)
+    planned = _plan(spec, adapter, storage, bases.device, sink, encoder, task)
     checkpointing = _checkpointing(spec, planned, bases.device)
     peak = round(planned.peak(checkpointing=checkpointing), 2) if planned else None
 
@@ -442,6 +440,7 @@ def _migrate_claimed(
                 old=old,
                 bases=bases,
                 quality=quality,
+                tune=tune,
                 rank=rank,
                 scale=scale,
                 journal=state / "search.journal",
@@ -526,11 +525,20 @@ def _plan(
     storage: Storage,
     device: torch.device,
     sink: ProgressSink,
+    encoder: Encoder,
+    task: TaskData,
 ) -> plan.Estimate | None:
-    """relora plan's estimate for this run's device; None where the models' configs do not
-    say enough (an architecture the plan does not know): the migration runs without it."""
+    """relora plan's estimate for this run's device, on the lengths of the training examples
+    as the fine-tuning encodes them (the encoder keeps the ids for it); None where the models'
+    configs do not say enough (an architecture the plan does not know): the migration runs
+    without it."""
+    encoded = [encoder.encode(e.prompt, e.completion) for e in task.train]
+    sequence = max(len(e.prompt_ids) + len(e.completion_ids) for e in encoded)
+    completion = max(len(e.completion_ids) for e in encoded)
     try:
-        return plan.estimate(spec, adapter, storage, device=device.type)
+        return plan.estimate(
+            spec, adapter, storage, device=device.type, sequence=sequence, completion=completion
+        )
     except Exception as error:  # a courtesy: never a reason to fail a migration
         sink.note(adapter.name, f"no memory plan ({type(error).__name__}: {error})")
         return None
@@ -602,6 +610,7 @@ def _context(
     old: adapters.OldAdapter,
     bases: Bases,
     quality: _Quality,
+    tune: FinetuneConfig,
     rank: int,
     scale: float,
     journal: Path,
@@ -611,7 +620,6 @@ def _context(
     """What a strategy may use, the I/O behind it done here: the evolution read from the
     source's files, quality measured on the search's validation subset."""
     init = SearchConfig.of(spec.method.initialization)
-    tune = FinetuneConfig.of(spec.method.finetune)
     subset = quality.task.validation[: init.validation_samples]
 
     def look_ahead_steps() -> None:

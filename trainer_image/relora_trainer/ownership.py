@@ -216,11 +216,15 @@ def restore(spec: AdapterMigrationSpec, adapter: Adapter, storage: Storage, owne
     if uris.parse_uri(uri).scheme != "s3":
         return
     folder = storage.local_path(uri, what="spec.output.uri")
-    if read_record(folder) is not None:
-        return
-    remote = _Remote(uri)
-    record, _ = remote.state()
-    if record is not None and record.owner.same(owner):
+    if read_record(folder) is None:  # else this machine wrote it: nothing to fetch
+        remote = _Remote(uri)
+        _adopt(folder, remote, remote.state()[0], owner)
+
+
+def _adopt(folder: Path, remote: _Remote, record: Record | None, owner: Owner) -> None:
+    """Copy the prefix into ``folder`` when ``owner`` left it there and the folder holds no
+    record of its own yet (a new machine)."""
+    if record is not None and record.owner.same(owner) and read_record(folder) is None:
         remote.pull(folder)
 
 
@@ -320,11 +324,11 @@ class Claim:
             shutil.rmtree(self.folder, ignore_errors=True)
             if self.remote is not None:
                 self.remote.clear()
-        elif self.remote is not None and record is not None and read_record(self.folder) is None:
-            self.remote.pull(self.folder)  # ours, left by an earlier pod: its state, its result
+        elif self.remote is not None:  # ours, left by an earlier pod: its state, its result
+            _adopt(self.folder, self.remote, record, self.owner)
         self.folder.mkdir(parents=True, exist_ok=True)
         mark = Record(self.owner, self.work)
-        _write_atomic(self.folder / OWNER_FILE, mark.encode())
+        write_atomic(self.folder / OWNER_FILE, mark.encode())
         if self.remote is not None:
             self.remote.write(mark)
 
@@ -364,7 +368,8 @@ class Claim:
         self.release()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all (a partial file renamed over it)."""
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
     partial.write_bytes(data)
     os.replace(partial, path)

@@ -115,22 +115,19 @@ def backward(
     *,
     micro_batch: int,
     device: torch.device,
-) -> float:
+) -> None:
     """The gradient of one step's task loss (the mean over all its labelled tokens), computed
     ``micro_batch`` examples at a time and accumulated: the same gradient as the whole batch at
-    once, with the activations of a micro-batch only. Returns the loss."""
+    once, with the activations of a micro-batch only."""
     batches = [
         encoder.batch(examples[start : start + micro_batch], device)
         for start in range(0, len(examples), micro_batch)
     ]
     tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-    total = 0.0
     for batch in batches:
         with autocast(device):
             loss = task_loss(model, batch, tokens=max(tokens, 1))
         loss.backward()
-        total += float(loss.detach())
-    return total
 
 
 EVALUATION_BATCH = 64
@@ -175,9 +172,9 @@ class MicroBatch:
 
     def backward(
         self, model: torch.nn.Module, encoder: Encoder, examples: Sequence[Encoded], **kw: Any
-    ) -> float:
+    ) -> None:
         """:func:`backward` at the current size, as ``run`` redoes it."""
-        return backward(model, encoder, examples, micro_batch=self.size, **kw)
+        backward(model, encoder, examples, micro_batch=self.size, **kw)
 
 
 def _pull(
