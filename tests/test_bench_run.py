@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from relora_lab import settings
 from relora_lab.bench import commands, running, session, variants
 from relora_lab.testbed import layout, world
 from relora_lab.testbed.config import BuildConfig
+from relora_trainer.errors import BadInput
 from tests.conftest import toy_manifest
 
 CPU = torch.device("cpu")
@@ -118,9 +120,11 @@ def test_the_bench_command_registers_with_its_options() -> None:
     assert args.quick and args.seeds == 4 and args.variant == ["relora"]
     assert args.handler is commands._cmd_bench
     defaults = parser.parse_args(["bench"])
-    assert defaults.out == commands.DEFAULT_OUT and defaults.testbed == commands.DEFAULT_TESTBED
-    with pytest.raises(SystemExit):
-        parser.parse_args(["bench", "--severity", "extreme"])
+    assert defaults.out == commands.DEFAULT_OUT and defaults.testbed is None
+    assert defaults.world is None and defaults.builds == 1
+    suite = parser.parse_args(["bench", "--world", "qwen2-attn", "--world", "llama-cpt"])
+    assert suite.world == ["qwen2-attn", "llama-cpt"]
+    assert parser.parse_args(["bench", "--builds", "3"]).builds == 3
 
 
 def test_registering_the_commands_imports_no_ml_stack() -> None:
@@ -154,3 +158,51 @@ def test_the_command_defaults_are_the_benchmark_settings() -> None:
     assert args.target_fraction == settings.TARGET_FRACTION
     assert args.steps is None and not args.tune
     assert session.Options().target_fraction == settings.TARGET_FRACTION
+
+
+def test_a_suite_session_labels_rows_by_world_and_build(
+    toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = _testbed(toy, tmp_path / "testbed")
+    built: list[tuple[Path, BuildConfig]] = []
+
+    def fake_build(out: Path, config: BuildConfig, **kwargs: Any) -> layout.TestbedPaths:
+        built.append((out, config))
+        return paths
+
+    monkeypatch.setattr(world, "build", fake_build)
+    monkeypatch.setattr(variants, "COMMON_FINETUNE", TINY_BUDGET)
+    monkeypatch.chdir(tmp_path)
+    options = session.Options(
+        seeds=2,
+        out="bench",
+        worlds=["llama-cpt", "qwen2-attn"],
+        build_seeds=2,
+        variants=["warm-start", "relora"],
+        severities=["severe"],
+        threads=0,
+    )
+    written = session.run(options)
+    assert [(str(out), c.world, c.seed) for out, c in built] == [
+        ("examples/testbed", "llama-cpt", 0),
+        ("examples/testbed-llama-cpt-seed1", "llama-cpt", 1),
+        ("examples/testbed-qwen2-attn", "qwen2-attn", 0),
+        ("examples/testbed-qwen2-attn-seed1", "qwen2-attn", 1),
+    ]
+    document = json.loads(written["json"].read_text())
+    labels = {r["severity"] for r in document["runs"]}
+    assert labels == {f"{w}/severe/b{b}" for w in ("llama-cpt", "qwen2-attn") for b in (0, 1)}
+    text = written["markdown"].read_text()
+    assert "## qwen2-attn (build 1): v1 -> v2-severe" in text
+    assert "## All pairs" in text and "| qwen2-attn/severe/b1 |" in text
+    assert (tmp_path / "bench" / "curves-qwen2-attn_severe_b1.png").is_file()
+    ratio = document["comparisons"]["llama-cpt/severe/b0"]["ratios"]["warm-start"]
+    low, high = ratio["interval"]
+    assert 0 < low <= high, "two seeds give an interval"
+
+    with pytest.raises(BadInput, match="--world \\['gpt9'\\]: known worlds are llama-cpt"):
+        session.run(replace(options, worlds=["gpt9"]))
+    with pytest.raises(BadInput, match="--testbed names one folder"):
+        session.run(replace(options, testbed="somewhere"))
+    with pytest.raises(BadInput, match="--severity \\['extreme'\\]"):
+        session.run(replace(options, worlds=None, build_seeds=1, severities=["extreme"]))

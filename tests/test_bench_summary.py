@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -202,3 +203,13 @@ def test_tuning_gives_every_strategy_six_candidates_and_one_rule(tmp_path: Path)
     text = tuning.write(tmp_path, runs, command="relora bench --tune").read_text()
     assert "| **warm-start@lr=0.002** | 2/2 |" in text
     assert "| warm-start@lr=0.004 | 1/2 |" in text
+
+
+def test_the_ratio_interval_is_students_t_on_the_logarithms() -> None:
+    low, high = summary.interval95([1.0, 2.0, 4.0])
+    # logs 0, ln 2, ln 4: mean ln 2, std ln 2; t(0.975, 2 df) = 4.3027
+    half = 4.302653 * math.log(2) / math.sqrt(3)
+    assert low == pytest.approx(2 * math.exp(-half), rel=1e-5)
+    assert high == pytest.approx(2 * math.exp(half), rel=1e-5)
+    assert summary.interval95([1.5, 1.5, 1.5]) == pytest.approx((1.5, 1.5))
+    assert summary.interval95([2.0]) is None and summary.interval95([]) is None

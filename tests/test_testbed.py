@@ -21,10 +21,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from relora_api import validation
 from relora_lab.bench import running
-from relora_lab.testbed import commands, corpora, layout, pretraining, task, world
+from relora_lab.testbed import commands, corpora, instructions, layout, pretraining, task, world
 from relora_lab.testbed import tokenizer as bpe
 from relora_lab.testbed.cache import STAGES_DIR
-from relora_lab.testbed.config import AdapterRecipe, BuildConfig, Severity, config_for
+from relora_lab.testbed.config import WORLDS, AdapterRecipe, BuildConfig, Severity, config_for
 from relora_lab.testbed.corpora import NounSense
 from relora_lab.testbed.stages import adapter as adapter_stage
 from relora_trainer import local_run, migrate
@@ -311,7 +311,12 @@ def test_the_build_command_registers_under_the_testbed_group() -> None:
     args = parser.parse_args(["build", "--quick", "--seed", "5", "--out", "x"])
     assert args.quick and args.seed == 5 and args.out == "x" and args.model is None
     assert args.handler is commands._cmd_build
-    assert parser.parse_args(["build"]).out == commands.DEFAULT_OUT
+    assert parser.parse_args(["build"]).out is None  # the world's folder, testbed_folder()
+    assert commands.testbed_folder("llama-cpt") == commands.DEFAULT_OUT == "examples/testbed"
+    assert commands.testbed_folder("qwen2-attn") == "examples/testbed-qwen2-attn"
+    assert commands.testbed_folder("llama-cpt", 2) == "examples/testbed-llama-cpt-seed2"
+    suite = parser.parse_args(["build", "--world", "qwen2-attn", "--world", "llama-instruct"])
+    assert suite.world == ["qwen2-attn", "llama-instruct"]
 
 
 def test_the_build_command_reports_corpus_errors_in_one_line(
@@ -331,6 +336,97 @@ def test_the_build_command_reports_corpus_errors_in_one_line(
         "error: cannot fetch Debian package 'wordnet-base': no apt-get"
     )
     assert "Traceback" not in err
+
+
+def test_one_out_folder_is_refused_for_several_worlds(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    parser = argparse.ArgumentParser()
+    commands.register_build(parser.add_subparsers(dest="kind"))
+    for world_args, message in (
+        (["--world", "all"], "--out names one folder: give it with a single --world"),
+        (["--world", "gpt9"], "--world 'gpt9': known worlds are llama-cpt, qwen2-attn"),
+    ):
+        args = parser.parse_args(["build", *world_args, "--out", str(tmp_path), "--threads", "0"])
+        assert args.handler(args) == 3
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not any(tmp_path.iterdir()), "nothing built"
+
+
+def test_every_world_of_the_suite_is_a_valid_build() -> None:
+    worlds = {name: config_for(world=name) for name in WORLDS}
+    assert worlds["llama-cpt"] == config_for(), "the default build is the llama-cpt world"
+    qwen = worlds["qwen2-attn"]
+    assert qwen.architecture.family == "qwen2" and qwen.labels == "phrase"
+    assert [s.name for s in qwen.severities] == ["instruct", "mild", "severe"]
+    assert qwen.severities[0].corpus == "instruct" and qwen.adapter.targets == ("q_proj", "v_proj")
+    quick = config_for(world="qwen2-attn", quick=True)
+    assert [s.steps for s in quick.severities] == [10, 15, 32]
+    real = config_for(world="qwen2-attn", model="/models/smollm2")
+    assert [s.name for s in real.severities] == ["instruct", "mild", "severe"]
+    assert all(s.learning_rate <= 1e-4 for s in real.severities)
+
+
+def test_instructions_split_each_text_into_instruction_and_response() -> None:
+    bible = "in the beginning god created the heaven and the earth\nand god said"
+    austen = "it is a truth universally acknowledged that a single man\n\nshort"
+    text = instructions.instruction_text(bible, austen)
+    records = text.strip().split("\n\n")
+    assert records == [
+        "### Instruction: Continue the verse.\n### Input: in the beginning god created\n"
+        "### Response: the heaven and the earth",
+        "### Instruction: Continue the passage.\n### Input: it is a truth universally\n"
+        "### Response: acknowledged that a single man",
+    ], "texts under MIN_WORDS words are left out"
+
+
+QWEN_TINY = replace(
+    TINY,
+    architecture=pretraining.Architecture(
+        hidden_size=16,
+        layers=1,
+        heads=2,
+        intermediate_size=32,
+        max_positions=64,
+        family="qwen2",
+        kv_heads=1,
+    ),
+    severities=(Severity("instruct", steps=2, learning_rate=1e-3, corpus="instruct"),),
+    adapter=AdapterRecipe(rank=2, alpha=4, steps=4, batch_size=4, targets=("q_proj", "v_proj")),
+    labels="phrase",
+    world="qwen2-attn",
+)
+
+
+def test_a_qwen2_world_with_phrases_and_an_instruction_tune_migrates(
+    fake_corpora: dict[str, int], tmp_path: Path
+) -> None:
+    built = world.build(tmp_path / "qwen", QWEN_TINY, cache=tmp_path / "cache", device=CPU)
+    assert built.severities == ("instruct",)
+    v2 = AutoModelForCausalLM.from_pretrained(built.v2("instruct"))
+    assert v2.config.model_type == "qwen2" and v2.config.num_key_value_heads == 1
+    assert v2.model.layers[0].self_attn.q_proj.bias is not None
+    config = json.loads((built.adapter / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    completions = {e.completion for e in read_jsonl(built.split("train"), what="train")}
+    assert completions == set(task.LABEL_PHRASES.values())
+    stages = json.loads((built.root / STAGES_DIR / "v2-instruct.json").read_text())
+    assert stages["stats"]["instruct_held_out_loss"] > 0
+    assert stages["stats"]["relative_weight_change"] > 0
+    manifest = running.read_manifest(built.manifest("instruct"))
+    manifest["spec"]["method"] = {
+        "initialization": {"trials": 3, "validationSamples": 8},
+        "finetune": {"maxSteps": 2, "evalEvery": 1, "batchSize": 4},
+    }
+    migration, problems = validation.validate_manifest(manifest)
+    assert migration is not None, problems
+    storage = Storage(base_dir=built.root)
+    bases = migrate.load_bases(migration.spec, storage, CPU)
+    report = migrate.migrate_adapter(
+        spec=migration.spec, adapter=migration.spec.adapters[0], bases=bases, storage=storage
+    )
+    assert report.strategy == "relora" and len(report.trials) >= 2
+    assert report.quality["after"]["test"]["accuracy"] is not None
 
 
 def test_quick_and_real_model_configurations() -> None:

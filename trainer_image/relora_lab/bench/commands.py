@@ -9,11 +9,11 @@ import sys
 
 from relora_lab.bench.variants import COMMON_FINETUNE
 from relora_lab.settings import TARGET_FRACTION
+from relora_lab.testbed.commands import DEFAULT_OUT as DEFAULT_TESTBED
 from relora_lab.testbed.commands import FAILURES
 from relora_trainer.errors import EXIT_OK, EXIT_USAGE, refuse
 
 DEFAULT_OUT = ".relora/bench"
-DEFAULT_TESTBED = "examples/testbed"
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -37,6 +37,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 seeds=args.seeds,
                 out=args.out,
                 testbed=args.testbed,
+                worlds=args.world,
+                build_seeds=args.builds,
                 model=args.model,
                 device=args.device,
                 threads=args.threads,
@@ -81,9 +83,25 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     )
     bench.add_argument(
         "--testbed",
-        default=DEFAULT_TESTBED,
+        default=None,
         metavar="DIR",
-        help=f"the testbed folder, built if missing (default {DEFAULT_TESTBED})",
+        help=f"the testbed folder, built if missing (default {DEFAULT_TESTBED}; another world "
+        f"or build: {DEFAULT_TESTBED}-WORLD[-seedN])",
+    )
+    bench.add_argument(
+        "--world",
+        action="append",
+        metavar="NAME",
+        help="a world of the development suite (repeatable, or all; default llama-cpt, the "
+        "original testbed): llama-cpt, qwen2-attn, llama-instruct",
+    )
+    bench.add_argument(
+        "--builds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="build each world with seeds 0..N-1 and run on every build (default 1): the "
+        "testbed's own randomness as a factor of the benchmark",
     )
     bench.add_argument(
         "--model",
@@ -100,8 +118,8 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     bench.add_argument(
         "--severity",
         action="append",
-        choices=["mild", "severe"],
-        help="run only this severity (repeatable)",
+        metavar="NAME",
+        help="run only this update (repeatable): instruct, mild or severe",
     )
     bench.add_argument(
         "--steps",

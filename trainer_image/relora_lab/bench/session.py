@@ -21,8 +21,11 @@ from rich.progress import (
 from relora_lab.bench import running, summary, tuning, variants, writing
 from relora_lab.settings import TARGET_FRACTION
 from relora_lab.testbed import world
-from relora_lab.testbed.config import config_for
+from relora_lab.testbed.commands import testbed_folder
+from relora_lab.testbed.config import DEFAULT_WORLD, WORLDS, config_for
+from relora_lab.testbed.layout import TestbedPaths
 from relora_trainer import local_run, models
+from relora_trainer.errors import BadInput
 from relora_trainer.progress import ProgressSink
 
 QUICK_SEEDS = 3
@@ -34,7 +37,9 @@ class Options:
     quick: bool = False
     seeds: int | None = None
     out: str = ".relora/bench"
-    testbed: str = "examples/testbed"
+    testbed: str | None = None  # one world's folder (default: testbed_folder(world, seed))
+    worlds: list[str] | None = None  # worlds of the suite (default: the original testbed)
+    build_seeds: int = 1  # builds of each world with seeds 0..N-1 (the build as a factor)
     model: str | None = None
     device: str = "auto"
     threads: int = 2
@@ -60,11 +65,14 @@ def run(options: Options, *, console: Console | None = None) -> dict[str, Path]:
     else:
         chosen = variants.by_name(options.variants, quick=options.quick)
         seeds = list(range(options.seeds or (QUICK_SEEDS if options.quick else FULL_SEEDS)))
-    console.print(f"Testbed {options.testbed} (built if missing; cached) ...")
-    paths = world.build(
-        Path(options.testbed), config_for(model=options.model), device=device, console=console
-    )
-    severities = [s for s in paths.severities if not options.severities or s in options.severities]
+    testbeds = _testbeds(options, device, console)
+    manifests = {
+        label: paths.manifest(severity)
+        for label, (paths, severity) in testbeds.items()
+        if not options.severities or severity in options.severities
+    }
+    if not manifests:
+        raise BadInput(f"--severity {options.severities}: none of the testbeds has it")
     out = Path(options.out).resolve()  # run outputs too: not relative to the manifests
     load_range = [float("inf"), 0.0]
     budget = dict(variants.COMMON_FINETUNE)
@@ -80,7 +88,7 @@ def run(options: Options, *, console: Console | None = None) -> dict[str, Path]:
         TimeElapsedColumn(),
         console=console,
     ) as bars:
-        total = len(severities) * len(seeds) * len(chosen)
+        total = len(manifests) * len(seeds) * len(chosen)
         overall = bars.add_task("runs", total=total, detail="")
         current = bars.add_task("run", total=1, detail="")
 
@@ -106,7 +114,7 @@ def run(options: Options, *, console: Console | None = None) -> dict[str, Path]:
             bars.update(overall, advance=1, detail=f"last: {record.variant} ready in {ttr}")
 
         records = running.run_matrix(
-            manifests_by_severity={s: paths.manifest(s) for s in severities},
+            manifests_by_severity=manifests,
             variants=chosen,
             seeds=seeds,
             out=out,
@@ -126,7 +134,11 @@ def run(options: Options, *, console: Console | None = None) -> dict[str, Path]:
         return {"markdown": path, "json": out / "tuning-runs.json"}
     table = summary.cells(records)
     comparisons = summary.compare(table, records, baselines=variants.BASELINES)
-    testbed_figures = json.loads(paths.summary.read_text()).get("figures", {})
+    roots = list(dict.fromkeys(str(paths.root) for paths, _ in testbeds.values()))
+    summaries = {
+        str(paths.root): json.loads(paths.summary.read_text()).get("figures", {})
+        for paths, _ in testbeds.values()
+    }
     context = writing.Context(
         command=options.command,
         mode="quick" if options.quick else "full",
@@ -134,8 +146,8 @@ def run(options: Options, *, console: Console | None = None) -> dict[str, Path]:
         wall_seconds=time.perf_counter() - started,
         device=str(device),
         threads=torch.get_num_threads(),
-        testbed=str(paths.root),
-        testbed_figures=testbed_figures,
+        testbed=", ".join(roots),
+        testbed_figures=summaries[roots[0]] if len(roots) == 1 else {},
         budget=budget,
         variants=chosen,
         target_rule=(
@@ -147,6 +159,34 @@ def run(options: Options, *, console: Console | None = None) -> dict[str, Path]:
     written = writing.write(out, context, table, comparisons, records)
     _print_summary(console.print, table, comparisons)
     return written
+
+
+def _testbeds(
+    options: Options, device: torch.device, console: Console
+) -> dict[str, tuple[TestbedPaths, str]]:
+    """Build (or reuse) every testbed of the session: row label -> (its paths, severity). One
+    world built once is labelled by severity alone (``severe``); a suite by world and severity
+    (``qwen2-attn/severe``), and by build seed too when there are several (``.../b1``)."""
+    names = list(WORLDS) if options.worlds == ["all"] else options.worlds or [DEFAULT_WORLD]
+    unknown = [n for n in names if n not in WORLDS]
+    if unknown:
+        raise BadInput(f"--world {unknown}: known worlds are {', '.join(WORLDS)}")
+    build_seeds = range(max(options.build_seeds, 1))
+    if options.testbed is not None and (len(names) > 1 or len(build_seeds) > 1):
+        raise BadInput("--testbed names one folder: give it with one --world and one build")
+    labelled: dict[str, tuple[TestbedPaths, str]] = {}
+    for name in names:
+        for build_seed in build_seeds:
+            folder = Path(options.testbed or testbed_folder(name, build_seed))
+            console.print(f"Testbed {folder} (world {name}, build seed {build_seed}) ...")
+            config = config_for(model=options.model, world=name, seed=build_seed)
+            paths = world.build(folder, config, device=device, console=console)
+            for severity in paths.severities:
+                label = severity if len(names) == 1 else f"{name}/{severity}"
+                if len(build_seeds) > 1:
+                    label += f"/b{build_seed}"
+                labelled[label] = (paths, severity)
+    return labelled
 
 
 def _print_summary(

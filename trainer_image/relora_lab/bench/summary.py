@@ -1,8 +1,8 @@
 """Aggregate benchmark runs: mean +- std over seeds, ratios against relora, accuracy deltas.
 
 A run that never met the target is *censored*: its time-to-readiness is unknown but at least what
-it spent (search + training + evaluation over the whole budget), and its steps at least the
-budget. Means then use those lower bounds and are flagged, and a ratio over a censored baseline
+it spent (teacher + search + training + evaluation over the whole budget), and its steps at least
+the budget. Means then use those lower bounds and are flagged, and a ratio over a censored baseline
 is a lower bound (``>=``).
 """
 
@@ -70,6 +70,20 @@ class Ratio:
     steps: float | None
     bound: str  # "", ">=" (baseline censored), "<=" (relora censored), "?" (both)
     per_seed: Stat  # the ratio seed by seed (seconds)
+    interval: tuple[float, float] | None = None  # 95% interval of the per-seed ratios' mean
+
+
+def interval95(ratios: Sequence[float]) -> tuple[float, float] | None:
+    """A 95% confidence interval of the typical paired ratio: Student's t on the logarithms
+    of the per-seed ratios (ratios are multiplicative), back-transformed; None under 2 seeds."""
+    logs = [math.log(r) for r in ratios if r > 0 and math.isfinite(r)]
+    if len(logs) < 2:
+        return None
+    from scipy.stats import t  # the trainer extra's dependency (Optuna's GPSampler)
+
+    half = float(t.ppf(0.975, len(logs) - 1)) * statistics.stdev(logs) / math.sqrt(len(logs))
+    centre = statistics.fmean(logs)
+    return math.exp(centre - half), math.exp(centre + half)
 
 
 def _ttr(record: RunRecord) -> float:
@@ -142,6 +156,7 @@ def ratio(baseline: Cell, method: Cell, records: Sequence[RunRecord], *, severit
         steps=divide(baseline.ready_step.mean, method.ready_step.mean),
         bound=_bound(baseline, method),
         per_seed=Stat.of(paired),
+        interval=interval95([r for r in paired if r is not None]),
     )
 
 

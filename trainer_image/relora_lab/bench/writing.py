@@ -50,6 +50,51 @@ def _ratio_text(ratio: Ratio | None) -> str:
     return f"{ratio.bound}{ratio.seconds:.2f}x"
 
 
+def _interval_text(ratio: Ratio | None) -> str:
+    if ratio is None or ratio.interval is None:
+        return "-"
+    low, high = ratio.interval
+    return f"[{low:.2f}, {high:.2f}]"
+
+
+def heading(label: str) -> str:
+    """A row label as a section title: ``severe`` -> ``v1 -> v2-severe``, a suite's
+    ``qwen2-attn/severe/b1`` -> ``qwen2-attn (build 1): v1 -> v2-severe``."""
+    parts = label.split("/")
+    if len(parts) == 1:
+        return f"v1 -> v2-{label}"
+    build = f" (build {parts[2][1:]})" if len(parts) > 2 else ""
+    return f"{parts[0]}{build}: v1 -> v2-{parts[1]}"
+
+
+def file_label(label: str) -> str:
+    """A row label as part of a file name."""
+    return label.replace("/", "_")
+
+
+def suite_table(comparisons: Mapping[str, Comparison]) -> list[str]:
+    """One line per row label: the headline ratios with their 95% intervals, and accuracy."""
+    lines = [
+        "| pair | warm-start/relora time | 95% interval | in steps | scratch/relora time "
+        "| accuracy vs best baseline |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for label, comparison in comparisons.items():
+        warm = comparison.ratios.get("warm-start")
+        scratch = comparison.ratios.get("scratch")
+        steps = "-" if warm is None or warm.steps is None else f"{warm.steps:.2f}x"
+        delta = (
+            "-"
+            if comparison.accuracy_delta is None
+            else f"{100 * comparison.accuracy_delta:+.1f} ({comparison.best_baseline})"
+        )
+        lines.append(
+            f"| {label} | {_ratio_text(warm)} | {_interval_text(warm)} | {steps} "
+            f"| {_ratio_text(scratch)} | {delta} |"
+        )
+    return lines
+
+
 def results_table(row: Mapping[str, Cell], comparison: Comparison | None) -> list[str]:
     lines = [
         "| variant | ready | time to readiness (s) | steps to readiness | "
@@ -87,7 +132,7 @@ def claims(row: Mapping[str, Cell], comparison: Comparison) -> list[str]:
         steps = "-" if ratio.steps is None else f"{ratio.steps:.2f}x"
         out.append(
             f"- {baseline}/relora time to readiness: **{_ratio_text(ratio)}** (per seed "
-            f"{per_seed}; in steps {steps})"
+            f"{per_seed}, 95% interval {_interval_text(ratio)}; in steps {steps})"
         )
     if comparison.accuracy_delta is not None and comparison.best_baseline is not None:
         out.append(
@@ -151,7 +196,7 @@ def markdown(
         first = next(iter(row.values()))
         lines += [
             "",
-            f"## v1 -> v2-{severity}",
+            f"## {heading(severity)}",
             "",
             f"Target: validation accuracy {_pct(first.target)}%. Old adapter on v2 as is: test "
             f"accuracy {_pct(first.before_test)}% (on v1: {_pct(first.source_test)}%).",
@@ -164,6 +209,8 @@ def markdown(
         for key in (f"curves-{severity}", f"trials-{severity}"):
             if key in images:
                 lines += [f"![{key}]({images[key]})", ""]
+    if len(comparisons) > 1:
+        lines += ["## All pairs", "", *suite_table(comparisons), ""]
     if "readiness" in images:
         lines += ["## Time to readiness", "", f"![readiness]({images['readiness']})", ""]
     lines += [
@@ -207,11 +254,11 @@ def write(
     images: dict[str, str] = {}
     for severity in table:
         images[f"curves-{severity}"] = plots.curves(
-            records, severity, out / f"curves-{severity}.png"
+            records, severity, out / f"curves-{file_label(severity)}.png"
         ).name
         if any(r.trials and r.severity == severity for r in records):
             images[f"trials-{severity}"] = plots.trials(
-                records, severity, out / f"trials-{severity}.png"
+                records, severity, out / f"trials-{file_label(severity)}.png"
             ).name
     images["readiness"] = plots.readiness_bars(table, out / "readiness.png").name
     text = markdown(context, table, comparisons, records, images)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -11,7 +11,7 @@ from rich.console import Console
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from relora_lab.testbed import corpora, pretraining
+from relora_lab.testbed import corpora, instructions, pretraining
 from relora_lab.testbed.bars import StageBars
 from relora_lab.testbed.cache import StageCache
 from relora_lab.testbed.config import BuildConfig
@@ -29,7 +29,7 @@ class Texts:
     _austen: str | None = None
     _bible: str | None = None
     _nouns: list[corpora.NounSense] | None = None
-    _streams: dict[str, tuple[Tensor, Tensor]] | None = None
+    _streams: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     @property
     def austen(self) -> str:
@@ -49,16 +49,24 @@ class Texts:
             self._nouns = corpora.wordnet_nouns(cache=self.cache)
         return self._nouns
 
-    def streams(self, tokenizer: PreTrainedTokenizerBase) -> dict[str, tuple[Tensor, Tensor]]:
-        """(train, held-out) token streams of both corpora, tokenized once."""
-        if self._streams is None:
-            self._streams = {
-                name: pretraining.split_stream(
-                    pretraining.tokenize(tokenizer, text), held_out=HELD_OUT
+    def text(self, corpus: str) -> str:
+        """One corpus by name: ``austen``, ``bible`` or ``instruct`` (both as instructions)."""
+        if corpus == "instruct":
+            return instructions.instruction_text(self.bible, self.austen)
+        if corpus in ("austen", "bible"):
+            return str(getattr(self, corpus))
+        raise ValueError(f"unknown corpus {corpus!r}: austen, bible or instruct")
+
+    def streams(
+        self, tokenizer: PreTrainedTokenizerBase, corpora: tuple[str, ...] = ("austen", "bible")
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        """(train, held-out) token streams of ``corpora``, each tokenized once."""
+        for name in corpora:
+            if name not in self._streams:
+                self._streams[name] = pretraining.split_stream(
+                    pretraining.tokenize(tokenizer, self.text(name)), held_out=HELD_OUT
                 )
-                for name, text in (("austen", self.austen), ("bible", self.bible))
-            }
-        return self._streams
+        return {name: self._streams[name] for name in corpora}
 
 
 @dataclass

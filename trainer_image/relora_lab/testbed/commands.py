@@ -7,14 +7,27 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from relora_trainer.errors import EXIT_OK, EXIT_USAGE, BadInput, CorpusError, refuse
+
+if TYPE_CHECKING:
+    from relora_lab.testbed.layout import TestbedPaths
 
 FAILURES = (CorpusError, BadInput, ValueError, OSError)
 """What `relora testbed build` and `relora bench` report in one line instead of a traceback."""
 
 
 DEFAULT_OUT = "examples/testbed"
+DEFAULT_WORLD = "llama-cpt"  # relora_lab.testbed.config.DEFAULT_WORLD (not imported: no torch here)
+
+
+def testbed_folder(world: str, seed: int = 0) -> str:
+    """Where a world of the suite is built by default: the original testbed in DEFAULT_OUT, any
+    other world (or build seed) beside it."""
+    if world == DEFAULT_WORLD and seed == 0:
+        return DEFAULT_OUT
+    return f"{DEFAULT_OUT}-{world}" + (f"-seed{seed}" if seed else "")
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
@@ -24,7 +37,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         from rich.console import Console
 
         from relora_lab.testbed import world
-        from relora_lab.testbed.config import config_for
+        from relora_lab.testbed.config import WORLDS, config_for
         from relora_trainer import local_run, models
     except ImportError as error:
         print(
@@ -36,22 +49,32 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console(stderr=True)
-    out = Path(args.out)
     started = time.perf_counter()
     try:
         device = models.pick_device(args.device)
-        config = config_for(seed=args.seed, quick=args.quick, model=args.model)
-        paths = world.build(out, config, device=device, console=console)
+        names = list(WORLDS) if args.world == ["all"] else args.world or [DEFAULT_WORLD]
+        if args.out and len(names) > 1:
+            raise BadInput("--out names one folder: give it with a single --world")
+        built = []
+        for name in names:
+            config = config_for(seed=args.seed, quick=args.quick, model=args.model, world=name)
+            out = Path(args.out if args.out else testbed_folder(name, args.seed))
+            built.append(world.build(out, config, device=device, console=console))
     except FAILURES as error:
         return refuse(error)
+    for paths in built:
+        _say_built(paths, time.perf_counter() - started)
+    return EXIT_OK
+
+
+def _say_built(paths: TestbedPaths, seconds: float) -> None:
     manifests = " ".join(str(paths.manifest(s)) for s in paths.severities)
     print(
-        f"testbed written to {paths.root} in {time.perf_counter() - started:.0f} s: models/v1, "
+        f"testbed written to {paths.root} in {seconds:.0f} s: models/v1, "
         f"models/v2-{{{','.join(paths.severities)}}}, adapters/, data/; try: relora run -f "
         f"{paths.manifest(paths.severities[-1])}"
     )
     print(f"manifests: {manifests}")
-    return EXIT_OK
 
 
 def register_build(testbed_kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -69,10 +92,18 @@ def register_build(testbed_kinds: argparse._SubParsersAction) -> None:  # type: 
         ),
     )
     build.add_argument(
+        "--world",
+        action="append",
+        metavar="NAME",
+        help=f"a development pair of the suite (repeatable, or all; default {DEFAULT_WORLD}): "
+        "llama-cpt, qwen2-attn, llama-instruct (see docs/benchmark.md)",
+    )
+    build.add_argument(
         "--out",
-        default=DEFAULT_OUT,
+        default=None,
         metavar="DIR",
-        help=f"where to write it (default {DEFAULT_OUT})",
+        help=f"where to write it (default {DEFAULT_OUT}; another world or seed: "
+        f"{DEFAULT_OUT}-WORLD[-seedN])",
     )
     build.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     build.add_argument(

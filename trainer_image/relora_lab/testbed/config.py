@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from relora_lab.testbed import task
 from relora_lab.testbed.pretraining import Architecture, Schedule
+from relora_trainer.errors import BadInput
 
 
 @dataclass(frozen=True)
 class Severity:
-    """One evolution of v1: continued pretraining on the Bible with Austen replay."""
+    """One evolution of v1: continued training on ``corpus`` (the Bible: continued pretraining;
+    ``instruct``: the instruction-tuning corpus) with Austen replay."""
 
     name: str
     steps: int
     learning_rate: float
     replay: float = 0.2
+    corpus: str = "bible"
+
+
+DEFAULT_SEVERITIES = (
+    Severity("mild", steps=60, learning_rate=3e-3),
+    Severity("severe", steps=130, learning_rate=1e-2),
+)
 
 
 @dataclass(frozen=True)
@@ -44,37 +54,90 @@ class BuildConfig:
     vocab_size: int = 4096
     architecture: Architecture = field(default_factory=Architecture)
     v1: Schedule = field(default_factory=lambda: Schedule(steps=270, learning_rate=3e-3))
-    severities: tuple[Severity, ...] = (
-        Severity("mild", steps=60, learning_rate=3e-3),
-        Severity("severe", steps=130, learning_rate=1e-2),
-    )
+    severities: tuple[Severity, ...] = DEFAULT_SEVERITIES
     sizes: task.Sizes = field(default_factory=task.Sizes)
     adapter: AdapterRecipe = field(default_factory=AdapterRecipe)
     model: str | None = None  # a real Hugging Face model folder as v1
+    labels: str = "word"  # the task's label words: "word" (one token each) or "phrase" (several)
+    world: str = "llama-cpt"  # the suite's name of this build (see WORLDS)
 
 
-def config_for(*, seed: int = 0, quick: bool = False, model: str | None = None) -> BuildConfig:
-    """The default build, its quick variant (a smoke test: minutes less, weaker models), or the
-    build around a real model (small learning rates for the evolution)."""
-    built = BuildConfig(seed=seed, model=model)
+INSTRUCT = Severity("instruct", steps=40, learning_rate=1e-3, corpus="instruct")
+"""The small update, like the paper's v2s: a short instruction tune at a low learning rate."""
+
+
+@dataclass(frozen=True)
+class World:
+    """One named development pair of the suite: how it differs from the default build."""
+
+    name: str
+    description: str
+    changes: dict[str, Any] = field(default_factory=dict)  # BuildConfig fields
+
+
+WORLDS: dict[str, World] = {
+    world.name: world
+    for world in (
+        World(
+            "llama-cpt",
+            "tiny Llama; continued pretraining on the Bible (mild, severe); LoRA on attention "
+            "and MLP; single-token label words",
+        ),
+        World(
+            "qwen2-attn",
+            "tiny Qwen2 (q/k/v biases, grouped-query attention); an instruction tune (small) "
+            "and continued pretraining (mild, severe); LoRA on q_proj and v_proj only; "
+            "multi-token label phrases",
+            {
+                "architecture": Architecture(family="qwen2", kv_heads=2),
+                "severities": (INSTRUCT, *DEFAULT_SEVERITIES),
+                "adapter": AdapterRecipe(targets=("q_proj", "v_proj")),
+                "labels": "phrase",
+            },
+        ),
+        World(
+            "llama-instruct",
+            "tiny Llama; an instruction tune (small update) only; LoRA on attention only; "
+            "single-token label words",
+            {
+                "severities": (INSTRUCT,),
+                "adapter": AdapterRecipe(targets=("q_proj", "k_proj", "v_proj", "o_proj")),
+            },
+        ),
+    )
+}
+"""The development suite (``relora testbed build --world NAME``): defaults are chosen on all."""
+DEFAULT_WORLD = "llama-cpt"
+
+REAL_MODEL_UPDATES = {
+    "instruct": replace(INSTRUCT, learning_rate=3e-6),
+    "mild": Severity("mild", steps=60, learning_rate=1e-5),
+    "severe": Severity("severe", steps=150, learning_rate=5e-5),
+}
+"""The updates of a build around a real model: learning rates a pretrained model takes."""
+
+
+def config_for(
+    *, seed: int = 0, quick: bool = False, model: str | None = None, world: str = DEFAULT_WORLD
+) -> BuildConfig:
+    """The build of a world of the suite (default: the original testbed), its quick variant (a
+    smoke test: minutes less, weaker models), or the build around a real model (small learning
+    rates for the evolution)."""
+    if world not in WORLDS:
+        raise BadInput(f"--world {world!r}: known worlds are {', '.join(WORLDS)}")
+    built = replace(BuildConfig(seed=seed, model=model, world=world), **WORLDS[world].changes)
     if quick:
         built = replace(
             built,
             v1=Schedule(steps=60, learning_rate=3e-3),
-            severities=(
-                Severity("mild", steps=15, learning_rate=3e-3),
-                Severity("severe", steps=30, learning_rate=1e-2),
-            ),
+            severities=tuple(replace(s, steps=max(s.steps // 4, 5)) for s in built.severities),
             sizes=task.Sizes(train=150, validation=50, test=100),
             adapter=replace(built.adapter, steps=100),
         )
     if model is not None:
         built = replace(
             built,
-            severities=(
-                Severity("mild", steps=60, learning_rate=1e-5),
-                Severity("severe", steps=150, learning_rate=5e-5),
-            ),
+            severities=tuple(REAL_MODEL_UPDATES[s.name] for s in built.severities),
             adapter=replace(built.adapter, learning_rate=2e-4),
         )
     return built

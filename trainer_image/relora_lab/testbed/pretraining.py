@@ -15,29 +15,36 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import LlamaConfig, PreTrainedTokenizerBase
+from transformers import LlamaConfig, PretrainedConfig, PreTrainedTokenizerBase, Qwen2Config
 
 from relora_trainer.method.finetune import autocast
+
+FAMILIES: dict[str, type[PretrainedConfig]] = {"llama": LlamaConfig, "qwen2": Qwen2Config}
+"""Decoder families a testbed base can have: Llama, or Qwen2 (biases on q, k and v)."""
 
 
 @dataclass(frozen=True)
 class Architecture:
-    """The tiny Llama of the testbed (tied input and output embeddings)."""
+    """The testbed's tiny decoder (tied input and output embeddings)."""
 
     hidden_size: int = 128
     layers: int = 4
     heads: int = 4
     intermediate_size: int = 512
     max_positions: int = 256
+    family: str = "llama"
+    kv_heads: int | None = None  # grouped-query attention; None: one per head
 
-    def config(self, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
-        return LlamaConfig(
+    def config(self, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+        if self.family not in FAMILIES:
+            raise ValueError(f"architecture family {self.family!r}: known {sorted(FAMILIES)}")
+        return FAMILIES[self.family](
             vocab_size=len(tokenizer),
             hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size,
             num_hidden_layers=self.layers,
             num_attention_heads=self.heads,
-            num_key_value_heads=self.heads,
+            num_key_value_heads=self.kv_heads or self.heads,
             max_position_embeddings=self.max_positions,
             tie_word_embeddings=True,
             pad_token_id=tokenizer.pad_token_id,

@@ -2,7 +2,9 @@
 
 ``Definition: a tree of the genus Quercus ...\\nCategory:`` -> `` plant``. The label words are
 single tokens with a leading space (the first candidate of each class that the tokenizer keeps in
-one piece), so accuracy is a choice among four next tokens. Chance is 25%.
+one piece), so accuracy is a choice among four next tokens. Chance is 25%. The ``phrase`` kind
+labels with multi-token phrases instead (`` a living plant``): the choice among four completions
+of several tokens each.
 
 The split is a pure function of the seed: per class, synsets sorted by (lemma, gloss), shuffled
 by ``random.Random(seed)``, cut into train / validation / test; no gloss appears twice.
@@ -30,6 +32,17 @@ LABEL_CANDIDATES: Mapping[str, tuple[str, ...]] = MappingProxyType(
     }
 )
 """WordNet lexicographer file -> label words to try, in order of preference."""
+LABEL_PHRASES: Mapping[str, str] = MappingProxyType(
+    {
+        "noun.artifact": " a man-made object",
+        "noun.person": " a human being",
+        "noun.plant": " a living plant",
+        "noun.animal": " a living animal",
+    }
+)
+"""The multi-token variant (``labels: phrase``): phrases that share their first tokens, so the
+choice is made on later tokens of the completion."""
+LABEL_KINDS = ("word", "phrase")
 
 MIN_GLOSS_CHARS = 12
 MAX_GLOSS_CHARS = 160
@@ -44,8 +57,16 @@ class Sizes:
     test: int = 300
 
 
-def label_words(tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
-    """Category -> its label word: the first candidate that is a single token."""
+def label_words(tokenizer: PreTrainedTokenizerBase, kind: str = "word") -> dict[str, str]:
+    """Category -> its label: the first candidate word that is a single token, or (``phrase``)
+    its phrase, which must take several tokens."""
+    if kind == "phrase":
+        for category, phrase in LABEL_PHRASES.items():
+            if len(tokenizer(phrase, add_special_tokens=False)["input_ids"]) < 2:
+                raise ValueError(f"label phrase {phrase!r} of {category} is a single token")
+        return dict(LABEL_PHRASES)
+    if kind != "word":
+        raise ValueError(f"labels {kind!r}: one of {', '.join(LABEL_KINDS)}")
     words = {}
     for category, candidates in LABEL_CANDIDATES.items():
         for word in candidates:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from relora_lab.testbed import pretraining
 from relora_lab.testbed.builder import WorldBuilder
@@ -20,7 +20,7 @@ from relora_lab.testbed.pretraining import Schedule
 def v1_stage(
     world: WorldBuilder, tokenizer: PreTrainedTokenizerBase, tokenizer_key: dict[str, Any]
 ) -> dict[str, Any]:
-    """v1 in ``models/v1``: a tiny Llama pretrained on Austen (or the real model); its key."""
+    """v1 in ``models/v1``: a tiny decoder pretrained on Austen (or the real model); its key."""
     config, paths, device = world.config, world.paths, world.device
     params: dict[str, Any] = {"tokenizer": digest(tokenizer_key), "seed": config.seed}
     if config.model is not None:
@@ -31,13 +31,13 @@ def v1_stage(
     if world.cache.done("v1", params) is not None and (paths.v1 / "config.json").is_file():
         return params
     started = time.perf_counter()
-    streams = world.texts.streams(tokenizer)
+    streams = world.texts.streams(tokenizer, _corpora(config.severities))
     losses: list[float] = []
     if config.model is not None:
         model = world.load_model(Path(config.model))
     else:
         torch.manual_seed(config.seed)
-        model = LlamaForCausalLM(config.architecture.config(tokenizer)).to(device)  # type: ignore[arg-type]
+        model = AutoModelForCausalLM.from_config(config.architecture.config(tokenizer)).to(device)
         with world.bars.stage("v1", "pretraining on Austen", config.v1.steps) as tick:
             losses = pretraining.pretrain(
                 model,
@@ -67,7 +67,8 @@ def v2_stage(
     tokenizer: PreTrainedTokenizerBase,
     v1_key: dict[str, Any],
 ) -> dict[str, Any]:
-    """v2 of one severity in ``models/v2-<severity>``: v1 continued on the Bible; its key."""
+    """v2 of one severity in ``models/v2-<severity>``: v1 continued on the severity's corpus
+    (the Bible, or the instructions) with Austen replay; its key."""
     config, paths, device = world.config, world.paths, world.device
     name = f"v2-{severity.name}"
     schedule = replace(
@@ -83,13 +84,13 @@ def v2_stage(
     ):
         return params
     started = time.perf_counter()
-    streams = world.texts.streams(tokenizer)
+    streams = world.texts.streams(tokenizer, _corpora(config.severities))
     model = world.load_model(paths.v1)
-    what = f"Bible + {severity.replay:.0%} Austen replay"
+    what = f"{severity.corpus} + {severity.replay:.0%} Austen replay"
     with world.bars.stage(name, what, severity.steps) as tick:
         losses = pretraining.pretrain(
             model,
-            [streams["bible"][0], streams["austen"][0]],
+            [streams[severity.corpus][0], streams["austen"][0]],
             [1.0 - severity.replay, severity.replay],
             schedule=schedule,
             seed=config.seed + 1,
@@ -110,6 +111,12 @@ def v2_stage(
         f"{stats['relative_weight_change']:.3f} ({stats['seconds']:.0f} s)",
     )
     return params
+
+
+def _corpora(severities: tuple[Severity, ...]) -> tuple[str, ...]:
+    """The corpora whose held-out losses the bases report: Austen, the Bible, and any other
+    corpus an update trains on."""
+    return tuple(dict.fromkeys(("austen", "bible", *(s.corpus for s in severities))))
 
 
 def _lm_losses(

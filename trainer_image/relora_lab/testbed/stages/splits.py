@@ -20,7 +20,7 @@ def task_stage(
 ) -> dict[str, Any]:
     """The splits under ``data/<task>`` (label words chosen for ``tokenizer``); the stage's key."""
     config, paths = world.config, world.paths
-    labels = task.label_words(tokenizer)
+    labels = task.label_words(tokenizer, config.labels)
     params = {
         "tokenizer": digest(tokenizer_key),
         "labels": labels,
