@@ -122,8 +122,8 @@ def test_the_bench_command_registers_with_its_options() -> None:
     defaults = parser.parse_args(["bench"])
     assert defaults.out == commands.DEFAULT_OUT and defaults.testbed is None
     assert defaults.world is None and defaults.builds == 1
-    suite = parser.parse_args(["bench", "--world", "qwen2-attn", "--world", "llama-cpt"])
-    assert suite.world == ["qwen2-attn", "llama-cpt"]
+    suite = parser.parse_args(["bench", "--world", "qwen2-phrases", "--world", "llama-cpt"])
+    assert suite.world == ["qwen2-phrases", "llama-cpt"]
     assert parser.parse_args(["bench", "--builds", "3"]).builds == 3
 
 
@@ -176,7 +176,7 @@ def test_a_suite_session_labels_rows_by_world_and_build(
     options = session.Options(
         seeds=2,
         out="bench",
-        worlds=["llama-cpt", "qwen2-attn"],
+        worlds=["llama-cpt", "qwen2-phrases"],
         build_seeds=2,
         variants=["warm-start", "relora"],
         severities=["severe"],
@@ -186,16 +186,16 @@ def test_a_suite_session_labels_rows_by_world_and_build(
     assert [(str(out), c.world, c.seed) for out, c in built] == [
         ("examples/testbed", "llama-cpt", 0),
         ("examples/testbed-llama-cpt-seed1", "llama-cpt", 1),
-        ("examples/testbed-qwen2-attn", "qwen2-attn", 0),
-        ("examples/testbed-qwen2-attn-seed1", "qwen2-attn", 1),
+        ("examples/testbed-qwen2-phrases", "qwen2-phrases", 0),
+        ("examples/testbed-qwen2-phrases-seed1", "qwen2-phrases", 1),
     ]
     document = json.loads(written["json"].read_text())
     labels = {r["severity"] for r in document["runs"]}
-    assert labels == {f"{w}/severe/b{b}" for w in ("llama-cpt", "qwen2-attn") for b in (0, 1)}
+    assert labels == {f"{w}/severe/b{b}" for w in ("llama-cpt", "qwen2-phrases") for b in (0, 1)}
     text = written["markdown"].read_text()
-    assert "## qwen2-attn (build 1): v1 -> v2-severe" in text
-    assert "## All pairs" in text and "| qwen2-attn/severe/b1 |" in text
-    assert (tmp_path / "bench" / "curves-qwen2-attn_severe_b1.png").is_file()
+    assert "## qwen2-phrases (build 1): v1 -> v2-severe" in text
+    assert "## All pairs" in text and "| qwen2-phrases/severe/b1 |" in text
+    assert (tmp_path / "bench" / "curves-qwen2-phrases_severe_b1.png").is_file()
     ratio = document["comparisons"]["llama-cpt/severe/b0"]["ratios"]["warm-start"]
     low, high = ratio["interval"]
     assert 0 < low <= high, "two seeds give an interval"

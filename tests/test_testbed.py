@@ -313,10 +313,10 @@ def test_the_build_command_registers_under_the_testbed_group() -> None:
     assert args.handler is commands._cmd_build
     assert parser.parse_args(["build"]).out is None  # the world's folder, testbed_folder()
     assert commands.testbed_folder("llama-cpt") == commands.DEFAULT_OUT == "examples/testbed"
-    assert commands.testbed_folder("qwen2-attn") == "examples/testbed-qwen2-attn"
+    assert commands.testbed_folder("qwen2-phrases") == "examples/testbed-qwen2-phrases"
     assert commands.testbed_folder("llama-cpt", 2) == "examples/testbed-llama-cpt-seed2"
-    suite = parser.parse_args(["build", "--world", "qwen2-attn", "--world", "llama-instruct"])
-    assert suite.world == ["qwen2-attn", "llama-instruct"]
+    suite = parser.parse_args(["build", "--world", "qwen2-phrases", "--world", "llama-instruct"])
+    assert suite.world == ["qwen2-phrases", "llama-instruct"]
 
 
 def test_the_build_command_reports_corpus_errors_in_one_line(
@@ -345,7 +345,7 @@ def test_one_out_folder_is_refused_for_several_worlds(
     commands.register_build(parser.add_subparsers(dest="kind"))
     for world_args, message in (
         (["--world", "all"], "--out names one folder: give it with a single --world"),
-        (["--world", "gpt9"], "--world 'gpt9': known worlds are llama-cpt, qwen2-attn"),
+        (["--world", "gpt9"], "--world 'gpt9': known worlds are llama-cpt, qwen2-phrases"),
     ):
         args = parser.parse_args(["build", *world_args, "--out", str(tmp_path), "--threads", "0"])
         assert args.handler(args) == 3
@@ -356,13 +356,13 @@ def test_one_out_folder_is_refused_for_several_worlds(
 def test_every_world_of_the_suite_is_a_valid_build() -> None:
     worlds = {name: config_for(world=name) for name in WORLDS}
     assert worlds["llama-cpt"] == config_for(), "the default build is the llama-cpt world"
-    qwen = worlds["qwen2-attn"]
+    qwen = worlds["qwen2-phrases"]
     assert qwen.architecture.family == "qwen2" and qwen.labels == "phrase"
     assert [s.name for s in qwen.severities] == ["instruct", "mild", "severe"]
-    assert qwen.severities[0].corpus == "instruct" and qwen.adapter.targets == ("q_proj", "v_proj")
-    quick = config_for(world="qwen2-attn", quick=True)
+    assert qwen.severities[0].corpus == "instruct" and "up_proj" in qwen.adapter.targets
+    quick = config_for(world="qwen2-phrases", quick=True)
     assert [s.steps for s in quick.severities] == [10, 15, 32]
-    real = config_for(world="qwen2-attn", model="/models/smollm2")
+    real = config_for(world="qwen2-phrases", model="/models/smollm2")
     assert [s.name for s in real.severities] == ["instruct", "mild", "severe"]
     assert all(s.learning_rate <= 1e-4 for s in real.severities)
 
@@ -394,7 +394,7 @@ QWEN_TINY = replace(
     severities=(Severity("instruct", steps=2, learning_rate=1e-3, corpus="instruct"),),
     adapter=AdapterRecipe(rank=2, alpha=4, steps=4, batch_size=4, targets=("q_proj", "v_proj")),
     labels="phrase",
-    world="qwen2-attn",
+    world="qwen2-phrases",
 )
 
 

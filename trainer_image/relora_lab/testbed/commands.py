@@ -96,7 +96,7 @@ def register_build(testbed_kinds: argparse._SubParsersAction) -> None:  # type: 
         action="append",
         metavar="NAME",
         help=f"a development pair of the suite (repeatable, or all; default {DEFAULT_WORLD}): "
-        "llama-cpt, qwen2-attn, llama-instruct (see docs/benchmark.md)",
+        "llama-cpt, qwen2-phrases, llama-instruct (see docs/benchmark.md)",
     )
     build.add_argument(
         "--out",

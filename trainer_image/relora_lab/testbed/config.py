@@ -84,14 +84,18 @@ WORLDS: dict[str, World] = {
             "and MLP; single-token label words",
         ),
         World(
-            "qwen2-attn",
+            "qwen2-phrases",
             "tiny Qwen2 (q/k/v biases, grouped-query attention); an instruction tune (small) "
-            "and continued pretraining (mild, severe); LoRA on q_proj and v_proj only; "
-            "multi-token label phrases",
+            "and continued pretraining (mild, severe); LoRA on q_proj, v_proj, up_proj and "
+            "down_proj (a common recipe); multi-token label phrases",
             {
                 "architecture": Architecture(family="qwen2", kv_heads=2),
                 "severities": (INSTRUCT, *DEFAULT_SEVERITIES),
-                "adapter": AdapterRecipe(targets=("q_proj", "v_proj")),
+                # q_proj + v_proj alone do not learn the phrases on a model this small (measured:
+                # chance after 300 steps at lr 2e-3 and 1e-2; with up/down at 5e-3: 47%).
+                "adapter": AdapterRecipe(
+                    targets=("q_proj", "v_proj", "up_proj", "down_proj"), learning_rate=5e-3
+                ),
                 "labels": "phrase",
             },
         ),
