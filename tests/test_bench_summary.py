@@ -206,7 +206,9 @@ def test_tuning_gives_every_strategy_six_candidates_and_one_rule(tmp_path: Path)
 
 
 def test_the_ratio_interval_is_students_t_on_the_logarithms() -> None:
-    low, high = summary.interval95([1.0, 2.0, 4.0])
+    interval = summary.interval95([1.0, 2.0, 4.0])
+    assert interval is not None
+    low, high = interval
     # logs 0, ln 2, ln 4: mean ln 2, std ln 2; t(0.975, 2 df) = 4.3027
     half = 4.302653 * math.log(2) / math.sqrt(3)
     assert low == pytest.approx(2 * math.exp(-half), rel=1e-5)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import optuna
+import pytest
 
+from relora_api import validation
 from relora_api.spec import Initialization, Range
 from relora_trainer.method import search
 from relora_trainer.method.config import SearchConfig
@@ -22,7 +25,7 @@ def _bowl(coefficients: search.Coefficients) -> float:
 
 
 def test_anchor_trials_come_first_and_the_best_is_returned() -> None:
-    config = _init(trials=12, sampler="gp")
+    config = _init(trials=12, sampler="gp", patience=500)  # every trial: no early stop
     result = search.run_search(groups=["all"], config=config, seed=0, objective=_bowl)
     assert [t.params for t in result.trials[:2]] == [
         {"alpha": 1.0, "beta": 0.0},
@@ -104,3 +107,105 @@ def test_a_journal_torn_by_a_crash_loses_only_its_last_record(tmp_path: Path) ->
         optuna.storages.journal.JournalFileBackend(str(journal))
     )
     assert len(optuna.load_study(study_name=search.STUDY_NAME, storage=storage).trials) >= 5
+
+
+def _patient(trials: int, patience: int | None) -> SearchConfig:
+    return replace(_init(trials=trials, sampler="random"), patience=patience)
+
+
+def test_the_search_stops_after_patience_trials_without_improvement() -> None:
+    """The first anchor (the old adapter as is) is the best start: after it, ``patience``
+    trials in a row do not improve on it and the search stops, the anchors counted."""
+
+    def anchor_best(coefficients: search.Coefficients) -> float:
+        (alpha, beta), *_ = coefficients.values()
+        return 0.0 if (alpha, beta) == (1.0, 0.0) else 1.0 + abs(alpha) + abs(beta)
+
+    for patience in (1, 3):
+        result = search.run_search(
+            groups=["all"], config=_patient(10, patience), seed=0, objective=anchor_best
+        )
+        assert len(result.trials) == 1 + patience, patience
+        assert result.stopped_early
+        assert result.coefficients == {"all": (1.0, 0.0)} and result.best_value == 0.0
+
+
+def test_ties_do_not_count_as_improvements_and_failures_do_not_count() -> None:
+    values = iter([2.0, 1.0, 1.0, float("nan"), 3.0, 0.5, 9.0, 9.0, 9.0])
+    result = search.run_search(
+        groups=["all"], config=_patient(9, 2), seed=0, objective=lambda c: next(values)
+    )
+    # Best 1.0 at trial 1; the tie and 3.0 make two in a row (the failure between them not
+    # counted), so the 0.5 never runs.
+    assert [t.value for t in result.trials] == [2.0, 1.0, 1.0, None, 3.0]
+    assert result.stopped_early
+
+
+def test_a_search_that_keeps_improving_runs_every_trial() -> None:
+    values = iter([10.0 - i for i in range(8)])
+    result = search.run_search(
+        groups=["all"], config=_patient(8, 1), seed=0, objective=lambda c: next(values)
+    )
+    assert len(result.trials) == 8 and not result.stopped_early
+
+
+def test_stopping_on_the_last_trial_is_not_early() -> None:
+    result = search.run_search(
+        groups=["all"], config=_patient(3, 2), seed=0, objective=lambda c: 1.0
+    )
+    assert len(result.trials) == 3 and not result.stopped_early
+
+
+def test_without_patience_every_trial_runs() -> None:
+    for config in (_patient(8, None), _init(trials=8, sampler="random", patience=500)):
+        result = search.run_search(groups=["all"], config=config, seed=0, objective=lambda c: 1.0)
+        assert len(result.trials) == 8 and not result.stopped_early
+
+
+def test_a_resumed_search_counts_the_patience_from_the_journal(tmp_path: Path) -> None:
+    journal = tmp_path / "search.journal"
+    calls: list[search.Coefficients] = []
+
+    def flat(coefficients: search.Coefficients) -> float:
+        calls.append(coefficients)
+        return 1.0
+
+    first = search.run_search(
+        groups=["all"], config=_patient(10, 2), seed=0, objective=flat, journal=journal
+    )
+    assert len(calls) == 3 and first.stopped_early
+    # A retry (here with a larger budget) already meets the stop condition: no new trial.
+    again = search.run_search(
+        groups=["all"], config=_patient(16, 2), seed=0, objective=flat, journal=journal
+    )
+    assert len(calls) == 3 and len(again.trials) == 3 and again.stopped_early
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(journal))
+    )
+    assert len(optuna.load_study(study_name=search.STUDY_NAME, storage=storage).trials) == 3
+    # A retry that stopped one trial short of the condition runs just one more.
+    other = tmp_path / "other.journal"
+    search.run_search(groups=["all"], config=_patient(2, 2), seed=0, objective=flat, journal=other)
+    assert len(calls) == 5
+    resumed = search.run_search(
+        groups=["all"], config=_patient(10, 2), seed=0, objective=flat, journal=other
+    )
+    assert len(calls) == 6 and len(resumed.trials) == 3 and resumed.stopped_early
+
+
+@pytest.mark.parametrize("patience", [0, 501])
+def test_the_api_refuses_a_patience_out_of_range_naming_the_field(
+    patience: int, manifest: dict[str, Any]
+) -> None:
+    manifest["spec"].setdefault("method", {}).setdefault("initialization", {})
+    manifest["spec"]["method"]["initialization"]["patience"] = patience
+    migration, problems = validation.validate_manifest(manifest)
+    assert migration is None
+    assert [p.path for p in problems] == ["spec.method.initialization.patience"], problems
+
+
+def test_the_api_default_patience_reaches_the_search_config() -> None:
+    assert SearchConfig.of(Initialization()).patience == 4
+    assert SearchConfig.of(Initialization(patience=7)).patience == 7
+    # null is unset, as for every field: the default, not "no patience".
+    assert Initialization.model_validate({"patience": None}).patience == 4

@@ -228,6 +228,18 @@ class Initialization(APIModel):
             "then cannot hand the fine-tuning a worse start than warm-start's."
         ),
     )
+    patience: int = Field(
+        default=4,
+        ge=1,
+        le=500,
+        description=(
+            "Stop the search after this many trials in a row without improvement: once this "
+            "many completed trials after the best one so far have not improved on its value "
+            "(the anchors count as trials, so with the first anchor best 1 + patience trials "
+            "run). A patience of trials - 1 or more never stops it (e.g. 500: every trial "
+            "runs); null means the default, as for every field."
+        ),
+    )
 
 
 class Regularization(APIModel):
@@ -250,6 +262,33 @@ class Regularization(APIModel):
         ge=0,
         le=1,
         description="Share of maxSteps after which the pull relaxes.",
+    )
+
+
+class Distillation(APIModel):
+    """The old adapter on the source base as a teacher while fine-tuning.
+
+    At each completion token of each training example, the teacher's top-k next-token
+    distribution is computed once, in the source phase (before the source base is freed; saved
+    in the adapter's state for a retried run); fine-tuning adds weight x KL(teacher || student)
+    with both conditioned on those k tokens (renormalized over them), averaged over the
+    completion tokens like the task loss. Its seconds count in the time to readiness.
+    """
+
+    weight: float = Field(
+        default=0.0,
+        ge=0,
+        le=100,
+        description="Weight of the distillation term beside the task loss; 0: off.",
+    )
+    top_k: int = Field(
+        default=16,
+        ge=2,
+        le=1024,
+        description=(
+            "Teacher tokens kept per completion position (its k most likely); the term compares "
+            "both distributions over them."
+        ),
     )
 
 
@@ -282,6 +321,12 @@ class Finetune(APIModel):
     )
     regularization: Regularization = Field(
         default_factory=Regularization, description="The scheduled pull toward the init."
+    )
+    distillation: Distillation = Field(
+        default_factory=Distillation,
+        description=(
+            "The old adapter on the source base as a teacher (scratch, warm-start and relora)."
+        ),
     )
     stop_when_ready: bool = Field(
         default=True,

@@ -1,15 +1,18 @@
 """Migrate the adapters of an AdapterMigration: the one code path of `relora run` and the Job.
 
 For each adapter: read the old adapter and data, measure the reference qualities (old adapter on
-the old base and on the new base), build the starting adapter (the strategy), fine-tune until
+the old base and on the new base), compute the teacher's distributions when fine-tuning distils
+(the old adapter on the old base), build the starting adapter (the strategy), fine-tune until
 ready, save a PEFT folder and a report. Timing separates loading and reference measurements
-(reporting) from search, training and evaluation (the time-to-readiness).
+(reporting) from the teacher, search, training and evaluation (the time-to-readiness).
 """
 
 from __future__ import annotations
 
 import gc
+import io
 import json
+import pickle
 import shutil
 import time
 from collections.abc import Callable
@@ -27,7 +30,7 @@ from relora_api.status import AdapterProgress
 from relora_trainer import adapters, models, ownership, plan, report
 from relora_trainer.data import MAX_CHOICES, Encoder, Example, TaskData, read_jsonl
 from relora_trainer.errors import IncompatibleModels, InvalidData
-from relora_trainer.method import fusion, search, strategies
+from relora_trainer.method import distillation, fusion, search, strategies
 from relora_trainer.method.config import FinetuneConfig, SearchConfig
 from relora_trainer.method.finetune import (
     EVALUATION_BATCH,
@@ -45,6 +48,8 @@ from relora_trainer.storage import Storage
 STATE_DIR = "state"
 REFERENCE_FILE = "reference.json"
 """The source phase's measurement, in the state folder: a retried pod need not load the old base."""
+TEACHER_FILE = "teacher.pt"
+"""The source phase's teacher distributions (fine-tuning that distils), in the state folder."""
 FINGERPRINT_FILE = "fingerprint"
 
 
@@ -71,6 +76,9 @@ class Bases:
     on_source: dict[str, dict[str, Quality]] = field(default_factory=dict)
     on_target: dict[str, dict[str, Quality]] = field(default_factory=dict)
     source_seconds: float = 0.0
+    # The old adapter on the source base as a teacher, by adapter inputs and top-k, with the
+    # seconds its computation took (counted in the time to readiness of a run that uses it).
+    teachers: dict[str, tuple[distillation.Teacher, float]] = field(default_factory=dict)
     _source: nn.Module | None = None
 
     def source(self) -> nn.Module:
@@ -85,6 +93,20 @@ class Bases:
 
 def _reference_key(adapter: Adapter) -> str:
     return json.dumps({"uri": adapter.uri, "data": adapter.data.to_wire()}, sort_keys=True)
+
+
+def _teacher_key(adapter: Adapter, top_k: int) -> str:
+    return json.dumps({"reference": _reference_key(adapter), "topK": top_k}, sort_keys=True)
+
+
+def distilled_top_k(spec: AdapterMigrationSpec) -> int | None:
+    """The teacher's top-k when this spec's fine-tuning distils (a strategy that trains, a
+    budget, a positive weight), else None: no teacher is computed."""
+    tune = spec.method.finetune
+    trains = strategies.strategy(spec.method.strategy).trains
+    if tune.distillation.weight > 0 and tune.max_steps > 0 and trains:
+        return tune.distillation.top_k
+    return None
 
 
 def load_bases(
@@ -109,8 +131,9 @@ def _load_bases(
     device: torch.device,
     adapters_to_measure: list[Adapter] | None,
 ) -> Bases:
-    """Fetch the bases; measure the old adapters that need it on the source base, free it, then
-    load the target. Raise IncompatibleModels / InvalidWeights / MissingInput / InvalidAdapter.
+    """Fetch the bases; measure the old adapters that need it on the source base (and compute
+    their teacher distributions when fine-tuning distils), free it, then load the target.
+    Raise IncompatibleModels / InvalidWeights / MissingInput / InvalidAdapter.
 
     ``adapters_to_measure`` (default: every adapter of the spec) are measured on the source now;
     another one measured later loads the source base again."""
@@ -127,28 +150,48 @@ def _load_bases(
     models.check_compatible(shape, models.Shape.of_files(target_dir, what="spec.targetModel"))
     tokenizer = models.load_tokenizer(target_dir, source_dir)
     on_source: dict[str, dict[str, Quality]] = {}
-    wanted = []
+    teachers: dict[str, tuple[distillation.Teacher, float]] = {}
+    top_k = distilled_top_k(spec)
+    wanted = []  # (adapter, measure its reference, compute its teacher)
     for adapter in adapters_to_measure or spec.adapters:
-        if not adapter.readiness.needs_source:
-            continue
-        saved = saved_reference(spec, adapter, storage)
-        if saved is None:
-            wanted.append(adapter)
-        else:  # measured by an earlier attempt of this work: the source base is not loaded
-            on_source[_reference_key(adapter)] = saved
-    source_seconds = 0.0
-    if wanted:
+        reference = adapter.readiness.needs_source
+        if reference:
+            saved = saved_reference(spec, adapter, storage)
+            if saved is not None:  # measured by an earlier attempt of this work
+                on_source[_reference_key(adapter)] = saved
+                reference = False
+        teaching = top_k is not None
+        if top_k is not None:
+            saved_teacher = load_teacher(spec, adapter, storage)
+            if saved_teacher is not None:  # computed by an earlier attempt of this work
+                teachers[_teacher_key(adapter, top_k)] = saved_teacher
+                teaching = False
+        if reference or teaching:
+            wanted.append((adapter, reference, teaching))
+    source_seconds = teacher_seconds = 0.0
+    if wanted:  # else the source base is not loaded at all
         source = models.load_model(source_dir, what="spec.sourceModel", device=device, dtype=dtype)
         models.check_finite(source, what="spec.sourceModel")
         shape = models.Shape.of(source)  # all of its weights, not only the stored ones
         measuring = time.perf_counter()
-        for adapter in wanted:
+        for adapter, reference, teaching in wanted:
             key = _reference_key(adapter)
-            if key not in on_source:
-                old, task = _old_adapter(adapter, storage, source), _read_data(adapter, storage)
-                quality = _Quality(Encoder(tokenizer), task, device)
-                on_source[key] = quality.splits(_with_adapter(source, old.config, old.factors))
-        source_seconds = time.perf_counter() - measuring
+            teacher_key = _teacher_key(adapter, top_k or 0)
+            reference = reference and key not in on_source  # not done for an adapter before
+            teaching = teaching and teacher_key not in teachers  # with the same inputs
+            if not (reference or teaching):
+                continue
+            old, task = _old_adapter(adapter, storage, source), _read_data(adapter, storage)
+            on_old = _with_adapter(source, old.config, old.factors)
+            if reference:
+                on_source[key] = _Quality(Encoder(tokenizer), task, device).splits(on_old)
+            if teaching and top_k is not None:
+                computed = _compute_teacher(on_old, Encoder(tokenizer), task, device, top_k)
+                teachers[teacher_key] = computed
+                teacher_seconds += computed[1]
+            on_old.unload()
+            del on_old
+        source_seconds = time.perf_counter() - measuring - teacher_seconds
         del source  # one base resident at a time
         _free(device)
     target = models.load_model(target_dir, what="spec.targetModel", device=device, dtype=dtype)
@@ -159,12 +202,57 @@ def _load_bases(
         tokenizer,
         device,
         dtype,
-        time.perf_counter() - started - source_seconds,
+        time.perf_counter() - started - source_seconds - teacher_seconds,
         source_dir,
         models.WeightFiles(source_dir, what="spec.sourceModel"),
         on_source=on_source,
         source_seconds=source_seconds,
+        teachers=teachers,
     )
+
+
+def _compute_teacher(
+    model: nn.Module, encoder: Encoder, task: TaskData, device: torch.device, top_k: int
+) -> tuple[distillation.Teacher, float]:
+    """The teacher's top-k distributions over the training examples (``model``: the old adapter
+    on the source base), and the seconds they took; redone in smaller batches when memory runs
+    out."""
+    started = time.perf_counter()
+    micro = MicroBatch(EVALUATION_BATCH, batch=EVALUATION_BATCH)
+
+    def once() -> distillation.Teacher:
+        with autocast(device):
+            return distillation.compute(
+                model, encoder, task.train, top_k=top_k, device=device, batch_size=micro.evaluation
+            )
+
+    teacher = micro.run(once)
+    return teacher, time.perf_counter() - started
+
+
+def load_teacher(
+    spec: AdapterMigrationSpec, adapter: Adapter, storage: Storage
+) -> tuple[distillation.Teacher, float] | None:
+    """The teacher distributions (and the seconds they took) as an earlier attempt of this very
+    work saved them in the adapter's state, else None."""
+    path = output_dir(spec, adapter, storage) / STATE_DIR / TEACHER_FILE
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("fingerprint") != fingerprint(spec, adapter):
+            return None
+        return distillation.Teacher.of_state(saved["teacher"]), float(saved["seconds"])
+    except (RuntimeError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None  # unreadable: compute again
+    except pickle.UnpicklingError:
+        return None  # a torn or foreign file: compute again
+
+
+def _save_teacher(state: Path, key: str, teacher: distillation.Teacher, seconds: float) -> None:
+    buffer = io.BytesIO()
+    torch.save({"fingerprint": key, "teacher": teacher.to_state(), "seconds": seconds}, buffer)
+    ownership.write_atomic(state / TEACHER_FILE, buffer.getvalue())
 
 
 def saved_reference(
@@ -414,6 +502,10 @@ def _migrate_claimed(
         claim.save_state(STATE_DIR)
     before_quality = bases.on_target[reference_key]
     reference_seconds = time.perf_counter() - started + bases.source_seconds
+    teacher, teacher_seconds = _teacher(spec, adapter, old, task, bases, storage, encoder)
+    if teacher is not None and not (state / TEACHER_FILE).is_file():
+        _save_teacher(state, key, teacher, teacher_seconds)
+        claim.save_state(STATE_DIR)
     target = readiness_target(
         adapter.readiness, source_quality["validation"] if source_quality else None
     )
@@ -474,10 +566,11 @@ def _migrate_claimed(
             seed=method.seed,
             device=bases.device,
             state_dir=state,
-            seconds_before=result.seconds if result else 0.0,
+            seconds_before=teacher_seconds + (result.seconds if result else 0.0),
             on_step=on_step,
             micro=micro,
             on_checkpoint=lambda: claim.save_state(STATE_DIR),
+            teacher=teacher,
         )
         sink.update(adapter.name, record(stage="saving"))
         staging = claim.fresh_staging()
@@ -505,6 +598,8 @@ def _migrate_claimed(
         outcome=outcome,
         load_seconds=bases.load_seconds,
         reference_seconds=reference_seconds,
+        teacher_seconds=teacher_seconds if teacher is not None else None,
+        distillation=asdict(tune.distillation) if teacher is not None else None,
         device_peak_gib=(
             torch.cuda.max_memory_allocated(bases.device) / plan.GIB
             if bases.device.type == "cuda"
@@ -517,6 +612,32 @@ def _migrate_claimed(
     claim.publish(keep=(STATE_DIR,))
     storage.publish(out, adapter_report.output_uri)
     return adapter_report
+
+
+def _teacher(
+    spec: AdapterMigrationSpec,
+    adapter: Adapter,
+    old: adapters.OldAdapter,
+    task: TaskData,
+    bases: Bases,
+    storage: Storage,
+    encoder: Encoder,
+) -> tuple[distillation.Teacher | None, float]:
+    """The teacher distributions when fine-tuning distils, and the seconds they took: from the
+    source phase, else from an earlier attempt's state, else computed now (the slow path: the
+    source base loaded again)."""
+    top_k = distilled_top_k(spec)
+    if top_k is None:
+        return None, 0.0
+    key = _teacher_key(adapter, top_k)
+    if key not in bases.teachers:
+        saved = load_teacher(spec, adapter, storage)
+        if saved is None:
+            on_old = _with_adapter(bases.source(), old.config, old.factors)
+            saved = _compute_teacher(on_old, encoder, task, bases.device, top_k)
+            on_old.unload()
+        bases.teachers[key] = saved
+    return bases.teachers[key]
 
 
 def _plan(

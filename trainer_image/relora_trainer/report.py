@@ -1,9 +1,11 @@
 """The per-adapter report: report.json (machine-readable) and summary.md (for people).
 
 Time accounting (seconds): ``load`` (both bases, shared by a migration's adapters),
-``reference`` (the old adapter measured on both bases: reporting, not the method), ``search``,
-``training`` and ``evaluation``. ``timeToReadiness`` = search + training + evaluation up to the
-evaluation that first met the target (null when the target was not met within the budget).
+``reference`` (the old adapter measured on both bases: reporting, not the method), ``teacher``
+(the old adapter's distributions on the old base, computed only when fine-tuning distils; null
+otherwise), ``search``, ``training`` and ``evaluation``. ``timeToReadiness`` = teacher + search +
+training + evaluation up to the evaluation that first met the target (null when the target was
+not met within the budget).
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ class AdapterReport:
     planned_peak_gib: float | None = None
     # The search's start was worse than the old adapter's: the fine-tuning started from that.
     fell_back: bool = False
+    # finetune.distillation ({weight, top_k}) when fine-tuning distilled from the old adapter.
+    distillation: dict[str, float] | None = None
+    # The search stopped before its trials budget: `patience` trials in a row did not improve.
+    stopped_early: bool = False
 
     @classmethod
     def build(
@@ -78,6 +84,8 @@ class AdapterReport:
         device_peak_gib: float | None = None,
         checkpointing: bool = False,
         planned_peak_gib: float | None = None,
+        teacher_seconds: float | None = None,
+        distillation: dict[str, float] | None = None,
     ) -> AdapterReport:
         search_seconds = search_result.seconds if search_result else 0.0
         return cls(
@@ -105,6 +113,7 @@ class AdapterReport:
             seconds={
                 "load": load_seconds,
                 "reference": reference_seconds,
+                "teacher": teacher_seconds,
                 "search": search_seconds,
                 "training": outcome.train_seconds,
                 "evaluation": outcome.eval_seconds,
@@ -116,6 +125,8 @@ class AdapterReport:
             micro_batch=outcome.micro_batch,
             planned_peak_gib=planned_peak_gib,
             fell_back=bool(search_result and search_result.fell_back),
+            distillation=distillation,
+            stopped_early=bool(search_result and search_result.stopped_early),
         )
 
     def quality_of(self, stage: str, split: str = "validation") -> float | None:
@@ -178,6 +189,10 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _teacher(seconds: float | None) -> str:
+    return "" if seconds is None else f"teacher {seconds:.1f} s, "
+
+
 def summary(report: AdapterReport) -> str:
     """A short Markdown summary of one adapter's migration."""
     seconds = report.seconds
@@ -209,7 +224,8 @@ def summary(report: AdapterReport) -> str:
         "",
         f"Steps: {report.steps} (ready at step {report.ready_step}). "
         f"Time to readiness: {'not reached' if ttr is None else f'{ttr:.1f} s'} "
-        f"(search {seconds['search']:.1f} s, training {seconds['training']:.1f} s, "
+        f"({_teacher(seconds.get('teacher'))}search {seconds['search']:.1f} s, "
+        f"training {seconds['training']:.1f} s, "
         f"evaluation {seconds['evaluation']:.1f} s; not counted: loading "
         f"{seconds['load']:.1f} s, reference measurements {seconds['reference']:.1f} s).",
     ]
@@ -219,6 +235,11 @@ def summary(report: AdapterReport) -> str:
             for g, c in report.coefficients.items()
         )
         lines += ["", f"Fusion coefficients ({len(report.trials)} trials): {chosen}."]
+        if report.stopped_early:
+            lines += [
+                "The search stopped early: its last trials did not improve on the best "
+                "(initialization.patience)."
+            ]
         if report.fell_back:
             lines += [
                 "The searched start was worse than the old adapter's on the readiness metric: "

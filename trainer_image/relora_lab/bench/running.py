@@ -39,7 +39,7 @@ class RunRecord:
     ready: bool
     ready_step: int | None
     time_to_readiness: float | None  # report.seconds["timeToReadiness"]
-    spent_seconds: float  # search + training + evaluation over the whole budget
+    spent_seconds: float  # teacher + search + training + evaluation over the whole budget
     search_seconds: float
     steps: int
     target: float
@@ -66,7 +66,8 @@ class RunRecord:
         wall_seconds: float,
     ) -> RunRecord:
         seconds = report.seconds
-        spent = sum(float(seconds.get(k) or 0.0) for k in ("search", "training", "evaluation"))
+        counted = ("teacher", "search", "training", "evaluation")
+        spent = sum(float(seconds.get(k) or 0.0) for k in counted)
         return cls(
             severity=severity,
             variant=variant.name,
@@ -135,14 +136,20 @@ def run_matrix(
     for severity, path in manifests_by_severity.items():
         manifest = read_manifest(path)
         storage = Storage(base_dir=path.resolve().parent)
-        first = spec_for(
-            manifest,
-            variants[0],
-            seed=seeds[0],
-            output=str(out),
-            common=common,
-            readiness=readiness,
-        )
+        # The bases' source phase computes the teacher of the first variant that distils.
+        specs = [
+            spec_for(
+                manifest,
+                variant,
+                seed=seeds[0],
+                output=str(out),
+                common=common,
+                readiness=readiness,
+            )
+            for variant in variants
+        ]
+        distilling = [s for s in specs if migrate.distilled_top_k(s) is not None]
+        first = (distilling or specs)[0]
         bases = migrate.load_bases(first, storage, device)
         for seed in seeds:
             for variant in order_for(variants, seed):

@@ -166,7 +166,7 @@ def _testbeds(
 ) -> dict[str, tuple[TestbedPaths, str]]:
     """Build (or reuse) every testbed of the session: row label -> (its paths, severity). One
     world built once is labelled by severity alone (``severe``); a suite by world and severity
-    (``qwen2-attn/severe``), and by build seed too when there are several (``.../b1``)."""
+    (``qwen2-phrases/severe``), and by build seed too when there are several (``.../b1``)."""
     names = list(WORLDS) if options.worlds == ["all"] else options.worlds or [DEFAULT_WORLD]
     unknown = [n for n in names if n not in WORLDS]
     if unknown:

@@ -75,6 +75,12 @@ VARIANTS: tuple[Variant, ...] = (
         _relora(initialization={"fallback": False}),
     ),
     Variant(
+        "relora-no-patience",
+        "relora running every search trial (no early stop)",
+        _relora(initialization={"patience": 500}),  # >= trials: no early stop
+        quick=False,
+    ),
+    Variant(
         "relora-no-reg",
         "relora without the regularizer (schedule none)",
         _relora(finetune={"regularization": {"schedule": "none"}}),
@@ -102,6 +108,24 @@ VARIANTS: tuple[Variant, ...] = (
         "relora-full-evolution",
         "relora fusing the whole evolution (projection none, randomized SVD)",
         _relora(initialization={"projection": "none"}),
+        quick=False,
+    ),
+    Variant(
+        "relora-teacher",
+        "relora with the old adapter on v1 as a distillation teacher (weight 3)",
+        _relora(finetune={"distillation": {"weight": 3.0}}),
+        quick=False,
+    ),
+    Variant(
+        "warm-start-teacher",
+        "warm-start with the old adapter on v1 as a distillation teacher (weight 3)",
+        merge(WARM_START_METHOD, {"finetune": {"distillation": {"weight": 3.0}}}),
+        quick=False,
+    ),
+    Variant(
+        "warm-start-relora-lr",
+        "warm-start at relora's learning rate: what relora gains beyond its learning rate",
+        merge(WARM_START_METHOD, {"finetune": RELORA_METHOD["finetune"]}),
         quick=False,
     ),
 )

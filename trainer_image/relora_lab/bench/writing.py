@@ -59,7 +59,7 @@ def _interval_text(ratio: Ratio | None) -> str:
 
 def heading(label: str) -> str:
     """A row label as a section title: ``severe`` -> ``v1 -> v2-severe``, a suite's
-    ``qwen2-attn/severe/b1`` -> ``qwen2-attn (build 1): v1 -> v2-severe``."""
+    ``qwen2-phrases/severe/b1`` -> ``qwen2-phrases (build 1): v1 -> v2-severe``."""
     parts = label.split("/")
     if len(parts) == 1:
         return f"v1 -> v2-{label}"

@@ -19,7 +19,7 @@ from transformers import LlamaConfig, PretrainedConfig, PreTrainedTokenizerBase,
 
 from relora_trainer.method.finetune import autocast
 
-FAMILIES: dict[str, type[PretrainedConfig]] = {"llama": LlamaConfig, "qwen2": Qwen2Config}
+FAMILIES: dict[str, Callable[..., PretrainedConfig]] = {"llama": LlamaConfig, "qwen2": Qwen2Config}
 """Decoder families a testbed base can have: Llama, or Qwen2 (biases on q, k and v)."""
 
 

@@ -42,6 +42,7 @@ class SearchConfig:
     objective: str
     lookahead_steps: int
     fallback: bool
+    patience: int | None  # None (not reachable from the API, where null is unset): no stop
 
     @classmethod
     def of(cls, model: Any) -> SearchConfig:
@@ -65,6 +66,18 @@ class RegularizationConfig:
 
 
 @dataclass(frozen=True)
+class DistillationConfig:
+    """The old adapter on the source base as a teacher: weight 0 is off."""
+
+    weight: float
+    top_k: int
+
+    @classmethod
+    def of(cls, model: Any) -> DistillationConfig:
+        return _plain(cls, model)
+
+
+@dataclass(frozen=True)
 class FinetuneConfig:
     """Fine-tuning until ready or out of budget."""
 
@@ -76,7 +89,13 @@ class FinetuneConfig:
     checkpoint_every: int
     stop_when_ready: bool
     regularization: RegularizationConfig
+    distillation: DistillationConfig
 
     @classmethod
     def of(cls, model: Any) -> FinetuneConfig:
-        return _plain(cls, model, regularization=RegularizationConfig.of(model.regularization))
+        return _plain(
+            cls,
+            model,
+            regularization=RegularizationConfig.of(model.regularization),
+            distillation=DistillationConfig.of(model.distillation),
+        )

@@ -1,6 +1,7 @@
 """Fine-tuning with scheduled regularization, readiness checks and resumable checkpoints.
 
 loss = task loss + lambda(step) * mean ||theta - theta0||^2  (theta: the LoRA tensors)
+         [+ w * KL(teacher || student) over the teacher's top-k tokens (see distillation)]
 with a cosine learning-rate decay, an evaluation every ``evalEvery`` steps (and at step 0) that
 stops the run as soon as the readiness target is met (with ``stopWhenReady: false`` the whole
 budget runs and the first evaluation that met the target is still recorded), and a checkpoint
@@ -27,7 +28,7 @@ from peft import PeftModel
 
 from relora_trainer.adapters import lora_parameters
 from relora_trainer.data import IGNORE_INDEX, Encoded, Encoder, Example
-from relora_trainer.method import regularization
+from relora_trainer.method import distillation, regularization
 from relora_trainer.method.config import FinetuneConfig, RegularizationConfig
 from relora_trainer.method.quality import Quality, completion_logits, measure
 
@@ -94,18 +95,36 @@ def batch_indices(*, step: int, size: int, batch_size: int, seed: int) -> list[i
 
 
 def task_loss(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], *, tokens: int | None = None
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    tokens: int | None = None,
+    teacher: distillation.TeacherRows | None = None,
+    weight: float = 0.0,
 ) -> torch.Tensor:
     """Mean cross-entropy of the labelled (completion) tokens, as ``model(**batch).loss``; with
-    ``tokens``, their summed cross-entropy divided by it (a micro-batch's share of its step)."""
+    ``tokens``, their summed cross-entropy divided by it (a micro-batch's share of its step).
+    With ``teacher`` (the batch's rows) and ``weight``, plus ``weight`` times the distillation
+    term over the same tokens, from the same logits."""
     logits, labels = completion_logits(model, batch)
-    loss = torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),
+    reduction = "mean" if tokens is None else "sum"
+    if teacher is None or weight == 0:
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction=reduction,
+        )
+        return loss if tokens is None else loss / tokens
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    loss = torch.nn.functional.nll_loss(
+        logprobs.reshape(-1, logprobs.shape[-1]),
         labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
-        reduction="mean" if tokens is None else "sum",
+        reduction=reduction,
     )
-    return loss if tokens is None else loss / tokens
+    loss = loss if tokens is None else loss / tokens
+    return loss + weight * distillation.divergence(logprobs, labels, teacher, tokens=tokens)
 
 
 def backward(
@@ -115,18 +134,20 @@ def backward(
     *,
     micro_batch: int,
     device: torch.device,
+    teacher: distillation.TeacherRows | None = None,
+    weight: float = 0.0,
 ) -> None:
     """The gradient of one step's task loss (the mean over all its labelled tokens), computed
     ``micro_batch`` examples at a time and accumulated: the same gradient as the whole batch at
-    once, with the activations of a micro-batch only."""
-    batches = [
-        encoder.batch(examples[start : start + micro_batch], device)
-        for start in range(0, len(examples), micro_batch)
-    ]
+    once, with the activations of a micro-batch only. ``teacher``: the examples' teacher rows
+    (in the same order) for the distillation term of ``weight``."""
+    starts = range(0, len(examples), micro_batch)
+    batches = [encoder.batch(examples[start : start + micro_batch], device) for start in starts]
     tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-    for batch in batches:
+    for start, batch in zip(starts, batches, strict=True):
+        rows = None if teacher is None else teacher[start : start + micro_batch]
         with autocast(device):
-            loss = task_loss(model, batch, tokens=max(tokens, 1))
+            loss = task_loss(model, batch, tokens=max(tokens, 1), teacher=rows, weight=weight)
         loss.backward()
 
 
@@ -195,15 +216,22 @@ def train_step(
     seed: int,
     device: torch.device,
     penalty: Callable[[], torch.Tensor] | None = None,
+    teacher: distillation.Teacher | None = None,
+    distill_weight: float = 0.0,
 ) -> None:
-    """One optimizer step on the batch of ``step``: the task loss's gradient accumulated over
+    """One optimizer step on the batch of ``step``: the task loss's gradient (plus
+    ``distill_weight`` times the distillation term toward ``teacher``) accumulated over
     micro-batches (redone smaller if memory runs out), ``penalty`` (the regularizer) added
     once, the gradient norm clipped to 1."""
     picked = batch_indices(step=step, size=len(train), batch_size=batch_size, seed=seed)
     encoded = [encoder.encode(train[i].prompt, train[i].completion) for i in picked]
     reset = functools.partial(optimizer.zero_grad, set_to_none=True)
     reset()
-    micro.run(functools.partial(micro.backward, model, encoder, encoded, device=device), reset)
+    distilling: dict[str, Any] = {}
+    if teacher is not None and distill_weight > 0:
+        distilling = {"teacher": teacher.rows(picked), "weight": distill_weight}
+    work = functools.partial(micro.backward, model, encoder, encoded, device=device, **distilling)
+    micro.run(work, reset)
     if penalty is not None:
         penalty().backward()
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
@@ -292,8 +320,19 @@ def finetune(
     on_step: StepCallback | None = None,
     micro: MicroBatch | None = None,
     on_checkpoint: Callable[[], None] | None = None,
+    teacher: distillation.Teacher | None = None,
 ) -> FinetuneOutcome:
-    """Train the LoRA parameters of ``model`` from their current values until ready or budget."""
+    """Train the LoRA parameters of ``model`` from their current values until ready or budget.
+    With ``config.distillation.weight`` > 0, ``teacher`` (over ``train``) is required."""
+    distill_weight = config.distillation.weight
+    if distill_weight > 0 and config.max_steps > 0:
+        if teacher is None:
+            raise ValueError("distillation weight > 0 needs the teacher's distributions")
+        if teacher.examples != len(train):
+            raise ValueError(
+                f"the teacher covers {teacher.examples} examples, the training data has "
+                f"{len(train)}"
+            )
     parameters = lora_parameters(model)
     anchors = {n: p.detach().clone() for n, p in parameters.items()}
     optimizer = torch.optim.AdamW(parameters.values(), lr=config.learning_rate, weight_decay=0.0)
@@ -370,6 +409,8 @@ def finetune(
             seed=seed,
             device=device,
             penalty=functools.partial(_pull, lam, parameters, anchors) if lam > 0 else None,
+            teacher=teacher,
+            distill_weight=distill_weight,
         )
         if micro.size < config.batch_size:
             outcome.micro_batch = micro.size

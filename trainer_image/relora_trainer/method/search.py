@@ -5,6 +5,11 @@ trials are kept, a trial cut short by the crash is marked failed, and only the r
 runs. Two anchor trials go first: (alpha=1, beta=0), the old adapter as is, and (alpha=1,
 beta=-1), the old adapter with the base evolution undone in its subspace (both clipped to the
 ranges); the search can therefore only improve on reusing the old adapter.
+
+Early stopping (``patience``): the search stops once ``patience`` completed trials in a row,
+counted after the best trial so far, have not improved on its value (strictly lower). The
+anchors count as trials: with the first anchor best, ``1 + patience`` trials run. The count
+comes from the stored trials, so a resumed study that already meets it runs no further trial.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ class SearchResult:
     # The searched start was worse than the old adapter's on the readiness metric, so the
     # fine-tuning started from the old adapter (spec.method.initialization.fallback).
     fell_back: bool = False
+    # Fewer than `trials` trials ran: `patience` trials in a row did not improve on the best.
+    stopped_early: bool = False
 
 
 def _names(group: str, groups: Sequence[str]) -> tuple[str, str]:
@@ -66,6 +73,25 @@ def _sampler(config: SearchConfig, seed: int) -> optuna.samplers.BaseSampler:
     if config.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
     return optuna.samplers.RandomSampler(seed=seed)
+
+
+def _without_improvement(study: optuna.Study) -> int:
+    """Completed trials after the best one (the first to reach the lowest value): the trials in
+    a row that did not improve on it. Failed trials are not counted."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    best: float | None = None
+    since = 0
+    for trial in sorted(complete, key=lambda t: t.number):
+        value = trial.value
+        if value is not None and math.isfinite(value) and (best is None or value < best):
+            best, since = value, 0
+        else:
+            since += 1
+    return since if best is not None else 0
+
+
+def _patience_met(study: optuna.Study, patience: int | None) -> bool:
+    return patience is not None and _without_improvement(study) >= patience
 
 
 def coefficients_of(params: dict[str, float], groups: Sequence[str]) -> Coefficients:
@@ -128,11 +154,21 @@ def run_search(
         if on_trial is not None:
             on_trial(trial.number + 1, config.trials, trial.value)
 
+    def stop_early(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if _patience_met(study, config.patience):
+            study.stop()
+
     time_left = config.timeout_seconds - previous_seconds
-    if remaining and time_left > 0:
+    if remaining and time_left > 0 and not _patience_met(study, config.patience):
         study.optimize(
-            run_trial, n_trials=remaining, timeout=time_left, callbacks=[report], catch=()
+            run_trial,
+            n_trials=remaining,
+            timeout=time_left,
+            callbacks=[report, stop_early],
+            catch=(),
         )
+    ran = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)))
+    stopped_early = ran < config.trials and _patience_met(study, config.patience)
     records = [
         TrialRecord(t.number, dict(t.params), t.value, t.state.name)
         for t in study.get_trials(deepcopy=False)
@@ -144,7 +180,9 @@ def run_search(
     else:  # nothing finished: fall back to the old adapter as is
         coefficients = {g: (_clip(1.0, config.alpha), _clip(0.0, config.beta)) for g in groups}
         best_value = None
-    return SearchResult(coefficients, best_value, records, _spent(study))
+    return SearchResult(
+        coefficients, best_value, records, _spent(study), stopped_early=stopped_early
+    )
 
 
 def _drop_torn_tail(journal: Path) -> None:

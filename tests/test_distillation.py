@@ -1,0 +1,326 @@
+"""The old adapter on the old base as a distillation teacher: the term, micro-batching, the
+teacher computed in the source phase and cached for a retried run, and the API's bounds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel
+
+from relora_api import validation
+from relora_api.spec import AdapterMigrationSpec, Distillation, Finetune, Regularization
+from relora_trainer import adapters, migrate, models
+from relora_trainer.data import Encoder, Example, read_jsonl
+from relora_trainer.method import distillation
+from relora_trainer.method.config import FinetuneConfig, RegularizationConfig
+from relora_trainer.method.finetune import MicroBatch, Target, finetune, task_loss, train_step
+from relora_trainer.method.quality import completion_logits
+from relora_trainer.storage import Storage
+from tests.conftest import toy_manifest
+from tests.test_bases import Loads
+
+CPU = torch.device("cpu")
+UNREACHABLE = Target("accuracy", 2.0)
+
+
+def _with_old_adapter(toy: Any, base: Path, *, dropout: float = 0.0) -> PeftModel:
+    old = adapters.read_adapter(toy.adapter, what="adapter")
+    lora = LoraConfig(**{**old.config.to_dict(), "lora_dropout": dropout, "inference_mode": False})
+    torch.manual_seed(0)
+    model = adapters.attach(models.load_model(base, what="base", device=CPU), lora)
+    adapters.load_factors(model, old.factors)
+    return model
+
+
+def _encoder(toy: Any) -> Encoder:
+    return Encoder(models.load_tokenizer(toy.v2, toy.v1))
+
+
+def _mixed(toy: Any) -> list[Example]:
+    """Training examples with completions of one to three tokens (free-form-like rows)."""
+    train = read_jsonl(toy.split("train"), what="train")[:12]
+    return [
+        Example(
+            e.prompt, e.completion + "".join(train[(n + j) % 12].completion for j in range(n % 3))
+        )
+        for n, e in enumerate(train)
+    ]
+
+
+def _kd(
+    model: torch.nn.Module,
+    encoder: Encoder,
+    teacher: distillation.Teacher,
+    examples: list[Example],
+    rows: list[int],
+) -> float:
+    batch = encoder.batch(
+        [encoder.encode(examples[n].prompt, examples[n].completion) for n in rows], CPU
+    )
+    with torch.no_grad():
+        logits, labels = completion_logits(model.eval(), batch)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        return float(distillation.divergence(logprobs, labels, teacher.rows(rows)))
+
+
+def test_the_term_is_zero_for_the_teacher_itself_and_positive_for_another_model(toy: Any) -> None:
+    encoder, examples = _encoder(toy), _mixed(toy)
+    on_old = _with_old_adapter(toy, toy.v1)
+    teacher = distillation.compute(on_old, encoder, examples, top_k=4, device=CPU, batch_size=5)
+    lengths = [len(encoder.encode(e.prompt, e.completion).completion_ids) for e in examples]
+    assert set(lengths) == {1, 2, 3}, "rows of several lengths, padded together"
+    assert teacher.examples == 12 and teacher.top_k == 4
+    assert torch.equal(teacher.offsets.diff(), torch.tensor(lengths))
+    assert bool((teacher.probs.sum(dim=1) <= 1 + 1e-5).all())
+    rows = [7, 0, 11, 4, 5, 2]  # another order and batch than the teacher's
+    same = _kd(on_old, encoder, teacher, examples, rows)
+    assert abs(same) < 1e-5
+    on_new = _with_old_adapter(toy, toy.v2)
+    other = _kd(on_new, encoder, teacher, examples, rows)
+    assert other > 1e-3, other
+    # Conditioned on the top k: the teacher's mass outside them does not matter.
+    flatter = distillation.Teacher(teacher.ids, teacher.probs * 0.25, teacher.offsets)
+    assert _kd(on_new, encoder, flatter, examples, rows) == pytest.approx(other, rel=1e-5)
+
+
+def test_the_loss_adds_weight_times_the_term_from_the_same_logits(toy: Any) -> None:
+    encoder, examples = _encoder(toy), _mixed(toy)
+    teacher = distillation.compute(
+        _with_old_adapter(toy, toy.v1), encoder, examples, top_k=4, device=CPU
+    )
+    student = _with_old_adapter(toy, toy.v2).eval()
+    rows = [3, 8, 1]
+    batch = encoder.batch(
+        [encoder.encode(examples[n].prompt, examples[n].completion) for n in rows], CPU
+    )
+    with torch.no_grad():
+        plain = float(task_loss(student, batch))
+        off = float(task_loss(student, batch, teacher=teacher.rows(rows), weight=0.0))
+        on = float(task_loss(student, batch, teacher=teacher.rows(rows), weight=2.0))
+    kd = _kd(student, encoder, teacher, examples, rows)
+    assert off == pytest.approx(plain, rel=1e-6)
+    assert on == pytest.approx(plain + 2.0 * kd, rel=1e-5)
+    with pytest.raises(ValueError, match="completion tokens"):
+        task_loss(student, batch, teacher=teacher.rows([0, 1, 2]), weight=1.0)
+
+
+@pytest.fixture(scope="module")
+def teacher(toy: Any) -> distillation.Teacher:
+    train = read_jsonl(toy.split("train"), what="train")
+    on_old = _with_old_adapter(toy, toy.v1)
+    return distillation.compute(on_old, _encoder(toy), train, top_k=8, device=CPU)
+
+
+def _train(
+    toy: Any, config: Finetune, teacher: distillation.Teacher | None
+) -> dict[str, torch.Tensor]:
+    model = _with_old_adapter(toy, toy.v2)
+    train = read_jsonl(toy.split("train"), what="train")
+    finetune(
+        model=model,
+        encoder=_encoder(toy),
+        train=train,
+        validation=read_jsonl(toy.split("validation"), what="validation")[:16],
+        choices=sorted({e.completion for e in train}),
+        config=FinetuneConfig.of(config),
+        regularize=RegularizationConfig.of(Regularization(schedule="none")),
+        target=UNREACHABLE,
+        seed=0,
+        device=CPU,
+        teacher=teacher,
+    )
+    return {n: p.detach().clone() for n, p in adapters.lora_parameters(model).items()}
+
+
+def test_micro_batches_accumulate_the_same_steps_with_distillation(
+    toy: Any, teacher: distillation.Teacher
+) -> None:
+    """microBatchSize 3 of 8 (3 + 3 + 2) with the teacher's term: the parameters equal the
+    whole-batch run's; and the term changed them (against weight 0)."""
+    config = Finetune(
+        max_steps=5,
+        batch_size=8,
+        eval_every=5,
+        learning_rate=5e-3,
+        distillation=Distillation(weight=3.0, top_k=8),
+    )
+    whole = _train(toy, config, teacher)
+    split = _train(toy, config.model_copy(update={"micro_batch_size": 3}), teacher)
+    for name, value in whole.items():
+        assert torch.allclose(split[name], value, atol=1e-6), name
+    off = config.model_copy(
+        update={"distillation": config.distillation.model_copy(update={"weight": 0.0})}
+    )
+    plain = _train(toy, off, teacher)
+    moved = max(float((plain[n] - v).abs().max()) for n, v in whole.items())
+    assert moved > 1e-5, "the distillation term took part in the steps"
+
+
+def test_a_step_distilling_from_the_student_itself_adds_nothing(
+    toy: Any, teacher: distillation.Teacher
+) -> None:
+    """The student is the teacher (the old adapter on v1): at its own distributions the term's
+    gradient is zero, so a step with it (SGD: linear in the gradient) equals one without, if and
+    only if each picked example gets its own teacher rows."""
+    train = read_jsonl(toy.split("train"), what="train")
+    encoder = _encoder(toy)
+    weights = {}
+    for weight in (0.0, 3.0):
+        model = _with_old_adapter(toy, toy.v1)
+        model.train()
+        optimizer = torch.optim.SGD(adapters.lora_parameters(model).values(), lr=1.0)
+        train_step(
+            model,
+            encoder,
+            train,
+            optimizer,
+            MicroBatch(3, batch=8),
+            step=5,
+            batch_size=8,
+            seed=0,
+            device=CPU,
+            teacher=teacher,
+            distill_weight=weight,
+        )
+        weights[weight] = {
+            n: p.detach().clone() for n, p in adapters.lora_parameters(model).items()
+        }
+    for name, value in weights[0.0].items():
+        assert torch.allclose(weights[3.0][name], value, atol=1e-5), name
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(1))
+    lengths = teacher.offsets.diff()
+    assert bool((lengths == 1).all()), "single-token labels: rows can be swapped between examples"
+    swapped = distillation.Teacher(teacher.ids[order], teacher.probs[order], teacher.offsets)
+    model = _with_old_adapter(toy, toy.v1)
+    model.train()
+    optimizer = torch.optim.SGD(adapters.lora_parameters(model).values(), lr=1.0)
+    train_step(
+        model,
+        encoder,
+        train,
+        optimizer,
+        MicroBatch(3, batch=8),
+        step=5,
+        batch_size=8,
+        seed=0,
+        device=CPU,
+        teacher=swapped,
+        distill_weight=3.0,
+    )
+    wrong = {n: p.detach() for n, p in adapters.lora_parameters(model).items()}
+    moved = max(float((wrong[n] - v).abs().max()) for n, v in weights[0.0].items())
+    assert moved > 1e-4, "other examples' rows do change the step: the check above means something"
+
+
+def test_a_positive_weight_without_a_teacher_is_refused(toy: Any) -> None:
+    config = Finetune(max_steps=2, batch_size=4, distillation=Distillation(weight=1.0))
+    with pytest.raises(ValueError, match="needs the teacher"):
+        _train(toy, config, None)
+
+
+def _spec(toy: Any, tmp_path: Path, **changes: Any) -> AdapterMigrationSpec:
+    manifest = toy_manifest(toy, strategy="warm-start")
+    manifest["spec"]["output"]["uri"] = str(tmp_path / "out")
+    manifest["spec"]["method"]["finetune"].update(
+        {"maxSteps": 4, "evalEvery": 2, "distillation": {"weight": 1.0, "topK": 4}}
+    )
+    for key, value in changes.items():
+        if key == "readiness":
+            manifest["spec"]["adapters"][0]["readiness"] = value
+        else:
+            manifest["spec"]["method"][key] = value
+    migration, problems = validation.validate_manifest(manifest)
+    assert migration is not None, problems
+    return migration.spec
+
+
+def test_the_teacher_is_computed_in_the_source_phase_counted_and_reused_by_a_retry(
+    toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = Storage(base_dir=tmp_path)
+    spec = _spec(toy, tmp_path)
+    loads = Loads(monkeypatch)
+    bases = migrate.load_bases(spec, storage, CPU)
+    assert loads.folders == ["v1", "v2-mild"] and loads.most == 1, "one base resident at a time"
+    first = migrate.migrate_adapter(
+        spec=spec, adapter=spec.adapters[0], bases=bases, storage=storage
+    )
+    teacher_seconds = first.seconds["teacher"]
+    assert teacher_seconds is not None and teacher_seconds > 0
+    assert first.distillation == {"weight": 1.0, "top_k": 4}
+    assert first.history[0]["seconds"] >= teacher_seconds, "counted in the time to readiness"
+    out = tmp_path / "out" / "toy-category"
+    assert (out / "state" / migrate.TEACHER_FILE).is_file()
+    (out / "report.json").unlink()  # as if the pod died while saving
+
+    def no_teacher(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the teacher was computed again")
+
+    monkeypatch.setattr(distillation, "compute", no_teacher)
+    loads.folders.clear()
+    bases = migrate.load_bases(spec, storage, CPU)
+    assert loads.folders == ["v2-mild"], "neither the reference nor the teacher loads the old base"
+    monkeypatch.setattr(bases, "source", no_teacher)
+    second = migrate.migrate_adapter(
+        spec=spec, adapter=spec.adapters[0], bases=bases, storage=storage
+    )
+    assert second.seconds["teacher"] == teacher_seconds, "the first attempt's seconds, counted"
+    assert second.history[0]["seconds"] >= teacher_seconds
+
+
+def test_an_absolute_target_loads_the_source_for_the_teacher_only(
+    toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loads = Loads(monkeypatch)
+    spec = _spec(toy, tmp_path, readiness={"target": 0.5})
+    storage = Storage(base_dir=tmp_path)
+    bases = migrate.load_bases(spec, storage, CPU)
+    assert loads.folders == ["v1", "v2-mild"] and not bases.on_source
+    report = migrate.migrate_adapter(
+        spec=spec, adapter=spec.adapters[0], bases=bases, storage=storage
+    )
+    assert "source" not in report.quality
+    assert report.seconds["teacher"] is not None and report.seconds["teacher"] > 0
+
+
+def test_a_strategy_that_does_not_train_computes_no_teacher(
+    toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loads = Loads(monkeypatch)
+    spec = _spec(toy, tmp_path, strategy="reuse", readiness={"target": 0.5})
+    storage = Storage(base_dir=tmp_path)
+    bases = migrate.load_bases(spec, storage, CPU)
+    report = migrate.migrate_adapter(
+        spec=spec, adapter=spec.adapters[0], bases=bases, storage=storage
+    )
+    assert loads.folders == ["v2-mild"]
+    assert report.seconds["teacher"] is None and report.distillation is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        (
+            "weight",
+            -0.5,
+            "spec.method.finetune.distillation.weight: must be greater than or equal to 0",
+        ),
+        (
+            "weight",
+            101,
+            "spec.method.finetune.distillation.weight: must be less than or equal to 100",
+        ),
+        ("topK", 1, "spec.method.finetune.distillation.topK: must be greater than or equal to 2"),
+    ],
+)
+def test_out_of_range_distillation_is_refused_with_the_field_named(
+    toy: Any, field: str, value: float, expected: str
+) -> None:
+    manifest = toy_manifest(toy)
+    manifest["spec"]["method"]["finetune"]["distillation"] = {field: value}
+    migration, problems = validation.validate_manifest(manifest)
+    assert migration is None
+    assert any(str(p).startswith(expected) for p in problems), problems
