@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 
-from relora_lab.bench import summary, variants, writing
+from relora_lab.bench import session, summary, variants, writing
 from relora_lab.bench.running import RunRecord, order_for
 from relora_trainer.errors import BadInput
 
@@ -215,3 +217,48 @@ def test_the_ratio_interval_is_students_t_on_the_logarithms() -> None:
     assert high == pytest.approx(2 * math.exp(half), rel=1e-5)
     assert summary.interval95([1.5, 1.5, 1.5]) == pytest.approx((1.5, 1.5))
     assert summary.interval95([2.0]) is None and summary.interval95([]) is None
+
+
+def test_retargeting_rereads_readiness_from_the_history() -> None:
+    run = record("warm-start", 0, ttr=20.0, ready_step=10, test=0.65)
+    # source validation accuracy 0.6; history: step 0 at 0.5 (1.0 s), step 10 at 0.6 (20.0 s)
+    lower = summary.retarget(run, 0.8)  # target 0.48: met at step 0
+    assert (lower.ready, lower.ready_step, lower.time_to_readiness) == (True, 0, 1.0)
+    assert lower.target == pytest.approx(0.48)
+    strict = summary.retarget(run, 1.1)  # target 0.66: never met, censored at what it spent
+    assert (strict.ready, strict.ready_step, strict.time_to_readiness) == (False, None, None)
+    assert strict.spent_seconds == run.spent_seconds
+    assert summary.retarget(run, 1.0).ready_step == 10
+
+
+def test_a_report_is_resummarized_at_another_target_without_running(tmp_path: Path) -> None:
+    context = writing.Context(
+        command="relora bench",
+        mode="full",
+        seeds=[0, 1],
+        wall_seconds=60.0,
+        device="cpu",
+        threads=2,
+        testbed="examples/testbed",
+        testbed_figures={},
+        budget={"maxSteps": 200},
+        variants=[v for v in variants.VARIANTS if v.name in ("relora", "warm-start")],
+    )
+    records = [r for r in RECORDS if r.variant in ("relora", "warm-start")]
+    table = summary.cells(records)
+    comparisons = summary.compare(table, records, baselines=variants.BASELINES)
+    written = writing.write(tmp_path / "first", context, table, comparisons, records)
+    again = session.resummarize(
+        session.Options(
+            from_reports=[str(written["json"])], target_fraction=0.8, out=str(tmp_path / "again")
+        ),
+        console=Console(file=io.StringIO()),
+    )
+    document = json.loads(again["json"].read_text())
+    assert {r["ready_step"] for r in document["runs"]} == {0}, "every run met 0.48 at step 0"
+    assert "0.8 x the old adapter" in again["markdown"].read_text()
+    with pytest.raises(BadInput, match=r"--from-report .*: not a bench-report\.json"):
+        session.resummarize(
+            session.Options(from_reports=[str(tmp_path / "none.json")]),
+            console=Console(file=io.StringIO()),
+        )

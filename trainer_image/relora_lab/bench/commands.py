@@ -47,6 +47,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 steps=args.steps,
                 target_fraction=args.target_fraction,
                 tune=args.tune,
+                from_reports=args.from_report,
                 command=command,
             )
         )
@@ -141,6 +142,13 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
         action="store_true",
         help="run the tuning grid (six configurations per strategy, tuning seeds) instead, "
         "and write tuning-report.md",
+    )
+    bench.add_argument(
+        "--from-report",
+        action="append",
+        metavar="JSON",
+        help="summarize the runs of an earlier bench-report.json (repeatable: merged) at "
+        "--target-fraction, re-reading readiness from each run's evaluations; runs nothing",
     )
     bench.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     bench.add_argument(

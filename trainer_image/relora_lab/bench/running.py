@@ -91,6 +91,13 @@ class RunRecord:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RunRecord:
+        """A record written by :meth:`to_json` (and read back from JSON)."""
+        fields = dict(data)
+        fields["load_average"] = tuple(fields.get("load_average") or (0.0, 0.0))
+        return cls(**fields)
+
 
 def read_manifest(path: Path) -> dict[str, Any]:
     """The one AdapterMigration in ``path``, validated, as a plain dictionary."""

@@ -48,12 +48,15 @@ class Options:
     steps: int | None = None  # the step budget (default: variants.COMMON_FINETUNE)
     target_fraction: float = TARGET_FRACTION
     tune: bool = False  # run the tuning grid on the tuning seeds instead of the benchmark
+    from_reports: list[str] | None = None  # summarize these reports' runs instead of running
     command: str = "relora bench"
 
 
 def run(options: Options, *, console: Console | None = None) -> dict[str, Path]:
     """Run the benchmark; return the paths of the written reports."""
     started = time.perf_counter()
+    if options.from_reports:
+        return resummarize(options, console=console or Console(stderr=True))
     local_run.quiet_libraries()
     if options.threads:
         torch.set_num_threads(options.threads)
@@ -150,13 +153,62 @@ def run(options: Options, *, console: Console | None = None) -> dict[str, Path]:
         testbed_figures=summaries[roots[0]] if len(roots) == 1 else {},
         budget=budget,
         variants=chosen,
-        target_rule=(
-            f"validation accuracy >= {options.target_fraction:g} x the old adapter's validation "
-            f"accuracy on v1 (readiness relativeToSource {options.target_fraction:g})"
-        ),
+        target_rule=_target_rule(options.target_fraction),
         load_averages=(load_range[0] if records else 0.0, load_range[1]),
     )
     written = writing.write(out, context, table, comparisons, records)
+    _print_summary(console.print, table, comparisons)
+    return written
+
+
+def _target_rule(fraction: float) -> str:
+    return (
+        f"validation accuracy >= {fraction:g} x the old adapter's validation accuracy on v1 "
+        f"(readiness relativeToSource {fraction:g})"
+    )
+
+
+def resummarize(options: Options, *, console: Console) -> dict[str, Path]:
+    """The report of the runs of earlier ``bench-report.json`` files (several: merged, e.g. two
+    sessions that ran different variants on the same pairs), at ``options.target_fraction``:
+    each run's readiness re-read from its evaluation history. Nothing is run."""
+    records: list[running.RunRecord] = []
+    chosen: dict[str, variants.Variant] = {}
+    contexts = []
+    for name in options.from_reports or []:
+        try:
+            document = json.loads(Path(name).read_text())
+            contexts.append(document["context"])
+            records += [running.RunRecord.from_json(r) for r in document["runs"]]
+            for v in document["context"]["variants"]:
+                chosen.setdefault(
+                    v["name"], variants.Variant(v["name"], v["description"], v["method"])
+                )
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise BadInput(f"--from-report {name}: not a bench-report.json ({error})") from error
+    records = [summary.retarget(r, options.target_fraction) for r in records]
+    table = summary.cells(records)
+    comparisons = summary.compare(table, records, baselines=variants.BASELINES)
+    first = contexts[0]
+    context = writing.Context(
+        command=options.command,
+        mode=first["mode"],
+        seeds=sorted({r.seed for r in records}),
+        wall_seconds=sum(float(c["wall_seconds"]) for c in contexts),
+        device=first["device"],
+        threads=first["threads"],
+        testbed=", ".join(dict.fromkeys(c["testbed"] for c in contexts)),
+        testbed_figures=first["testbed_figures"] if len(contexts) == 1 else {},
+        budget=first["budget"],
+        variants=list(chosen.values()),
+        target_rule=_target_rule(options.target_fraction),
+        load_averages=(
+            min(c["load_averages"][0] for c in contexts),
+            max(c["load_averages"][1] for c in contexts),
+        ),
+        notes=[f"Summarized from {', '.join(options.from_reports or [])}: no run was repeated."],
+    )
+    written = writing.write(Path(options.out).resolve(), context, table, comparisons, records)
     _print_summary(console.print, table, comparisons)
     return written
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from relora_lab.bench.running import RunRecord
+from relora_trainer.errors import BadInput
 
 METHOD = "relora"
 
@@ -84,6 +85,24 @@ def interval95(ratios: Sequence[float]) -> tuple[float, float] | None:
     half = float(t.ppf(0.975, len(logs) - 1)) * statistics.stdev(logs) / math.sqrt(len(logs))
     centre = statistics.fmean(logs)
     return math.exp(centre - half), math.exp(centre + half)
+
+
+def retarget(record: RunRecord, fraction: float) -> RunRecord:
+    """``record`` as if its readiness target had been ``fraction`` x the old adapter's
+    validation accuracy on v1: readiness, its step and its seconds re-read from the evaluation
+    history (each entry carries the counted seconds up to it)."""
+    source = record.accuracy("source", "validation")
+    if source is None:
+        raise BadInput(f"run {record.severity}/{record.variant}: no source accuracy to retarget")
+    target = fraction * source
+    met = next((h for h in record.history if float(h["quality"]) >= target), None)
+    return replace(
+        record,
+        target=target,
+        ready=met is not None,
+        ready_step=None if met is None else int(met["step"]),
+        time_to_readiness=None if met is None else float(met["seconds"]),
+    )
 
 
 def _ttr(record: RunRecord) -> float:
