@@ -113,7 +113,13 @@ def test_an_absolute_target_never_loads_the_source_base(
     toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     loads = Loads(monkeypatch)
-    spec = _spec(toy, tmp_path, readiness={"target": 0.5})
+    # Without the teacher (on by default, and computed on the source base).
+    spec = _spec(
+        toy,
+        tmp_path,
+        readiness={"target": 0.5},
+        finetune={"maxSteps": 4, "distillation": {"weight": 0}},
+    )
     bases = migrate.load_bases(spec, Storage(base_dir=tmp_path), CPU)
     report = migrate.migrate_adapter(
         spec=spec, adapter=spec.adapters[0], bases=bases, storage=Storage(base_dir=tmp_path)
