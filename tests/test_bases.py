@@ -113,13 +113,7 @@ def test_an_absolute_target_never_loads_the_source_base(
     toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     loads = Loads(monkeypatch)
-    # Without the teacher (on by default, and computed on the source base).
-    spec = _spec(
-        toy,
-        tmp_path,
-        readiness={"target": 0.5},
-        finetune={"maxSteps": 4, "distillation": {"weight": 0}},
-    )
+    spec = _spec(toy, tmp_path, readiness={"target": 0.5})
     bases = migrate.load_bases(spec, Storage(base_dir=tmp_path), CPU)
     report = migrate.migrate_adapter(
         spec=spec, adapter=spec.adapters[0], bases=bases, storage=Storage(base_dir=tmp_path)

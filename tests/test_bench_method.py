@@ -16,7 +16,7 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from relora_api.spec import Distillation, Finetune
+from relora_api.spec import Finetune
 from relora_lab import settings
 from relora_lab.bench import variants
 from relora_trainer import adapters, migrate, models
@@ -109,13 +109,7 @@ def test_without_stop_when_ready_the_whole_budget_runs(toy: Any) -> None:
             validation=validation,
             choices=sorted({e.completion for e in train}),
             config=FinetuneConfig.of(
-                Finetune(
-                    max_steps=6,
-                    eval_every=2,
-                    batch_size=4,
-                    stop_when_ready=stop,
-                    distillation=Distillation(weight=0),
-                )
+                Finetune(max_steps=6, eval_every=2, batch_size=4, stop_when_ready=stop)
             ),
             regularize=None,
             target=Target("loss", 1000.0),  # met at once

@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from relora_api.spec import Distillation, Finetune, Regularization
+from relora_api.spec import Finetune, Regularization
 from relora_trainer import adapters, models
 from relora_trainer.data import Encoder, read_jsonl
 from relora_trainer.method import finetune as finetune_module
@@ -79,13 +79,7 @@ UNREACHABLE = Target("accuracy", 2.0)
 
 
 def test_a_resumed_run_matches_an_uninterrupted_one(toy: Any, tmp_path: Path) -> None:
-    config = Finetune(
-        distillation=Distillation(weight=0),
-        max_steps=30,
-        eval_every=10,
-        checkpoint_every=10,
-        batch_size=8,
-    )
+    config = Finetune(max_steps=30, eval_every=10, checkpoint_every=10, batch_size=8)
     whole, whole_weights = _run(toy, state=tmp_path / "a", config=config, target=UNREACHABLE)
 
     def crash_at_17(step: int, evaluation: object) -> None:
@@ -113,26 +107,20 @@ def test_a_resumed_run_matches_an_uninterrupted_one(toy: Any, tmp_path: Path) ->
 
 def test_a_corrupted_checkpoint_starts_over_instead_of_failing(toy: Any, tmp_path: Path) -> None:
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    config = Finetune(
-        distillation=Distillation(weight=0),
-        max_steps=4,
-        eval_every=2,
-        checkpoint_every=2,
-        batch_size=4,
-    )
+    config = Finetune(max_steps=4, eval_every=2, checkpoint_every=2, batch_size=4)
     outcome, _ = _run(toy, state=tmp_path, config=config, target=UNREACHABLE)
     assert outcome.steps == 4
 
 
 def test_stops_at_readiness(toy: Any) -> None:
-    config = Finetune(distillation=Distillation(weight=0), max_steps=50, eval_every=5, batch_size=8)
+    config = Finetune(max_steps=50, eval_every=5, batch_size=8)
     outcome, _ = _run(toy, state=None, config=config, target=Target("loss", 100.0))
     assert outcome.ready and outcome.ready_step == 0 and outcome.steps == 0
     assert outcome.ready_seconds is not None and outcome.ready_seconds > 0
 
 
 def test_runs_the_budget_when_never_ready(toy: Any) -> None:
-    config = Finetune(distillation=Distillation(weight=0), max_steps=7, eval_every=3, batch_size=4)
+    config = Finetune(max_steps=7, eval_every=3, batch_size=4)
     outcome, _ = _run(toy, state=None, config=config, target=UNREACHABLE)
     assert not outcome.ready and outcome.steps == 7
     assert [e.step for e in outcome.history] == [0, 3, 6, 7]
@@ -143,13 +131,7 @@ def test_micro_batches_accumulate_the_same_steps(toy: Any) -> None:
     """microBatchSize 3 of a batch of 8 (uneven: 3 + 3 + 2 examples, each micro-batch padded to
     its own width): the loss is the mean over the whole step's labelled tokens, so the
     parameters after 6 steps equal the whole-batch run's (fp32, no dropout)."""
-    config = Finetune(
-        distillation=Distillation(weight=0),
-        max_steps=6,
-        batch_size=8,
-        eval_every=3,
-        learning_rate=5e-3,
-    )
+    config = Finetune(max_steps=6, batch_size=8, eval_every=3, learning_rate=5e-3)
     whole, whole_weights = _run(toy, state=None, config=config, target=UNREACHABLE, dropout=0.0)
     split_config = config.model_copy(update={"micro_batch_size": 3})
     split, split_weights = _run(
@@ -164,12 +146,7 @@ def test_micro_batches_accumulate_the_same_steps(toy: Any) -> None:
 
 
 def _initial(toy: Any) -> dict[str, torch.Tensor]:
-    _, weights = _run(
-        toy,
-        state=None,
-        config=Finetune(distillation=Distillation(weight=0), max_steps=0),
-        target=UNREACHABLE,
-    )
+    _, weights = _run(toy, state=None, config=Finetune(max_steps=0), target=UNREACHABLE)
     return weights
 
 
@@ -179,13 +156,7 @@ def test_running_out_of_gpu_memory_halves_the_micro_batch(
     """A step (or an evaluation) that runs out of GPU memory is redone with half the examples
     per forward pass, gradients accumulated, and the run goes on with the same steps as one
     that had the memory; what happened is told once per halving."""
-    config = Finetune(
-        distillation=Distillation(weight=0),
-        max_steps=4,
-        batch_size=8,
-        eval_every=2,
-        learning_rate=5e-3,
-    )
+    config = Finetune(max_steps=4, batch_size=8, eval_every=2, learning_rate=5e-3)
     roomy, roomy_weights = _run(toy, state=None, config=config, target=UNREACHABLE, dropout=0.0)
 
     real_loss = finetune_module.task_loss
@@ -228,7 +199,7 @@ def test_out_of_memory_at_one_example_is_not_swallowed(
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(finetune_module, "task_loss", loss)
-    config = Finetune(distillation=Distillation(weight=0), max_steps=2, batch_size=4, eval_every=2)
+    config = Finetune(max_steps=2, batch_size=4, eval_every=2)
     with pytest.raises(torch.OutOfMemoryError):
         _run(toy, state=None, config=config, target=UNREACHABLE)
 

@@ -276,14 +276,10 @@ class Distillation(APIModel):
     """
 
     weight: float = Field(
-        default=3.0,
+        default=0.0,
         ge=0,
         le=100,
-        description=(
-            "Weight of the distillation term beside the task loss; 0: off. Default 3: on the "
-            "development suite it shortened the time to readiness where the update is large "
-            "(docs/benchmark.md)."
-        ),
+        description="Weight of the distillation term beside the task loss; 0: off.",
     )
     top_k: int = Field(
         default=16,

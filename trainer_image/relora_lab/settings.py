@@ -30,16 +30,10 @@ def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-NO_TEACHER: Mapping[str, Any] = {"distillation": {"weight": 0}}
-"""The baselines as published: fine-tuning on the task loss alone (no teacher, which the
-product turns on by default for every strategy that trains)."""
-SCRATCH_METHOD: Mapping[str, Any] = {
-    "strategy": "scratch",
-    "finetune": {"learningRate": 0.002, **NO_TEACHER},
-}
+SCRATCH_METHOD: Mapping[str, Any] = {"strategy": "scratch", "finetune": {"learningRate": 0.002}}
 WARM_START_METHOD: Mapping[str, Any] = {
     "strategy": "warm-start",
-    "finetune": {"learningRate": 0.004, **NO_TEACHER},
+    "finetune": {"learningRate": 0.004},
 }
 RELORA_METHOD: Mapping[str, Any] = {
     "strategy": "relora",
@@ -49,8 +43,7 @@ RELORA_METHOD: Mapping[str, Any] = {
 """Each strategy's settings, chosen by the same tuning (six candidates per trained strategy, see
 bench/tuning.py and docs/benchmark.md): the learning rate of every trained strategy, and for
 relora also its search objective. The search budget (6 trials on 128 validation examples) was set
-before the tuning, not tuned. Everything else is the default of spec.method (for relora: the
-teacher at weight 3, chosen on the suite; the baselines train without it)."""
+before the tuning, not tuned. Everything else is the default of spec.method."""
 
 
 METHODS: Mapping[str, Mapping[str, Any]] = {

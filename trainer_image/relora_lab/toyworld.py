@@ -23,7 +23,7 @@ from peft import LoraConfig
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from relora_api.spec import Distillation, Finetune
+from relora_api.spec import Finetune
 from relora_trainer import adapters
 from relora_trainer.data import Encoder, Example
 from relora_trainer.method.config import FinetuneConfig
@@ -171,12 +171,7 @@ def build(out: Path, *, seed: int = 0, adapter_steps: int = 200, strength: float
         validation=splits["validation"],
         choices=choices,
         config=FinetuneConfig.of(
-            Finetune(
-                distillation=Distillation(weight=0),
-                max_steps=adapter_steps,
-                learning_rate=1e-2,
-                eval_every=adapter_steps,
-            )
+            Finetune(max_steps=adapter_steps, learning_rate=1e-2, eval_every=adapter_steps)
         ),
         regularize=None,
         target=Target("accuracy", 2.0),  # unreachable: train the whole budget

@@ -56,16 +56,7 @@ VARIANTS: tuple[Variant, ...] = (
         WARM_START_METHOD,
         baseline=True,
     ),
-    Variant(
-        "relora",
-        "searched fusion init + scheduled regularization + the old adapter as teacher",
-        RELORA_METHOD,
-    ),
-    Variant(
-        "relora-no-teacher",
-        "relora without the teacher (distillation weight 0)",
-        _relora(finetune={"distillation": {"weight": 0}}),
-    ),
+    Variant("relora", "searched fusion init + scheduled regularization", RELORA_METHOD),
     Variant(
         "relora-no-search",
         "relora without the search: alpha in [1, 1], beta in [0, 0] (one trial)",
@@ -82,7 +73,6 @@ VARIANTS: tuple[Variant, ...] = (
         "relora-no-fallback",
         "relora keeping the searched start even when it is worse than the old adapter's",
         _relora(initialization={"fallback": False}),
-        quick=False,
     ),
     Variant(
         "relora-no-patience",
@@ -121,9 +111,15 @@ VARIANTS: tuple[Variant, ...] = (
         quick=False,
     ),
     Variant(
+        "relora-teacher",
+        "relora with the old adapter on v1 as a distillation teacher (weight 3)",
+        _relora(finetune={"distillation": {"weight": 3.0}}),
+        quick=False,
+    ),
+    Variant(
         "warm-start-teacher",
         "warm-start with the old adapter on v1 as a distillation teacher (weight 3)",
-        merge(WARM_START_METHOD, {"finetune": {"distillation": {"weight": 3}}}),
+        merge(WARM_START_METHOD, {"finetune": {"distillation": {"weight": 3.0}}}),
         quick=False,
     ),
     Variant(

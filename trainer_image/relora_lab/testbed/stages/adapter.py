@@ -12,7 +12,7 @@ import torch
 from peft import LoraConfig
 from transformers import PreTrainedTokenizerBase
 
-from relora_api.spec import Distillation, Finetune
+from relora_api.spec import Finetune
 from relora_lab.testbed.builder import WorldBuilder
 from relora_lab.testbed.cache import digest
 from relora_lab.testbed.layout import TestbedPaths
@@ -66,7 +66,6 @@ def adapter_stage(
             choices=choices,
             config=FinetuneConfig.of(
                 Finetune(
-                    distillation=Distillation(weight=0),
                     max_steps=recipe.steps,
                     learning_rate=recipe.learning_rate,
                     batch_size=recipe.batch_size,
