@@ -167,8 +167,8 @@ def test_a_step_distilling_from_the_student_itself_adds_nothing(
     only if each picked example gets its own teacher rows."""
     train = read_jsonl(toy.split("train"), what="train")
     encoder = _encoder(toy)
-    weights = {}
-    for weight in (0.0, 3.0):
+
+    def one_step(rows: distillation.Teacher, weight: float) -> dict[str, torch.Tensor]:
         model = _with_old_adapter(toy, toy.v1)
         model.train()
         optimizer = torch.optim.SGD(adapters.lora_parameters(model).values(), lr=1.0)
@@ -182,35 +182,19 @@ def test_a_step_distilling_from_the_student_itself_adds_nothing(
             batch_size=8,
             seed=0,
             device=CPU,
-            teacher=teacher,
+            teacher=rows,
             distill_weight=weight,
         )
-        weights[weight] = {
-            n: p.detach().clone() for n, p in adapters.lora_parameters(model).items()
-        }
+        return {n: p.detach().clone() for n, p in adapters.lora_parameters(model).items()}
+
+    weights = {weight: one_step(teacher, weight) for weight in (0.0, 3.0)}
     for name, value in weights[0.0].items():
         assert torch.allclose(weights[3.0][name], value, atol=1e-5), name
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(1))
     lengths = teacher.offsets.diff()
     assert bool((lengths == 1).all()), "single-token labels: rows can be swapped between examples"
     swapped = distillation.Teacher(teacher.ids[order], teacher.probs[order], teacher.offsets)
-    model = _with_old_adapter(toy, toy.v1)
-    model.train()
-    optimizer = torch.optim.SGD(adapters.lora_parameters(model).values(), lr=1.0)
-    train_step(
-        model,
-        encoder,
-        train,
-        optimizer,
-        MicroBatch(3, batch=8),
-        step=5,
-        batch_size=8,
-        seed=0,
-        device=CPU,
-        teacher=swapped,
-        distill_weight=3.0,
-    )
-    wrong = {n: p.detach() for n, p in adapters.lora_parameters(model).items()}
+    wrong = one_step(swapped, 3.0)
     moved = max(float((wrong[n] - v).abs().max()) for n, v in weights[0.0].items())
     assert moved > 1e-4, "other examples' rows do change the step: the check above means something"
 

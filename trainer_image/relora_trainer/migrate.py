@@ -243,10 +243,17 @@ def load_teacher(
         if saved.get("fingerprint") != fingerprint(spec, adapter):
             return None
         return distillation.Teacher.of_state(saved["teacher"]), float(saved["seconds"])
-    except (RuntimeError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError):
-        return None  # unreadable: compute again
-    except pickle.UnpicklingError:
-        return None  # a torn or foreign file: compute again
+    except (
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        TypeError,
+        KeyError,
+        AttributeError,
+        pickle.UnpicklingError,
+    ):
+        return None  # unreadable, torn or foreign: compute again
 
 
 def _save_teacher(state: Path, key: str, teacher: distillation.Teacher, seconds: float) -> None:
