@@ -129,7 +129,13 @@ def test_a_pod_killed_during_the_search_resumes_from_its_journal(
     trials = 12
     method = {
         "strategy": "relora",
-        "initialization": {"trials": trials, "sampler": "tpe", "validationSamples": 48},
+        # every trial runs (no early stop): the test is about resuming the journal
+        "initialization": {
+            "trials": trials,
+            "sampler": "tpe",
+            "validationSamples": 48,
+            "patience": 500,
+        },
         "finetune": {"maxSteps": 30, "evalEvery": 10, "learningRate": 0.01},
     }
     cluster.create(_manifest("searching", cluster.namespace, [_adapter("one")], method=method))
