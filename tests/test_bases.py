@@ -226,3 +226,27 @@ def test_gradient_checkpointing_trains_the_same_and_is_switched_back(
     assert [s for s, _ in histories["on"]] == [s for s, _ in histories["off"]]
     for (_, on), (_, off) in zip(histories["on"], histories["off"], strict=True):
         assert on == pytest.approx(off, rel=1e-5)
+
+
+def test_an_old_adapter_already_ready_is_the_start_without_a_search(
+    toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """relora when the old adapter on the target base meets the target: no trial, no source
+    read for the evolution; ready at step 0 as warm-start would be."""
+    loads = Loads(monkeypatch)
+    spec = _spec(toy, tmp_path, readiness={"target": 0.01})
+
+    def no_evolution(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("read the base evolution")
+
+    monkeypatch.setattr(migrate, "_terms", no_evolution)
+    storage = Storage(base_dir=tmp_path)
+    bases = migrate.load_bases(spec, storage, CPU)
+    report = migrate.migrate_adapter(
+        spec=spec, adapter=spec.adapters[0], bases=bases, storage=storage
+    )
+    assert loads.folders == ["v2-mild"]
+    assert report.search_skipped and report.trials == [] and report.ready_step == 0
+    assert report.coefficients == {"all": {"alpha": 1.0, "beta": 0.0}}
+    summary = (tmp_path / "out" / "toy-category" / "summary.md").read_text()
+    assert "No search: the old adapter" in summary

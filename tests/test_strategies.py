@@ -43,6 +43,7 @@ def _context(toy: Any, tmp_path: Path, calls: list[str], rank: int | None = None
         measure=measure,
         look_ahead=lambda: calls.append("look-ahead"),
         metric="accuracy",
+        ready_before=False,
         search=SearchConfig.of(Initialization(trials=2)),
         seed=0,
         journal=tmp_path / "journal",
@@ -157,3 +158,22 @@ def test_the_fallback_check_reuses_what_the_trials_measured(toy: Any, tmp_path: 
     result = strategies.strategy("relora").initialize(context)
     assert result is not None and result.fell_back, "0.5 < 0.6: back to the old adapter"
     assert measured == [True] * 4, "four trials, no extra evaluation"
+
+
+def test_relora_does_not_search_when_the_old_adapter_is_already_ready(
+    toy: Any, tmp_path: Path
+) -> None:
+    """skipWhenReady (default on): the start is the old adapter, nothing measured, the
+    source base never read; off, the search runs as always."""
+    calls: list[str] = []
+    context = _context(toy, tmp_path, calls)
+    context.ready_before = True
+    result = strategies.strategy("relora").initialize(context)
+    assert result is not None and result.skipped and result.trials == []
+    assert calls == [], "neither the evolution nor a trial"
+    module = next(iter(context.old.factors))
+    old = context.old.factors[module]
+    assert torch.allclose(_update(context.model, module), old.b @ old.a, atol=1e-5)
+    context.search = SearchConfig.of(Initialization(trials=2, skip_when_ready=False))
+    with pytest.raises(AssertionError, match="read the source base"):
+        strategies.strategy("relora").initialize(context)

@@ -240,6 +240,15 @@ class Initialization(APIModel):
             "runs); null means the default, as for every field."
         ),
     )
+    skip_when_ready: bool = Field(
+        default=True,
+        description=(
+            "Do not search when the old adapter on the target base already meets the "
+            "readiness target on the validation split (measured before the search, as the "
+            "report's `before` quality): start from the old adapter, as warm-start does. false "
+            "searches always."
+        ),
+    )
 
 
 class Regularization(APIModel):

@@ -50,6 +50,8 @@ REFERENCE_FILE = "reference.json"
 """The source phase's measurement, in the state folder: a retried pod need not load the old base."""
 TEACHER_FILE = "teacher.pt"
 """The source phase's teacher distributions (fine-tuning that distils), in the state folder."""
+TEACHER_FORMAT = 2
+"""Saved teachers of another format (1: every completion token distilled) are computed again."""
 FINGERPRINT_FILE = "fingerprint"
 
 
@@ -186,7 +188,9 @@ def _load_bases(
             if reference:
                 on_source[key] = _Quality(Encoder(tokenizer), task, device).splits(on_old)
             if teaching and top_k is not None:
-                computed = _compute_teacher(on_old, Encoder(tokenizer), task, device, top_k)
+                computed = _compute_teacher(
+                    on_old, Encoder(tokenizer), task, device, top_k, adapter.readiness.metric
+                )
                 teachers[teacher_key] = computed
                 teacher_seconds += computed[1]
             on_old.unload()
@@ -212,18 +216,30 @@ def _load_bases(
 
 
 def _compute_teacher(
-    model: nn.Module, encoder: Encoder, task: TaskData, device: torch.device, top_k: int
+    model: nn.Module,
+    encoder: Encoder,
+    task: TaskData,
+    device: torch.device,
+    top_k: int,
+    metric: str,
 ) -> tuple[distillation.Teacher, float]:
     """The teacher's top-k distributions over the training examples (``model``: the old adapter
     on the source base), and the seconds they took; redone in smaller batches when memory runs
-    out."""
+    out. An accuracy target distils only the tokens that decide between the task's choices."""
     started = time.perf_counter()
     micro = MicroBatch(EVALUATION_BATCH, batch=EVALUATION_BATCH)
+    choices = task.choices if metric == "accuracy" else None
 
     def once() -> distillation.Teacher:
         with autocast(device):
             return distillation.compute(
-                model, encoder, task.train, top_k=top_k, device=device, batch_size=micro.evaluation
+                model,
+                encoder,
+                task.train,
+                top_k=top_k,
+                device=device,
+                batch_size=micro.evaluation,
+                choices=choices,
             )
 
     teacher = micro.run(once)
@@ -242,6 +258,8 @@ def load_teacher(
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved.get("fingerprint") != fingerprint(spec, adapter):
             return None
+        if saved.get("format") != TEACHER_FORMAT:
+            return None
         return distillation.Teacher.of_state(saved["teacher"]), float(saved["seconds"])
     except (
         RuntimeError,
@@ -258,7 +276,8 @@ def load_teacher(
 
 def _save_teacher(state: Path, key: str, teacher: distillation.Teacher, seconds: float) -> None:
     buffer = io.BytesIO()
-    torch.save({"fingerprint": key, "teacher": teacher.to_state(), "seconds": seconds}, buffer)
+    saved = {"fingerprint": key, "format": TEACHER_FORMAT, "seconds": seconds}
+    torch.save({**saved, "teacher": teacher.to_state()}, buffer)
     ownership.write_atomic(state / TEACHER_FILE, buffer.getvalue())
 
 
@@ -516,6 +535,7 @@ def _migrate_claimed(
     target = readiness_target(
         adapter.readiness, source_quality["validation"] if source_quality else None
     )
+    ready_before = target.met(before_quality["validation"].value(target.metric))
 
     rank = method.rank or old.rank
     config = adapters.new_config(old.config, rank=rank, base=spec.target_model.uri)
@@ -545,6 +565,7 @@ def _migrate_claimed(
                 journal=state / "search.journal",
                 study_name=f"{search.STUDY_NAME}-{key}",
                 on_trial=trial_done,
+                ready_before=ready_before,
             )
         )
         finetune_config = tune if chosen.trains else replace(tune, max_steps=0)
@@ -641,7 +662,9 @@ def _teacher(
         saved = load_teacher(spec, adapter, storage)
         if saved is None:
             on_old = _with_adapter(bases.source(), old.config, old.factors)
-            saved = _compute_teacher(on_old, encoder, task, bases.device, top_k)
+            saved = _compute_teacher(
+                on_old, encoder, task, bases.device, top_k, adapter.readiness.metric
+            )
             on_old.unload()
         bases.teachers[key] = saved
     return bases.teachers[key]
@@ -744,6 +767,7 @@ def _context(
     journal: Path,
     study_name: str,
     on_trial: Callable[[int, int, float | None], None],
+    ready_before: bool,
 ) -> strategies.Context:
     """What a strategy may use, the I/O behind it done here: the evolution read from the
     source's files, quality measured on the search's validation subset."""
@@ -773,6 +797,7 @@ def _context(
         measure=lambda with_accuracy: quality.on(model, subset, with_accuracy=with_accuracy),
         look_ahead=look_ahead_steps,
         metric=quality.metric,
+        ready_before=ready_before,
         search=init,
         seed=spec.method.seed,
         journal=journal,

@@ -64,6 +64,8 @@ class AdapterReport:
     distillation: dict[str, float] | None = None
     # The search stopped before its trials budget: `patience` trials in a row did not improve.
     stopped_early: bool = False
+    # No search ran: the old adapter already met the target on the target base (skipWhenReady).
+    search_skipped: bool = False
 
     @classmethod
     def build(
@@ -127,6 +129,7 @@ class AdapterReport:
             fell_back=bool(search_result and search_result.fell_back),
             distillation=distillation,
             stopped_early=bool(search_result and search_result.stopped_early),
+            search_skipped=bool(search_result and search_result.skipped),
         )
 
     def quality_of(self, stage: str, split: str = "validation") -> float | None:
@@ -234,7 +237,14 @@ def summary(report: AdapterReport) -> str:
             f"{g}: alpha={c['alpha']:.3f} beta={c['beta']:.3f}"
             for g, c in report.coefficients.items()
         )
-        lines += ["", f"Fusion coefficients ({len(report.trials)} trials): {chosen}."]
+        if report.search_skipped:
+            lines += [
+                "",
+                "No search: the old adapter on the target base already met the readiness "
+                "target, so it is the start (initialization.skipWhenReady).",
+            ]
+        else:
+            lines += ["", f"Fusion coefficients ({len(report.trials)} trials): {chosen}."]
         if report.stopped_early:
             lines += [
                 "The search stopped early: its last trials did not improve on the best "

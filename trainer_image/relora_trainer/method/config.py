@@ -43,6 +43,7 @@ class SearchConfig:
     lookahead_steps: int
     fallback: bool
     patience: int | None  # None (not reachable from the API, where null is unset): no stop
+    skip_when_ready: bool
 
     @classmethod
     def of(cls, model: Any) -> SearchConfig:

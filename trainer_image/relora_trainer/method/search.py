@@ -50,6 +50,9 @@ class SearchResult:
     fell_back: bool = False
     # Fewer than `trials` trials ran: `patience` trials in a row did not improve on the best.
     stopped_early: bool = False
+    # No trial ran: the old adapter already met the readiness target on the target base, so
+    # the start is the old adapter (spec.method.initialization.skipWhenReady).
+    skipped: bool = False
 
 
 def _names(group: str, groups: Sequence[str]) -> tuple[str, str]:

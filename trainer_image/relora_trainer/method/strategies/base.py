@@ -35,6 +35,8 @@ class Context:
     # A few plain fine-tuning steps from the current values (the lookahead objective).
     look_ahead: Callable[[], None]
     metric: str  # the readiness metric: accuracy or loss
+    # The old adapter on the target base already meets the readiness target (validation).
+    ready_before: bool
     search: SearchConfig
     seed: int
     journal: Path  # the search's Optuna journal (resumable)

@@ -11,7 +11,7 @@ from relora_trainer import adapters
 from relora_trainer.method import fusion, search
 from relora_trainer.method.quality import Quality
 from relora_trainer.method.search import Coefficients, SearchResult
-from relora_trainer.method.strategies.base import Context
+from relora_trainer.method.strategies.base import Context, old_update
 
 
 class Relora:
@@ -20,8 +20,18 @@ class Relora:
     regularized = True
 
     def initialize(self, context: Context) -> SearchResult | None:
-        """Search the fusion coefficients, then load the best fused adapter into the model."""
+        """Search the fusion coefficients, then load the best fused adapter into the model;
+        without a search, the old adapter, when it already meets the readiness target."""
         config = context.search
+        if config.skip_when_ready and context.ready_before:
+            started = time.perf_counter()
+            old_update(context)  # neither the evolution nor a trial: nothing to gain
+            return SearchResult(
+                coefficients=_anchor(["all"]),
+                best_value=None,
+                seconds=time.perf_counter() - started,
+                skipped=True,
+            )
         terms = context.evolution(config.projection)
         groups = sorted({fusion.group_of(m, config.granularity) for m in terms})
         by_choice = config.objective == "choice-loss" or (
