@@ -86,33 +86,6 @@ def test_the_term_is_zero_for_the_teacher_itself_and_positive_for_another_model(
     assert _kd(on_new, encoder, flatter, examples, rows) == pytest.approx(other, rel=1e-5)
 
 
-def test_only_the_tokens_that_decide_between_choices_are_distilled(toy: Any) -> None:
-    """A token is decisive where another choice shares the completion so far and goes on
-    differently (or ends); the teacher keeps zero mass elsewhere, and the term is zero there."""
-    encoder = _encoder(toy)
-    choices = [" cat dog oak", " cat dog rose", " cat", " fern"]
-    masks = distillation.decisive(encoder, choices, choices)
-    assert masks[" cat dog oak"].tolist() == [1.0, 1.0, 1.0]  # vs fern; vs cat (ends); vs rose
-    assert masks[" cat"].tolist() == [1.0]
-    assert masks[" fern"].tolist() == [1.0]
-    shared = [" cat dog oak", " cat dog rose"]
-    assert distillation.decisive(encoder, shared, shared)[" cat dog oak"].tolist() == [0, 0, 1]
-    examples = [Example(e.prompt, shared[n % 2]) for n, e in enumerate(_mixed(toy))]
-    on_old = _with_old_adapter(toy, toy.v1)
-    teacher = distillation.compute(on_old, encoder, examples, top_k=4, device=CPU, choices=shared)
-    full = distillation.compute(on_old, encoder, examples, top_k=4, device=CPU)
-    kept = teacher.probs.sum(dim=1).view(len(examples), 3)
-    assert bool((kept[:, :2] == 0).all()) and bool((kept[:, 2] > 0).all())
-    assert torch.equal(teacher.probs[2::3], full.probs[2::3]) and torch.equal(teacher.ids, full.ids)
-    on_new = _with_old_adapter(toy, toy.v2)
-    rows = list(range(len(examples)))
-    assert (
-        0
-        < _kd(on_new, encoder, teacher, examples, rows)
-        < _kd(on_new, encoder, full, examples, rows)
-    ), "the shared words add nothing"
-
-
 def test_the_loss_adds_weight_times_the_term_from_the_same_logits(toy: Any) -> None:
     encoder, examples = _encoder(toy), _mixed(toy)
     teacher = distillation.compute(

@@ -50,8 +50,6 @@ REFERENCE_FILE = "reference.json"
 """The source phase's measurement, in the state folder: a retried pod need not load the old base."""
 TEACHER_FILE = "teacher.pt"
 """The source phase's teacher distributions (fine-tuning that distils), in the state folder."""
-TEACHER_FORMAT = 2
-"""Saved teachers of another format (1: every completion token distilled) are computed again."""
 FINGERPRINT_FILE = "fingerprint"
 
 
@@ -188,9 +186,7 @@ def _load_bases(
             if reference:
                 on_source[key] = _Quality(Encoder(tokenizer), task, device).splits(on_old)
             if teaching and top_k is not None:
-                computed = _compute_teacher(
-                    on_old, Encoder(tokenizer), task, device, top_k, adapter.readiness.metric
-                )
+                computed = _compute_teacher(on_old, Encoder(tokenizer), task, device, top_k)
                 teachers[teacher_key] = computed
                 teacher_seconds += computed[1]
             on_old.unload()
@@ -216,30 +212,18 @@ def _load_bases(
 
 
 def _compute_teacher(
-    model: nn.Module,
-    encoder: Encoder,
-    task: TaskData,
-    device: torch.device,
-    top_k: int,
-    metric: str,
+    model: nn.Module, encoder: Encoder, task: TaskData, device: torch.device, top_k: int
 ) -> tuple[distillation.Teacher, float]:
     """The teacher's top-k distributions over the training examples (``model``: the old adapter
     on the source base), and the seconds they took; redone in smaller batches when memory runs
-    out. An accuracy target distils only the tokens that decide between the task's choices."""
+    out."""
     started = time.perf_counter()
     micro = MicroBatch(EVALUATION_BATCH, batch=EVALUATION_BATCH)
-    choices = task.choices if metric == "accuracy" else None
 
     def once() -> distillation.Teacher:
         with autocast(device):
             return distillation.compute(
-                model,
-                encoder,
-                task.train,
-                top_k=top_k,
-                device=device,
-                batch_size=micro.evaluation,
-                choices=choices,
+                model, encoder, task.train, top_k=top_k, device=device, batch_size=micro.evaluation
             )
 
     teacher = micro.run(once)
@@ -258,8 +242,6 @@ def load_teacher(
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved.get("fingerprint") != fingerprint(spec, adapter):
             return None
-        if saved.get("format") != TEACHER_FORMAT:
-            return None
         return distillation.Teacher.of_state(saved["teacher"]), float(saved["seconds"])
     except (
         RuntimeError,
@@ -276,8 +258,7 @@ def load_teacher(
 
 def _save_teacher(state: Path, key: str, teacher: distillation.Teacher, seconds: float) -> None:
     buffer = io.BytesIO()
-    saved = {"fingerprint": key, "format": TEACHER_FORMAT, "seconds": seconds}
-    torch.save({**saved, "teacher": teacher.to_state()}, buffer)
+    torch.save({"fingerprint": key, "teacher": teacher.to_state(), "seconds": seconds}, buffer)
     ownership.write_atomic(state / TEACHER_FILE, buffer.getvalue())
 
 
@@ -662,9 +643,7 @@ def _teacher(
         saved = load_teacher(spec, adapter, storage)
         if saved is None:
             on_old = _with_adapter(bases.source(), old.config, old.factors)
-            saved = _compute_teacher(
-                on_old, encoder, task, bases.device, top_k, adapter.readiness.metric
-            )
+            saved = _compute_teacher(on_old, encoder, task, bases.device, top_k)
             on_old.unload()
         bases.teachers[key] = saved
     return bases.teachers[key]

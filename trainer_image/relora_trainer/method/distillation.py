@@ -11,15 +11,6 @@ distributions are conditioned on the teacher's top-k tokens (each renormalized o
 term matches the teacher's preferences among its candidates and leaves the mass outside them to
 the task loss. It is zero when the student is the teacher (a top-k of 1 makes it zero always).
 
-For a classification task (``choices`` given: accuracy compares the candidate completions'
-likelihoods) only the *decisive* completion tokens are distilled: those where another candidate
-that shares the example's completion up to that token continues differently (or ends). A
-one-token label is decisive; in multi-token phrases that share words (" a living plant",
-" a living animal") the shared words are not. At those the teacher's distribution is the old
-base's language model, not the task, and matching it pulls the new base toward the old one (on
-the suite's severe Qwen2 update distilling every token made fine-tuning 2.5x slower). Elsewhere
-the teacher's rows are kept with zero mass, which makes their term zero.
-
 Why conditioned: on the corpus testbed the old adapter on v1 puts only ~8% of its mass on its
 top 16 tokens at the label position (accuracy compares the labels' likelihoods, not the whole
 vocabulary). A KL over k + 1 outcomes (the top k, and the rest as one) taught the student that
@@ -91,19 +82,13 @@ def compute(
     top_k: int,
     device: torch.device,
     batch_size: int = 64,
-    choices: Sequence[str] | None = None,
 ) -> Teacher:
     """``model``'s top-k next-token distribution at every completion token of ``examples``
-    (eval mode, restored after; examples of similar length batched together); with
-    ``choices`` (a classification task's candidate completions), zero mass at the tokens that
-    are not decisive (see :func:`decisive`)."""
+    (eval mode, restored after; examples of similar length batched together)."""
     was_training = model.training
     model.eval()
     try:
         encoded = [encoder.encode(e.prompt, e.completion) for e in examples]
-        kept = None
-        if choices is not None:
-            kept = decisive(encoder, [e.completion for e in examples], choices)
         order = sorted(
             range(len(encoded)),
             key=lambda n: len(encoded[n].prompt_ids) + len(encoded[n].completion_ids),
@@ -120,8 +105,6 @@ def compute(
             mask = (labels != IGNORE_INDEX).cpu()
             for row, n in enumerate(rows):
                 ids[n], probs[n] = top_ids[row][mask[row]], top[row][mask[row]]
-                if kept is not None:
-                    probs[n] = probs[n] * kept[examples[n].completion].unsqueeze(-1)
         lengths = torch.tensor([0, *(len(i) for i in ids)], dtype=torch.long)
         return Teacher(
             ids=torch.cat(ids) if ids else torch.zeros((0, top_k), dtype=torch.int32),
@@ -130,26 +113,6 @@ def compute(
         )
     finally:
         model.train(was_training)
-
-
-def decisive(
-    encoder: Encoder, completions: Sequence[str], choices: Sequence[str]
-) -> dict[str, torch.Tensor]:
-    """For each distinct completion, 1.0 at its decisive tokens and 0.0 elsewhere: token ``j``
-    is decisive when another choice has the same first ``j`` tokens and then a different one
-    (or none: it ends there), i.e. where the model chooses between candidates."""
-    tokens = {c: encoder.encode("", c).completion_ids for c in {*choices, *completions}}
-    masks = {}
-    for completion in dict.fromkeys(completions):
-        gold = tokens[completion]
-        others = [tokens[c] for c in choices if c != completion]
-        masks[completion] = torch.tensor(
-            [
-                float(any(o[:j] == gold[:j] and o[j : j + 1] != gold[j : j + 1] for o in others))
-                for j in range(len(gold))
-            ]
-        )
-    return masks
 
 
 def divergence(
