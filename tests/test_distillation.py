@@ -86,6 +86,42 @@ def test_the_term_is_zero_for_the_teacher_itself_and_positive_for_another_model(
     assert _kd(on_new, encoder, flatter, examples, rows) == pytest.approx(other, rel=1e-5)
 
 
+def test_a_choices_teacher_compares_the_continuations_at_each_fork(toy: Any) -> None:
+    """over: choices keeps the teacher's probabilities of the choices' continuations where
+    choices that agree so far part ways, and nothing where they do not; the term is zero for
+    the teacher itself, positive for another model, and moves no other token."""
+    encoder = _encoder(toy)
+    choices = [" cat dog oak", " cat dog rose", " fern"]
+    ids = {c: encoder.encode("", c).completion_ids for c in choices}
+    table = distillation.forks(encoder, choices)
+    cat, _, oak, rose, fern = (*ids[" cat dog oak"], ids[" cat dog rose"][2], ids[" fern"][0])
+    assert table[" cat dog oak"].tolist() == [[cat, fern], [-1, -1], [oak, rose]]
+    assert table[" fern"].tolist() == [[cat, fern]]
+    examples = [Example(e.prompt, choices[n % 3]) for n, e in enumerate(_mixed(toy))]
+    on_old = _with_old_adapter(toy, toy.v1)
+    teacher = distillation.compute(
+        on_old, encoder, examples, top_k=16, device=CPU, batch_size=5, choices=choices
+    )
+    assert teacher.top_k == 2, "as wide as the widest fork"
+    first = teacher.rows([0])[0]
+    assert first[0].tolist() == table[" cat dog oak"].tolist()
+    assert float(first[1][1].sum()) == 0.0 and bool((first[1][0] > 0).all())
+    rows = list(range(len(examples)))
+    assert abs(_kd(on_old, encoder, teacher, examples, rows)) < 1e-5
+    on_new = _with_old_adapter(toy, toy.v2)
+    assert _kd(on_new, encoder, teacher, examples, rows) > 1e-4
+    # Only the fork tokens carry gradient: the logit of a token in no fork gets none.
+    batch = encoder.batch([encoder.encode(e.prompt, e.completion) for e in examples], CPU)
+    logits, labels = completion_logits(on_new.eval(), batch)
+    logits = logits.detach().float().requires_grad_()
+    term = distillation.divergence(torch.log_softmax(logits, dim=-1), labels, teacher.rows(rows))
+    term.backward()
+    assert logits.grad is not None and float(logits.grad.abs().sum()) > 0
+    outside = [t for t in range(logits.shape[-1]) if t not in {cat, fern, oak, rose}]
+    log_softmax_leak = float(logits.grad[..., outside].abs().max())
+    assert log_softmax_leak < 1e-6, "only through the fork tokens"
+
+
 def test_the_loss_adds_weight_times_the_term_from_the_same_logits(toy: Any) -> None:
     encoder, examples = _encoder(toy), _mixed(toy)
     teacher = distillation.compute(
@@ -234,7 +270,7 @@ def test_the_teacher_is_computed_in_the_source_phase_counted_and_reused_by_a_ret
     )
     teacher_seconds = first.seconds["teacher"]
     assert teacher_seconds is not None and teacher_seconds > 0
-    assert first.distillation == {"weight": 1.0, "top_k": 4}
+    assert first.distillation == {"weight": 1.0, "top_k": 4, "over": "choices"}
     assert first.history[0]["seconds"] >= teacher_seconds, "counted in the time to readiness"
     out = tmp_path / "out" / "toy-category"
     assert (out / "state" / migrate.TEACHER_FILE).is_file()

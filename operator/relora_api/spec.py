@@ -38,6 +38,7 @@ Sampler = Literal["gp", "tpe", "random"]
 Granularity = Literal["global", "module-type", "layer"]
 Projection = Literal["adapter-subspace", "none"]
 RegularizationSchedule = Literal["step", "cosine", "constant", "none"]
+DistillationSupport = Literal["choices", "top-k"]
 SearchObjective = Literal["loss", "choice-loss", "lookahead"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 
@@ -277,11 +278,12 @@ class Regularization(APIModel):
 class Distillation(APIModel):
     """The old adapter on the source base as a teacher while fine-tuning.
 
-    At each completion token of each training example, the teacher's top-k next-token
-    distribution is computed once, in the source phase (before the source base is freed; saved
-    in the adapter's state for a retried run); fine-tuning adds weight x KL(teacher || student)
-    with both conditioned on those k tokens (renormalized over them), averaged over the
-    completion tokens like the task loss. Its seconds count in the time to readiness.
+    At each completion token of each training example, the teacher's next-token probabilities
+    of some tokens (``over``: the task's choices' continuations, or its top k) are computed
+    once, in the source phase (before the source base is freed; saved in the adapter's state
+    for a retried run); fine-tuning adds weight x KL(teacher || student) with both conditioned
+    on those tokens (renormalized over them), averaged over the completion tokens like the task
+    loss. Its seconds count in the time to readiness.
     """
 
     weight: float = Field(
@@ -297,6 +299,16 @@ class Distillation(APIModel):
         description=(
             "Teacher tokens kept per completion position (its k most likely); the term compares "
             "both distributions over them."
+        ),
+    )
+    over: DistillationSupport = Field(
+        default="choices",
+        description=(
+            "The tokens both distributions are compared over: choices (a task scored by "
+            "accuracy: at each completion token where the task's choices that agree so far "
+            "continue differently, those continuations, e.g. the labels of one-token labels; "
+            "nothing elsewhere) or top-k (the teacher's topK tokens at every completion token; "
+            "always for a task scored by loss)."
         ),
     )
 

@@ -25,7 +25,7 @@ from peft import LoraConfig, PeftModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from relora_api.spec import Adapter, AdapterMigrationSpec, Readiness
+from relora_api.spec import Adapter, AdapterMigrationSpec, Distillation, Readiness
 from relora_api.status import AdapterProgress
 from relora_trainer import adapters, models, ownership, plan, report
 from relora_trainer.data import MAX_CHOICES, Encoder, Example, TaskData, read_jsonl
@@ -95,17 +95,18 @@ def _reference_key(adapter: Adapter) -> str:
     return json.dumps({"uri": adapter.uri, "data": adapter.data.to_wire()}, sort_keys=True)
 
 
-def _teacher_key(adapter: Adapter, top_k: int) -> str:
-    return json.dumps({"reference": _reference_key(adapter), "topK": top_k}, sort_keys=True)
+def _teacher_key(adapter: Adapter, teaching: Distillation) -> str:
+    what = {"reference": _reference_key(adapter), "topK": teaching.top_k, "over": teaching.over}
+    return json.dumps(what, sort_keys=True)
 
 
-def distilled_top_k(spec: AdapterMigrationSpec) -> int | None:
-    """The teacher's top-k when this spec's fine-tuning distils (a strategy that trains, a
+def distilled(spec: AdapterMigrationSpec) -> Distillation | None:
+    """The teacher's settings when this spec's fine-tuning distils (a strategy that trains, a
     budget, a positive weight), else None: no teacher is computed."""
     tune = spec.method.finetune
     trains = strategies.strategy(spec.method.strategy).trains
     if tune.distillation.weight > 0 and tune.max_steps > 0 and trains:
-        return tune.distillation.top_k
+        return tune.distillation
     return None
 
 
@@ -151,7 +152,7 @@ def _load_bases(
     tokenizer = models.load_tokenizer(target_dir, source_dir)
     on_source: dict[str, dict[str, Quality]] = {}
     teachers: dict[str, tuple[distillation.Teacher, float]] = {}
-    top_k = distilled_top_k(spec)
+    teaching_by = distilled(spec)
     wanted = []  # (adapter, measure its reference, compute its teacher)
     for adapter in adapters_to_measure or spec.adapters:
         reference = adapter.readiness.needs_source
@@ -160,11 +161,11 @@ def _load_bases(
             if saved is not None:  # measured by an earlier attempt of this work
                 on_source[_reference_key(adapter)] = saved
                 reference = False
-        teaching = top_k is not None
-        if top_k is not None:
+        teaching = teaching_by is not None
+        if teaching_by is not None:
             saved_teacher = load_teacher(spec, adapter, storage)
             if saved_teacher is not None:  # computed by an earlier attempt of this work
-                teachers[_teacher_key(adapter, top_k)] = saved_teacher
+                teachers[_teacher_key(adapter, teaching_by)] = saved_teacher
                 teaching = False
         if reference or teaching:
             wanted.append((adapter, reference, teaching))
@@ -176,7 +177,7 @@ def _load_bases(
         measuring = time.perf_counter()
         for adapter, reference, teaching in wanted:
             key = _reference_key(adapter)
-            teacher_key = _teacher_key(adapter, top_k or 0)
+            teacher_key = _teacher_key(adapter, teaching_by) if teaching_by else ""
             reference = reference and key not in on_source  # not done for an adapter before
             teaching = teaching and teacher_key not in teachers  # with the same inputs
             if not (reference or teaching):
@@ -185,8 +186,10 @@ def _load_bases(
             on_old = _with_adapter(source, old.config, old.factors)
             if reference:
                 on_source[key] = _Quality(Encoder(tokenizer), task, device).splits(on_old)
-            if teaching and top_k is not None:
-                computed = _compute_teacher(on_old, Encoder(tokenizer), task, device, top_k)
+            if teaching and teaching_by is not None:
+                computed = _compute_teacher(
+                    on_old, Encoder(tokenizer), task, device, teaching_by, adapter.readiness.metric
+                )
                 teachers[teacher_key] = computed
                 teacher_seconds += computed[1]
             on_old.unload()
@@ -212,18 +215,30 @@ def _load_bases(
 
 
 def _compute_teacher(
-    model: nn.Module, encoder: Encoder, task: TaskData, device: torch.device, top_k: int
+    model: nn.Module,
+    encoder: Encoder,
+    task: TaskData,
+    device: torch.device,
+    teaching: Distillation,
+    metric: str,
 ) -> tuple[distillation.Teacher, float]:
-    """The teacher's top-k distributions over the training examples (``model``: the old adapter
-    on the source base), and the seconds they took; redone in smaller batches when memory runs
-    out."""
+    """The teacher's distributions over the training examples (``model``: the old adapter on
+    the source base), and the seconds they took; redone in smaller batches when memory runs
+    out. Over the task's choices for an accuracy target (``over: choices``), else its top k."""
     started = time.perf_counter()
     micro = MicroBatch(EVALUATION_BATCH, batch=EVALUATION_BATCH)
+    choices = task.choices if teaching.over == "choices" and metric == "accuracy" else None
 
     def once() -> distillation.Teacher:
         with autocast(device):
             return distillation.compute(
-                model, encoder, task.train, top_k=top_k, device=device, batch_size=micro.evaluation
+                model,
+                encoder,
+                task.train,
+                top_k=teaching.top_k,
+                device=device,
+                batch_size=micro.evaluation,
+                choices=choices,
             )
 
     teacher = micro.run(once)
@@ -635,15 +650,17 @@ def _teacher(
     """The teacher distributions when fine-tuning distils, and the seconds they took: from the
     source phase, else from an earlier attempt's state, else computed now (the slow path: the
     source base loaded again)."""
-    top_k = distilled_top_k(spec)
-    if top_k is None:
+    teaching = distilled(spec)
+    if teaching is None:
         return None, 0.0
-    key = _teacher_key(adapter, top_k)
+    key = _teacher_key(adapter, teaching)
     if key not in bases.teachers:
         saved = load_teacher(spec, adapter, storage)
         if saved is None:
             on_old = _with_adapter(bases.source(), old.config, old.factors)
-            saved = _compute_teacher(on_old, encoder, task, bases.device, top_k)
+            saved = _compute_teacher(
+                on_old, encoder, task, bases.device, teaching, adapter.readiness.metric
+            )
             on_old.unload()
         bases.teachers[key] = saved
     return bases.teachers[key]

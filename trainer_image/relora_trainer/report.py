@@ -61,7 +61,7 @@ class AdapterReport:
     # The search's start was worse than the old adapter's: the fine-tuning started from that.
     fell_back: bool = False
     # finetune.distillation ({weight, top_k}) when fine-tuning distilled from the old adapter.
-    distillation: dict[str, float] | None = None
+    distillation: dict[str, float | str] | None = None
     # The search stopped before its trials budget: `patience` trials in a row did not improve.
     stopped_early: bool = False
     # No search ran: the old adapter already met the target on the target base (skipWhenReady).
@@ -87,7 +87,7 @@ class AdapterReport:
         checkpointing: bool = False,
         planned_peak_gib: float | None = None,
         teacher_seconds: float | None = None,
-        distillation: dict[str, float] | None = None,
+        distillation: dict[str, float | str] | None = None,
     ) -> AdapterReport:
         search_seconds = search_result.seconds if search_result else 0.0
         return cls(

@@ -155,7 +155,7 @@ def run_matrix(
             )
             for variant in variants
         ]
-        distilling = [s for s in specs if migrate.distilled_top_k(s) is not None]
+        distilling = [s for s in specs if migrate.distilled(s) is not None]
         first = (distilling or specs)[0]
         bases = migrate.load_bases(first, storage, device)
         for seed in seeds:

@@ -123,6 +123,18 @@ VARIANTS: tuple[Variant, ...] = (
         quick=False,
     ),
     Variant(
+        "relora-teacher-top-k",
+        "relora-teacher over the teacher's top 16 tokens at every completion token",
+        _relora(finetune={"distillation": {"weight": 3.0, "over": "top-k"}}),
+        quick=False,
+    ),
+    Variant(
+        "warm-start-teacher-top-k",
+        "warm-start-teacher over the teacher's top 16 tokens at every completion token",
+        merge(WARM_START_METHOD, {"finetune": {"distillation": {"weight": 3.0, "over": "top-k"}}}),
+        quick=False,
+    ),
+    Variant(
         "warm-start-relora-lr",
         "warm-start at relora's learning rate: what relora gains beyond its learning rate",
         merge(WARM_START_METHOD, {"finetune": RELORA_METHOD["finetune"]}),

@@ -72,6 +72,7 @@ class DistillationConfig:
 
     weight: float
     top_k: int
+    over: str
 
     @classmethod
     def of(cls, model: Any) -> DistillationConfig:

@@ -11,6 +11,13 @@ distributions are conditioned on the teacher's top-k tokens (each renormalized o
 term matches the teacher's preferences among its candidates and leaves the mass outside them to
 the task loss. It is zero when the student is the teacher (a top-k of 1 makes it zero always).
 
+For a classification task (``choices`` given: accuracy compares the candidate completions'
+likelihoods) the teacher's distribution is kept over the *choices' tokens* instead of its top k:
+at each completion token where several choices that share the completion so far continue
+differently, the probabilities of those continuations (an id of -1 pads the row); elsewhere
+nothing (the term is zero there). For one-token labels that is the teacher's distribution over
+the labels; for phrases it is the teacher's choice at each fork, not its language model.
+
 Why conditioned: on the corpus testbed the old adapter on v1 puts only ~8% of its mass on its
 top 16 tokens at the label position (accuracy compares the labels' likelihoods, not the whole
 vocabulary). A KL over k + 1 outcomes (the top k, and the rest as one) taught the student that
@@ -82,13 +89,19 @@ def compute(
     top_k: int,
     device: torch.device,
     batch_size: int = 64,
+    choices: Sequence[str] | None = None,
 ) -> Teacher:
-    """``model``'s top-k next-token distribution at every completion token of ``examples``
-    (eval mode, restored after; examples of similar length batched together)."""
+    """``model``'s top-k next-token distribution at every completion token of ``examples``, or
+    with ``choices`` its probabilities of the choices' continuations (see :func:`forks`) (eval
+    mode, restored after; examples of similar length batched together)."""
     was_training = model.training
     model.eval()
     try:
         encoded = [encoder.encode(e.prompt, e.completion) for e in examples]
+        at_forks = None
+        if choices is not None:
+            at_forks = forks(encoder, choices)
+            top_k = max((int(f.shape[1]) for f in at_forks.values()), default=1)
         order = sorted(
             range(len(encoded)),
             key=lambda n: len(encoded[n].prompt_ids) + len(encoded[n].completion_ids),
@@ -99,10 +112,19 @@ def compute(
             rows = order[start : start + batch_size]
             batch = encoder.batch([encoded[n] for n in rows], device)
             logits, labels = completion_logits(model, batch)
+            mask = (labels != IGNORE_INDEX).cpu()
+            if at_forks is not None:
+                full = torch.softmax(logits.float(), dim=-1).cpu()
+                for row, n in enumerate(rows):
+                    fork = at_forks[examples[n].completion]
+                    ids[n] = torch.zeros((len(fork), top_k), dtype=torch.int32) - 1
+                    ids[n][:, : fork.shape[1]] = fork
+                    picked = full[row][mask[row]].gather(-1, ids[n].long().clamp(min=0))
+                    probs[n] = picked * (ids[n] >= 0)
+                continue
             k = min(top_k, logits.shape[-1])
             top, top_ids = torch.softmax(logits.float(), dim=-1).topk(k, dim=-1)
             top, top_ids = top.cpu(), top_ids.to("cpu", torch.int32)
-            mask = (labels != IGNORE_INDEX).cpu()
             for row, n in enumerate(rows):
                 ids[n], probs[n] = top_ids[row][mask[row]], top[row][mask[row]]
         lengths = torch.tensor([0, *(len(i) for i in ids)], dtype=torch.long)
@@ -113,6 +135,24 @@ def compute(
         )
     finally:
         model.train(was_training)
+
+
+def forks(encoder: Encoder, choices: Sequence[str]) -> dict[str, torch.Tensor]:
+    """For each choice, per completion token, the ids of the next tokens of every choice that
+    shares its tokens so far (itself included), when there are at least two such ids; a row
+    of -1 where there are not (int32, [tokens, widest fork], -1 padded)."""
+    tokens = {c: encoder.encode("", c).completion_ids for c in choices}
+    table = {}
+    for choice, own in tokens.items():
+        rows = []
+        for j in range(len(own)):
+            nexts = dict.fromkeys(o[j] for o in tokens.values() if len(o) > j and o[:j] == own[:j])
+            rows.append(list(nexts) if len(nexts) > 1 else [])
+        width = max([len(r) for r in rows] + [1])
+        table[choice] = torch.tensor(
+            [r + [-1] * (width - len(r)) for r in rows], dtype=torch.int32
+        ).view(len(rows), width)
+    return table
 
 
 def divergence(
@@ -143,9 +183,13 @@ def divergence(
         probs[row, mask[row]] = row_probs.float()
     device = logprobs.device
     ids, probs, mask = ids.to(device), probs.to(device), mask.to(device)
-    # Both distributions conditioned on the teacher's top k (renormalized over them).
+    # Both distributions conditioned on the teacher's top k (renormalized over them); an id
+    # of -1 pads a row (a choices teacher): no mass for either.
+    valid = ids >= 0
     teacher_k = probs / probs.sum(dim=-1, keepdim=True).clamp(min=1e-30)
-    student_k = torch.log_softmax(logprobs.gather(-1, ids), dim=-1)
-    kl = (torch.xlogy(teacher_k, teacher_k) - teacher_k * student_k).sum(dim=-1)
+    gathered = logprobs.gather(-1, ids.clamp(min=0)).masked_fill(~valid, -1e4)
+    student_k = torch.log_softmax(gathered, dim=-1)
+    cross = torch.where(valid, teacher_k * student_k, torch.zeros_like(student_k))
+    kl = (torch.xlogy(teacher_k, teacher_k) - cross).sum(dim=-1)
     total = (kl * mask).sum()
     return total / max(int(mask.sum()) if tokens is None else tokens, 1)
