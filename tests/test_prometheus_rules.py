@@ -4,7 +4,8 @@ rules` cases (tests/promtool/) where each alert fires when it should and stays s
 
 promtool comes from $RELORA_PROMTOOL, else .tools/bin/promtool (`make .tools/bin/promtool`
 copies the one on PATH or extracts it from Debian's `prometheus` package), else PATH. A missing
-promtool fails these tests, as a missing helm fails the chart tests: never a skip.
+promtool fails these tests, as a missing helm fails the chart tests: never a skip. The rule is
+also loaded into a real Prometheus scraping the operator: tests/test_prometheus_live.py.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from tests.conftest import ROOT
 from tests.helm_chart import one, render, template
 from tests.test_grafana import defined, series_in
 
-PROMTOOL_ENV = "RELORA_PROMTOOL"
 CASES = ROOT / "tests" / "promtool" / "relora-alerts.test.yaml"
 RULES_NAME = "relora-alerts.rules.yaml"  # what CASES's rule_files names
 # The release the cases were written for: the default selector is then
@@ -45,30 +45,33 @@ MATCHER = re.compile(r'(\w+)\s*(?:=~|!~|!=|=)\s*"([^"]*)"')  # label op "value"
 
 
 @functools.cache
-def promtool_binary() -> str:
-    """Prometheus's promtool; fails the calling test with what to do when there is none."""
-    explicit = os.environ.get(PROMTOOL_ENV)
+def prometheus_binary(tool: str) -> str:
+    """Prometheus's ``tool`` (promtool, or the prometheus server of tests/test_prometheus_live.py):
+    $RELORA_<TOOL>, else .tools/bin/<tool>, else PATH. Fails the calling test with what to do
+    when there is none."""
+    env = f"RELORA_{tool.upper()}"
+    explicit = os.environ.get(env)
     if explicit:
         candidates = [Path(explicit)]
     else:
-        candidates = [ROOT / ".tools" / "bin" / "promtool"]
-        found = shutil.which("promtool")
+        candidates = [ROOT / ".tools" / "bin" / tool]
+        found = shutil.which(tool)
         if found:
             candidates.append(Path(found))
     for candidate in candidates:
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return str(candidate)
-    where = f"${PROMTOOL_ENV}={explicit}" if explicit else ".tools/bin/promtool or PATH"
+    where = f"${env}={explicit}" if explicit else f".tools/bin/{tool} or PATH"
     pytest.fail(
-        f"promtool not found ({where}): run `make .tools/bin/promtool` (copies it from PATH or "
-        f"extracts it from Debian's prometheus package), or set {PROMTOOL_ENV}=/path/to/promtool",
+        f"{tool} not found ({where}): run `make .tools/bin/{tool}` (copies it from PATH or "
+        f"extracts it from Debian's prometheus package), or set {env}=/path/to/{tool}",
         pytrace=False,
     )
 
 
 def promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [promtool_binary(), *args], capture_output=True, text=True, cwd=cwd, timeout=120
+        [prometheus_binary("promtool"), *args], capture_output=True, text=True, cwd=cwd, timeout=120
     )
 
 
