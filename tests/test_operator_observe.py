@@ -267,6 +267,40 @@ def test_transitions_are_counted_once(manifest: dict[str, Any]) -> None:
     assert metrics.TIME_TO_READINESS._sum.get() == histogram_before + 25.0
 
 
+def _counted() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The labelled counters' samples in the registry: (name, sorted labels) -> value."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for counter in (metrics.MIGRATIONS, metrics.JOBS_FINISHED)
+        for family in counter.collect()
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    }
+
+
+def test_a_ready_migration_counts_on_series_known_in_advance(manifest: dict[str, Any]) -> None:
+    """What a ready migration increments is in metrics.KNOWN_SERIES (created at 0 on start), and
+    so is the failed result of a migration; a failed adapter's reason is open-ended."""
+    known = {
+        (family.name + "_total", tuple(sorted(labels.items())))
+        for counter, labels in metrics.KNOWN_SERIES
+        for family in counter.describe()
+    }
+    old, _ = observe.observe(_migration(manifest), [], {}, {}, NOW)
+    worlds = {"ready": _both_completed(), "failed": _failed_world()}
+    changed = {}
+    for name, (jobs, pods) in worlds.items():
+        new, _ = observe.observe(_migration(manifest, old), jobs, pods, {}, NOW)
+        before = _counted()
+        metrics.record_transitions(old, new)
+        after = _counted()
+        changed[name] = {key for key, value in after.items() if value != before.get(key)}
+    assert changed["ready"] <= known and len(changed["ready"]) == 2, changed
+    assert changed["failed"] - known == {
+        ("relora_adapter_jobs_finished_total", (("reason", "InvalidData"), ("result", "failed")))
+    }, changed
+
+
 # ---------------------------------------------------------------- forged status
 def _forge(status: dict[str, Any], **changes: Any) -> dict[str, Any]:
     """``status`` with its first adapter changed by someone other than the operator."""

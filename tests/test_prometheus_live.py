@@ -1,7 +1,8 @@
 """A real Prometheus scrapes the operator while a migration runs in the sandbox, with the chart's
 alerting rules loaded: every query of the Grafana dashboard, evaluated by that Prometheus as
-Grafana would send it, returns series with numbers (no panel left with "No data" or NaN), and
-every rule is evaluated without error.
+Grafana would send it, returns series with numbers (no panel left with "No data" or NaN), the
+counter panels that the migration moved show it (above 0), and every rule is evaluated without
+error.
 
 The operator runs with the fast trainer stand-in (tests/fake_trainer.py). The migration's one
 adapter crashes once (a retry), then becomes ready, and the API server restarts while it runs
@@ -58,6 +59,25 @@ SCRAPE_SECONDS = 1
 # intervals. $__range (the dashboard's time range) is the time since Prometheus started.
 INTERVALS = {"$__rate_interval": f"{4 * SCRAPE_SECONDS}s", "$__interval": f"{SCRAPE_SECONDS}s"}
 UNEVALUATED = "0001-01-01T00:00:00Z"  # a rule's lastEvaluation before its first evaluation
+
+# The counter panels the migration moves, as (title, refId): each series' labels -> whether it
+# is above 0 (True) or exactly 0 (False, what did not happen). The labelled counters' known series
+# start at 0 with the operator (relora_operator.metrics.KNOWN_SERIES), so increase() sees the
+# first increment. Not here: the reconcile errors by type (the same panel's B), an open-ended
+# label whose series is first scraped at 1, so its rate() may read 0.
+COUNTED: dict[tuple[str, str], dict[tuple[tuple[str, str], ...], bool]] = {
+    ("Migrations finished", "A"): {
+        (("result", "succeeded"),): True,
+        (("result", "failed"),): False,
+    },
+    ("Adapter Jobs", "A"): {(): True},  # created
+    ("Adapter Jobs", "B"): {(): True},  # retried
+    ("Adapters finished, by result and reason", "A"): {
+        (("reason", "Ready"), ("result", "ready")): True
+    },
+    ("Retries", "A"): {(): True},
+    ("Reconciliations", "A"): {(): True},
+}
 
 
 def scrape_job() -> str:
@@ -175,6 +195,36 @@ def expand(expr: str, variables: dict[str, str], range_seconds: int) -> str:
     return re.sub(r"\$\{(\w+)\}|\$(\w+)", value, expr)
 
 
+def panel_values(
+    prometheus: Prometheus, variables: dict[str, str], title: str
+) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """The panel titled ``title``: refId -> (its series' sorted labels -> value) now."""
+    range_seconds = math.ceil(time.monotonic() - prometheus.started) + 1
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    (panel,) = [p for p in panels if p.get("title") == title]
+    return {
+        target["refId"]: {
+            tuple(sorted(series["metric"].items())): float(series["value"][1])
+            for series in prometheus.query(expand(target["expr"], variables, range_seconds))
+        }
+        for target in panel["targets"]
+    }
+
+
+def counter_panels_short_of(prometheus: Prometheus, variables: dict[str, str]) -> list[str]:
+    """The counter panels the test's migration moves that do not show it: each series must be
+    as ``COUNTED`` says (above 0, or exactly 0 for what did not happen)."""
+    wrong = []
+    for (title, ref), expected in COUNTED.items():
+        shown = panel_values(prometheus, variables, title)[ref]
+        ok = set(shown) == set(expected) and all(
+            shown[labels] > 0 if above else shown[labels] == 0 for labels, above in expected.items()
+        )
+        if not ok:
+            wrong.append(f"{title} ({ref}): {shown}, wanted {expected} (True: above 0)")
+    return wrong
+
+
 def panels_without_data(prometheus: Prometheus, variables: dict[str, str]) -> list[str]:
     """The dashboard's queries that return no series, or a series that is not a number."""
     range_seconds = math.ceil(time.monotonic() - prometheus.started) + 1
@@ -276,10 +326,9 @@ def test_a_real_prometheus_shows_every_panel_and_evaluates_every_rule(
     assert cluster.status("scraped")["phase"] == "Succeeded", cluster.status("scraped")
     assert cluster.adapter("scraped", "one")["attempts"] == 2
 
-    # Every panel has data once the finished migration has been scraped a few times. A 0 is
-    # data: "Migrations finished" and "Adapters finished" show 0 here, as their labelled
-    # counters are first scraped with this migration's increment already counted, which
-    # increase() cannot see (README, "Metrics and dashboard").
+    # Every panel has data once the finished migration has been scraped a few times, and the
+    # counter panels it moved show it: "Migrations finished" and "Adapters finished" above 0
+    # too, as their series were scraped at 0 before this migration's increment.
     try:
         wait_for(
             lambda: not panels_without_data(prometheus, variables),
@@ -289,6 +338,15 @@ def test_a_real_prometheus_shows_every_panel_and_evaluates_every_rule(
     except AssertionError:
         failing = "\n".join(panels_without_data(prometheus, variables))
         raise AssertionError(f"dashboard queries without data:\n{failing}") from None
+    try:
+        wait_for(
+            lambda: not counter_panels_short_of(prometheus, variables),
+            timeout=20,
+            what="the migration counted in its counter panels",
+        )
+    except AssertionError:
+        failing = "\n".join(counter_panels_short_of(prometheus, variables))
+        raise AssertionError(f"counter panels that do not show the migration:\n{failing}") from None
     succeeded = prometheus.query(f'relora_adapters{{job="{job}",phase="Succeeded"}}')
     assert [s["value"][1] for s in succeeded] == ["1"], succeeded
 

@@ -3,6 +3,12 @@
 No adapter names or UIDs as labels: counters and histograms carry bounded labels only.
 Transitions are counted when the status the operator writes changes phase, so a restarted
 operator, which re-derives the same status, counts nothing twice.
+
+A labelled counter's series exists only once it has labels, and Prometheus's increase() and
+rate() cannot see the increment that a series is first scraped with. So the series whose label
+values are known in advance (KNOWN_SERIES) are created at 0 when metrics start. Open-ended
+values (a failed adapter's reason, which the Job, the pod or the trainer gives; error types)
+cannot be: the first of each is still first scraped at 1.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from relora_operator import __version__
+from relora_operator import __version__, observe
 
 PREFIX = "relora"
 SECONDS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
@@ -52,11 +58,23 @@ BUILD_INFO = Gauge(f"{PREFIX}_build_info", "Build information (always 1).", ["ve
 
 PHASES = ("Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended")
 
+# The `result` label of a finished migration and of a finished adapter, by final phase.
+MIGRATION_RESULTS = {phase: phase.lower() for phase in observe.FINAL}
+ADAPTER_RESULTS = {"Succeeded": "ready", "Failed": "failed"}
+
+# The labelled counters' series known before anything happened, created at 0 by serve().
+KNOWN_SERIES: tuple[tuple[Counter, dict[str, str]], ...] = (
+    *((MIGRATIONS, {"result": result}) for result in MIGRATION_RESULTS.values()),
+    (JOBS_FINISHED, {"result": ADAPTER_RESULTS["Succeeded"], "reason": observe.READY}),
+)
+
 
 def serve(port: int) -> None:
     BUILD_INFO.labels(version=__version__).set(1)
     for phase in PHASES:
         ADAPTERS.labels(phase=phase).set(0)
+    for counter, labels in KNOWN_SERIES:
+        counter.labels(**labels)  # at 0 until counted
     if port:
         start_http_server(port)
 
@@ -66,11 +84,8 @@ def record_transitions(old: dict[str, Any], new: dict[str, Any]) -> None:
     before = {a["name"]: a for a in old.get("adapters") or []}
     for adapter in new.get("adapters") or []:
         previous = before.get(adapter["name"], {})
-        if (
-            adapter["phase"] in ("Succeeded", "Failed")
-            and previous.get("phase") != adapter["phase"]
-        ):
-            result = "ready" if adapter["phase"] == "Succeeded" else "failed"
+        if adapter["phase"] in observe.FINAL and previous.get("phase") != adapter["phase"]:
+            result = ADAPTER_RESULTS[adapter["phase"]]
             JOBS_FINISHED.labels(result=result, reason=adapter.get("reason", "")).inc()
             seconds = (adapter.get("result") or {}).get("timeToReadinessSeconds")
             if adapter["phase"] == "Succeeded" and seconds is not None:
@@ -78,8 +93,8 @@ def record_transitions(old: dict[str, Any], new: dict[str, Any]) -> None:
         retries = adapter.get("attempts", 0) - max(previous.get("attempts", 0), 1)
         if retries > 0:
             JOBS_RETRIED.inc(retries)
-    if new.get("phase") in ("Succeeded", "Failed") and old.get("phase") != new["phase"]:
-        MIGRATIONS.labels(result=new["phase"].lower()).inc()
+    if new.get("phase") in observe.FINAL and old.get("phase") != new["phase"]:
+        MIGRATIONS.labels(result=MIGRATION_RESULTS[new["phase"]]).inc()
 
 
 def set_phases(counts: dict[str, int]) -> None:

@@ -23,6 +23,7 @@ from relora_operator import naming, seals
 
 Obj = dict[str, Any]
 FINAL = ("Succeeded", "Failed")
+READY = "Ready"  # the reason of every Succeeded adapter (a Failed one's reasons are open-ended)
 BLOCKING_WAITS = (
     "ImagePullBackOff",
     "ErrImagePull",
@@ -296,7 +297,7 @@ def _result(outcome: contract.Outcome | None) -> Obj:
     found = outcome.result
     result = found.to_wire()
     if found.ready:
-        return {"phase": "Succeeded", "reason": "Ready", "result": result}
+        return {"phase": "Succeeded", "reason": READY, "result": result}
     message = (
         f"{found.metric} {found.quality_after} did not reach the target "
         f"{found.target} within {found.steps} steps"
