@@ -122,6 +122,22 @@ def test_a_choices_teacher_compares_the_continuations_at_each_fork(toy: Any) -> 
     assert log_softmax_leak < 1e-6, "only through the fork tokens"
 
 
+def test_an_agreeing_teacher_keeps_only_the_tokens_it_gets_right(toy: Any) -> None:
+    """agreeing: a token whose most likely teacher token is not the example's own carries no
+    mass (the teacher never pulls against the label); the others are kept as they were."""
+    encoder, examples = _encoder(toy), _mixed(toy)
+    on_new = _with_old_adapter(toy, toy.v2)  # a teacher that is wrong on some tokens
+    full = distillation.compute(on_new, encoder, examples, top_k=4, device=CPU)
+    kept = distillation.compute(on_new, encoder, examples, top_k=4, device=CPU, agreeing=True)
+    gold = torch.tensor(
+        [t for e in examples for t in encoder.encode(e.prompt, e.completion).completion_ids]
+    )
+    right = full.ids[:, 0] == gold  # top-k ids come most likely first
+    assert 0 < int(right.sum()) < len(gold), "both cases present"
+    assert torch.equal(kept.probs[right], full.probs[right])
+    assert float(kept.probs[~right].abs().sum()) == 0.0
+
+
 def test_the_loss_adds_weight_times_the_term_from_the_same_logits(toy: Any) -> None:
     encoder, examples = _encoder(toy), _mixed(toy)
     teacher = distillation.compute(
@@ -270,7 +286,7 @@ def test_the_teacher_is_computed_in_the_source_phase_counted_and_reused_by_a_ret
     )
     teacher_seconds = first.seconds["teacher"]
     assert teacher_seconds is not None and teacher_seconds > 0
-    assert first.distillation == {"weight": 1.0, "top_k": 4, "over": "choices"}
+    assert first.distillation == {"weight": 1.0, "top_k": 4, "over": "choices", "agreeing": False}
     assert first.history[0]["seconds"] >= teacher_seconds, "counted in the time to readiness"
     out = tmp_path / "out" / "toy-category"
     assert (out / "state" / migrate.TEACHER_FILE).is_file()

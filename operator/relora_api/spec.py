@@ -311,6 +311,13 @@ class Distillation(APIModel):
             "always for a task scored by loss)."
         ),
     )
+    agreeing: bool = Field(
+        default=False,
+        description=(
+            "Distil only the tokens where the teacher's most likely one is the example's own "
+            "(a teacher that is wrong on an example never pulls against its label)."
+        ),
+    )
 
 
 class Finetune(APIModel):

@@ -96,7 +96,8 @@ def _reference_key(adapter: Adapter) -> str:
 
 
 def _teacher_key(adapter: Adapter, teaching: Distillation) -> str:
-    what = {"reference": _reference_key(adapter), "topK": teaching.top_k, "over": teaching.over}
+    settings = {k: v for k, v in teaching.to_wire().items() if k != "weight"}  # not the teacher's
+    what = {"reference": _reference_key(adapter), **settings}
     return json.dumps(what, sort_keys=True)
 
 
@@ -239,6 +240,7 @@ def _compute_teacher(
                 device=device,
                 batch_size=micro.evaluation,
                 choices=choices,
+                agreeing=teaching.agreeing,
             )
 
     teacher = micro.run(once)

@@ -123,6 +123,24 @@ VARIANTS: tuple[Variant, ...] = (
         quick=False,
     ),
     Variant(
+        "warm-start-teacher-w1",
+        "warm-start-teacher at distillation weight 1",
+        merge(WARM_START_METHOD, {"finetune": {"distillation": {"weight": 1.0}}}),
+        quick=False,
+    ),
+    Variant(
+        "warm-start-teacher-agreeing",
+        "warm-start-teacher distilling only where the teacher is right",
+        merge(WARM_START_METHOD, {"finetune": {"distillation": {"weight": 3.0, "agreeing": True}}}),
+        quick=False,
+    ),
+    Variant(
+        "relora-teacher-agreeing",
+        "relora-teacher distilling only where the teacher is right",
+        _relora(finetune={"distillation": {"weight": 3.0, "agreeing": True}}),
+        quick=False,
+    ),
+    Variant(
         "relora-teacher-top-k",
         "relora-teacher over the teacher's top 16 tokens at every completion token",
         _relora(finetune={"distillation": {"weight": 3.0, "over": "top-k"}}),

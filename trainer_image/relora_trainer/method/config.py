@@ -73,6 +73,7 @@ class DistillationConfig:
     weight: float
     top_k: int
     over: str
+    agreeing: bool
 
     @classmethod
     def of(cls, model: Any) -> DistillationConfig:

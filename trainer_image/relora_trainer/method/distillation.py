@@ -90,10 +90,12 @@ def compute(
     device: torch.device,
     batch_size: int = 64,
     choices: Sequence[str] | None = None,
+    agreeing: bool = False,
 ) -> Teacher:
     """``model``'s top-k next-token distribution at every completion token of ``examples``, or
     with ``choices`` its probabilities of the choices' continuations (see :func:`forks`) (eval
-    mode, restored after; examples of similar length batched together)."""
+    mode, restored after; examples of similar length batched together). ``agreeing``: zero
+    mass at the tokens where the teacher's most likely one is not the example's own."""
     was_training = model.training
     model.eval()
     try:
@@ -127,6 +129,12 @@ def compute(
             top, top_ids = top.cpu(), top_ids.to("cpu", torch.int32)
             for row, n in enumerate(rows):
                 ids[n], probs[n] = top_ids[row][mask[row]], top[row][mask[row]]
+        if agreeing:
+            for n, item in enumerate(encoded):
+                if len(ids[n]):
+                    best = ids[n].gather(-1, probs[n].argmax(dim=-1, keepdim=True)).squeeze(-1)
+                    right = best == torch.tensor(item.completion_ids, dtype=torch.int32)
+                    probs[n] = probs[n] * right.unsqueeze(-1)
         lengths = torch.tensor([0, *(len(i) for i in ids)], dtype=torch.long)
         return Teacher(
             ids=torch.cat(ids) if ids else torch.zeros((0, top_k), dtype=torch.int32),
