@@ -286,7 +286,7 @@ def test_the_teacher_is_computed_in_the_source_phase_counted_and_reused_by_a_ret
     )
     teacher_seconds = first.seconds["teacher"]
     assert teacher_seconds is not None and teacher_seconds > 0
-    assert first.distillation == {"weight": 1.0, "top_k": 4, "over": "choices", "agreeing": False}
+    assert first.distillation == {"weight": 1.0, "top_k": 4, "over": "choices", "agreeing": True}
     assert first.history[0]["seconds"] >= teacher_seconds, "counted in the time to readiness"
     out = tmp_path / "out" / "toy-category"
     assert (out / "state" / migrate.TEACHER_FILE).is_file()

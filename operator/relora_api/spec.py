@@ -312,10 +312,11 @@ class Distillation(APIModel):
         ),
     )
     agreeing: bool = Field(
-        default=False,
+        default=True,
         description=(
             "Distil only the tokens where the teacher's most likely one is the example's own "
-            "(a teacher that is wrong on an example never pulls against its label)."
+            "(a teacher that is wrong on an example never pulls against its label); false "
+            "distils every token."
         ),
     )
 

@@ -124,32 +124,39 @@ VARIANTS: tuple[Variant, ...] = (
     ),
     Variant(
         "warm-start-teacher-w1",
-        "warm-start-teacher at distillation weight 1",
-        merge(WARM_START_METHOD, {"finetune": {"distillation": {"weight": 1.0}}}),
+        "warm-start-teacher-unfiltered at distillation weight 1",
+        merge(
+            WARM_START_METHOD, {"finetune": {"distillation": {"weight": 1.0, "agreeing": False}}}
+        ),
         quick=False,
     ),
     Variant(
-        "warm-start-teacher-agreeing",
-        "warm-start-teacher distilling only where the teacher is right",
-        merge(WARM_START_METHOD, {"finetune": {"distillation": {"weight": 3.0, "agreeing": True}}}),
+        "warm-start-teacher-unfiltered",
+        "warm-start-teacher distilling also where the teacher is wrong (agreeing: false)",
+        merge(
+            WARM_START_METHOD, {"finetune": {"distillation": {"weight": 3.0, "agreeing": False}}}
+        ),
         quick=False,
     ),
     Variant(
-        "relora-teacher-agreeing",
-        "relora-teacher distilling only where the teacher is right",
-        _relora(finetune={"distillation": {"weight": 3.0, "agreeing": True}}),
+        "relora-teacher-unfiltered",
+        "relora-teacher distilling also where the teacher is wrong (agreeing: false)",
+        _relora(finetune={"distillation": {"weight": 3.0, "agreeing": False}}),
         quick=False,
     ),
     Variant(
         "relora-teacher-top-k",
         "relora-teacher over the teacher's top 16 tokens at every completion token",
-        _relora(finetune={"distillation": {"weight": 3.0, "over": "top-k"}}),
+        _relora(finetune={"distillation": {"weight": 3.0, "over": "top-k", "agreeing": False}}),
         quick=False,
     ),
     Variant(
         "warm-start-teacher-top-k",
         "warm-start-teacher over the teacher's top 16 tokens at every completion token",
-        merge(WARM_START_METHOD, {"finetune": {"distillation": {"weight": 3.0, "over": "top-k"}}}),
+        merge(
+            WARM_START_METHOD,
+            {"finetune": {"distillation": {"weight": 3.0, "over": "top-k", "agreeing": False}}},
+        ),
         quick=False,
     ),
     Variant(
