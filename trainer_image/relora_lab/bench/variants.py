@@ -112,13 +112,15 @@ VARIANTS: tuple[Variant, ...] = (
     ),
     Variant(
         "relora-teacher",
-        "relora with the old adapter on v1 as a distillation teacher (weight 3)",
+        "relora with the old adapter on v1 as a distillation teacher (weight 3; over the "
+        "choices, where the teacher is right: the distillation defaults)",
         _relora(finetune={"distillation": {"weight": 3.0}}),
         quick=False,
     ),
     Variant(
         "warm-start-teacher",
-        "warm-start with the old adapter on v1 as a distillation teacher (weight 3)",
+        "warm-start with the old adapter on v1 as a distillation teacher (weight 3; over the "
+        "choices, where the teacher is right: the distillation defaults)",
         merge(WARM_START_METHOD, {"finetune": {"distillation": {"weight": 3.0}}}),
         quick=False,
     ),
