@@ -17,6 +17,14 @@ operator process's peak RSS and CPU seconds (/proc), and its API requests by ver
 Subjects: ``relora`` (python -m relora_operator, as the Helm chart runs it: --log-format=json)
 and ``floor`` (benchmarks/floor_operator.py: one @kopf.on.create handler creating the Job).
 Writes scale-report.json and scale-report.md under --out and prints the table.
+
+With ``--steady N`` each subject also runs, in a fresh sandbox, N migrations whose trainers keep
+running (a progress line every ``--progress-every`` seconds): once all N pods run and
+``--settle`` seconds passed, the API requests of ``--window`` seconds give the steady-state
+requests per second (progress reads, ``get pods/log``, counted apart). Then the N are deleted
+and ``--churn-cycles`` cycles each create ``--churn-size`` migrations, wait until their pods
+run, and delete them: the operator's resident memory (VmRSS) after the first cycle and after
+the last one says whether anything it keeps per migration outlives the migration.
 """
 
 from __future__ import annotations
@@ -53,9 +61,9 @@ Obj = dict[str, Any]
 
 
 # ---------------------------------------------------------------------- the stand-in trainer
-def stand_in_command(hold: int = 0) -> list[str]:
+def stand_in_command(hold: int = 0, every: int = 1) -> list[str]:
     """A trainer that reports a ready adapter per relora_api.contract and exits 0; with
-    ``hold``, it first runs that many seconds, writing a progress line every second."""
+    ``hold``, it first runs that many seconds, writing a progress line every ``every``."""
     from relora_api import contract
     from relora_api.status import AdapterResult
 
@@ -77,7 +85,7 @@ def stand_in_command(hold: int = 0) -> list[str]:
     script = f'printf %s {shlex.quote(outcome)} > "${contract.ENV_TERMINATION_LOG}"'
     if hold > 0:
         line = shlex.quote('{"event":"progress","stage":"finetune","step":%d,"maxSteps":%d}\\n')
-        step = f'printf {line} "$i" {hold}; sleep 1; i=$((i + 1))'
+        step = f'printf {line} "$i" {hold}; sleep {every}; i=$((i + {every}))'
         loop = f'i=0; while [ "$i" -lt {hold} ]; do {step}; done'
         script = f"{loop}; {script}"
     return ["/bin/sh", "-c", script]
@@ -164,6 +172,9 @@ class Recorder:
     jobs: dict[str, list[float]] = field(default_factory=dict)  # migration uid -> Job ADDED
     completed: dict[str, float] = field(default_factory=dict)  # migration uid -> Job Complete
     ready: dict[str, float] = field(default_factory=dict)  # migration uid -> Ready condition
+    running: set[str] = field(default_factory=set)  # uids of pods in phase Running now
+    phases: dict[str, str] = field(default_factory=dict)  # migration uid -> status.phase
+    children: int = 0  # Jobs and pods that exist now
 
     def on_request(self, request: Any) -> None:
         if self.counting:
@@ -173,14 +184,25 @@ class Recorder:
         moment = time.monotonic()
         if self.counting:
             self.events[kind.plural] += 1
-        if kind.key == ("", "pods") and type_ == "ADDED":
-            self.pods += 1
+        if kind.key in (("", "pods"), ("batch", "jobs")):
+            self.children += {"ADDED": 1, "DELETED": -1}.get(type_, 0)
+        if kind.key == ("", "pods"):
+            self.pods += type_ == "ADDED"
+            phase = (obj.get("status") or {}).get("phase")
+            if type_ != "DELETED" and phase == "Running":
+                self.running.add(obj["metadata"]["uid"])
+            else:
+                self.running.discard(obj["metadata"]["uid"])
         if kind.key == (GROUP, PLURAL):
             uid = obj["metadata"]["uid"]
             if type_ == "ADDED":
                 self.created[uid] = moment
             elif uid not in self.ready and _ready(obj, "Ready"):
                 self.ready[uid] = moment
+            if type_ == "DELETED":
+                self.phases.pop(uid, None)
+            else:
+                self.phases[uid] = str((obj.get("status") or {}).get("phase", ""))
         elif kind.key == ("batch", "jobs"):
             owner = _owner(obj)
             if owner is None:
@@ -215,6 +237,14 @@ def proc_usage(pid: int) -> tuple[float, float]:
         if line.startswith("VmHWM:"):
             peak = int(line.split()[1]) / 1024
     return cpu, peak
+
+
+def proc_rss(pid: int) -> float:
+    """Resident memory (VmRSS) of a live process now, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def start_operator(
@@ -282,6 +312,119 @@ def _wait(check: Callable[[], bool], timeout: float) -> bool:
     return True
 
 
+def _setup(emulator: Any, recorder: Recorder) -> None:
+    """The CRD, the namespace, and the recorder listening (on the sandbox's loop)."""
+    registry = emulator.registry.kinds
+    crds = registry[("apiextensions.k8s.io", "v1", "customresourcedefinitions")]
+    emulator.create(crds, "", yaml.safe_load(CRD_FILE.read_text()))
+    emulator.create(registry[("", "v1", "namespaces")], "", {"metadata": {"name": NAMESPACE}})
+    emulator.store.listeners.append(recorder.on_change)
+    emulator.request_hooks.append(recorder.on_request)
+
+
+def run_steady(
+    subject: str,
+    migrations: int,
+    workdir: Path,
+    *,
+    settle: float,
+    window: float,
+    every: int,
+    cycles: int,
+    size: int,
+    timeout: float,
+) -> Obj:
+    """Steady-state requests per second with ``migrations`` trainers running (and, for the
+    operator, every migration's status saying so), then the operator's memory over
+    create/delete cycles (see the module doc)."""
+    from relora_sandbox.sandbox import SandboxThread
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    recorder = Recorder()
+    thread = SandboxThread(workdir / "sandbox")
+    box = thread.__enter__()
+    emulator = box.emulator
+    try:
+        thread.call(_setup, emulator, recorder)
+        kind = emulator.kind(GROUP, VERSION, PLURAL)
+        recorder.counting = True
+        process = start_operator(
+            subject,
+            box.kubeconfig_path,
+            workdir / f"{subject}.log",
+            processes.free_port(),
+            stand_in_command(hold=100_000, every=every),
+        )
+        try:
+
+            def create(names: list[str]) -> None:
+                for name in names:
+                    emulator.create(kind, NAMESPACE, migration(name))
+
+            def delete(names: list[str]) -> None:
+                for name in names:
+                    if emulator.store.find(kind, NAMESPACE, name) is not None:
+                        emulator.delete(kind, NAMESPACE, name)
+
+            def populate(names: list[str]) -> bool:
+                for start in range(0, len(names), 50):
+                    thread.call(create, names[start : start + 50])
+                return _wait(lambda: len(recorder.running) >= len(names), timeout)
+
+            def empty(names: list[str]) -> bool:
+                thread.call(delete, names)
+                gone = _wait(lambda: recorder.children <= 0, timeout)
+                time.sleep(min(settle, 5.0))  # the operator hears of the deletions
+                return gone
+
+            names = [f"s{i:05d}" for i in range(migrations)]
+            running = populate(names)
+            if subject == "relora":  # and its status says so: the operator caught up
+                running = running and _wait(
+                    lambda: sum(p == "Running" for p in recorder.phases.values()) >= migrations,
+                    timeout,
+                )
+            time.sleep(settle)
+            before, cpu_before = Counter(recorder.requests), proc_usage(process.pid)[0]
+            time.sleep(window)
+            after, cpu_after = Counter(recorder.requests), proc_usage(process.pid)[0]
+            by_kind = {
+                k: (after[k] - before[k]) / window for k in sorted(after) if after[k] > before[k]
+            }
+            logs = by_kind.get("get pods/log", 0.0)
+            steady = {
+                "migrations": migrations,
+                "allRunning": running,
+                "windowSeconds": window,
+                "requestsPerSecond": sum(by_kind.values()),
+                "progressReadsPerSecond": logs,
+                "otherRequestsPerSecond": sum(by_kind.values()) - logs,
+                "byKind": by_kind,
+                "operatorCpuPerSecond": (cpu_after - cpu_before) / window,
+                "operatorRssMiB": proc_rss(process.pid),
+            }
+            emptied = empty(names)
+            rss = []
+            for cycle in range(cycles):
+                batch = [f"c{cycle}-{i:05d}" for i in range(size)]
+                running = populate(batch) and running
+                emptied = empty(batch) and emptied
+                rss.append(proc_rss(process.pid))
+            churn = {
+                "cycles": cycles,
+                "size": size,
+                "allRunningAndDeleted": running and emptied,
+                "rssMiB": rss,
+                "rssBeforeMiB": rss[0] if rss else None,
+                "rssAfterMiB": rss[-1] if rss else None,
+            }
+        finally:
+            processes.stop(process, timeout=20)
+    finally:
+        thread.__exit__(None, None, None)
+    return {"subject": subject, "steady": steady, "churn": churn}
+
+
 def run_subject(
     subject: str, migrations: int, workdir: Path, *, batch: int, timeout: float, hold: int = 0
 ) -> Obj:
@@ -294,18 +437,7 @@ def run_subject(
     box = thread.__enter__()
     emulator = box.emulator
     try:
-
-        def setup() -> None:
-            registry = emulator.registry.kinds
-            crds = registry[("apiextensions.k8s.io", "v1", "customresourcedefinitions")]
-            emulator.create(crds, "", yaml.safe_load(CRD_FILE.read_text()))
-            emulator.create(
-                registry[("", "v1", "namespaces")], "", {"metadata": {"name": NAMESPACE}}
-            )
-            emulator.store.listeners.append(recorder.on_change)
-            emulator.request_hooks.append(recorder.on_request)
-
-        thread.call(setup)
+        thread.call(_setup, emulator, recorder)
         kind = emulator.kind(GROUP, VERSION, PLURAL)
 
         def create(name: str) -> None:
@@ -449,11 +581,52 @@ ROWS: list[tuple[str, Callable[[Obj], float | None], str]] = [
     ),
     ("API requests per migration", lambda r: r["apiRequestsPerMigration"], "{:.2f}"),
     (
+        "  of which events",
+        lambda r: r["apiRequestsByKind"].get("create events", 0) / r["migrations"],
+        "{:.2f}",
+    ),
+    (
         "requests / running migration / min",
         lambda r: r["steady"]["total"] if r.get("steady") else None,
         "{:.2f}",
     ),
+    (
+        "steady: requests/s, all trainers running",
+        lambda r: r["steadyState"]["requestsPerSecond"] if r.get("steadyState") else None,
+        "{:.2f}",
+    ),
+    (
+        "  of which progress reads/s",
+        lambda r: r["steadyState"]["progressReadsPerSecond"] if r.get("steadyState") else None,
+        "{:.2f}",
+    ),
+    (
+        "steady: operator CPU s/s",
+        lambda r: r["steadyState"]["operatorCpuPerSecond"] if r.get("steadyState") else None,
+        "{:.3f}",
+    ),
+    (
+        "steady: operator RSS (MiB)",
+        lambda r: r["steadyState"]["operatorRssMiB"] if r.get("steadyState") else None,
+        "{:.0f}",
+    ),
+    (
+        "churn: RSS after first cycle (MiB)",
+        lambda r: r["churn"]["rssBeforeMiB"] if r.get("churn") else None,
+        "{:.1f}",
+    ),
+    (
+        "churn: RSS after last cycle (MiB)",
+        lambda r: r["churn"]["rssAfterMiB"] if r.get("churn") else None,
+        "{:.1f}",
+    ),
 ]
+
+
+# Rows that only --steady fills.
+STEADY_ROWS = {label for label, _, _ in ROWS if label.startswith(("steady:", "churn:"))} | {
+    "  of which progress reads/s"
+}
 
 
 def _cell(value: float | None, form: str) -> str:
@@ -528,6 +701,27 @@ def markdown(report: Obj) -> str:
                 f"- {subject}: {window['total']:.1f} ({kinds or 'none'}; "
                 f"window {window['windowSeconds']:.0f} s)"
             )
+    states = {s: r for s, r in results.items() if r.get("steadyState")}
+    if states:
+        first = next(iter(states.values()))
+        lines += [
+            "",
+            f"Steady state, {first['steadyState']['migrations']} trainers running (a progress "
+            f"line every {report.get('progressEvery', '?')} s), requests per second over "
+            f"{first['steadyState']['windowSeconds']:.0f} s; then "
+            f"{first['churn']['cycles']} create/delete cycles of {first['churn']['size']} "
+            "migrations, the operator's VmRSS after each:",
+            "",
+        ]
+        for subject, result in states.items():
+            state, churn = result["steadyState"], result["churn"]
+            kinds = ", ".join(f"{k} {v:.2f}" for k, v in state["byKind"].items())
+            rss = " / ".join(f"{v:.1f}" for v in churn["rssMiB"])
+            lines.append(
+                f"- {subject}: {state['requestsPerSecond']:.2f} requests/s ({kinds or 'none'}); "
+                f"all running: {state['allRunning']}; RSS over the cycles (MiB): {rss}; all "
+                f"running and deleted each cycle: {churn['allRunningAndDeleted']}"
+            )
     lines += [""]
     for subject, result in results.items():
         lines.append(
@@ -550,6 +744,18 @@ def printable(report: Obj) -> str:
     return "\n".join(out)
 
 
+@dataclass
+class Steady:
+    """The steady-state and churn phase (--steady)."""
+
+    migrations: int
+    settle: float = 30.0
+    window: float = 200.0
+    every: int = 10
+    cycles: int = 5
+    size: int = 200
+
+
 def run(
     *,
     migrations: int,
@@ -559,6 +765,7 @@ def run(
     subjects: tuple[str, ...] = SUBJECTS,
     command: str = "",
     hold: int = 0,
+    steady: Steady | None = None,
 ) -> Obj:
     """The benchmark's core: every subject in turn, then scale-report.json and .md in ``out``."""
     out = out.resolve()  # pods run in their own folders: every path they get must be absolute
@@ -570,10 +777,26 @@ def run(
         )
         for subject in subjects
     }
+    if steady is not None:
+        for subject in subjects:
+            found = run_steady(
+                subject,
+                steady.migrations,
+                out / f"{subject}-steady",
+                settle=steady.settle,
+                window=steady.window,
+                every=steady.every,
+                cycles=steady.cycles,
+                size=steady.size,
+                timeout=timeout if timeout is not None else 60.0 + 0.5 * steady.migrations,
+            )
+            results[subject]["steadyState"] = found["steady"]
+            results[subject]["churn"] = found["churn"]
     report = {
         "migrations": migrations,
         "batch": batch,
         "holdSeconds": hold,
+        "progressEvery": steady.every if steady is not None else None,
         "machine": f"{os.cpu_count()} CPU cores, {platform.system()} {platform.machine()}, "
         f"Python {platform.python_version()}",
         "command": command or f"python benchmarks/scale.py --migrations {migrations}",
@@ -601,6 +824,23 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds each trainer runs (printing progress) before it reports: measures the "
         "requests per running migration",
     )
+    parser.add_argument(
+        "--steady",
+        type=int,
+        default=0,
+        help="also measure the requests per second with this many trainers running, and the "
+        "operator's memory over create/delete cycles (0: not)",
+    )
+    parser.add_argument("--settle", type=float, default=30.0, help="seconds before measuring")
+    parser.add_argument(
+        "--window",
+        type=float,
+        default=200.0,
+        help="seconds measured (a progress period or more: 200 s at 1,000 running)",
+    )
+    parser.add_argument("--progress-every", type=int, default=10, help="trainer progress period")
+    parser.add_argument("--churn-cycles", type=int, default=5)
+    parser.add_argument("--churn-size", type=int, default=200)
     args = parser.parse_args(argv)
     command = "python benchmarks/scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
     report = run(
@@ -611,6 +851,16 @@ def main(argv: list[str] | None = None) -> int:
         subjects=tuple(args.only or SUBJECTS),
         command=command.strip(),
         hold=args.hold,
+        steady=Steady(
+            args.steady,
+            settle=args.settle,
+            window=args.window,
+            every=args.progress_every,
+            cycles=args.churn_cycles,
+            size=args.churn_size,
+        )
+        if args.steady
+        else None,
     )
     print(printable(report))
     print(f"\nreport: {args.out / 'scale-report.md'}")

@@ -34,6 +34,8 @@ CLIENT_CALLS: dict[str, Rule] = {
     "list_namespaced_custom_object": (resource.GROUP, resource.PLURAL, "list"),
     "list_namespaced_job": ("batch", "jobs", "list"),
     "list_namespaced_pod": ("", "pods", "list"),
+    "watch_namespaced_job": ("batch", "jobs", "watch"),  # relora_operator/watching.py
+    "watch_namespaced_pod": ("", "pods", "watch"),
     "create_namespaced_job": ("batch", "jobs", "create"),
     "patch_namespaced_job": ("batch", "jobs", "patch"),
     "patch_namespaced_custom_object_status": (resource.GROUP, f"{resource.PLURAL}/status", "patch"),

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from relora_api import contract
 from relora_api.spec import AdapterMigrationSpec
 from relora_operator import job_builder, naming, observe
-from relora_operator.handlers import _pods_by_job
+from relora_operator.reconciler import pods_by_job
 from relora_operator.settings import Settings
 from relora_trainer import errors, job, migrate, models, storage
 from relora_trainer.errors import OutputNotWritable
@@ -120,7 +120,7 @@ def test_pods_are_matched_to_their_job_by_uid() -> None:
         _pod("b", "Running", "old"),
         _pod("c", "Running"),
     )
-    by_job, strays = _pods_by_job(jobs, [mine, older, loose])
+    by_job, strays = pods_by_job(jobs, [mine, older, loose])
     assert by_job == {"m-one": [mine]}
     assert strays == [older, loose], "a deleted namesake's pods are not this Job's attempts"
 

@@ -380,3 +380,99 @@ def test_a_forged_result_whose_job_is_gone_is_read_again_by_a_new_job(
         _migration(manifest, again), running, {"job-sentiment": [_pod("p3", "Running")]}, {}, NOW
     )
     assert later["adapters"][0]["phase"] == "Running" and more.create == []
+
+
+# ------------------------------------------------------------------ when to look again
+def test_requeue_after_is_set_only_where_time_matters(manifest: dict[str, Any]) -> None:
+    """The planner's timer: a running trainer's next progress read, a blocked pod's deadline;
+    nothing for a starting pod, a queued, suspended or finished adapter."""
+    jobs = [_job("sentiment"), _job("news-topic")]
+    running = {
+        "job-sentiment": [_pod("p1", "Running")],
+        "job-news-topic": [_pod("p2", "Pending")],
+    }
+    _, actions = observe.observe(_migration(manifest), jobs, running, {}, NOW, progress_every=7.0)
+    assert actions.requeue_after == 7.0
+    _, actions = observe.observe(_migration(manifest), jobs, running, {}, NOW)
+    assert actions.requeue_after is None, "no progress reads asked: nothing time-dependent"
+
+    starting = {"job-sentiment": [_pod("p1", "Pending")], "job-news-topic": []}
+    _, actions = observe.observe(_migration(manifest), jobs, starting, {}, NOW, progress_every=7.0)
+    assert actions.requeue_after is None, "a starting pod moves on by its own events"
+
+    blocked = {
+        "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}]
+    }
+    pods = {
+        "job-sentiment": [_pod("p1", "Pending", created="2026-11-29T11:59:30Z", **blocked)],
+        "job-news-topic": [_pod("p2", "Running")],
+    }
+    migration = _migration(manifest, preRunningDeadlineSeconds=60)
+    _, actions = observe.observe(migration, jobs, pods, {}, NOW, progress_every=45.0)
+    assert actions.requeue_after == 30.0, "the deadline (60 s after 11:59:30) comes first"
+    _, actions = observe.observe(migration, jobs, pods, {}, NOW, progress_every=10.0)
+    assert actions.requeue_after == 10.0
+
+    _, actions = observe.observe(_migration(manifest, suspend=True), [], {}, {}, NOW, None, None, 5)
+    assert actions.requeue_after is None, "suspended"
+    queued = [_job(a, suspend=True) for a in ("sentiment", "news-topic")]
+    _, actions = observe.observe(
+        _migration(manifest, queueName="gpu"), queued, {}, {}, NOW, progress_every=5.0
+    )
+    assert actions.requeue_after is None, "queued"
+    finished_jobs, finished_pods = _both_completed()
+    status, actions = observe.observe(
+        _migration(manifest), finished_jobs, finished_pods, {}, NOW, progress_every=5.0
+    )
+    assert status["phase"] == "Succeeded" and actions.requeue_after is None
+
+
+def test_a_job_without_a_pod_yet_is_pending_not_retrying(manifest: dict[str, Any]) -> None:
+    """Between a Job's creation and its first pod nothing changed for the user: no transition
+    (no event), whatever the reason the adapter had (JobCreated, JobRecreated)."""
+    first, _ = observe.observe(_migration(manifest), [], {}, {}, NOW)
+    jobs = [_job("sentiment"), _job("news-topic")]
+    status, actions = observe.observe(_migration(manifest, first), jobs, {}, {}, NOW)
+    assert [(a["phase"], a["reason"]) for a in status["adapters"]] == [
+        ("Pending", "JobCreated"),
+        ("Pending", "JobCreated"),
+    ]
+    assert actions.events == [] and all(a["attempts"] == 0 for a in status["adapters"])
+    recreated = {"name": "sentiment", "phase": "Pending", "reason": "JobRecreated", "message": "m"}
+    previous = {**first, "adapters": [recreated, first["adapters"][1]]}
+    status, _ = observe.observe(_migration(manifest, previous), jobs, {}, {}, NOW)
+    assert status["adapters"][0]["reason"] == "JobRecreated"
+    assert status["adapters"][0]["message"] == "m"
+    # A trainer that finished before its Job says so: no transition either.
+    done = {
+        "job-sentiment": [_pod("p1", "Succeeded")],
+        "job-news-topic": [_pod("p2", "Succeeded")],
+    }
+    again, actions = observe.observe(_migration(manifest, status), jobs, done, {}, NOW)
+    assert [a["reason"] for a in again["adapters"]] == ["JobRecreated", "JobCreated"]
+    assert actions.events == []
+    # A Job whose pods all failed and has none running is retrying.
+    failed = {"job-sentiment": [_pod("p1", "Failed")], "job-news-topic": [_pod("p2", "Running")]}
+    status, _ = observe.observe(_migration(manifest), jobs, failed, {}, NOW)
+    assert (status["adapters"][0]["phase"], status["adapters"][0]["reason"]) == (
+        "Running",
+        "Retrying",
+    )
+
+
+def test_a_finished_job_waits_for_its_pods_last_state(manifest: dict[str, Any]) -> None:
+    """The Jobs' and the pods' watch events come apart: a Job Complete whose pod is still seen
+    running (or not seen) waits for the pod's outcome, a while, instead of failing NoResult."""
+    ended = {**_true("Complete"), "lastTransitionTime": "2026-11-29T11:59:58Z"}
+    jobs = [_job(a, conditions=[ended]) for a in ("sentiment", "news-topic")]
+    lagging = {"job-sentiment": [_pod("p1", "Running")], "job-news-topic": []}
+    status, actions = observe.observe(_migration(manifest), jobs, lagging, {}, NOW)
+    assert [a["phase"] for a in status["adapters"]] == ["Running", "Running"]
+    assert actions.events[0][1] == "AdapterRunning" and actions.ttl == []
+    assert actions.requeue_after == observe.POD_GRACE_SECONDS - 2
+    _, done = _both_completed()
+    status, actions = observe.observe(_migration(manifest, status), jobs, done, {}, NOW)
+    assert status["phase"] == "Succeeded" and actions.requeue_after is None
+    later = NOW + datetime.timedelta(seconds=observe.POD_GRACE_SECONDS)
+    status, _ = observe.observe(_migration(manifest), jobs, lagging, {}, later)
+    assert [a["reason"] for a in status["adapters"]] == ["NoResult", "NoResult"], "lost"

@@ -101,3 +101,39 @@ def test_the_garbage_collectors_late_look_sees_the_owners_of_now() -> None:
     kept = emulator.store.find(maps, "default", "orphan")
     assert kept is not None and not kept["metadata"].get("ownerReferences")
     assert emulator.store.find(maps, "default", "dangling") is None
+
+
+def test_a_dangling_job_goes_with_its_pods() -> None:
+    """A Job whose owner is gone (created by a client that had not heard of the deletion) is
+    collected in the background, as the garbage collector does: its pods go too, though a
+    client's delete of a Job orphans them by default."""
+    emulator = Emulator()
+    jobs, pods = emulator.kind("batch", "v1", "jobs"), emulator.kind("", "v1", "pods")
+    owner = {"apiVersion": "v1", "kind": "ConfigMap", "name": "gone", "uid": "never"}
+    job, _ = emulator.create(
+        jobs,
+        "default",
+        {
+            "metadata": {"name": "late", "ownerReferences": [owner]},
+            "spec": {
+                "template": {
+                    "spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "i"}]}
+                }
+            },
+        },
+    )
+    mine = {"apiVersion": "batch/v1", "kind": "Job", "name": "late", "controller": True}
+    emulator.create(
+        pods,
+        "default",
+        {
+            "metadata": {
+                "name": "late-pod",
+                "ownerReferences": [{**mine, "uid": job["metadata"]["uid"]}],
+            },
+            "spec": {"containers": [{"name": "c", "image": "i"}]},
+        },
+    )
+    emulator.store.collect_dangling(jobs, job)
+    assert emulator.store.find(jobs, "default", "late") is None
+    assert emulator.store.find(pods, "default", "late-pod") is None

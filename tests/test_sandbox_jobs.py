@@ -65,6 +65,26 @@ def test_a_python_one_liner_runs_to_complete(batch: Any, core: Any, namespace: s
     assert log.strip() == f"hello sandbox {pod.metadata.name}"
 
 
+def test_pod_logs_honour_tail_since_and_limit(batch: Any, core: Any, namespace: str) -> None:
+    """What the operator's incremental progress reads ask: the last lines, nothing if the log
+    was not written in ``sinceSeconds``, at most ``limitBytes``."""
+    code = "import time; print('one'); print('two'); print('three', flush=True); time.sleep(60)"
+    batch.create_namespaced_job(namespace, python_job("talk", code))
+    pod = wait_for(lambda: next(iter(_pods(core, namespace, "talk")), None), what="the pod")
+    name = pod.metadata.name
+
+    def log(**query: Any) -> str:
+        return str(core.read_namespaced_pod_log(name, namespace, **query))
+
+    wait_for(lambda: "three" in log(), what="the log written")
+    assert log(tail_lines=2) == "two\nthree\n"
+    assert log(tail_lines=2, limit_bytes=5) == "two\nt"
+    assert log(since_seconds=30) == "one\ntwo\nthree\n"
+    time.sleep(2.2)
+    assert log(since_seconds=1) == "", "nothing written in the last second"
+    batch.delete_namespaced_job("talk", namespace, propagation_policy="Background")
+
+
 def test_a_failing_job_retries_per_backoff_limit(batch: Any, core: Any, namespace: str) -> None:
     batch.create_namespaced_job(
         namespace, python_job("fail", "raise SystemExit(3)", backoffLimit=2)

@@ -22,7 +22,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from relora_api import contract
-from relora_operator import handlers, metrics
+from relora_operator import handlers, metrics, reconciler
 from relora_operator.kube import Kube
 from relora_operator.settings import Settings
 from relora_sandbox import schema
@@ -39,9 +39,14 @@ def test_ten_migrations_end_ready_with_one_job_each(tmp_path: Path) -> None:
     markdown = (tmp_path / "scale-report.md").read_text()
     assert "| metric | relora-operator | plain Kopf floor | ratio |" in markdown
     assert set(report["results"]) == {"relora", "floor"}
-    assert set(report["ratios"]) == {label for label, _, _ in scale.ROWS} - {
-        "requests / running migration / min"  # only with --hold
-    }
+    assert (
+        set(report["ratios"])
+        == {label for label, _, _ in scale.ROWS}
+        - {
+            "requests / running migration / min"  # only with --hold
+        }
+        - scale.STEADY_ROWS
+    )
     for subject, result in report["results"].items():
         assert result["finished"], subject
         assert result["migrationsReady"] == 10, subject
@@ -60,6 +65,32 @@ def test_ten_migrations_end_ready_with_one_job_each(tmp_path: Path) -> None:
     ours = report["results"]["relora"]["apiRequestsByKind"]
     assert ours["patch adaptermigrations/status"] >= 10  # the operator reports; the floor not
     assert report["results"]["relora"]["reconciles"] >= 10
+
+
+def test_steady_state_and_churn_are_measured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--steady: requests per second with every trainer running (progress reads apart), then
+    the operator's memory over create/delete cycles."""
+    monkeypatch.setenv("RELORA_RESYNC_SECONDS", "1")  # a progress read a second per pod
+    found = scale.run_steady(
+        "relora",
+        4,
+        tmp_path,
+        settle=1.5,
+        window=3.0,
+        every=1,
+        cycles=2,
+        size=3,
+        timeout=120,
+    )
+    steady, churn = found["steady"], found["churn"]
+    assert steady["allRunning"] and steady["migrations"] == 4
+    assert steady["progressReadsPerSecond"] > 0, steady  # the trainers' progress is read
+    assert steady["requestsPerSecond"] == pytest.approx(sum(steady["byKind"].values()))
+    assert "list jobs" not in steady["byKind"] and "list pods" not in steady["byKind"]
+    assert churn["allRunningAndDeleted"] and len(churn["rssMiB"]) == 2
+    assert churn["rssBeforeMiB"] > 0 and churn["rssAfterMiB"] > 0
 
 
 def test_requests_are_named_by_verb_and_resource() -> None:
@@ -159,48 +190,60 @@ def test_phases_are_counted_per_migration_and_echoes_skipped(
     api: Any, namespace: str, migrations: Any
 ) -> None:
     settings = Settings(trainer_command=scale.stand_in_command(), metrics_port=0)
-    operator = handlers.Operator(settings, Kube(api), b"k" * 32)
-    index: dict[str, list[dict[str, Any]]] = {}
-    operator.indexes["migrations_by_uid"] = index
-    uids = []
-    for name in ("one", "two"):
-        body = migrations.create_namespaced_custom_object(
+    bodies = [
+        migrations.create_namespaced_custom_object(
             GROUP, VERSION, namespace, PLURAL, scale.migration(name, namespace)
         )
-        uids.append(body["metadata"]["uid"])
-        index[body["metadata"]["uid"]] = [body]
+        for name in ("one", "two")
+    ]
+    uids = [body["metadata"]["uid"] for body in bodies]
 
-    def reconciled(phase: str) -> bool:
-        for uid in uids:
-            asyncio.run(operator.reconcile(uid))
-        bodies = migrations.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
-        return all(b.get("status", {}).get("phase") == phase for b in bodies["items"])
+    async def scenario() -> reconciler.Operator:
+        operator = reconciler.Operator(settings, Kube(api), b"k" * 32)
+        for body in bodies:
+            operator.migration_event("ADDED", body)  # as the watch hands it over
+        deadline = asyncio.get_running_loop().time() + 60
+        while not all(_phase(operator, uid) == "Succeeded" for uid in uids):
+            assert asyncio.get_running_loop().time() < deadline, "both migrations succeed"
+            await asyncio.sleep(0.2)
+            await operator.relist(namespace)  # no watch here: lists feed the cache
+        assert _phases()["Succeeded"] == 2 and _phases()["Pending"] == 0
+        jobs = untyped(client.BatchV1Api(api)).list_namespaced_job(namespace).items
+        assert len(jobs) == 2
 
-    wait_for(lambda: reconciled("Succeeded"), timeout=60, what="both migrations succeed")
-    assert _phases()["Succeeded"] == 2 and _phases()["Pending"] == 0
-    jobs = untyped(client.BatchV1Api(api)).list_namespaced_job(namespace).items
-    assert len(jobs) == 2
+        # The watch event of the operator's own last status write needs no reconciliation ...
+        state = operator.registry.get(uids[0])
+        assert state is not None
+        body = migrations.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "one")
+        assert state.own_write(body)
+        # ... unlike one with another status, a new generation, or a deletion under way.
+        assert not state.own_write({**body, "status": {**body["status"], "phase": "X"}})
+        newer = {**body, "metadata": {**body["metadata"], "generation": 2}}
+        assert not state.own_write(newer)
+        deleting = {
+            **body,
+            "metadata": {**body["metadata"], "deletionTimestamp": "2026-01-01T00:00:00Z"},
+        }
+        assert not state.own_write(deleting)
+        other = operator.registry.get(uids[1])
+        assert other is not None and not other.own_write(body)  # another migration's status
 
-    # The watch event of the operator's own last status write needs no reconciliation ...
-    body = migrations.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "one")
-    assert operator.own_write(uids[0], body)
-    # ... unlike one with another status, a new generation, or a deletion under way.
-    assert not operator.own_write(uids[0], {**body, "status": {**body["status"], "phase": "X"}})
-    newer = {**body, "metadata": {**body["metadata"], "generation": 2}}
-    assert not operator.own_write(uids[0], newer)
-    deleting = {
-        **body,
-        "metadata": {**body["metadata"], "deletionTimestamp": "2026-01-01T00:00:00Z"},
-    }
-    assert not operator.own_write(uids[0], deleting)
-    assert not operator.own_write(uids[1], body)  # another migration's status
+        # A deleted migration leaves the count and the memory, found by a list (no watch).
+        migrations.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "one")
+        await operator.relist(namespace)
+        assert operator.registry.get(uids[0]) is None
+        assert _phases()["Succeeded"] == 1
+        await asyncio.gather(*operator.poker.tasks)
+        operator.stop()  # its watches
+        return operator
 
-    # A deleted migration leaves the count (Kopf drops it from the index).
-    migrations.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "one")
-    del index[uids[0]]
-    asyncio.run(operator.reconcile(uids[0]))
-    assert _phases()["Succeeded"] == 1
-    assert uids[0] not in operator.written and uids[0] not in operator.phases
+    operator = asyncio.run(scenario())
+    assert uids[0] not in operator.poker.timers and uids[0] not in operator.children.by_migration
+
+
+def _phase(operator: reconciler.Operator, uid: str) -> str | None:
+    state = operator.registry.get(uid)
+    return None if state is None else state.body["status"].get("phase")
 
 
 def test_kopf_handler_successes_are_not_logged_at_info() -> None:
@@ -229,7 +272,7 @@ def test_create_job_reports_twins_and_reuses_its_connection(
     job = python_job("twin", "print('ok')", suspend=True)
 
     async def create_twice() -> list[bool]:
-        return [await kube.create_job(namespace, copy.deepcopy(job)) for _ in range(3)]
+        return [await kube.create_job(namespace, copy.deepcopy(job)) is not None for _ in range(3)]
 
     assert asyncio.run(create_twice()) == [True, False, False]
     pools = kube.api.rest_client.pool_manager.pools

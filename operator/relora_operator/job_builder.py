@@ -45,8 +45,10 @@ def build_job(
     spec: AdapterMigrationSpec,
     adapter: Adapter,
     settings: Settings,
+    generation: int | None = None,
 ) -> dict[str, Any]:
-    """The Job manifest for ``adapter`` of the AdapterMigration ``namespace/name``."""
+    """The Job manifest for ``adapter`` of the AdapterMigration ``namespace/name`` (made of the
+    spec of ``generation``, if given: a Job of the current generation is not stale)."""
     claims = _claims(spec, adapter)
     mounts = {claim: f"{contract.PVC_MOUNT_ROOT}/{claim}" for claim in claims}
     env: list[dict[str, Any]] = [
@@ -135,7 +137,10 @@ def build_job(
             "name": naming.job_name(name, adapter.name, uid),
             "namespace": namespace,
             "labels": labels,
-            "annotations": {naming.TEMPLATE_HASH: template_hash(job_spec["template"])},
+            "annotations": {
+                naming.TEMPLATE_HASH: template_hash(job_spec["template"]),
+                **({naming.GENERATION: str(generation)} if generation is not None else {}),
+            },
             "ownerReferences": [
                 {
                     "apiVersion": API_VERSION,

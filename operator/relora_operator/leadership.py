@@ -13,7 +13,7 @@ has not changed for ``leaseDurationSeconds`` as seen on this process's own clock
 comparison across machines); writes use the resourceVersion, so two candidates cannot both win.
 
 Why not Kopf's peering: replicas of one Deployment share a priority, and Kopf freezes every
-operator of equal priority; and a frozen Kopf would not stop this operator's own resync loop.
+operator of equal priority; and a frozen Kopf would not stop this operator's own watches and timers.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ ADAPTER = "relora.dev/adapter"
 QUEUE = "kueue.x-k8s.io/queue-name"
 FAILURE = "relora.dev/failure"  # Job annotation: why the operator stopped it (reason: message)
 TEMPLATE_HASH = "relora.dev/template-hash"  # Job annotation: what its pod template was made of
+GENERATION = "relora.dev/generation"  # Job annotation: the migration's generation it was made of
 
 
 def _digest(*parts: str) -> str:

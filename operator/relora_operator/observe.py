@@ -34,6 +34,10 @@ BLOCKING_WAITS = (
 
 # Reasons for something of the operator's deleted behind its back: the message says what.
 AFTER_DELETION = ("JobRecreated", "WaitingForOldPod", "Reverifying")
+# How long a finished Job waits for its pod's last state before its outcome is taken as lost.
+POD_GRACE_SECONDS = 10.0
+# Reasons kept while a Job has no pod yet, or its pod succeeded and the Job is not yet Complete.
+UNCHANGED = ("JobCreated", "JobRecreated", "Reverifying", "PodPending", "Running")
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,15 @@ class Actions:
     fail: list[tuple[str, str, str]] = field(default_factory=list)  # (job, reason, message)
     ttl: list[tuple[str, int]] = field(default_factory=list)  # (job, seconds)
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+    # When to look again with nothing else happening (a pending pod's deadline, the next
+    # progress read of a running pod); None: only a change of the objects matters.
+    requeue_after: float | None = None
+
+    def wake(self, seconds: float) -> None:
+        """Ask to be reconciled again within ``seconds`` (the earliest ask wins)."""
+        seconds = max(seconds, 0.0)
+        if self.requeue_after is None or seconds < self.requeue_after:
+            self.requeue_after = seconds
 
 
 def _condition(obj: Obj, kind: str) -> Obj | None:
@@ -106,6 +119,7 @@ def _adapter_status(
     now: datetime.datetime,
     actions: Actions,
     strays: list[Obj] | None = None,
+    progress_every: float | None = None,
 ) -> Obj:
     spec = migration.spec
     key, uid = migration.seal_key, migration.uid
@@ -166,6 +180,18 @@ def _adapter_status(
     if failure:
         reason, _, message = failure.partition(": ")
         return {**base, "phase": "Failed", "reason": reason, "message": _cut(message)}
+    finished = _condition(job, "Complete") or _condition(job, "Failed")
+    if finished and _pod_lags(pods, finished["type"] == "Complete"):
+        # The Job says its pod ended, but the pod's last state has not come yet (the watch
+        # events of Jobs and pods come apart): its outcome is in that state, so wait for it.
+        ended = times.parse(finished.get("lastTransitionTime")) or now
+        left = POD_GRACE_SECONDS - (now - ended).total_seconds()
+        if left > 0:
+            actions.wake(left)
+            kept = previous or {}
+            if kept.get("phase") in ("Pending", "Running") and kept.get("reason") in UNCHANGED:
+                return _unchanged(base, kept)
+            return {**base, "phase": "Running", "reason": "Running"}
     if _condition(job, "Complete"):
         _ttl(job, spec, actions)
         return {**base, **_result(_outcome(_newest(pods, "Succeeded")))}
@@ -201,11 +227,22 @@ def _adapter_status(
         [p for p in pods if (p.get("status") or {}).get("phase") in ("Pending", "Running")]
     )
     if pod is None:
-        return {**base, "phase": "Running", "reason": "Retrying"}
+        last = _newest(pods)
+        if last is not None and (last.get("status") or {}).get("phase") != "Succeeded":
+            return {**base, "phase": "Running", "reason": "Retrying"}
+        # No pod yet, or its trainer finished and the Job has yet to say so: nothing new.
+        kept = previous or {}
+        if kept.get("phase") in ("Pending", "Running") and kept.get("reason") in UNCHANGED:
+            return _unchanged(base, kept)
+        if last is None:
+            return {**base, "phase": "Pending", "reason": "JobCreated"}
+        return {**base, "phase": "Running", "reason": "Running"}
     if pod["status"].get("phase") == "Running":
         running: Obj = {**base, "phase": "Running", "reason": "Running"}
         if progress is not None:
             running["progress"] = progress.to_wire()
+        if progress_every is not None:
+            actions.wake(progress_every)
         return running
     reason, message = _blocked(pod)
     created = times.parse(pod["metadata"].get("creationTimestamp")) or now
@@ -217,7 +254,23 @@ def _adapter_status(
         )
         actions.fail.append((name, reason, text))
         return {**base, "phase": "Failed", "reason": reason, "message": _cut(text)}
+    if reason != "PodPending":  # blocked: fails at its deadline unless its pod changes first
+        actions.wake(spec.pre_running_deadline_seconds - waited)
     return {**base, "phase": "Pending", "reason": reason, "message": _cut(message)}
+
+
+def _unchanged(base: Obj, kept: Obj) -> Obj:
+    """``kept`` (the adapter's entry as last written) on ``base``: nothing new to tell."""
+    fields = ("phase", "reason", "message", "attempts", "progress")
+    return {**base, **{k: kept[k] for k in fields if k in kept}}
+
+
+def _pod_lags(pods: list[Obj], complete: bool) -> bool:
+    """Whether a finished Job's pods are not seen finished yet: the newest one still pending
+    or running, or none seen of a Complete Job (whose outcome only its pod has; a failed Job's
+    pods may be gone, deleted at its deadline)."""
+    newest = _newest(pods)
+    return _active(newest) if newest is not None else complete
 
 
 def _forged(adapter: Adapter, entry: Obj, job: Obj | None, actions: Actions) -> Obj | None:
@@ -397,6 +450,7 @@ def observe(
     now: datetime.datetime,
     strays: list[Obj] | None = None,
     templates: dict[str, str] | None = None,
+    progress_every: float | None = None,
 ) -> tuple[Obj, Actions]:
     """The status to write and the actions to take, from what exists now.
 
@@ -404,6 +458,12 @@ def observe(
     to none of ``jobs`` (their Job was deleted without them, or is being deleted);
     ``templates`` maps an adapter to the hash of the pod template its Job would get now
     (job_builder.template_hash): a Job made from another one did not get the latest spec.
+    ``progress_every``: how often a running trainer's progress is read (None: not at all).
+
+    ``actions.requeue_after`` says when to look again if nothing changes meanwhile: the
+    pre-running deadline of a blocked pod, ``progress_every`` while a trainer runs; None for
+    Pending (a starting pod), Queued, Suspended and finished adapters, which only a change of
+    their Job or pod moves on.
     """
     actions = Actions()
     stray_by_adapter: dict[str, list[Obj]] = {}
@@ -426,6 +486,7 @@ def observe(
             now,
             actions,
             stray_by_adapter.get(adapter.name, []),
+            progress_every,
         )
         wanted = (templates or {}).get(adapter.name)
         if job is not None and entry is not previous.get(adapter.name) and _stale(job, wanted):

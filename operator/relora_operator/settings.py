@@ -4,10 +4,14 @@
 | --- | --- | --- |
 | RELORA_TRAINER_IMAGE | ghcr.io/relora-dev/relora-trainer:0.1.0 | image of the trainer Jobs |
 | RELORA_TRAINER_COMMAND | ["python", "-m", "relora_trainer.job"] | JSON list: its command |
-| RELORA_RESYNC_SECONDS | 10 | how often running migrations are re-read (progress, deadlines) |
+| RELORA_RESYNC_SECONDS | 10 | progress read this often at most per running pod; 30x: relist |
 | RELORA_METRICS_PORT | 8080 | Prometheus metrics (0: off) |
 | RELORA_LOG_TAIL_LINES | 50 | log lines read per running pod for live progress |
 | RELORA_CLUSTER_SCANNING | true | let Kopf watch CRDs (and namespaces unless it watches all) |
+
+RELORA_RESYNC_SECONDS sets two periods: ``progress_seconds`` (itself: a running pod's log is
+read at most this often, less often when many pods run) and ``relist_seconds`` (30 times it: each
+namespace with migrations is listed again, to find what was deleted while no watch said so).
 
 With RELORA_CLUSTER_SCANNING=false the operator needs no cluster-scoped permission: it serves
 the resources found at start-up in the namespaces named on its command line (a CRD created
@@ -44,6 +48,14 @@ class Settings(BaseModel):
     metrics_port: int = Field(default=8080, ge=0, le=65535)
     log_tail_lines: int = Field(default=50, ge=1, le=10_000)
     cluster_scanning: bool = True
+
+    @property
+    def progress_seconds(self) -> float:
+        return self.resync_seconds
+
+    @property
+    def relist_seconds(self) -> float:
+        return 30 * self.resync_seconds
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -18,6 +18,7 @@ import copy
 import os
 import re
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,14 @@ class Kubelet:
     def logs(self, namespace: str, pod: str) -> str | None:
         path = self.workdir / "pods" / namespace / pod / "log.txt"
         return path.read_text(errors="replace") if path.is_file() else None
+
+    def log_age(self, namespace: str, pod: str) -> float | None:
+        """Seconds since the pod's log was last written (None: no log)."""
+        path = self.workdir / "pods" / namespace / pod / "log.txt"
+        try:
+            return max(time.time() - path.stat().st_mtime, 0.0)
+        except OSError:
+            return None
 
     # ------------------------------------------------------------------ pods
     def admit_pod(self, pod: Obj, faults: list[Fault]) -> None:

@@ -31,6 +31,7 @@ def register_routes(sandbox: Sandbox) -> None:
     """Serve the sandbox's routes and its pods' logs from its emulator."""
     emulator, jobs = sandbox.emulator, sandbox.jobs
     emulator.log_source = jobs.kubelet.logs
+    emulator.log_age = jobs.kubelet.log_age
     emulator.admin.update(
         {
             ("POST", "/sandbox/v1/faults"): partial(_add_fault, jobs),

@@ -34,6 +34,7 @@ VERSION = {
 SUBRESOURCES = {"status", "log", "finalize", "scale"}
 
 LogSource = Callable[[str, str], str | None]
+LogAge = Callable[[str, str], float | None]  # seconds since the log was last written
 AdminHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -59,6 +60,7 @@ class Emulator:
         # Called with every request before it is served (tests audit who calls what).
         self.request_hooks: list[Callable[[web.Request], None]] = []
         self.log_source: LogSource | None = None
+        self.log_age: LogAge | None = None
         self.admin: dict[tuple[str, str], AdminHandler] = {}
         self.delay_seconds = 0.0  # fault injection: slow responses
         namespaces = self.registry.kinds[("", "v1", "namespaces")]
@@ -214,7 +216,7 @@ class Emulator:
         if method == "GET":
             assert target.name is not None
             if target.subresource == "log":
-                return self._log(namespace, target.name, query.get("tailLines"))
+                return self._log(namespace, target.name, query)
             obj = self.store.get(kind, namespace, target.name)
             if as_table:
                 return web.json_response(
@@ -312,12 +314,24 @@ class Emulator:
             }
         )
 
-    def _log(self, namespace: str, name: str, tail: str | None) -> web.StreamResponse:
+    def _log(self, namespace: str, name: str, query: Any) -> web.StreamResponse:
+        """A pod's log: ``tailLines``, ``sinceSeconds`` and ``limitBytes`` as the kubelet
+        applies them (lines are not timestamped here: ``sinceSeconds`` gives nothing when the
+        log was not written in that time, else what the other two select)."""
         self.store.get(self.registry.kinds[("", "v1", "pods")], namespace, name)
+        since = query.get("sinceSeconds")
+        if since is not None and since.isdigit() and self.log_age is not None:
+            age = self.log_age(namespace, name)
+            if age is None or age > int(since):
+                return web.Response(text="", content_type="text/plain")
         text = (self.log_source(namespace, name) if self.log_source else None) or ""
+        tail = query.get("tailLines")
         if tail is not None and tail.isdigit():
             lines = text.splitlines(keepends=True)
             text = "".join(lines[-int(tail) :]) if int(tail) else ""
+        limit = query.get("limitBytes")
+        if limit is not None and limit.isdigit():
+            text = text.encode()[: int(limit)].decode(errors="ignore")
         return web.Response(text=text, content_type="text/plain")
 
     # ---------------------------------------------------------------- watch

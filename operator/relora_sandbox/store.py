@@ -301,7 +301,10 @@ class Store:
         references = current["metadata"].get("ownerReferences") or []
         owners = {r.get("uid") for r in references}
         if owners and not owners & self._live_uids():
-            self.delete(kind, meta.get("namespace", ""), meta["name"])
+            # In the background, as the garbage collector deletes: a Job's own default
+            # (Orphan) would leave its pods running without a Job.
+            namespace = meta.get("namespace", "")
+            self.delete(kind, namespace, meta["name"], propagation="Background")
 
     def _orphan(self, uid: str) -> None:
         for kind, obj in self.dependents(uid):
