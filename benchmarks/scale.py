@@ -563,6 +563,11 @@ def _span(first: float, times: Any, expected: int) -> float | None:
 
 
 # ---------------------------------------------------------------------- the report
+def _optional(section: str, key: str) -> Callable[[Obj], float | None]:
+    """A row's value from a phase that may not have run (None: that phase was not asked for)."""
+    return lambda r: r[section][key] if r.get(section) else None
+
+
 ROWS: list[tuple[str, Callable[[Obj], float | None], str]] = [
     ("create -> Job p50 (s)", lambda r: r["createToJobSeconds"]["p50"], "{:.3f}"),
     ("create -> Job p99 (s)", lambda r: r["createToJobSeconds"]["p99"], "{:.3f}"),
@@ -587,37 +592,37 @@ ROWS: list[tuple[str, Callable[[Obj], float | None], str]] = [
     ),
     (
         "requests / running migration / min",
-        lambda r: r["steady"]["total"] if r.get("steady") else None,
+        _optional("steady", "total"),
         "{:.2f}",
     ),
     (
         "steady: requests/s, all trainers running",
-        lambda r: r["steadyState"]["requestsPerSecond"] if r.get("steadyState") else None,
+        _optional("steadyState", "requestsPerSecond"),
         "{:.2f}",
     ),
     (
         "  of which progress reads/s",
-        lambda r: r["steadyState"]["progressReadsPerSecond"] if r.get("steadyState") else None,
+        _optional("steadyState", "progressReadsPerSecond"),
         "{:.2f}",
     ),
     (
         "steady: operator CPU s/s",
-        lambda r: r["steadyState"]["operatorCpuPerSecond"] if r.get("steadyState") else None,
+        _optional("steadyState", "operatorCpuPerSecond"),
         "{:.3f}",
     ),
     (
         "steady: operator RSS (MiB)",
-        lambda r: r["steadyState"]["operatorRssMiB"] if r.get("steadyState") else None,
+        _optional("steadyState", "operatorRssMiB"),
         "{:.0f}",
     ),
     (
         "churn: RSS after first cycle (MiB)",
-        lambda r: r["churn"]["rssBeforeMiB"] if r.get("churn") else None,
+        _optional("churn", "rssBeforeMiB"),
         "{:.1f}",
     ),
     (
         "churn: RSS after last cycle (MiB)",
-        lambda r: r["churn"]["rssAfterMiB"] if r.get("churn") else None,
+        _optional("churn", "rssAfterMiB"),
         "{:.1f}",
     ),
 ]
