@@ -184,7 +184,7 @@ def _train(
         device=CPU,
         teacher=teacher,
     )
-    return {n: p.detach().clone() for n, p in adapters.lora_parameters(model).items()}
+    return {n: p.detach().clone() for n, p in adapters.trainable(model).items()}
 
 
 def test_micro_batches_accumulate_the_same_steps_with_distillation(
@@ -223,7 +223,7 @@ def test_a_step_distilling_from_the_student_itself_adds_nothing(
     def one_step(rows: distillation.Teacher, weight: float) -> dict[str, torch.Tensor]:
         model = _with_old_adapter(toy, toy.v1)
         model.train()
-        optimizer = torch.optim.SGD(adapters.lora_parameters(model).values(), lr=1.0)
+        optimizer = torch.optim.SGD(adapters.trainable(model).values(), lr=1.0)
         train_step(
             model,
             encoder,
@@ -237,7 +237,7 @@ def test_a_step_distilling_from_the_student_itself_adds_nothing(
             teacher=rows,
             distill_weight=weight,
         )
-        return {n: p.detach().clone() for n, p in adapters.lora_parameters(model).items()}
+        return {n: p.detach().clone() for n, p in adapters.trainable(model).items()}
 
     weights = {weight: one_step(teacher, weight) for weight in (0.0, 3.0)}
     for name, value in weights[0.0].items():

@@ -71,7 +71,7 @@ def _run(
         state_dir=state,
         **kw,
     )
-    weights = {n: p.detach().clone() for n, p in adapters.lora_parameters(model).items()}
+    weights = {n: p.detach().clone() for n, p in adapters.trainable(model).items()}
     return outcome, weights
 
 

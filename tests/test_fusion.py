@@ -94,16 +94,17 @@ def test_groups() -> None:
 
 def test_fuse_all_uses_each_groups_coefficients() -> None:
     names = ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"]
-    terms = {
-        n: fusion.prepare(_old(seed=i), _evolution(), scale=1.0, projection="adapter-subspace")
-        for i, n in enumerate(names)
-    }
+    terms = fusion.Terms(
+        modules={
+            n: fusion.prepare(_old(seed=i), _evolution(), scale=1.0, projection="adapter-subspace")
+            for i, n in enumerate(names)
+        }
+    )
     fused = fusion.fuse_all(
         terms,
         {"layer0": (1.0, 0.0), "layer1": (0.0, 0.0)},
         granularity="layer",
-        rank=4,
-        scale=1.0,
-    )
+        layout={n: (4, 1.0) for n in names},
+    ).factors
     assert torch.allclose(_delta(fused[names[0]], 1.0), _delta(_old(seed=0), 1.0), atol=1e-4)
     assert torch.count_nonzero(_delta(fused[names[1]], 1.0)) == 0

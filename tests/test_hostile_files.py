@@ -219,7 +219,11 @@ ADAPTER_CASES: list[tuple[str, Callable[[Path], object], str]] = [
         "is not valid JSON ('utf-8' codec can't decode byte 0xff",
     ),
     ("config: huge file", _config_text(" " * (2**20 + 1)), "larger than 1 MiB"),
-    ("config: null", _config_text("null"), "peft_type is 'NoneType', expected 'LORA'"),
+    (
+        "config: null",
+        _config_text("null"),
+        "holds a NoneType, not an adapter config; supported: LORA adapters",
+    ),
     ("rank is a string", _config(lambda c: c.update(r="4")), f"{CONFIG}r must be a positive"),
     ("rank is a boolean", _config(lambda c: c.update(r=True)), f"{CONFIG}r must be a positive"),
     ("rank is zero", _config(lambda c: c.update(r=0)), f"{CONFIG}r must be a positive integer"),
@@ -285,7 +289,7 @@ ADAPTER_CASES: list[tuple[str, Callable[[Path], object], str]] = [
     (
         "a LoRA variant",
         _config(lambda c: c.update(use_qalora=True)),
-        "QA-LoRA adapters (use_qalora) are not supported yet",
+        "QA-LoRA adapters (use_qalora) cannot be migrated; supported: LORA adapters",
     ),
     (
         "weights: truncated",

@@ -20,7 +20,6 @@ CPU = torch.device("cpu")
 def _context(toy: Any, tmp_path: Path, calls: list[str], rank: int | None = None) -> Any:
     base = models.load_model(toy.v2, what="v2", device=CPU)
     old = adapters.read_adapter(toy.adapter, what="adapter")
-    rank = rank or old.rank
     config = adapters.new_config(old.config, rank=rank, base=str(toy.v2))
     torch.manual_seed(0)
     model = adapters.attach(base, config)
@@ -36,8 +35,7 @@ def _context(toy: Any, tmp_path: Path, calls: list[str], rank: int | None = None
     return strategies.Context(
         model=model,
         old=old,
-        rank=rank,
-        scale=adapters.lora_scale(config, rank),
+        layout=adapters.layout(model),
         device=CPU,
         evolution=evolution,
         measure=measure,
@@ -56,15 +54,17 @@ def _small_evolution(context: Any) -> None:
     """A random base evolution (1% of unit scale) in place of the one read from files."""
     old = context.old
     torch.manual_seed(1)
-    evolution = {
-        m: fusion.prepare(
-            f,
-            torch.randn(f.b.shape[0], f.a.shape[1]) * 0.01,
-            scale=adapters.lora_scale(old.config, old.rank),
-            projection="adapter-subspace",
-        )
-        for m, f in old.factors.items()
-    }
+    evolution = fusion.Terms(
+        modules={
+            m: fusion.prepare(
+                f,
+                torch.randn(f.b.shape[0], f.a.shape[1]) * 0.01,
+                scale=old.scale(m),
+                projection="adapter-subspace",
+            )
+            for m, f in old.factors.items()
+        }
+    )
     context.evolution = lambda projection: evolution
 
 

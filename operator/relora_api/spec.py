@@ -37,6 +37,7 @@ Strategy = Literal["relora", "scratch", "reuse", "warm-start"]
 Sampler = Literal["gp", "tpe", "random"]
 Granularity = Literal["global", "module-type", "layer"]
 Projection = Literal["adapter-subspace", "none"]
+Magnitude = Literal["rescaled", "kept"]
 RegularizationSchedule = Literal["step", "cosine", "constant", "none"]
 DistillationSupport = Literal["choices", "top-k"]
 SearchObjective = Literal["loss", "choice-loss", "lookahead"]
@@ -248,6 +249,15 @@ class Initialization(APIModel):
             "readiness target on the validation split (measured before the search, as the "
             "report's `before` quality): start from the old adapter, as warm-start does. false "
             "searches always."
+        ),
+    )
+    magnitude: Magnitude = Field(
+        default="rescaled",
+        description=(
+            "DoRA adapters only: the magnitude vector of a fused start. rescaled keeps the old "
+            "adapter's ratio of magnitude to direction norm (per output feature, measured on the "
+            "source base) on the start's direction over the target base; kept uses the old "
+            "magnitudes as trained on the source base (what reuse and warm-start do)."
         ),
     )
 

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from relora_api import __version__, crd, manifests, resource, validation
+from relora_api import __version__, crd, manifests, resource, uris, validation
 from relora_trainer.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_USAGE, refuse
 
 
@@ -46,6 +46,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                 for problem in problems:
                     print(f"{document.label}: {problem}", file=sys.stderr)
                 continue
+            refused = _adapter_problems(migration, path)
+            if refused:
+                invalid = True
+                for line in refused:
+                    print(f"{document.label}: {line}", file=sys.stderr)
+                continue
             count = len(migration.spec.adapters)
             print(
                 f"{document.label}: valid {resource.KIND} '{migration.metadata.name}' "
@@ -56,6 +62,28 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         print(f"error: no {resource.KIND} found in {', '.join(args.filename)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return EXIT_BAD_INPUT if invalid else EXIT_OK
+
+
+def _adapter_problems(migration: resource.AdapterMigration, path: str) -> list[str]:
+    """The old adapters this machine can read (paths and volumes, resolved like ``relora run``
+    does) whose config says they cannot be migrated; the others are checked by the trainer."""
+    from relora_trainer import adapter_config
+    from relora_trainer.errors import BadInput
+    from relora_trainer.storage import Storage
+
+    storage = Storage(base_dir=Path.cwd() if path == "-" else Path(path).resolve().parent)
+    problems = []
+    for adapter in migration.spec.adapters:
+        where = f"spec.adapters[{adapter.name}].uri"
+        if uris.parse_uri(adapter.uri).scheme not in ("path", "pvc"):
+            continue  # fetched by the trainer
+        try:
+            config = storage.local_path(adapter.uri, what=where) / adapter_config.CONFIG_FILE
+            if config.is_file():
+                adapter_config.read_config(config, what=where)
+        except BadInput as error:
+            problems.append(str(error))
+    return problems
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:

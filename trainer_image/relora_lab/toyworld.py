@@ -17,6 +17,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig
@@ -25,7 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from relora_api.spec import Finetune
 from relora_trainer import adapters
-from relora_trainer.data import Encoder, Example
+from relora_trainer.data import Encoder, Example, read_jsonl
 from relora_trainer.method.config import FinetuneConfig
 from relora_trainer.method.finetune import Target, finetune
 
@@ -58,6 +59,10 @@ class ToyPaths:
 
     def split(self, name: str) -> Path:
         return self.root / "data" / TASK / f"{name}.jsonl"
+
+    def variant(self, name: str) -> Path:
+        """Where :func:`train_adapter` writes another kind of adapter for the same task."""
+        return self.root / "adapters" / f"{TASK}-{name}"
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:
@@ -153,32 +158,47 @@ def build(out: Path, *, seed: int = 0, adapter_steps: int = 200, strength: float
     v2.save_pretrained(paths.v2)
     tokenizer.save_pretrained(paths.v2)
 
-    config = LoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
-        lora_dropout=0.0,
-        task_type="CAUSAL_LM",
-        base_model_name_or_path=str(paths.v1),
-    )
+    train_adapter(paths, paths.adapter, seed=seed, steps=adapter_steps)
+    marker.write_text(json.dumps(parameters))
+    return paths
+
+
+def train_adapter(
+    paths: ToyPaths, out: Path, *, seed: int = 0, steps: int = 200, **lora: Any
+) -> Path:
+    """Train the task's adapter on v1 into ``out`` (PEFT LoraConfig fields in ``lora`` override
+    the default recipe: ``use_dora``, ``rank_pattern``, ``modules_to_save``...); return ``out``."""
+    if (out / adapters.WEIGHTS_FILE).is_file():
+        return out
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(paths.v1))
+    v1 = LlamaForCausalLM.from_pretrained(str(paths.v1))
+    v1.requires_grad_(False)
+    fields = {
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+        "lora_dropout": 0.0,
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(paths.v1),
+        **lora,
+    }
     torch.manual_seed(seed)
-    model = adapters.attach(v1, config)
-    choices = [f" {c}" for c in CATEGORIES]
+    model = adapters.attach(v1, LoraConfig(**fields))
+    examples = {
+        split: read_jsonl(paths.split(split), what=split) for split in ("train", "validation")
+    }
     finetune(
         model=model,
         encoder=Encoder(tokenizer),
-        train=splits["train"],
-        validation=splits["validation"],
-        choices=choices,
-        config=FinetuneConfig.of(
-            Finetune(max_steps=adapter_steps, learning_rate=1e-2, eval_every=adapter_steps)
-        ),
+        train=examples["train"],
+        validation=examples["validation"],
+        choices=[f" {c}" for c in CATEGORIES],
+        config=FinetuneConfig.of(Finetune(max_steps=steps, learning_rate=1e-2, eval_every=steps)),
         regularize=None,
         target=Target("accuracy", 2.0),  # unreachable: train the whole budget
         seed=seed,
         device=torch.device("cpu"),
     )
-    model.save_pretrained(str(paths.adapter), save_embedding_layers=False)
+    model.save_pretrained(str(out), save_embedding_layers=False)
     model.unload()
-    marker.write_text(json.dumps(parameters))
-    return paths
+    return out

@@ -1,158 +1,93 @@
 """The old PEFT LoRA adapter: read, check against a model, and move weights in and out of PEFT.
 
 Weights travel as a mapping from module name (``model.layers.0.self_attn.q_proj``) to a
-:class:`LoraFactors` pair. PEFT does the injection and (de)serialization.
+:class:`LoraFactors` pair (with DoRA's magnitude vector), and the full weights of the modules an
+adapter trains whole (``modules_to_save``) by parameter name (``lm_head.weight``). PEFT does the
+injection and (de)serialization; the config's rank_pattern and alpha_pattern give each module its
+own rank and scale (:func:`rank_of`, :func:`lora_scale`).
 """
 
 from __future__ import annotations
 
-import json
-import math
 import reprlib
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import check_target_module_exists
-from peft.utils import set_peft_model_state_dict
+from peft.utils import ModulesToSaveWrapper, set_peft_model_state_dict
+from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from relora_trainer.errors import InvalidAdapter, InvalidWeights, MissingInput
+from relora_trainer import adapter_config
+from relora_trainer.adapter_config import CONFIG_FILE, WEIGHTS_FILE
+from relora_trainer.errors import InvalidAdapter, InvalidWeights
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER = "default"
 _PREFIX = "base_model.model."
+_MAGNITUDE = "lora_magnitude_vector"
+
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE"]
 
 
 @dataclass
 class LoraFactors:
-    """One adapted Linear: delta W = scale * B @ A, with A (r, in) and B (out, r)."""
+    """One adapted Linear: delta W = scale * B @ A, with A (r, in) and B (out, r); for DoRA the
+    layer is ``magnitude * (W + delta W) / ||W + delta W||`` (norms per output feature)."""
 
     a: torch.Tensor
     b: torch.Tensor
+    magnitude: torch.Tensor | None = None  # (out,): DoRA only
 
 
 @dataclass
 class OldAdapter:
     config: LoraConfig
     factors: dict[str, LoraFactors]
+    saved: dict[str, torch.Tensor] = field(default_factory=dict)  # modules_to_save, by parameter
 
     @property
     def rank(self) -> int:
+        """The config's r (modules in rank_pattern have their own: :func:`rank_of`)."""
         return int(self.config.r)
 
+    @property
+    def dora(self) -> bool:
+        return bool(self.config.use_dora)
 
-def lora_scale(config: LoraConfig, rank: int) -> float:
-    """PEFT's scaling: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA."""
-    return float(config.lora_alpha) / (rank**0.5 if config.use_rslora else rank)
-
-
-_UNSUPPORTED: dict[str, str] = {
-    "use_dora": "DoRA adapters",
-    "rank_pattern": "per-module ranks (rank_pattern)",
-    "alpha_pattern": "per-module alphas (alpha_pattern)",
-    "modules_to_save": "fully trained extra modules (modules_to_save)",
-    "layer_replication": "layer replication",
-    "target_parameters": "LoRA on raw parameters (target_parameters)",
-    "trainable_token_indices": "trainable token embeddings (trainable_token_indices)",
-    "lora_bias": "LoRA biases (lora_bias)",
-    "use_qalora": "QA-LoRA adapters (use_qalora)",
-    "use_bdlora": "block-diagonal LoRA adapters (use_bdlora)",
-    "alora_invocation_tokens": "activated LoRA adapters (alora_invocation_tokens)",
-    "arrow_config": "Arrow routing (arrow_config)",
-}
-
-MAX_CONFIG_BYTES = 2**20
-"""An adapter_config.json is a few KiB; a larger file is not one (and is not read whole)."""
+    def scale(self, module: str) -> float:
+        return lora_scale(self.config, rank_of(self.config, module), module)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+def _pattern(pattern: dict[str, float] | None, module: str, default: float) -> float:
+    """PEFT's lookup of a module's entry in rank_pattern or alpha_pattern."""
+    if not pattern:
+        return default
+    return float(pattern.get(get_pattern_key(list(pattern), module), default))
 
 
-# Field -> (check of its JSON value, what it must be). Absent fields take PEFT's defaults.
-_FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "r": (
-        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-        "a positive integer",
-    ),
-    "lora_alpha": (lambda v: _is_number(v) and v > 0, "a positive finite number"),
-    "lora_dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "fan_in_fan_out": (lambda v: v is None or isinstance(v, bool), "true or false"),
-    "use_rslora": (lambda v: v is None or isinstance(v, bool), "true or false"),
-    "target_modules": (
-        lambda v: (
-            v is None
-            or (isinstance(v, str) and bool(v))
-            or (isinstance(v, list) and bool(v) and all(isinstance(m, str) and m for m in v))
-        ),
-        "a module name pattern or a non-empty list of module names",
-    ),
-    "layers_to_transform": (
-        lambda v: (
-            v is None
-            or (isinstance(v, int) and not isinstance(v, bool))
-            or (
-                isinstance(v, list)
-                and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
-            )
-        ),
-        "a layer index or a list of layer indexes",
-    ),
-}
+def rank_of(config: LoraConfig, module: str) -> int:
+    """A module's LoRA rank under ``config`` (its rank_pattern entry, else r)."""
+    return int(_pattern(config.rank_pattern, module, config.r))
 
 
-def _read_config(config_path: Path, *, what: str) -> dict[str, Any]:
-    try:
-        with config_path.open("rb") as handle:
-            data = handle.read(MAX_CONFIG_BYTES + 1)
-    except OSError as error:
-        raise MissingInput(f"{what}: {config_path}: cannot read: {error.strerror}") from error
-    if len(data) > MAX_CONFIG_BYTES:
-        raise InvalidAdapter(f"{what}: {config_path} is larger than 1 MiB; not an adapter config")
-    try:
-        raw = json.loads(data.decode("utf-8"))
-    except RecursionError:
-        raise InvalidAdapter(
-            f"{what}: {config_path} is not valid JSON (nested too deeply)"
-        ) from None
-    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, over-long integers
-        reason = " ".join(str(error).split())[:200]
-        raise InvalidAdapter(f"{what}: {config_path} is not valid JSON ({reason})") from error
-    if not isinstance(raw, dict) or raw.get("peft_type") != "LORA":
-        kind = raw.get("peft_type") if isinstance(raw, dict) else type(raw).__name__
-        raise InvalidAdapter(
-            f"{what}: {config_path}: peft_type is {reprlib.repr(kind)}, expected 'LORA'"
-        )
-    for key, (valid, expected) in _FIELD_TYPES.items():
-        if key in raw and not valid(raw[key]):
-            raise InvalidAdapter(
-                f"{what}: {config_path}: {key} must be {expected}, got {reprlib.repr(raw[key])}"
-            )
-    return raw
+def lora_scale(config: LoraConfig, rank: int, module: str | None = None) -> float:
+    """PEFT's scaling: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA; the alpha of
+    ``module`` from alpha_pattern when it has an entry there."""
+    alpha = _pattern(config.alpha_pattern, module, config.lora_alpha) if module else None
+    return float(alpha or config.lora_alpha) / (rank**0.5 if config.use_rslora else rank)
 
 
 def read_adapter(folder: Path, *, what: str) -> OldAdapter:
     """Read a PEFT LoRA folder; raise a one-line BadInput naming the file or field at fault."""
+    adapter_config.check_folder(folder, what=what)
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise MissingInput(f"{what}: {path} is missing (expected a PEFT LoRA folder)")
-    raw = _read_config(config_path, what=what)
-    for key, label in _UNSUPPORTED.items():
-        if raw.get(key):
-            raise InvalidAdapter(f"{what}: {config_path}: {label} are not supported yet")
-    if raw.get("bias", "none") != "none":
-        bias = reprlib.repr(raw["bias"])
-        raise InvalidAdapter(f"{what}: {config_path}: bias={bias}; only 'none' works")
     try:
         config = LoraConfig.from_pretrained(str(folder))
     except (TypeError, ValueError) as error:
@@ -170,39 +105,80 @@ def read_adapter(folder: Path, *, what: str) -> OldAdapter:
         raise InvalidAdapter(
             f"{what}: {weights_path} is not a readable safetensors file ({reason})"
         ) from error
-    factors = _factors(state, what=what)
+    factors, saved = _factors(state, dora=bool(config.use_dora), what=what)
     for module, pair in factors.items():
-        if pair.a.shape[0] != config.r:
+        expected = rank_of(config, module)
+        if pair.a.shape[0] != expected:
+            said = "rank_pattern says" if expected != config.r else "says"
             raise InvalidAdapter(
-                f"{what}: {config_path} says r={config.r} but module {module} has rank "
+                f"{what}: {config_path} {said} r={expected} but module {module} has rank "
                 f"{pair.a.shape[0]} weights"
             )
-    return OldAdapter(config=config, factors=factors)
+    wanted = set(config.modules_to_save or [])
+    for name in saved:
+        if not any(_is_part_of(name, module) for module in wanted):
+            raise InvalidAdapter(
+                f"{what}: {weights_path} holds {name}, which is neither LoRA weights nor in "
+                f"modules_to_save {sorted(wanted)}"
+            )
+    for module in wanted:
+        if not any(_is_part_of(name, module) for name in saved):
+            raise InvalidAdapter(
+                f"{what}: {config_path}: modules_to_save names {module!r} but "
+                f"{WEIGHTS_FILE} holds no weights of it"
+            )
+    return OldAdapter(config=config, factors=factors, saved=saved)
 
 
-def _factors(state: dict[str, torch.Tensor], *, what: str) -> dict[str, LoraFactors]:
-    halves: dict[str, dict[str, torch.Tensor]] = {}
+def _is_part_of(parameter: str, module: str) -> bool:
+    """``model.score.weight`` is a parameter of the module PEFT's modules_to_save entry
+    ``score`` names (a name or a dotted suffix of one)."""
+    owner = parameter.rsplit(".", 1)[0]
+    return owner == module or owner.endswith(f".{module}")
+
+
+def _factors(
+    state: dict[str, torch.Tensor], *, dora: bool, what: str
+) -> tuple[dict[str, LoraFactors], dict[str, torch.Tensor]]:
+    """The LoRA factors by module (with DoRA magnitudes), and every other tensor by parameter
+    name (the modules_to_save weights)."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    saved: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
-        if "lora_embedding" in key or "lora_magnitude" in key:
+        if "lora_embedding" in key:
             raise InvalidAdapter(f"{what}: {key}: only LoRA on Linear layers is supported")
-        for half in ("lora_A", "lora_B"):
-            marker = f".{half}."
-            if marker in key:
-                module = key.split(marker)[0].removeprefix(_PREFIX)
-                halves.setdefault(module, {})[half] = tensor.float()
-    if not halves:
+        for part in ("lora_A", "lora_B", _MAGNITUDE):
+            marker = f".{part}."
+            if marker in f"{key}.":
+                module = f"{key}.".split(marker)[0].removeprefix(_PREFIX)
+                parts.setdefault(module, {})[part] = tensor.float()
+                break
+        else:
+            if not torch.isfinite(tensor).all():
+                raise InvalidWeights(f"{what}: {key} has NaN or infinite weights")
+            saved[key.removeprefix(_PREFIX)] = tensor.float()
+    if not parts:
         raise InvalidAdapter(f"{what}: {WEIGHTS_FILE} holds no lora_A/lora_B weights")
     factors = {}
-    for module, pair in sorted(halves.items()):
-        if set(pair) != {"lora_A", "lora_B"}:
-            raise InvalidAdapter(f"{what}: module {module} lacks lora_A or lora_B")
-        a, b = pair["lora_A"], pair["lora_B"]
+    expected = {"lora_A", "lora_B", _MAGNITUDE} if dora else {"lora_A", "lora_B"}
+    for module, pair in sorted(parts.items()):
+        if set(pair) != expected:
+            missing = sorted(expected - set(pair)) or sorted(set(pair) - expected)
+            which = "lacks" if expected - set(pair) else "has, without use_dora,"
+            raise InvalidAdapter(f"{what}: module {module} {which} {', '.join(missing)}")
+        a, b, magnitude = pair["lora_A"], pair["lora_B"], pair.get(_MAGNITUDE)
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             raise InvalidAdapter(f"{what}: module {module}: lora_A/lora_B shapes do not match")
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        if magnitude is not None and tuple(magnitude.shape) != (b.shape[0],):
+            raise InvalidAdapter(
+                f"{what}: module {module}: {_MAGNITUDE} has shape {tuple(magnitude.shape)}, "
+                f"expected ({b.shape[0]},)"
+            )
+        tensors = (a, b) if magnitude is None else (a, b, magnitude)
+        if not all(torch.isfinite(t).all() for t in tensors):
             raise InvalidWeights(f"{what}: module {module} has NaN or infinite LoRA weights")
-        factors[module] = LoraFactors(a=a, b=b)
-    return factors
+        factors[module] = LoraFactors(a=a, b=b, magnitude=magnitude)
+    return factors, saved
 
 
 def base_weight(model: nn.Module, module: str, *, fan_in_fan_out: bool) -> torch.Tensor:
@@ -212,6 +188,19 @@ def base_weight(model: nn.Module, module: str, *, fan_in_fan_out: bool) -> torch
     if not isinstance(weight, torch.Tensor):
         raise InvalidAdapter(f"adapter module {module} is not a layer with a weight in the model")
     return weight.T if fan_in_fan_out else weight
+
+
+def base_parameter(model: nn.Module, name: str) -> torch.Tensor:
+    """The base's parameter ``name`` (``lm_head.weight``), also when PEFT wraps its module for
+    modules_to_save (then the original module's, not the trained copy's)."""
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    if isinstance(module, ModulesToSaveWrapper):
+        module = module.original_module
+    tensor = getattr(module, leaf, None)
+    if not isinstance(tensor, torch.Tensor):
+        raise InvalidAdapter(f"modules_to_save weight {name} is not a parameter of the model")
+    return tensor
 
 
 def _targeted(config: LoraConfig, model: nn.Module) -> dict[str, nn.Module]:
@@ -239,6 +228,19 @@ def check_fits(adapter: OldAdapter, model: nn.Module, *, what: str) -> None:
             raise InvalidAdapter(
                 f"{what}: module {module} expects ({out_features}, {in_features}) but the adapter "
                 f"has ({pair.b.shape[0]}, {pair.a.shape[1]}): trained for another architecture"
+            )
+    for name, tensor in adapter.saved.items():
+        try:
+            found = base_parameter(model, name)
+        except (AttributeError, InvalidAdapter):
+            raise InvalidAdapter(
+                f"{what}: modules_to_save weight {name} is not a parameter of the model "
+                "(adapter trained for another architecture)"
+            ) from None
+        if tuple(found.shape) != tuple(tensor.shape):
+            raise InvalidAdapter(
+                f"{what}: modules_to_save weight {name} is {tuple(tensor.shape)} but the model's "
+                f"is {tuple(found.shape)}: trained for another architecture"
             )
     # PEFT attaches the adapter by target_modules, not by the weights it finds: both must agree.
     targets = reprlib.repr(adapter.config.target_modules)
@@ -277,32 +279,77 @@ def attach(model: nn.Module, config: LoraConfig) -> PeftModel:
     return peft_model
 
 
-def load_factors(model: PeftModel, factors: dict[str, LoraFactors]) -> None:
-    """Set the adapter weights of ``model`` (same device and dtype as the LoRA layers)."""
+def load_factors(
+    model: PeftModel,
+    factors: dict[str, LoraFactors],
+    saved: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Set the adapter weights of ``model`` (same device and dtype as the LoRA layers): the
+    factors, DoRA magnitudes where given, and the modules_to_save weights in ``saved``."""
     state = {}
     for module, pair in factors.items():
         state[f"{_PREFIX}{module}.lora_A.weight"] = pair.a
         state[f"{_PREFIX}{module}.lora_B.weight"] = pair.b
+        if pair.magnitude is not None:
+            state[f"{_PREFIX}{module}.{_MAGNITUDE}"] = pair.magnitude
+    for name, tensor in (saved or {}).items():
+        state[f"{_PREFIX}{name}"] = tensor
     result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise InvalidAdapter(f"adapter weights not used by the model: {unexpected[:3]}")
 
 
-def lora_parameters(model: PeftModel) -> dict[str, torch.nn.Parameter]:
-    """The trainable LoRA parameters by name."""
-    return {n: p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad}
+def layout(model: PeftModel) -> dict[str, tuple[int, float]]:
+    """The attached adapter's rank and scale per adapted module (they differ by module under a
+    rank_pattern or alpha_pattern)."""
+    found = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, LoraLayer) and ADAPTER in layer.r:
+            module = name.removeprefix(_PREFIX)
+            found[module] = (int(layer.r[ADAPTER]), float(layer.scaling[ADAPTER]))
+    return found
 
 
-def new_config(old: LoraConfig, *, rank: int, base: str) -> LoraConfig:
-    """The output adapter's config: the old one's targets and alpha, at ``rank``."""
+def dora_norm(model: PeftModel, module: str, factors: LoraFactors, scale: float) -> torch.Tensor:
+    """``||W + scale * B @ A||`` per output feature, W the attached model's base weight of
+    ``module``: the norm DoRA divides the direction by (its magnitude's value at PEFT's init)."""
+    layer = model.get_submodule(f"{_PREFIX}{module}")
+    if not isinstance(layer, LoraLayer):
+        raise ValueError(f"{module} is not a LoRA layer of the model")
+    base_layer: nn.Module = layer.get_base_layer()
+    weight = base_layer.weight
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"{module} has no base weight")
+    config = model.peft_config[ADAPTER]
+    fan_in_fan_out = bool(getattr(config, "fan_in_fan_out", False))
+    w = (weight.T if fan_in_fan_out else weight).detach().float()
+    b, a = factors.b.to(w), factors.a.to(w)
+    norm: torch.Tensor = torch.linalg.vector_norm(w + scale * (b @ a), dim=1)
+    return norm
+
+
+def trainable(model: PeftModel) -> dict[str, torch.nn.Parameter]:
+    """The adapter's trainable parameters by name: LoRA factors, DoRA magnitudes and the
+    modules_to_save copies (the base is frozen)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def new_config(old: LoraConfig, *, rank: int | None, base: str) -> LoraConfig:
+    """The output adapter's config: the old one's targets, alphas, DoRA and modules_to_save;
+    its ranks (rank_pattern too), or ``rank`` for every module."""
     return LoraConfig(
-        r=rank,
+        r=rank or old.r,
+        rank_pattern={} if rank else dict(old.rank_pattern or {}),
         lora_alpha=old.lora_alpha,
+        alpha_pattern=dict(old.alpha_pattern or {}),
         target_modules=old.target_modules,
         lora_dropout=old.lora_dropout,
         fan_in_fan_out=old.fan_in_fan_out,
         use_rslora=old.use_rslora,
+        use_dora=old.use_dora,
+        modules_to_save=list(old.modules_to_save) if old.modules_to_save else None,
+        ensure_weight_tying=bool(getattr(old, "ensure_weight_tying", False)),
         bias="none",
         task_type="CAUSAL_LM",
         base_model_name_or_path=base,

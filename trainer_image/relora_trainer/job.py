@@ -78,6 +78,7 @@ def run() -> int:
         if done is not None:  # nothing to load: report what the output holds
             _write(contract.Outcome(kind="result", result=done.result()))
             return errors.EXIT_OK
+        migrate.check_inputs(spec, adapter, where)  # an adapter it cannot migrate, bad data
         try:
             # Only this pod's adapter is measured on the source base (if its target needs it
             # and no earlier attempt saved that measurement).

@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel
+from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from relora_api.spec import Adapter, AdapterMigrationSpec, Distillation, Readiness
 from relora_api.status import AdapterProgress
-from relora_trainer import adapters, models, ownership, plan, report
+from relora_trainer import adapter_config, adapters, models, ownership, plan, report
 from relora_trainer.data import MAX_CHOICES, Encoder, Example, TaskData, read_jsonl
 from relora_trainer.errors import IncompatibleModels, InvalidData
 from relora_trainer.method import distillation, fusion, search, strategies
@@ -184,7 +184,7 @@ def _load_bases(
             if not (reference or teaching):
                 continue
             old, task = _old_adapter(adapter, storage, source), _read_data(adapter, storage)
-            on_old = _with_adapter(source, old.config, old.factors)
+            on_old = _with_adapter(source, old)
             if reference:
                 on_source[key] = _Quality(Encoder(tokenizer), task, device).splits(on_old)
             if teaching and teaching_by is not None:
@@ -359,9 +359,12 @@ def finished(
 
 
 def check_inputs(spec: AdapterMigrationSpec, adapter: Adapter, storage: Storage) -> None:
-    """What can be refused before any model is loaded: an output that is an input, task data
-    that cannot be used, a search objective the data cannot serve."""
+    """What can be refused before any model is loaded: an output that is an input, an adapter
+    of a kind that cannot be migrated, task data that cannot be used, a search objective the
+    data cannot serve."""
     ownership.check_apart(spec, adapter, storage)
+    where = f"spec.adapters[{adapter.name}].uri"
+    adapter_config.check_folder(storage.fetch(adapter.uri, what=where), what=where)
     _task(spec, adapter, storage)
 
 
@@ -435,11 +438,10 @@ class _Quality:
         return result
 
 
-def _with_adapter(
-    base: nn.Module, config: LoraConfig, factors: dict[str, adapters.LoraFactors]
-) -> PeftModel:
-    model = adapters.attach(base, config)
-    adapters.load_factors(model, factors)
+def _with_adapter(base: nn.Module, old: adapters.OldAdapter) -> PeftModel:
+    """``base`` with the old adapter attached as PEFT would load it."""
+    model = adapters.attach(base, old.config)
+    adapters.load_factors(model, old.factors, old.saved)
     return model
 
 
@@ -513,11 +515,11 @@ def _migrate_claimed(
     started = time.perf_counter()
     reference_key = _reference_key(adapter)
     if reference_key not in bases.on_source and adapter.readiness.needs_source:
-        on_source = _with_adapter(bases.source(), old.config, old.factors)
+        on_source = _with_adapter(bases.source(), old)
         bases.on_source[reference_key] = quality.splits(on_source)
         on_source.unload()
     if reference_key not in bases.on_target:
-        on_target = _with_adapter(bases.target, old.config, old.factors)
+        on_target = _with_adapter(bases.target, old)
         bases.on_target[reference_key] = quality.splits(on_target)
         on_target.unload()
     source_quality = bases.on_source.get(reference_key)
@@ -536,8 +538,7 @@ def _migrate_claimed(
     ready_before = target.met(before_quality["validation"].value(target.metric))
 
     rank = method.rank or old.rank
-    config = adapters.new_config(old.config, rank=rank, base=spec.target_model.uri)
-    scale = adapters.lora_scale(config, rank)
+    config = adapters.new_config(old.config, rank=method.rank, base=spec.target_model.uri)
     torch.manual_seed(method.seed)
     model = adapters.attach(bases.target, config)
     if checkpointing:
@@ -558,8 +559,6 @@ def _migrate_claimed(
                 bases=bases,
                 quality=quality,
                 tune=tune,
-                rank=rank,
-                scale=scale,
                 journal=state / "search.journal",
                 study_name=f"{search.STUDY_NAME}-{key}",
                 on_trial=trial_done,
@@ -659,7 +658,7 @@ def _teacher(
     if key not in bases.teachers:
         saved = load_teacher(spec, adapter, storage)
         if saved is None:
-            on_old = _with_adapter(bases.source(), old.config, old.factors)
+            on_old = _with_adapter(bases.source(), old)
             saved = _compute_teacher(
                 on_old, encoder, task, bases.device, teaching, adapter.readiness.metric
             )
@@ -724,32 +723,48 @@ def _recompute(model: nn.Module, on: bool) -> None:
         pretrained.gradient_checkpointing_disable()
 
 
-def _terms(
-    old: adapters.OldAdapter, bases: Bases, *, projection: str
-) -> dict[str, fusion.ModuleTerms]:
+def _terms(old: adapters.OldAdapter, bases: Bases, *, projection: str) -> fusion.Terms:
     """Per adapted module: the old update and the base evolution W_target - W_source (the
-    source weight read from its files, one tensor at a time, in fp32)."""
+    source weight read from its files, one tensor at a time, in fp32); per saved parameter the
+    same in full."""
     fan_in_fan_out = bool(old.config.fan_in_fan_out)
-    old_scale = adapters.lora_scale(old.config, old.rank)
-    terms = {}
+    terms = fusion.Terms(modules={})
     with torch.no_grad():
         for module, factors in old.factors.items():
             w_target = adapters.base_weight(bases.target, module, fan_in_fan_out=fan_in_fan_out)
-            stored = bases.source_files.get(f"{module}.weight")
-            if stored is None:  # named otherwise in the files: from the model itself
-                weight = adapters.base_weight(bases.source(), module, fan_in_fan_out=False)
-                stored = weight.detach()
-            w_source = (stored.T if fan_in_fan_out else stored).to(w_target.device)
-            if w_source.shape != w_target.shape:
-                raise IncompatibleModels(
-                    f"weight {module} is {tuple(w_source.shape)} in sourceModel but "
-                    f"{tuple(w_target.shape)} in targetModel"
-                )
-            terms[module] = fusion.prepare(
-                factors, w_target.float() - w_source.float(), scale=old_scale, projection=projection
+            w_source = _source(bases, f"{module}.weight", w_target, transpose=fan_in_fan_out)
+            scale = old.scale(module)
+            terms.modules[module] = fusion.prepare(
+                factors, w_target.float() - w_source, scale=scale, projection=projection
             )
-            del stored, w_source
+            if factors.magnitude is not None:
+                update = scale * (factors.b.to(w_source) @ factors.a.to(w_source))
+                norm = torch.linalg.vector_norm(w_source + update, dim=1)
+                terms.modules[module].ratio = factors.magnitude.to(norm) / norm.clamp(min=1e-12)
+            del w_source
+        for name, saved in old.saved.items():
+            target = adapters.base_parameter(bases.target, name).detach().float()
+            source = _source(bases, name, target, transpose=False)
+            terms.saved[name] = fusion.SavedTerms(
+                target=target.clone(), task=saved.to(target) - source, evolution=target - source
+            )
+            del source
     return terms
+
+
+def _source(bases: Bases, name: str, target: torch.Tensor, *, transpose: bool) -> torch.Tensor:
+    """The source base's parameter ``name`` (from its files, else from the model) as fp32 on the
+    target's device, transposed like ``target`` (Conv1D); refused when the shapes differ."""
+    stored = bases.source_files.get(name)
+    if stored is None:  # named otherwise in the files: from the model itself
+        stored = bases.source().get_parameter(name).detach()
+    source = (stored.T if transpose else stored).to(target.device, torch.float32)
+    if source.shape != target.shape:
+        raise IncompatibleModels(
+            f"weight {name.removesuffix('.weight')} is {tuple(source.shape)} in sourceModel but "
+            f"{tuple(target.shape)} in targetModel"
+        )
+    return source
 
 
 def _context(
@@ -760,8 +775,6 @@ def _context(
     bases: Bases,
     quality: _Quality,
     tune: FinetuneConfig,
-    rank: int,
-    scale: float,
     journal: Path,
     study_name: str,
     on_trial: Callable[[int, int, float | None], None],
@@ -788,8 +801,7 @@ def _context(
     return strategies.Context(
         model=model,
         old=old,
-        rank=rank,
-        scale=scale,
+        layout=adapters.layout(model),
         device=bases.device,
         evolution=lambda projection: _terms(old, bases, projection=projection),
         measure=lambda with_accuracy: quality.on(model, subset, with_accuracy=with_accuracy),

@@ -44,6 +44,7 @@ class SearchConfig:
     fallback: bool
     patience: int | None  # None (not reachable from the API, where null is unset): no stop
     skip_when_ready: bool
+    magnitude: str
 
     @classmethod
     def of(cls, model: Any) -> SearchConfig:

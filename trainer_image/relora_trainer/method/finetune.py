@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import torch
 from peft import PeftModel
 
-from relora_trainer.adapters import lora_parameters
+from relora_trainer.adapters import trainable
 from relora_trainer.data import IGNORE_INDEX, Encoded, Encoder, Example
 from relora_trainer.method import distillation, regularization
 from relora_trainer.method.config import FinetuneConfig, RegularizationConfig
@@ -251,9 +251,9 @@ def look_ahead(
     device: torch.device,
     micro: MicroBatch | None = None,
 ) -> None:
-    """``steps`` plain AdamW steps on the LoRA parameters from their current values, on the
+    """``steps`` plain AdamW steps on the adapter parameters from their current values, on the
     batches the fine-tune itself starts with (a search trial's look-ahead)."""
-    parameters = lora_parameters(model)
+    parameters = trainable(model)
     optimizer = torch.optim.AdamW(parameters.values(), lr=learning_rate, weight_decay=0.0)
     micro = micro or MicroBatch(batch_size, batch=batch_size)
     was_training = model.training
@@ -322,7 +322,7 @@ def finetune(
     on_checkpoint: Callable[[], None] | None = None,
     teacher: distillation.Teacher | None = None,
 ) -> FinetuneOutcome:
-    """Train the LoRA parameters of ``model`` from their current values until ready or budget.
+    """Train the adapter parameters of ``model`` from their current values until ready or budget.
     With ``config.distillation.weight`` > 0, ``teacher`` (over ``train``) is required."""
     distill_weight = config.distillation.weight
     if distill_weight > 0 and config.max_steps > 0:
@@ -333,7 +333,7 @@ def finetune(
                 f"the teacher covers {teacher.examples} examples, the training data has "
                 f"{len(train)}"
             )
-    parameters = lora_parameters(model)
+    parameters = trainable(model)
     anchors = {n: p.detach().clone() for n, p in parameters.items()}
     optimizer = torch.optim.AdamW(parameters.values(), lr=config.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(config.max_steps))

@@ -7,13 +7,17 @@ singular values, divided by the new LoRA scale).
 P is either the projection onto the old adapter's column and row spaces,
 ``U_B U_B^T dW_evo V_A V_A^T`` (then dW0 lives in an r x r core and each trial costs one tiny
 SVD), or the identity (the fused full matrix is truncated by a randomized SVD each trial).
+
+A module the adapter trains whole (``modules_to_save``) fuses the same way in full, untruncated:
+W_target + alpha * (W_saved - W_source) + beta * (W_target - W_source), so (1, 0), the anchor,
+patches the old module's task delta onto the new base.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +34,39 @@ class ModuleTerms:
     basis_in: torch.Tensor | None  # (in, r) orthonormal: row space of A1
     task: torch.Tensor  # core (r, r) or full (out, in) update of the old adapter
     evolution: torch.Tensor | None  # same shape, the (projected) base evolution; None: unused
+    # DoRA: the old magnitude over ||W_source + old update|| per output feature (the rescaled
+    # magnitude of a start is this times its own norm on the target base); None: not DoRA
+    ratio: torch.Tensor | None = None
+
+
+@dataclass
+class SavedTerms:
+    """A parameter of a module the old adapter trained whole, in full."""
+
+    target: torch.Tensor  # its value in the target base
+    task: torch.Tensor  # W_saved - W_source: what the task training changed
+    evolution: torch.Tensor  # W_target - W_source
+
+
+@dataclass
+class Terms:
+    """Everything a trial fuses: the adapted modules, and the saved parameters by name."""
+
+    modules: dict[str, ModuleTerms]
+    saved: dict[str, SavedTerms] = field(default_factory=dict)
+
+    def groups(self, granularity: str) -> list[str]:
+        """The coefficient groups that cover every module and saved parameter."""
+        owners = [name.rsplit(".", 1)[0] for name in self.saved]
+        return sorted({group_of(m, granularity) for m in [*self.modules, *owners]})
+
+
+@dataclass
+class Start:
+    """A fused starting adapter: LoRA factors by module, saved parameters by name."""
+
+    factors: dict[str, LoraFactors]
+    saved: dict[str, torch.Tensor]
 
 
 def group_of(module: str, granularity: str) -> str:
@@ -110,18 +147,23 @@ def fuse(
 
 
 def fuse_all(
-    terms: Mapping[str, ModuleTerms],
+    terms: Terms,
     coefficients: Mapping[str, tuple[float, float]],
     *,
     granularity: str,
-    rank: int,
-    scale: float,
-) -> dict[str, LoraFactors]:
-    """Fuse every module with its group's (alpha, beta)."""
+    layout: Mapping[str, tuple[int, float]],
+) -> Start:
+    """Fuse every module with its group's (alpha, beta), at the module's (rank, scale) in the
+    new adapter's ``layout``; and every saved parameter in full."""
     fused = {}
-    for index, (module, module_terms) in enumerate(sorted(terms.items())):
+    for index, (module, module_terms) in enumerate(sorted(terms.modules.items())):
         alpha, beta = coefficients[group_of(module, granularity)]
+        rank, scale = layout[module]
         fused[module] = fuse(
             module_terms, alpha=alpha, beta=beta, rank=rank, scale=scale, generator_seed=index
         )
-    return fused
+    saved = {}
+    for name, parameter in sorted(terms.saved.items()):
+        alpha, beta = coefficients[group_of(name.rsplit(".", 1)[0], granularity)]
+        saved[name] = parameter.target + alpha * parameter.task + beta * parameter.evolution
+    return Start(factors=fused, saved=saved)

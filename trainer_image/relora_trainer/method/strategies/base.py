@@ -24,12 +24,12 @@ class Context:
 
     model: PeftModel
     old: adapters.OldAdapter
-    rank: int
-    scale: float  # the new adapter's LoRA scale (alpha / r, or rsLoRA's)
+    layout: dict[str, tuple[int, float]]  # the new adapter's (rank, scale) per module
     device: torch.device
-    # The fusion terms of every adapted module with the base evolution W_target - W_source,
-    # for a projection (the caller reads the source weights; only relora asks for them).
-    evolution: Callable[[str], dict[str, fusion.ModuleTerms]]
+    # The fusion terms of every adapted module (and saved parameter) with the base evolution
+    # W_target - W_source, for a projection (the caller reads the source weights; only relora
+    # asks for them).
+    evolution: Callable[[str], fusion.Terms]
     # The current model's quality on the search's validation subset (with accuracy or not).
     measure: Callable[[bool], Quality]
     # A few plain fine-tuning steps from the current values (the lookahead objective).
@@ -55,16 +55,43 @@ class Strategy(Protocol):
 
 
 def old_update(context: Context) -> None:
-    """Load the old adapter's update into the model at the new rank: the balanced square-root
-    split of its singular values (the same product when the rank is kept)."""
-    old_scale = adapters.lora_scale(context.old.config, context.old.rank)
-    terms = {
-        module: fusion.prepare(
-            factors, None, scale=old_scale, projection="adapter-subspace", device=context.device
-        )
-        for module, factors in context.old.factors.items()
-    }
-    factors = fusion.fuse_all(
-        terms, {"all": (1.0, 0.0)}, granularity="global", rank=context.rank, scale=context.scale
+    """Load the old adapter into the model as PEFT would load it on the new base: its update at
+    the new ranks (the balanced square-root split of its singular values: the same product when
+    the rank is kept), its DoRA magnitudes and its saved modules as they are."""
+    old = context.old
+    terms = fusion.Terms(
+        modules={
+            module: fusion.prepare(
+                factors,
+                None,
+                scale=old.scale(module),
+                projection="adapter-subspace",
+                device=context.device,
+            )
+            for module, factors in old.factors.items()
+        }
     )
-    adapters.load_factors(context.model, factors)
+    start = fusion.fuse_all(terms, {"all": (1.0, 0.0)}, granularity="global", layout=context.layout)
+    for module, factors in start.factors.items():
+        factors.magnitude = old.factors[module].magnitude
+    adapters.load_factors(context.model, start.factors, old.saved)
+
+
+def with_magnitudes(
+    context: Context, start: fusion.Start, terms: fusion.Terms, rule: str
+) -> fusion.Start:
+    """A DoRA start's magnitudes: the old adapter's as trained on the source (``kept``), or its
+    ratio to the direction's norm carried over to the start's norm on the target base
+    (``rescaled``). Not DoRA: the start unchanged."""
+    if not context.old.dora:
+        return start
+    for module, factors in start.factors.items():
+        if rule == "kept":
+            factors.magnitude = context.old.factors[module].magnitude
+            continue
+        ratio = terms.modules[module].ratio
+        if ratio is None:
+            raise ValueError(f"module {module}: a rescaled magnitude needs the terms' ratio")
+        norm = adapters.dora_norm(context.model, module, factors, context.layout[module][1])
+        factors.magnitude = ratio.to(norm) * norm
+    return start

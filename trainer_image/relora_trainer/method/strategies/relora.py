@@ -11,7 +11,7 @@ from relora_trainer import adapters
 from relora_trainer.method import fusion, search
 from relora_trainer.method.quality import Quality
 from relora_trainer.method.search import Coefficients, SearchResult
-from relora_trainer.method.strategies.base import Context, old_update
+from relora_trainer.method.strategies.base import Context, old_update, with_magnitudes
 
 
 class Relora:
@@ -33,24 +33,25 @@ class Relora:
                 skipped=True,
             )
         terms = context.evolution(config.projection)
-        groups = sorted({fusion.group_of(m, config.granularity) for m in terms})
+        groups = terms.groups(config.granularity)
         by_choice = config.objective == "choice-loss" or (
             config.objective == "lookahead" and context.metric == "accuracy"
         )
 
-        def fused(coefficients: Coefficients) -> dict[str, adapters.LoraFactors]:
-            return fusion.fuse_all(
-                terms,
-                coefficients,
-                granularity=config.granularity,
-                rank=context.rank,
-                scale=context.scale,
+        def fused(coefficients: Coefficients) -> fusion.Start:
+            start = fusion.fuse_all(
+                terms, coefficients, granularity=config.granularity, layout=context.layout
             )
+            return with_magnitudes(context, start, terms, config.magnitude)
+
+        def load(coefficients: Coefficients) -> None:
+            start = fused(coefficients)
+            adapters.load_factors(context.model, start.factors, start.saved)
 
         starts: dict[tuple[tuple[str, tuple[float, float]], ...], Quality] = {}
 
         def objective(coefficients: Coefficients) -> float:
-            adapters.load_factors(context.model, fused(coefficients))
+            load(coefficients)
             if config.objective == "lookahead":
                 context.look_ahead()
             measured = context.measure(by_choice)
@@ -69,7 +70,7 @@ class Relora:
             study_name=context.study_name,
             on_trial=context.on_trial,
         )
-        adapters.load_factors(context.model, fused(result.coefficients))
+        load(result.coefficients)
         if config.fallback and result.coefficients != _anchor(groups):
             started = time.perf_counter()
 
@@ -79,7 +80,7 @@ class Relora:
                 known = starts.get(_key(coefficients))
                 if known is not None and (context.metric == "loss" or known.accuracy is not None):
                     return known.value(context.metric)
-                adapters.load_factors(context.model, fused(coefficients))
+                load(coefficients)
                 return context.measure(True).value(context.metric)
 
             searched = quality_of(result.coefficients)
@@ -87,7 +88,7 @@ class Relora:
             worse = searched > anchor if context.metric == "loss" else searched < anchor
             if worse:
                 result = replace(result, coefficients=_anchor(groups), fell_back=True)
-            adapters.load_factors(context.model, fused(result.coefficients))
+            load(result.coefficients)
             result.seconds += time.perf_counter() - started  # the check is part of the search
         return result
 
