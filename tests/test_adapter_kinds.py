@@ -90,7 +90,9 @@ def test_each_kind_migrates_with_each_strategy_and_peft_reloads_it(
         assert _quality_with_peft(toy, out, split) == pytest.approx(reported, abs=1e-6), split
 
 
-def test_reuse_keeps_the_old_adapter_whole(kinds: dict[str, Path], toy: Any, tmp_path: Path) -> None:
+def test_reuse_keeps_the_old_adapter_whole(
+    kinds: dict[str, Path], toy: Any, tmp_path: Path
+) -> None:
     """reuse writes what PEFT would load: the same factors, magnitudes and saved modules."""
     for kind, folder in kinds.items():
         code, out = _run(toy, folder, tmp_path / kind, strategy="reuse")
@@ -289,3 +291,41 @@ def test_relora_validate_refuses_an_adapter_it_can_read(toy: Any, tmp_path: Path
             text=True,
         )
         assert ok.returncode == EXIT_OK, ok.stderr
+
+
+def test_a_tied_saved_module_is_read_from_the_source_files(
+    kinds: dict[str, Path], toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The toy's lm_head is tied to its embeddings: its source weight is stored under the
+    embeddings' name, read from the files, without loading the source model a second time."""
+    from relora_trainer import migrate
+
+    def no_reload(self: Any) -> Any:
+        raise AssertionError("the source model was loaded again")
+
+    monkeypatch.setattr(migrate.Bases, "source", no_reload)
+    manifest_method = {"initialization": {"trials": 2, "skipWhenReady": False}}
+    code, out = _run(toy, kinds["saved"], tmp_path, strategy="relora", **manifest_method)
+    assert code in (EXIT_OK, EXIT_NOT_READY)
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["trials"]) >= 2
+
+
+def test_detaching_an_adapter_gives_back_the_base_as_it_was(
+    kinds: dict[str, Path], toy: Any
+) -> None:
+    """PEFT's unload() alone would leave the trained lm_head copy in the base, untied."""
+    base = models.load_model(toy.v2, what="v2", device=CPU)
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    for kind, folder in kinds.items():
+        old = adapters.read_adapter(folder, what=kind)
+        model = adapters.attach(base, old.config)
+        adapters.load_factors(model, old.factors, old.saved)
+        assert adapters.detach(model) is base
+        after = dict(base.named_parameters())
+        assert set(after) == set(before), kind
+        for name, tensor in before.items():
+            assert torch.equal(after[name], tensor), (kind, name)
+        assert base.get_parameter("lm_head.weight") is base.get_parameter(
+            "model.embed_tokens.weight"
+        ), kind

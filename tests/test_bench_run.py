@@ -206,3 +206,44 @@ def test_a_suite_session_labels_rows_by_world_and_build(
         session.run(replace(options, testbed="somewhere"))
     with pytest.raises(BadInput, match="--severity \\['extreme'\\]"):
         session.run(replace(options, worlds=None, build_seeds=1, severities=["extreme"]))
+
+
+def test_another_kind_of_adapter_runs_as_rows_of_its_own(
+    toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--adapter-kind dora: the same pair, target, budget and seeds on the DoRA adapter."""
+    from relora_lab import toyworld
+
+    paths = _testbed(toy, tmp_path / "testbed")
+    dora = toyworld.train_adapter(toy, toy.variant("dora"), steps=120, use_dora=True)
+    manifest = yaml.safe_load(paths.manifest("severe").read_text())
+    manifest["spec"]["adapters"][0]["uri"] = str(dora)
+    paths.manifest("severe", "dora").write_text(yaml.safe_dump(manifest))
+    built: list[BuildConfig] = []
+
+    def fake_build(out: Path, config: BuildConfig, **kwargs: Any) -> layout.TestbedPaths:
+        built.append(config)
+        return paths
+
+    monkeypatch.setattr(world, "build", fake_build)
+    monkeypatch.setattr(variants, "COMMON_FINETUNE", TINY_BUDGET)
+    monkeypatch.chdir(tmp_path)
+    options = session.Options(
+        seeds=1,
+        out="bench",
+        adapter_kinds=["dora"],
+        variants=["reuse", "warm-start"],
+        severities=["severe"],
+        threads=0,
+    )
+    written = session.run(options)
+    assert [c.adapter_kinds for c in built] == [("dora",)]
+    document = json.loads(written["json"].read_text())
+    assert {r["severity"] for r in document["runs"]} == {"severe", "severe+dora"}
+    text = written["markdown"].read_text()
+    assert "v1 -> v2-severe (dora adapter)" in text
+    runs = {(r["severity"], r["variant"]): r for r in document["runs"]}
+    dora_reuse, lora_reuse = runs[("severe+dora", "reuse")], runs[("severe", "reuse")]
+    assert dora_reuse["quality"]["before"] != lora_reuse["quality"]["before"], (
+        "the DoRA rows migrate the DoRA adapter"
+    )

@@ -24,11 +24,19 @@ from relora_lab.bench import running
 from relora_lab.testbed import commands, corpora, instructions, layout, pretraining, task, world
 from relora_lab.testbed import tokenizer as bpe
 from relora_lab.testbed.cache import STAGES_DIR
-from relora_lab.testbed.config import WORLDS, AdapterRecipe, BuildConfig, Severity, config_for
+from relora_lab.testbed.config import (
+    ADAPTER_KINDS,
+    WORLDS,
+    AdapterRecipe,
+    BuildConfig,
+    Severity,
+    config_for,
+)
 from relora_lab.testbed.corpora import NounSense
 from relora_lab.testbed.stages import adapter as adapter_stage
 from relora_trainer import local_run, migrate
 from relora_trainer.data import read_jsonl
+from relora_trainer.errors import BadInput
 from relora_trainer.storage import Storage
 
 CPU = torch.device("cpu")
@@ -439,3 +447,27 @@ def test_quick_and_real_model_configurations() -> None:
     real = config_for(model="/models/smollm2")
     assert real.model == "/models/smollm2"
     assert all(s.learning_rate <= 1e-4 for s in real.severities)
+
+
+def test_other_kinds_of_adapter_are_trained_beside_the_lora_one(
+    built: layout.TestbedPaths, fake_corpora: dict[str, int]
+) -> None:
+    """--adapter-kind: the cached build trains only the new adapters, the LoRA one is kept, and
+    each kind gets manifests of its own."""
+    plain = (built.adapter / "adapter_model.safetensors").read_bytes()
+    kinds = ("dora", "saved")
+    config = replace(TINY, adapter_kinds=kinds)
+    paths = world.build(built.root, config, cache=built.root / "cache", device=CPU)
+    assert (built.adapter / "adapter_model.safetensors").read_bytes() == plain
+    assert fake_corpora == {"austen": 0, "bible": 0, "nouns": 0}, "the bases were cached"
+    for kind, field in (("dora", "use_dora"), ("saved", "modules_to_save")):
+        config = json.loads((paths.adapter_of(kind) / "adapter_config.json").read_text())
+        assert config[field] == ADAPTER_KINDS[kind][field] and config["r"] == 2
+        manifest = running.read_manifest(paths.manifest("severe", kind))
+        migration, problems = validation.validate_manifest(manifest)
+        assert migration is not None, problems
+        assert migration.spec.adapters[0].uri == f"adapters/{task.NAME}-{kind}"
+    summary = json.loads(paths.summary.read_text())
+    assert "migration-severe-dora.yaml" in summary["layout"]["manifests"]
+    with pytest.raises(BadInput, match="--adapter-kind \\['bogus'\\]: known kinds are dora"):
+        config_for(adapter_kinds=("bogus",))

@@ -200,5 +200,5 @@ def train_adapter(
         device=torch.device("cpu"),
     )
     model.save_pretrained(str(out), save_embedding_layers=False)
-    model.unload()
+    adapters.detach(model)
     return out

@@ -265,7 +265,7 @@ def check_fits(adapter: OldAdapter, model: nn.Module, *, what: str) -> None:
 
 
 def attach(model: nn.Module, config: LoraConfig) -> PeftModel:
-    """Wrap ``model`` with a fresh LoRA adapter (PEFT's default init); undo with ``.unload()``.
+    """Wrap ``model`` with a fresh LoRA adapter (PEFT's default init); undo with :func:`detach`.
 
     The config's base_model_name_or_path (a URI) is kept: PEFT would replace it with the local
     folder the model was loaded from.
@@ -277,6 +277,19 @@ def attach(model: nn.Module, config: LoraConfig) -> PeftModel:
     if base_name is not None:
         peft_model.peft_config[ADAPTER].base_model_name_or_path = base_name
     return peft_model
+
+
+def detach(model: PeftModel) -> nn.Module:
+    """The base without the adapter, as it was before :func:`attach`. PEFT's own ``unload()``
+    leaves the trained copy of each modules_to_save module in the base (and unties it from the
+    embeddings): the original modules are put back first."""
+    root = model.base_model.model
+    for name, module in list(root.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            owner, _, leaf = name.rpartition(".")
+            setattr(root.get_submodule(owner) if owner else root, leaf, module.original_module)
+    base: nn.Module = model.unload()
+    return base
 
 
 def load_factors(

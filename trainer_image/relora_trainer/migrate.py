@@ -193,7 +193,7 @@ def _load_bases(
                 )
                 teachers[teacher_key] = computed
                 teacher_seconds += computed[1]
-            on_old.unload()
+            adapters.detach(on_old)
             del on_old
         source_seconds = time.perf_counter() - measuring - teacher_seconds
         del source  # one base resident at a time
@@ -517,11 +517,11 @@ def _migrate_claimed(
     if reference_key not in bases.on_source and adapter.readiness.needs_source:
         on_source = _with_adapter(bases.source(), old)
         bases.on_source[reference_key] = quality.splits(on_source)
-        on_source.unload()
+        adapters.detach(on_source)
     if reference_key not in bases.on_target:
         on_target = _with_adapter(bases.target, old)
         bases.on_target[reference_key] = quality.splits(on_target)
-        on_target.unload()
+        adapters.detach(on_target)
     source_quality = bases.on_source.get(reference_key)
     if source_quality is not None and not (state / REFERENCE_FILE).is_file():
         _save_reference(state, key, source_quality)
@@ -602,7 +602,7 @@ def _migrate_claimed(
         model.save_pretrained(str(staging), save_embedding_layers=False)
         after_quality = quality.splits(model)
     finally:
-        model.unload()
+        adapters.detach(model)
         if checkpointing:
             _recompute(bases.target, False)
 
@@ -662,7 +662,7 @@ def _teacher(
             saved = _compute_teacher(
                 on_old, encoder, task, bases.device, teaching, adapter.readiness.metric
             )
-            on_old.unload()
+            adapters.detach(on_old)
         bases.teachers[key] = saved
     return bases.teachers[key]
 
@@ -743,8 +743,9 @@ def _terms(old: adapters.OldAdapter, bases: Bases, *, projection: str) -> fusion
                 terms.modules[module].ratio = factors.magnitude.to(norm) / norm.clamp(min=1e-12)
             del w_source
         for name, saved in old.saved.items():
-            target = adapters.base_parameter(bases.target, name).detach().float()
-            source = _source(bases, name, target, transpose=False)
+            weight = adapters.base_parameter(bases.target, name)
+            source = _source(bases, name, weight, transpose=False)
+            target = weight.detach().float()
             terms.saved[name] = fusion.SavedTerms(
                 target=target.clone(), task=saved.to(target) - source, evolution=target - source
             )
@@ -756,6 +757,10 @@ def _source(bases: Bases, name: str, target: torch.Tensor, *, transpose: bool) -
     """The source base's parameter ``name`` (from its files, else from the model) as fp32 on the
     target's device, transposed like ``target`` (Conv1D); refused when the shapes differ."""
     stored = bases.source_files.get(name)
+    for alias in _aliases(bases.target, target) if stored is None else []:
+        stored = bases.source_files.get(alias)  # a tied weight: stored under its other name
+        if stored is not None:
+            break
     if stored is None:  # named otherwise in the files: from the model itself
         stored = bases.source().get_parameter(name).detach()
     source = (stored.T if transpose else stored).to(target.device, torch.float32)
@@ -765,6 +770,13 @@ def _source(bases: Bases, name: str, target: torch.Tensor, *, transpose: bool) -
             f"{tuple(target.shape)} in targetModel"
         )
     return source
+
+
+def _aliases(model: nn.Module, tensor: torch.Tensor) -> list[str]:
+    """The names of ``model``'s parameters that share ``tensor``'s storage (tied weights)."""
+    pointer = tensor.data_ptr()
+    named = model.named_parameters(remove_duplicate=False)
+    return [n for n, p in named if p.data_ptr() == pointer]
 
 
 def _context(

@@ -39,6 +39,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 testbed=args.testbed,
                 worlds=args.world,
                 build_seeds=args.builds,
+                adapter_kinds=args.adapter_kind,
                 model=args.model,
                 device=args.device,
                 threads=args.threads,
@@ -95,6 +96,14 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
         metavar="NAME",
         help="a world of the development suite (repeatable, or all; default llama-cpt, the "
         "original testbed): llama-cpt, qwen2-phrases, llama-instruct",
+    )
+    bench.add_argument(
+        "--adapter-kind",
+        action="append",
+        metavar="KIND",
+        help="also run every variant on another kind of task adapter, trained on v1 with the "
+        "same recipe, as rows of its own beside the LoRA ones (SEVERITY+KIND; repeatable): "
+        "dora, ranks (rank_pattern and alpha_pattern), saved (modules_to_save: lm_head)",
     )
     bench.add_argument(
         "--builds",

@@ -40,6 +40,7 @@ class Options:
     testbed: str | None = None  # one world's folder (default: testbed_folder(world, seed))
     worlds: list[str] | None = None  # worlds of the suite (default: the original testbed)
     build_seeds: int = 1  # builds of each world with seeds 0..N-1 (the build as a factor)
+    adapter_kinds: list[str] | None = None  # other kinds of task adapter, rows of their own
     model: str | None = None
     device: str = "auto"
     threads: int = 2
@@ -70,8 +71,8 @@ def run(options: Options, *, console: Console | None = None) -> dict[str, Path]:
         seeds = list(range(options.seeds or (QUICK_SEEDS if options.quick else FULL_SEEDS)))
     testbeds = _testbeds(options, device, console)
     manifests = {
-        label: paths.manifest(severity)
-        for label, (paths, severity) in testbeds.items()
+        label: paths.manifest(severity, kind)
+        for label, (paths, severity, kind) in testbeds.items()
         if not options.severities or severity in options.severities
     }
     if not manifests:
@@ -137,10 +138,10 @@ def run(options: Options, *, console: Console | None = None) -> dict[str, Path]:
         return {"markdown": path, "json": out / "tuning-runs.json"}
     table = summary.cells(records)
     comparisons = summary.compare(table, records, baselines=variants.BASELINES)
-    roots = list(dict.fromkeys(str(paths.root) for paths, _ in testbeds.values()))
+    roots = list(dict.fromkeys(str(paths.root) for paths, _, _ in testbeds.values()))
     summaries = {
         str(paths.root): json.loads(paths.summary.read_text()).get("figures", {})
-        for paths, _ in testbeds.values()
+        for paths, _, _ in testbeds.values()
     }
     context = writing.Context(
         command=options.command,
@@ -215,10 +216,11 @@ def resummarize(options: Options, *, console: Console) -> dict[str, Path]:
 
 def _testbeds(
     options: Options, device: torch.device, console: Console
-) -> dict[str, tuple[TestbedPaths, str]]:
-    """Build (or reuse) every testbed of the session: row label -> (its paths, severity). One
-    world built once is labelled by severity alone (``severe``); a suite by world and severity
-    (``qwen2-phrases/severe``), and by build seed too when there are several (``.../b1``)."""
+) -> dict[str, tuple[TestbedPaths, str, str | None]]:
+    """Build (or reuse) every testbed of the session: row label -> (its paths, severity, kind
+    of adapter). One world built once is labelled by severity alone (``severe``); a suite by
+    world and severity (``qwen2-phrases/severe``), by build seed too when there are several
+    (``.../b1``), and another kind of adapter by its name (``severe+dora``)."""
     names = list(WORLDS) if options.worlds == ["all"] else options.worlds or [DEFAULT_WORLD]
     unknown = [n for n in names if n not in WORLDS]
     if unknown:
@@ -226,18 +228,22 @@ def _testbeds(
     build_seeds = range(max(options.build_seeds, 1))
     if options.testbed is not None and (len(names) > 1 or len(build_seeds) > 1):
         raise BadInput("--testbed names one folder: give it with one --world and one build")
-    labelled: dict[str, tuple[TestbedPaths, str]] = {}
+    kinds = list(options.adapter_kinds or [])
+    labelled: dict[str, tuple[TestbedPaths, str, str | None]] = {}
     for name in names:
         for build_seed in build_seeds:
             folder = Path(options.testbed or testbed_folder(name, build_seed))
             console.print(f"Testbed {folder} (world {name}, build seed {build_seed}) ...")
-            config = config_for(model=options.model, world=name, seed=build_seed)
+            config = config_for(
+                model=options.model, world=name, seed=build_seed, adapter_kinds=tuple(kinds)
+            )
             paths = world.build(folder, config, device=device, console=console)
             for severity in paths.severities:
                 label = severity if len(names) == 1 else f"{name}/{severity}"
                 if len(build_seeds) > 1:
                     label += f"/b{build_seed}"
-                labelled[label] = (paths, severity)
+                for kind in (None, *kinds):
+                    labelled[f"{label}+{kind}" if kind else label] = (paths, severity, kind)
     return labelled
 
 

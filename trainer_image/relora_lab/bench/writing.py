@@ -59,17 +59,20 @@ def _interval_text(ratio: Ratio | None) -> str:
 
 def heading(label: str) -> str:
     """A row label as a section title: ``severe`` -> ``v1 -> v2-severe``, a suite's
-    ``qwen2-phrases/severe/b1`` -> ``qwen2-phrases (build 1): v1 -> v2-severe``."""
+    ``qwen2-phrases/severe/b1`` -> ``qwen2-phrases (build 1): v1 -> v2-severe``, another kind
+    of adapter ``severe+dora`` -> ``v1 -> v2-severe (dora adapter)``."""
+    label, _, kind = label.partition("+")
+    adapter = f" ({kind} adapter)" if kind else ""
     parts = label.split("/")
     if len(parts) == 1:
-        return f"v1 -> v2-{label}"
+        return f"v1 -> v2-{label}{adapter}"
     build = f" (build {parts[2][1:]})" if len(parts) > 2 else ""
-    return f"{parts[0]}{build}: v1 -> v2-{parts[1]}"
+    return f"{parts[0]}{build}: v1 -> v2-{parts[1]}{adapter}"
 
 
 def file_label(label: str) -> str:
     """A row label as part of a file name."""
-    return label.replace("/", "_")
+    return label.replace("/", "_").replace("+", "-")
 
 
 def suite_table(comparisons: Mapping[str, Comparison]) -> list[str]:

@@ -94,7 +94,7 @@ class WorldBuilder:
         out.mkdir(parents=True, exist_ok=True)
         return cls(
             config=config,
-            paths=TestbedPaths(out, tuple(s.name for s in config.severities)),
+            paths=TestbedPaths(out, tuple(s.name for s in config.severities), config.adapter_kinds),
             device=device,
             cache=StageCache(out),
             texts=Texts(corpora_cache),

@@ -57,7 +57,13 @@ def _cmd_build(args: argparse.Namespace) -> int:
             raise BadInput("--out names one folder: give it with a single --world")
         built = []
         for name in names:
-            config = config_for(seed=args.seed, quick=args.quick, model=args.model, world=name)
+            config = config_for(
+                seed=args.seed,
+                quick=args.quick,
+                model=args.model,
+                world=name,
+                adapter_kinds=tuple(args.adapter_kind or ()),
+            )
             out = Path(args.out if args.out else testbed_folder(name, args.seed))
             built.append(world.build(out, config, device=device, console=console))
     except FAILURES as error:
@@ -106,6 +112,13 @@ def register_build(testbed_kinds: argparse._SubParsersAction) -> None:  # type: 
         f"{DEFAULT_OUT}-WORLD[-seedN])",
     )
     build.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    build.add_argument(
+        "--adapter-kind",
+        action="append",
+        metavar="KIND",
+        help="another kind of task adapter to train beside the LoRA one (repeatable): dora, ranks "
+        "(rank_pattern and alpha_pattern), saved (modules_to_save: lm_head)",
+    )
     build.add_argument(
         "--quick",
         action="store_true",

@@ -48,6 +48,15 @@ class AdapterRecipe:
     batch_size: int = 16
 
 
+ADAPTER_KINDS: dict[str, dict[str, Any]] = {
+    "dora": {"use_dora": True},
+    "ranks": {"rank_pattern": {"up_proj": 4, "down_proj": 16}, "alpha_pattern": {"v_proj": 32}},
+    "saved": {"modules_to_save": ["lm_head"]},
+}
+"""Other kinds of task adapter a build can train beside the plain LoRA one (same recipe, these
+PEFT LoraConfig fields on top): DoRA, per-module ranks and alphas, a fully trained lm_head."""
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     seed: int = 0
@@ -60,6 +69,7 @@ class BuildConfig:
     model: str | None = None  # a real Hugging Face model folder as v1
     labels: str = "word"  # the task's label words: "word" (one token each) or "phrase" (several)
     world: str = "llama-cpt"  # the suite's name of this build (see WORLDS)
+    adapter_kinds: tuple[str, ...] = ()  # ADAPTER_KINDS trained beside the LoRA adapter
 
 
 INSTRUCT = Severity("instruct", steps=40, learning_rate=1e-3, corpus="instruct")
@@ -122,14 +132,25 @@ REAL_MODEL_UPDATES = {
 
 
 def config_for(
-    *, seed: int = 0, quick: bool = False, model: str | None = None, world: str = DEFAULT_WORLD
+    *,
+    seed: int = 0,
+    quick: bool = False,
+    model: str | None = None,
+    world: str = DEFAULT_WORLD,
+    adapter_kinds: tuple[str, ...] = (),
 ) -> BuildConfig:
     """The build of a world of the suite (default: the original testbed), its quick variant (a
     smoke test: minutes less, weaker models), or the build around a real model (small learning
     rates for the evolution)."""
     if world not in WORLDS:
         raise BadInput(f"--world {world!r}: known worlds are {', '.join(WORLDS)}")
-    built = replace(BuildConfig(seed=seed, model=model, world=world), **WORLDS[world].changes)
+    unknown = [k for k in adapter_kinds if k not in ADAPTER_KINDS]
+    if unknown:
+        raise BadInput(f"--adapter-kind {unknown}: known kinds are {', '.join(ADAPTER_KINDS)}")
+    built = replace(
+        BuildConfig(seed=seed, model=model, world=world, adapter_kinds=tuple(adapter_kinds)),
+        **WORLDS[world].changes,
+    )
     if quick:
         built = replace(
             built,

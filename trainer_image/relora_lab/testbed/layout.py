@@ -15,6 +15,7 @@ TOKENIZER_DIR = "tokenizer"
 class TestbedPaths:
     root: Path
     severities: tuple[str, ...] = ("mild", "severe")
+    kinds: tuple[str, ...] = ()  # other kinds of task adapter (testbed.config.ADAPTER_KINDS)
 
     @property
     def tokenizer(self) -> Path:
@@ -31,11 +32,15 @@ class TestbedPaths:
     def adapter(self) -> Path:
         return self.root / "adapters" / task.NAME
 
+    def adapter_of(self, kind: str | None) -> Path:
+        """The task adapter of a kind (None: the plain LoRA one)."""
+        return self.adapter if kind is None else self.root / "adapters" / f"{task.NAME}-{kind}"
+
     def split(self, name: str) -> Path:
         return self.root / "data" / task.NAME / f"{name}.jsonl"
 
-    def manifest(self, severity: str) -> Path:
-        return self.root / f"migration-{severity}.yaml"
+    def manifest(self, severity: str, kind: str | None = None) -> Path:
+        return self.root / f"migration-{severity}{f'-{kind}' if kind else ''}.yaml"
 
     @property
     def summary(self) -> Path:

@@ -12,8 +12,11 @@ from relora_lab.testbed import task
 from relora_lab.testbed.layout import TestbedPaths
 
 
-def manifest(paths: TestbedPaths, severity: str, *, strategy: str = "relora") -> dict[str, Any]:
-    """The AdapterMigration for one severity, with paths relative to the testbed folder."""
+def manifest(
+    paths: TestbedPaths, severity: str, *, strategy: str = "relora", kind: str | None = None
+) -> dict[str, Any]:
+    """The AdapterMigration for one severity (and kind of adapter), with paths relative to the
+    testbed folder."""
 
     def rel(path: Path) -> str:
         return path.relative_to(paths.root).as_posix()
@@ -21,14 +24,14 @@ def manifest(paths: TestbedPaths, severity: str, *, strategy: str = "relora") ->
     return {
         "apiVersion": "relora.dev/v1alpha1",
         "kind": "AdapterMigration",
-        "metadata": {"name": f"testbed-v1-to-v2-{severity}"},
+        "metadata": {"name": f"testbed-v1-to-v2-{severity}{f'-{kind}' if kind else ''}"},
         "spec": {
             "sourceModel": {"uri": rel(paths.v1)},
             "targetModel": {"uri": rel(paths.v2(severity))},
             "adapters": [
                 {
                     "name": task.NAME,
-                    "uri": rel(paths.adapter),
+                    "uri": rel(paths.adapter_of(kind)),
                     "data": {
                         "train": rel(paths.split("train")),
                         "validation": rel(paths.split("validation")),
@@ -53,8 +56,11 @@ _MANIFEST_HEADER = """\
 
 
 def write_manifests(paths: TestbedPaths) -> None:
-    """``migration-<severity>.yaml`` for each of the testbed's severities."""
+    """``migration-<severity>.yaml`` for each of the testbed's severities, and
+    ``migration-<severity>-<kind>.yaml`` for each other kind of adapter it has."""
     for severity in paths.severities:
-        path = paths.manifest(severity)
-        header = _MANIFEST_HEADER.format(severity=severity, path=path)
-        path.write_text(header + yaml.safe_dump(manifest(paths, severity), sort_keys=False))
+        for kind in (None, *paths.kinds):
+            path = paths.manifest(severity, kind)
+            header = _MANIFEST_HEADER.format(severity=severity, path=path)
+            content = manifest(paths, severity, kind=kind)
+            path.write_text(header + yaml.safe_dump(content, sort_keys=False))

@@ -82,6 +82,8 @@ def _build_stages(world: WorldBuilder) -> dict[str, Any]:
     figures["task"] = done("task", task_key) or {}
     adapter_key = adapter_stage(world, tokenizer, v1_key, task_key)
     figures["adapter"] = adapter_figures(world, tokenizer, adapter_key, v2_keys)
+    for kind in world.config.adapter_kinds:
+        adapter_stage(world, tokenizer, v1_key, task_key, kind)
     return figures
 
 
@@ -95,8 +97,16 @@ def _write_summary(world: WorldBuilder, figures: dict[str, Any]) -> None:
             "v1": "models/v1",
             **{f"v2-{s.name}": f"models/v2-{s.name}" for s in config.severities},
             "adapter": f"adapters/{task.NAME}",
+            **{
+                f"adapter-{k}": world.paths.adapter_of(k).relative_to(world.paths.root).as_posix()
+                for k in config.adapter_kinds
+            },
             "data": f"data/{task.NAME}",
-            "manifests": [paths.manifest(s.name).name for s in config.severities],
+            "manifests": [
+                paths.manifest(s.name, k).name
+                for s in config.severities
+                for k in (None, *config.adapter_kinds)
+            ],
         },
     }
     paths.summary.write_text(json.dumps(summary, indent=2) + "\n")

@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from relora_api.spec import Finetune
 from relora_lab.testbed.builder import WorldBuilder
 from relora_lab.testbed.cache import digest
+from relora_lab.testbed.config import ADAPTER_KINDS
 from relora_lab.testbed.layout import TestbedPaths
 from relora_trainer import adapters
 from relora_trainer.data import Encoder, Example, read_jsonl
@@ -28,19 +29,23 @@ def adapter_stage(
     tokenizer: PreTrainedTokenizerBase,
     v1_key: dict[str, Any],
     task_key: dict[str, Any],
+    kind: str | None = None,
 ) -> dict[str, Any]:
-    """The LoRA adapter in ``adapters/<task>``, trained on v1 for the whole budget; its key."""
+    """The task adapter in ``adapters/<task>`` (a ``kind`` of ADAPTER_KINDS: in
+    ``adapters/<task>-<kind>``, with its LoraConfig fields), trained on v1 for the whole budget
+    with the same recipe; its key."""
     config, paths, device = world.config, world.paths, world.device
-    params = {
+    params: dict[str, Any] = {
         "v1": digest(v1_key),
         "task": digest(task_key),
         "recipe": asdict(config.adapter),
         "seed": config.seed,
     }
-    if (
-        world.cache.done("adapter", params) is not None
-        and (paths.adapter / adapters.WEIGHTS_FILE).is_file()
-    ):
+    extra = ADAPTER_KINDS[kind] if kind else {}
+    if kind:
+        params["kind"] = extra
+    stage, folder = f"adapter-{kind}" if kind else "adapter", paths.adapter_of(kind)
+    if world.cache.done(stage, params) is not None and (folder / adapters.WEIGHTS_FILE).is_file():
         return params
     started = time.perf_counter()
     recipe = config.adapter
@@ -53,11 +58,13 @@ def adapter_stage(
         lora_dropout=0.0,
         task_type="CAUSAL_LM",
         base_model_name_or_path="models/v1",
+        **extra,
     )
     base = world.load_model(paths.v1)
     torch.manual_seed(config.seed)
     model = adapters.attach(base, lora)
-    with world.bars.stage("task adapter", "LoRA on v1", recipe.steps) as tick:
+    label = f"{kind} LoRA on v1" if kind else "LoRA on v1"
+    with world.bars.stage("task adapter", label, recipe.steps) as tick:
         outcome = finetune(
             model=model,
             encoder=Encoder(tokenizer),
@@ -81,15 +88,15 @@ def adapter_stage(
                 step, f"validation accuracy {ev.quality:.3f}" if ev is not None else ""
             ),
         )
-    if paths.adapter.exists():
-        shutil.rmtree(paths.adapter)
-    model.save_pretrained(str(paths.adapter), save_embedding_layers=False)
-    model.unload()
+    if folder.exists():
+        shutil.rmtree(folder)
+    model.save_pretrained(str(folder), save_embedding_layers=False)
+    adapters.detach(model)
     stats = {
         "history": [{"step": e.step, "accuracy": e.accuracy} for e in outcome.history],
         "seconds": time.perf_counter() - started,
     }
-    world.cache.mark("adapter", params, stats)
+    world.cache.mark(stage, params, stats)
     return params
 
 
