@@ -228,7 +228,7 @@ def _config_only(tmp_path: Path, config: dict[str, Any]) -> Path:
     return folder
 
 
-OTHER_TYPES = [
+OTHER_TYPES: list[dict[str, Any]] = [
     {"peft_type": "IA3", "target_modules": ["k_proj", "v_proj", "down_proj"]},
     {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 20},
     {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 8},

@@ -283,7 +283,7 @@ def detach(model: PeftModel) -> nn.Module:
     """The base without the adapter, as it was before :func:`attach`. PEFT's own ``unload()``
     leaves the trained copy of each modules_to_save module in the base (and unties it from the
     embeddings): the original modules are put back first."""
-    root = model.base_model.model
+    root: nn.Module = model.get_base_model()
     for name, module in list(root.named_modules()):
         if isinstance(module, ModulesToSaveWrapper):
             owner, _, leaf = name.rpartition(".")
