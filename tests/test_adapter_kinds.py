@@ -329,3 +329,25 @@ def test_detaching_an_adapter_gives_back_the_base_as_it_was(
         assert base.get_parameter("lm_head.weight") is base.get_parameter(
             "model.embed_tokens.weight"
         ), kind
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_the_memory_plan_counts_what_peft_trains(
+    kind: str, kinds: dict[str, Path], toy: Any, tmp_path: Path
+) -> None:
+    """relora plan: DoRA's magnitudes, each module's own rank and the saved modules' weights
+    are trainable parameters (optimizer state, gradients) like the LoRA factors."""
+    from relora_api import validation
+    from relora_trainer import plan
+    from relora_trainer.storage import Storage
+
+    manifest = toy_manifest(toy)
+    manifest["spec"]["adapters"][0]["uri"] = str(kinds[kind])
+    migration, _ = validation.validate_manifest(manifest)
+    assert migration is not None
+    spec = migration.spec
+    found = plan.estimate(spec, spec.adapters[0], Storage(base_dir=tmp_path), device="cpu")
+    old = adapters.read_adapter(kinds[kind], what=kind)
+    config = adapters.new_config(old.config, rank=None, base="v2")  # trainable, as migrated
+    model = adapters.attach(models.load_model(toy.v2, what="v2", device=CPU), config)
+    assert found.lora_parameters == sum(p.numel() for p in adapters.trainable(model).values())

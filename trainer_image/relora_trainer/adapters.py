@@ -13,6 +13,7 @@ import reprlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -65,7 +66,7 @@ class OldAdapter:
         return lora_scale(self.config, rank_of(self.config, module), module)
 
 
-def _pattern(pattern: dict[str, float] | None, module: str, default: float) -> float:
+def pattern_value(pattern: dict[str, Any] | None, module: str, default: float) -> float:
     """PEFT's lookup of a module's entry in rank_pattern or alpha_pattern."""
     if not pattern:
         return default
@@ -74,13 +75,13 @@ def _pattern(pattern: dict[str, float] | None, module: str, default: float) -> f
 
 def rank_of(config: LoraConfig, module: str) -> int:
     """A module's LoRA rank under ``config`` (its rank_pattern entry, else r)."""
-    return int(_pattern(config.rank_pattern, module, config.r))
+    return int(pattern_value(config.rank_pattern, module, config.r))
 
 
 def lora_scale(config: LoraConfig, rank: int, module: str | None = None) -> float:
     """PEFT's scaling: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA; the alpha of
     ``module`` from alpha_pattern when it has an entry there."""
-    alpha = _pattern(config.alpha_pattern, module, config.lora_alpha) if module else None
+    alpha = pattern_value(config.alpha_pattern, module, config.lora_alpha) if module else None
     return float(alpha or config.lora_alpha) / (rank**0.5 if config.use_rslora else rank)
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from relora_api.spec import Adapter, AdapterMigrationSpec
-from relora_trainer import models
+from relora_trainer import adapters, models
 from relora_trainer.errors import MissingInput, OutOfMemory
 from relora_trainer.storage import Storage
 
@@ -121,11 +121,27 @@ def _lora_parameters(
     *,
     targets: list[str] | str,
     rank: int,
+    rank_pattern: dict[str, int] | None = None,
+    dora: bool = False,
+    saved: list[str] | None = None,
+    vocab: int = 0,
+    hidden: int = 0,
 ) -> int:
-    """r * (in + out) for every adapted weight (from the file headers when there are some)."""
+    """The adapter's trainable parameters: r * (in + out) for every adapted weight at its own
+    rank (rank_pattern), out more for DoRA's magnitude, and the whole of every modules_to_save
+    module (from the file headers when there are some; a tied lm_head from the config)."""
+
+    def one(module: str, out_features: int, in_features: int) -> int:
+        r = int(adapters.pattern_value(rank_pattern, module, rank))
+        return r * (in_features + out_features) + (out_features if dora else 0)
+
+    def is_saved(key: str) -> bool:
+        owner = key.rsplit(".", 1)[0]
+        return any(owner == m or owner.endswith(f".{m}") for m in saved or [])
+
     if shapes:
-        return sum(
-            rank * (shape[0] + shape[1])
+        lora = sum(
+            one(key.removesuffix(".weight"), shape[0], shape[1])
             for key, shape in shapes.items()
             if len(shape) == 2
             and key.endswith(".weight")
@@ -133,8 +149,13 @@ def _lora_parameters(
             and not key.startswith("lm_head")
             and _targeted(key.removesuffix(".weight"), targets)
         )
+        lora += sum(math.prod(shape) for key, shape in shapes.items() if is_saved(key))
+        if "lm_head" in (saved or []) and "lm_head.weight" not in shapes:
+            lora += vocab * hidden  # tied to the embeddings: not in the files
+        return lora
     chosen = {k: v for k, v in dims.items() if _targeted(k, targets)}
-    return layers * sum(rank * (i + o) for i, o in chosen.values())
+    lora = layers * sum(one(k, o, i) for k, (i, o) in chosen.items())
+    return lora + (vocab * hidden if "lm_head" in (saved or []) else 0)
 
 
 def _lengths(adapter: Adapter, storage: Storage, tokenizer: Any) -> tuple[int, int]:
@@ -181,7 +202,16 @@ def estimate(
     )
     rank = spec.method.rank or int(adapter_config["r"])
     lora = _lora_parameters(
-        shapes, dims, layers, targets=adapter_config.get("target_modules") or [], rank=rank
+        shapes,
+        dims,
+        layers,
+        targets=adapter_config.get("target_modules") or [],
+        rank=rank,
+        rank_pattern=None if spec.method.rank else adapter_config.get("rank_pattern"),
+        dora=bool(adapter_config.get("use_dora")),
+        saved=adapter_config.get("modules_to_save"),
+        vocab=int(config["vocab_size"]),
+        hidden=int(config["hidden_size"]),
     )
     if spec.method.precision == "auto":
         precision = "bf16" if device == "cuda" else "fp32"

@@ -167,6 +167,13 @@ VARIANTS: tuple[Variant, ...] = (
         merge(WARM_START_METHOD, {"finetune": RELORA_METHOD["finetune"]}),
         quick=False,
     ),
+    Variant(
+        "relora-magnitude-kept",
+        "relora with a DoRA adapter's magnitudes kept as trained on v1 (the default rescales "
+        "them to the start's direction on v2; the same as relora for other adapters)",
+        _relora(initialization={"magnitude": "kept"}),
+        quick=False,
+    ),
 )
 
 BASELINES = tuple(v.name for v in VARIANTS if v.baseline)

@@ -74,7 +74,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _say_built(paths: TestbedPaths, seconds: float) -> None:
-    manifests = " ".join(str(paths.manifest(s)) for s in paths.severities)
+    manifests = " ".join(
+        str(paths.manifest(s, k)) for s in paths.severities for k in (None, *paths.kinds)
+    )
     print(
         f"testbed written to {paths.root} in {seconds:.0f} s: models/v1, "
         f"models/v2-{{{','.join(paths.severities)}}}, adapters/, data/; try: relora run -f "
