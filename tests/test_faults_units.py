@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from relora_api import contract
 from relora_api.spec import AdapterMigrationSpec
-from relora_operator import job_builder, naming, observe
+from relora_operator import job_builder, naming, planner
 from relora_operator.reconciler import pods_by_job
 from relora_operator.settings import Settings
 from relora_trainer import errors, job, migrate, models, storage
@@ -74,10 +74,15 @@ def _pod(name: str, phase: str, owner_uid: str | None = None) -> Obj:
     }
 
 
-def _migration(spec: AdapterMigrationSpec, adapters: list[Obj]) -> observe.Migration:
-    return observe.Migration(
-        "m", "ns", "uid-1", 1, spec, {"adapters": adapters} if adapters else {}, b"k" * 32
-    )
+def _migration(spec: AdapterMigrationSpec, adapters: list[Obj]) -> planner.Migration:
+    status = planner.read_status({"adapters": adapters} if adapters else {})
+    return planner.Migration("m", "ns", "uid-1", 1, spec, status, b"k" * 32)
+
+
+def _plan(*args: Any, **kwargs: Any) -> tuple[Obj, planner.Actions]:
+    """planner.plan, its status in the wire form that the reconciler sends."""
+    status, actions = planner.plan(*args, **kwargs)
+    return status.to_wire(), actions
 
 
 # ---------------------------------------------------------------- a Job deleted by hand
@@ -91,14 +96,14 @@ def test_a_deleted_jobs_old_pod_is_waited_for_then_the_job_is_made_again() -> No
         "attempts": 1,
     }
     migration = _migration(spec, [running])
-    status, actions = observe.observe(migration, [], {}, {}, NOW, strays=[_pod("old", "Running")])
+    status, actions = _plan(migration, [], {}, {}, NOW, strays=[_pod("old", "Running")])
     (entry,) = status["adapters"]
     assert entry["reason"] == "WaitingForOldPod" and "pod old still runs" in entry["message"]
     assert actions.create == [], "no second trainer on the same output"
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "WaitingForOldPod" and "pod old still runs" in ready["message"]
 
-    status, actions = observe.observe(migration, [], {}, {}, NOW, strays=[_pod("old", "Failed")])
+    status, actions = _plan(migration, [], {}, {}, NOW, strays=[_pod("old", "Failed")])
     (entry,) = status["adapters"]
     assert (
         entry["reason"] == "JobRecreated" and "was deleted before it finished" in entry["message"]
@@ -108,7 +113,7 @@ def test_a_deleted_jobs_old_pod_is_waited_for_then_the_job_is_made_again() -> No
 
 
 def test_a_first_job_is_just_created() -> None:
-    status, actions = observe.observe(_migration(_spec(), []), [], {}, {}, NOW)
+    status, actions = _plan(_migration(_spec(), []), [], {}, {}, NOW)
     assert status["adapters"][0]["reason"] == "JobCreated"
     assert "message" not in status["adapters"][0] and len(actions.create) == 1
 
@@ -149,9 +154,9 @@ def test_a_job_made_from_an_older_spec_is_reported() -> None:
     pods = {made["metadata"]["name"]: [_pod("p", "Running", made["metadata"].get("uid"))]}
     migration = _migration(spec, [])
     wanted = made["metadata"]["annotations"][naming.TEMPLATE_HASH]
-    status, _ = observe.observe(migration, [made], pods, {}, NOW, templates={"one": wanted})
+    status, _ = _plan(migration, [made], pods, {}, NOW, templates={"one": wanted})
     assert "message" not in status["adapters"][0]
-    status, _ = observe.observe(migration, [made], pods, {}, NOW, templates={"one": "other"})
+    status, _ = _plan(migration, [made], pods, {}, NOW, templates={"one": "other"})
     entry = status["adapters"][0]
     assert entry["reason"] == "Running" and "spec changed after Job" in entry["message"]
     assert "delete the Job to run the new spec" in entry["message"]
@@ -202,6 +207,7 @@ def _run_job(
     def fail(*args: Any, **kwargs: Any) -> None:
         raise failure
 
+    monkeypatch.setattr(migrate, "check_inputs", lambda *args, **kwargs: None)  # no inputs here
     monkeypatch.setattr(migrate, "load_bases", fail)
     code = job.run()
     outcome: Obj = json.loads(termination.read_text())

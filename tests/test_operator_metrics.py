@@ -8,7 +8,7 @@ import sys
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from relora_operator import metrics, observe
+from relora_operator import metrics, planner
 
 # What a fresh process writes: the exposition of the default registry once metrics start.
 FRESH = """
@@ -57,5 +57,5 @@ def test_a_fresh_operator_exposes_the_known_counter_series_at_zero() -> None:
 
 
 def test_results_are_named_for_every_final_phase() -> None:
-    assert set(metrics.MIGRATION_RESULTS) == set(observe.FINAL)
-    assert set(metrics.ADAPTER_RESULTS) == set(observe.FINAL)
+    assert set(metrics.MIGRATION_RESULTS) == set(planner.FINAL)
+    assert set(metrics.ADAPTER_RESULTS) == set(planner.FINAL)

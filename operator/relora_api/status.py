@@ -7,7 +7,8 @@ messages are capped, and coefficients are summarized (at most MAX_COEFFICIENTS e
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from enum import StrEnum
+from typing import Any, Literal
 
 from pydantic import ConfigDict, Field
 from pydantic.config import JsonDict
@@ -22,6 +23,7 @@ MAX_GENERATION = 2**63 - 1
 TIMESTAMP: JsonDict = {"maxLength": 64}  # RFC 3339 date-times are short; bounds CEL cost estimates
 
 ConditionType = Literal["Ready", "Succeeded", "Failed", "Stalled", "Suspended"]
+ConditionStatus = Literal["True", "False", "Unknown"]
 MigrationPhase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
 AdapterPhase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
 Stage = Literal["loading", "search", "finetune", "evaluate", "saving"]
@@ -29,10 +31,52 @@ Stage = Literal["loading", "search", "finetune", "evaluate", "saving"]
 REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
 
 
+class Reason(StrEnum):
+    """The reasons the operator itself gives, in adapter entries, conditions and events (the
+    values are the wire strings). Others pass through as plain strings: a Job's
+    (BackoffLimitExceeded, DeadlineExceeded), a pod's (Unschedulable with its scheduler's
+    message, ImagePullBackOff...), the trainer's (IncompatibleModels, InvalidData...)."""
+
+    # An adapter's entry (status.adapters[].reason), and the Ready condition that repeats it.
+    JOB_CREATED = "JobCreated"
+    JOB_RECREATED = "JobRecreated"  # its Job was deleted before it finished
+    WAITING_FOR_OLD_POD = "WaitingForOldPod"  # ...and that Job's pod still runs
+    REVERIFYING = "Reverifying"  # a finished entry not sealed by the operator, its Job gone
+    QUEUED = "Queued"  # suspended by Kueue until admitted
+    RESUMING = "Resuming"
+    SUSPENDED = "Suspended"  # also the Suspended condition's
+    POD_PENDING = "PodPending"  # the trainer pod is starting
+    UNSCHEDULABLE = "Unschedulable"  # a pod not scheduled that gives no reason of its own
+    RUNNING = "Running"
+    RETRYING = "Retrying"
+    READY = "Ready"  # the reason of every Succeeded adapter
+    NOT_READY = "NotReady"  # the trainer ended below its readiness target
+    NO_RESULT = "NoResult"  # the trainer ended without reporting an outcome
+    JOB_FAILED = "JobFailed"  # a failed Job that gives no reason
+    INVALID_INPUT = "InvalidInput"  # bad input, the trainer naming no reason
+    # The migration's conditions.
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    IN_PROGRESS = "InProgress"
+    NO_FAILURE = "NoFailure"
+    PROGRESSING = "Progressing"
+    FINISHED = "Finished"
+    NOT_SUSPENDED = "NotSuspended"
+    INVALID_SPEC = "InvalidSpec"  # a spec the schema let through but the models refuse
+    # Events only.
+    STATUS_REVERTED = "StatusReverted"  # a finished entry the operator did not write
+
+
 class StatusModel(APIModel):
     """Status models read back what the API server stored (timestamps as strings): lax."""
 
     model_config = ConfigDict(strict=False, allow_inf_nan=True)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The wire form: camelCase keys; what was set and is not null, nothing else. A default
+        is not written unless it was set (an adapter's ``attempts`` says that its Job was seen;
+        a status read back and written again is the same)."""
+        return self.model_dump(by_alias=True, exclude_none=True, exclude_unset=True, mode="json")
 
 
 class Condition(StatusModel):
@@ -41,7 +85,7 @@ class Condition(StatusModel):
     type: ConditionType = Field(
         description="Ready (summary), Succeeded, Failed, Stalled (permanent failure) or Suspended."
     )
-    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    status: ConditionStatus = Field(description="True, False or Unknown.")
     observed_generation: int | None = Field(
         default=None,
         ge=0,

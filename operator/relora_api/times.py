@@ -11,6 +11,12 @@ def stamp(moment: datetime.datetime) -> str:
     return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def whole_seconds(moment: datetime.datetime) -> datetime.datetime:
+    """``moment`` at metav1.Time's precision, in UTC: what ``stamp`` writes of it (the status
+    models write such a datetime as ``stamp`` does)."""
+    return moment.astimezone(datetime.UTC).replace(microsecond=0)
+
+
 def micro_stamp(moment: datetime.datetime) -> str:
     """metav1.MicroTime: ``2026-12-06T19:30:00.123456Z``."""
     return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

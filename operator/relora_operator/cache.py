@@ -8,7 +8,7 @@ before the list was asked for (an object created meanwhile comes by its watch ev
 arrive before the list's answer); an object in the list is taken from it unless a watch event
 newer than the list's start was seen, or it was deleted while the list was under way.
 
-Each object is kept slim (what the planner reads: observe.py), indexed by the uid of the
+Each object is kept slim (what the planner reads: planner.py), indexed by the uid of the
 migration that owns it (label ``relora.dev/migration-uid``). Nothing is kept for a migration
 that has no Job and no pod left: no map only grows.
 """
@@ -30,7 +30,7 @@ _JOB_SPEC = ("suspend", "ttlSecondsAfterFinished")
 
 
 def slim(kind: str, obj: Obj) -> Obj:
-    """The fields of a Job or Pod that the operator reads (observe.py), nothing else: the
+    """The fields of a Job or Pod that the operator reads (planner.py), nothing else: the
     pod template, the pod spec, managedFields, most of the status are most of an object's
     size (a pod of 5 KB of JSON kept whole took 8 KB of memory, slim 2 KB)."""
     meta = obj.get("metadata") or {}

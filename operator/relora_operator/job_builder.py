@@ -37,7 +37,7 @@ def _claims(spec: AdapterMigrationSpec, adapter: Adapter) -> dict[str, bool]:
     return claims
 
 
-def build_job(
+def pod_template(
     *,
     name: str,
     namespace: str,
@@ -45,10 +45,9 @@ def build_job(
     spec: AdapterMigrationSpec,
     adapter: Adapter,
     settings: Settings,
-    generation: int | None = None,
 ) -> dict[str, Any]:
-    """The Job manifest for ``adapter`` of the AdapterMigration ``namespace/name`` (made of the
-    spec of ``generation``, if given: a Job of the current generation is not stale)."""
+    """The pod template of the Job for ``adapter`` of the AdapterMigration ``namespace/name``:
+    all that ``template_hash`` identifies, without the rest of the Job."""
     claims = _claims(spec, adapter)
     mounts = {claim: f"{contract.PVC_MOUNT_ROOT}/{claim}" for claim in claims}
     env: list[dict[str, Any]] = [
@@ -105,6 +104,25 @@ def build_job(
     }
     pod_spec.update({k: v for k, v in optional.items() if v})
     labels = naming.job_labels(name, adapter.name, uid, spec.queue_name)
+    return {"metadata": {"labels": dict(labels)}, "spec": pod_spec}
+
+
+def build_job(
+    *,
+    name: str,
+    namespace: str,
+    uid: str,
+    spec: AdapterMigrationSpec,
+    adapter: Adapter,
+    settings: Settings,
+    generation: int | None = None,
+) -> dict[str, Any]:
+    """The Job manifest for ``adapter`` of the AdapterMigration ``namespace/name`` (made of the
+    spec of ``generation``, if given: a Job of the current generation is not stale)."""
+    template = pod_template(
+        name=name, namespace=namespace, uid=uid, spec=spec, adapter=adapter, settings=settings
+    )
+    labels = naming.job_labels(name, adapter.name, uid, spec.queue_name)
     job_spec: dict[str, Any] = {
         "backoffLimit": spec.backoff_limit,
         # Kueue admits a queued Job by unsuspending it; otherwise we mirror spec.suspend.
@@ -125,7 +143,7 @@ def build_job(
                 },
             ]
         },
-        "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
+        "template": template,
     }
     if spec.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
@@ -138,7 +156,7 @@ def build_job(
             "namespace": namespace,
             "labels": labels,
             "annotations": {
-                naming.TEMPLATE_HASH: template_hash(job_spec["template"]),
+                naming.TEMPLATE_HASH: template_hash(template),
                 **({naming.GENERATION: str(generation)} if generation is not None else {}),
             },
             "ownerReferences": [

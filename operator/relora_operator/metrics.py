@@ -13,11 +13,12 @@ cannot be: the first of each is still first scraped at 1.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import get_args
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from relora_operator import __version__, observe
+from relora_api.status import AdapterMigrationStatus, AdapterPhase, Reason
+from relora_operator import __version__, planner
 
 PREFIX = "relora"
 SECONDS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
@@ -56,16 +57,16 @@ RECONCILE_SECONDS = Histogram(
 )
 BUILD_INFO = Gauge(f"{PREFIX}_build_info", "Build information (always 1).", ["version"])
 
-PHASES = ("Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended")
+PHASES: tuple[AdapterPhase, ...] = get_args(AdapterPhase)
 
 # The `result` label of a finished migration and of a finished adapter, by final phase.
-MIGRATION_RESULTS = {phase: phase.lower() for phase in observe.FINAL}
+MIGRATION_RESULTS = {phase: phase.lower() for phase in planner.FINAL}
 ADAPTER_RESULTS = {"Succeeded": "ready", "Failed": "failed"}
 
 # The labelled counters' series known before anything happened, created at 0 by serve().
 KNOWN_SERIES: tuple[tuple[Counter, dict[str, str]], ...] = (
     *((MIGRATIONS, {"result": result}) for result in MIGRATION_RESULTS.values()),
-    (JOBS_FINISHED, {"result": ADAPTER_RESULTS["Succeeded"], "reason": observe.READY}),
+    (JOBS_FINISHED, {"result": ADAPTER_RESULTS["Succeeded"], "reason": Reason.READY.value}),
 )
 
 
@@ -79,22 +80,23 @@ def serve(port: int) -> None:
         start_http_server(port)
 
 
-def record_transitions(old: dict[str, Any], new: dict[str, Any]) -> None:
+def record_transitions(old: AdapterMigrationStatus, new: AdapterMigrationStatus) -> None:
     """Count what changed between the status last written and the new one."""
-    before = {a["name"]: a for a in old.get("adapters") or []}
-    for adapter in new.get("adapters") or []:
-        previous = before.get(adapter["name"], {})
-        if adapter["phase"] in observe.FINAL and previous.get("phase") != adapter["phase"]:
-            result = ADAPTER_RESULTS[adapter["phase"]]
-            JOBS_FINISHED.labels(result=result, reason=adapter.get("reason", "")).inc()
-            seconds = (adapter.get("result") or {}).get("timeToReadinessSeconds")
-            if adapter["phase"] == "Succeeded" and seconds is not None:
+    before = {a.name: a for a in old.adapters or []}
+    for adapter in new.adapters or []:
+        previous = before.get(adapter.name)
+        was = previous.phase if previous is not None else None
+        if adapter.phase in planner.FINAL and was != adapter.phase:
+            result = ADAPTER_RESULTS[adapter.phase]
+            JOBS_FINISHED.labels(result=result, reason=adapter.reason or "").inc()
+            seconds = adapter.result.time_to_readiness_seconds if adapter.result else None
+            if adapter.phase == "Succeeded" and seconds is not None:
                 TIME_TO_READINESS.observe(seconds)
-        retries = adapter.get("attempts", 0) - max(previous.get("attempts", 0), 1)
+        retries = adapter.attempts - max(previous.attempts if previous is not None else 0, 1)
         if retries > 0:
             JOBS_RETRIED.inc(retries)
-    if new.get("phase") in observe.FINAL and old.get("phase") != new["phase"]:
-        MIGRATIONS.labels(result=MIGRATION_RESULTS[new["phase"]]).inc()
+    if new.phase in planner.FINAL and old.phase != new.phase:
+        MIGRATIONS.labels(result=MIGRATION_RESULTS[new.phase]).inc()
 
 
 def set_phases(counts: dict[str, int]) -> None:

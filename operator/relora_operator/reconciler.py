@@ -1,4 +1,4 @@
-"""Reconcile AdapterMigrations from what the watches brought: observe.observe, then act.
+"""Reconcile AdapterMigrations from what the watches brought: planner.plan, then act.
 
 - The migration's body comes from its watch event (Kopf's; or a list, or the answer to the
   operator's own status write: relora_operator.migrations); its Jobs and pods from the cache
@@ -17,8 +17,10 @@
   Pending, Queued, Suspended and finished migrations have none. A failed reconciliation is
   retried with backoff.
 - A Job says which generation of the spec it was made of: only a Job of another generation
-  needs the pod template's hash of the current spec (computed once per generation) to tell
-  whether it is stale.
+  needs the pod template's hash of the current spec (computed once per generation, from the
+  pod templates alone) to tell whether it is stale.
+- The status is read into its models (planner.read_status), planned as models, and turned into
+  its wire form once, to compare it with the stored one and to send it.
 - Progress: a running pod's log is read incrementally (``sinceSeconds`` since the last read,
   ``tailLines``, ``limitBytes``), every ``progress_seconds`` at most, and less often as more pods
   run (``LOG_READS_PER_SECOND`` in all).
@@ -42,8 +44,16 @@ from urllib3.exceptions import HTTPError
 
 from relora_api import contract, times, validation
 from relora_api.spec import AdapterMigrationSpec
-from relora_api.status import MAX_MESSAGE, AdapterProgress
-from relora_operator import cache, job_builder, metrics, migrations, naming, observe, watching
+from relora_api.status import (
+    MAX_MESSAGE,
+    AdapterMigrationStatus,
+    AdapterProgress,
+    Condition,
+    ConditionStatus,
+    ConditionType,
+    Reason,
+)
+from relora_operator import cache, job_builder, metrics, migrations, naming, planner, watching
 from relora_operator.kube import Kube
 from relora_operator.migrations import MigrationState
 from relora_operator.poker import Poker
@@ -272,7 +282,7 @@ class Operator:
         body = state.body
         meta = body["metadata"]
         name, namespace, uid = state.name, state.namespace, state.uid
-        status = dict(body.get("status") or {})
+        stored_status = dict(body.get("status") or {})
         if meta.get("deletionTimestamp"):
             state.unsent.clear()
             self.poker.schedule(uid, None)
@@ -290,7 +300,8 @@ class Operator:
         progress = await self._progress(state, jobs, pods, every)
         if self.registry.get(uid) is not state:
             return  # found gone meanwhile
-        migration = observe.Migration(
+        status = planner.read_status(stored_status)
+        migration = planner.Migration(
             name, namespace, uid, state.generation, spec, status, self.seal_key
         )
         now = datetime.datetime.now(datetime.UTC)
@@ -299,7 +310,7 @@ class Operator:
             if any(_generation(job) != state.generation for job in jobs)
             else {}  # every Job is of this generation's spec: none can be stale
         )
-        new_status, actions = observe.observe(
+        new_status, actions = planner.plan(
             migration, jobs, pods, progress, now, strays, templates, every
         )
         if actions.create and not confirmed and _made_before(status, actions):
@@ -332,7 +343,7 @@ class Operator:
             pods, strays = pods_by_job(jobs, all_pods)
             made = dataclasses.replace(migration, status=new_status)
             first = actions.events
-            new_status, actions = observe.observe(
+            new_status, actions = planner.plan(
                 made, jobs, pods, progress, now, strays, templates, every
             )
             actions.create, actions.events = [], first + actions.events
@@ -347,9 +358,10 @@ class Operator:
         for job_name, seconds in actions.ttl:
             ttl = {"spec": {"ttlSecondsAfterFinished": seconds}}
             await self.kube.patch_job(namespace, job_name, ttl)
-        if new_status != status:
-            state.written = migrations.digest(new_status)
-            stored = await self.kube.patch_status(namespace, name, new_status)
+        wire = new_status.to_wire()
+        if wire != stored_status:
+            state.written = migrations.digest(wire)
+            stored = await self.kube.patch_status(namespace, name, wire)
             generation = state.generation
             state.offer(stored, time.monotonic())
             metrics.record_transitions(status, new_status)
@@ -358,24 +370,24 @@ class Operator:
                 self.poker.poke(uid)  # changed while this reconciliation ran
         state.unsent.extend(actions.events)
         await self._send_events(state)
-        self.registry.count(state, new_status)
+        self.registry.count(state, wire)
         metrics.set_phases(self.registry.totals)
         self.poker.schedule(uid, actions.requeue_after)
         later = actions.requeue_after
-        if new_status.get("phase") in observe.FINAL or (later is not None and later > IDLE):
+        if new_status.phase in planner.FINAL or (later is not None and later > IDLE):
             state.release()  # not reconciled again soon: its parsed spec goes
 
     def _templates(self, state: MigrationState, spec: AdapterMigrationSpec) -> dict[str, str]:
         return {
             adapter.name: job_builder.template_hash(
-                job_builder.build_job(
+                job_builder.pod_template(
                     name=state.name,
                     namespace=state.namespace,
                     uid=state.uid,
                     spec=spec,
                     adapter=adapter,
                     settings=self.settings,
-                )["spec"]["template"]
+                )
             )
             for adapter in spec.adapters
         }
@@ -398,34 +410,37 @@ class Operator:
             problems = "; ".join(str(problem) for problem in found)[:MAX_MESSAGE]
         else:
             problems = str(error)[:MAX_MESSAGE]
-        condition = {
-            "status": "True",
-            "reason": "InvalidSpec",
-            "message": problems,
-            "observedGeneration": generation,
-            "lastTransitionTime": times.stamp(times.now()),
-        }
-        conditions: list[Obj] = [
-            {**condition, "type": "Ready", "status": "False"},
-            {**condition, "type": "Failed"},
-            {**condition, "type": "Stalled"},
+        since = times.whole_seconds(times.now())
+
+        def condition(kind: ConditionType, status: ConditionStatus) -> Condition:
+            return Condition(
+                type=kind,
+                status=status,
+                reason=Reason.INVALID_SPEC,
+                message=problems,
+                observed_generation=generation,
+                last_transition_time=since,
+            )
+
+        conditions = [
+            condition("Ready", "False"),
+            condition("Failed", "True"),
+            condition("Stalled", "True"),
         ]
-        status: Obj = {
-            "observedGeneration": generation,
-            "phase": "Failed",
-            "conditions": conditions,
-        }
+        status = AdapterMigrationStatus(
+            observed_generation=generation, phase="Failed", conditions=conditions
+        ).to_wire()
         old = body.get("status") or {}
         if {k: v for k, v in old.items() if k != "conditions"} != {
             k: v for k, v in status.items() if k != "conditions"
         } or [c.get("message") for c in old.get("conditions", [])] != [
-            c["message"] for c in conditions
+            c["message"] for c in status["conditions"]
         ]:
             stored = await self.kube.patch_status(state.namespace, state.name, status)
             state.written = migrations.digest(status)
             state.offer(stored, time.monotonic())
             await self.kube.event(
-                state.namespace, state.name, state.uid, "Warning", "InvalidSpec", problems
+                state.namespace, state.name, state.uid, "Warning", Reason.INVALID_SPEC, problems
             )
         self.poker.schedule(state.uid, None)
 
@@ -438,7 +453,7 @@ class Operator:
     ) -> dict[str, AdapterProgress]:
         """Live progress from each running trainer pod's log, read at most every ``every``
         seconds, only what was written since the last read."""
-        running = observe.running_pods(jobs, pods)
+        running = planner.running_pods(jobs, pods)
         clock = time.monotonic()
         for pod in [p for p in state.log_read if p not in running.values()]:
             del state.log_read[pod]
@@ -492,10 +507,13 @@ def _generation(job: Obj) -> int | None:
     return int(value) if str(value).isdigit() else None
 
 
-def _made_before(status: Mapping[str, Any], actions: observe.Actions) -> bool:
+def _made_before(status: AdapterMigrationStatus, actions: planner.Actions) -> bool:
     """Whether an adapter to be given a Job had one before (the status names its Job)."""
-    entries = {a.get("name"): a for a in status.get("adapters") or []}
-    return any("jobName" in (entries.get(a.name) or {}) for a in actions.create)
+    entries = {a.name: a for a in status.adapters or []}
+    return any(
+        (entry := entries.get(a.name)) is not None and entry.job_name is not None
+        for a in actions.create
+    )
 
 
 def pods_by_job(jobs: list[Obj], pods: list[Obj]) -> tuple[dict[str, list[Obj]], list[Obj]]:

@@ -1,5 +1,5 @@
 -- Argo CD health check for relora.dev/AdapterMigration, in the order the operator's status
--- is meant to be read (conditions as written by relora_operator/observe.py):
+-- is meant to be read (conditions as written by relora_operator/planner.py):
 --   generation != status.observedGeneration   -> Progressing (the operator has not caught up)
 --   Suspended condition True                   -> Suspended
 --   Failed or Stalled condition True           -> Degraded
