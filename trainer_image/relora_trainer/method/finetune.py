@@ -7,6 +7,16 @@ stops the run as soon as the readiness target is met (with ``stopWhenReady: fals
 budget runs and the first evaluation that met the target is still recorded), and a checkpoint
 every ``checkpointEvery`` steps. The batch order is a pure function of (seed, step) and the RNG
 state is checkpointed, so a resumed run continues exactly where the interrupted one left off.
+
+Data-parallel (``world``: several workers under torch.distributed, each holding a full replica):
+the batch of a step stays the global batch of ``batchSize`` examples whatever the number of
+workers; each worker computes the gradient of its share (:meth:`World.shard`) with the loss
+divided by the labelled tokens of the *whole* batch (summed over the workers), so the sum of the
+workers' gradients (all-reduced) is the single-process gradient of the batch; every worker then
+adds the regularizer's gradient, clips and steps identically, and the replicas stay equal.
+Evaluations are computed by every worker and rank 0's result taken by all (the same history and
+the same readiness step everywhere); rank 0 alone writes checkpoints, the others wait for it at
+a barrier; a resume reads them on every worker.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from peft import PeftModel
 
 from relora_trainer.adapters import trainable
 from relora_trainer.data import IGNORE_INDEX, Encoded, Encoder, Example
+from relora_trainer.distributed import World
 from relora_trainer.method import distillation, regularization
 from relora_trainer.method.config import FinetuneConfig, RegularizationConfig
 from relora_trainer.method.quality import Quality, completion_logits, measure
@@ -136,19 +147,29 @@ def backward(
     device: torch.device,
     teacher: distillation.TeacherRows | None = None,
     weight: float = 0.0,
+    tokens: int | None = None,
 ) -> None:
     """The gradient of one step's task loss (the mean over all its labelled tokens), computed
     ``micro_batch`` examples at a time and accumulated: the same gradient as the whole batch at
     once, with the activations of a micro-batch only. ``teacher``: the examples' teacher rows
-    (in the same order) for the distillation term of ``weight``."""
+    (in the same order) for the distillation term of ``weight``. ``tokens``: the labelled
+    tokens the loss is divided by (default: these examples'; a worker's share of a batch: the
+    whole batch's)."""
     starts = range(0, len(examples), micro_batch)
     batches = [encoder.batch(examples[start : start + micro_batch], device) for start in starts]
-    tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    if tokens is None:
+        tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
     for start, batch in zip(starts, batches, strict=True):
         rows = None if teacher is None else teacher[start : start + micro_batch]
         with autocast(device):
             loss = task_loss(model, batch, tokens=max(tokens, 1), teacher=rows, weight=weight)
         loss.backward()
+
+
+def labelled_tokens(examples: Sequence[Encoded]) -> int:
+    """The tokens the loss of ``examples`` covers, as :func:`backward` counts them in its batches:
+    every completion token but one at the very start of a sequence (nothing predicts it)."""
+    return sum(len(e.completion_ids) - (1 if not e.prompt_ids else 0) for e in examples)
 
 
 EVALUATION_BATCH = 64
@@ -218,23 +239,33 @@ def train_step(
     penalty: Callable[[], torch.Tensor] | None = None,
     teacher: distillation.Teacher | None = None,
     distill_weight: float = 0.0,
+    world: World | None = None,
 ) -> None:
     """One optimizer step on the batch of ``step``: the task loss's gradient (plus
     ``distill_weight`` times the distillation term toward ``teacher``) accumulated over
     micro-batches (redone smaller if memory runs out), ``penalty`` (the regularizer) added
-    once, the gradient norm clipped to 1."""
+    once, the gradient norm clipped to 1. With a distributed ``world``: this worker's share of
+    the batch, its loss divided by the whole batch's labelled tokens, the gradients summed over
+    the workers before the regularizer's is added (on every worker, once)."""
     picked = batch_indices(step=step, size=len(train), batch_size=batch_size, seed=seed)
+    shared = world is not None and world.distributed
+    if world is not None and shared:
+        picked = world.shard(picked)
     encoded = [encoder.encode(train[i].prompt, train[i].completion) for i in picked]
     reset = functools.partial(optimizer.zero_grad, set_to_none=True)
     reset()
     distilling: dict[str, Any] = {}
     if teacher is not None and distill_weight > 0:
         distilling = {"teacher": teacher.rows(picked), "weight": distill_weight}
+    if world is not None and shared:
+        distilling["tokens"] = max(world.sum(labelled_tokens(encoded)), 1)
     work = functools.partial(micro.backward, model, encoder, encoded, device=device, **distilling)
     micro.run(work, reset)
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    if world is not None and shared:
+        world.all_reduce_gradients(parameters)
     if penalty is not None:
         penalty().backward()
-    parameters = [p for group in optimizer.param_groups for p in group["params"]]
     torch.nn.utils.clip_grad_norm_(parameters, 1.0)
     optimizer.step()
 
@@ -303,6 +334,42 @@ class _Checkpoints:
         os.replace(partial, self.path)
 
 
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def _fork_worker_rng(world: World) -> None:
+    """Workers other than rank 0 draw their own random numbers (dropout masks) from here on:
+    the seed in use, offset by the rank."""
+    if world.rank > 0:
+        torch.manual_seed((torch.initial_seed() + 1_000_003 * world.rank) % 2**63)
+
+
+def _restore_worker_rng(world: World, saved: dict[str, Any], device: torch.device) -> None:
+    """This worker's RNG as checkpointed (rank 0's is already set); a checkpoint of another
+    number of workers (or of one): rank 0's state, forked."""
+    states = saved.get("worker_rng")
+    if states is None or len(states) != world.size:
+        _fork_worker_rng(world)
+        return
+    mine = states[world.rank]
+    torch.set_rng_state(mine["cpu"])
+    if mine["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(mine["cuda"], device)
+
+
+def _agree(world: World, saved: dict[str, Any] | None) -> None:
+    """Every worker read the same checkpoint (or none): a worker that could not see or read
+    the file rank 0 read (a folder not shared between nodes, a torn file) fails them all."""
+    steps = world.gather(None if saved is None else int(saved["outcome"]["steps"]))
+    if len(set(steps)) > 1:
+        raise RuntimeError(
+            "the workers read different checkpoints (steps by rank: "
+            f"{steps}): the state folder must be one folder all of them see"
+        )
+
+
 def finetune(
     *,
     model: PeftModel,
@@ -321,9 +388,16 @@ def finetune(
     micro: MicroBatch | None = None,
     on_checkpoint: Callable[[], None] | None = None,
     teacher: distillation.Teacher | None = None,
+    world: World | None = None,
 ) -> FinetuneOutcome:
     """Train the adapter parameters of ``model`` from their current values until ready or budget.
-    With ``config.distillation.weight`` > 0, ``teacher`` (over ``train``) is required."""
+    With ``config.distillation.weight`` > 0, ``teacher`` (over ``train``) is required.
+
+    ``world``: data-parallel workers (see the module's docstring); every worker calls this with
+    the same arguments (``teacher`` over all of ``train``; ``state_dir`` one folder all of them
+    read). The adapter parameters start from rank 0's values. ``on_step`` is called on every
+    worker, with the same evaluations; ``on_checkpoint`` on rank 0 only, before the others go
+    on. None (or a world of one): this process alone, no collective."""
     distill_weight = config.distillation.weight
     if distill_weight > 0 and config.max_steps > 0:
         if teacher is None:
@@ -334,12 +408,17 @@ def finetune(
                 f"{len(train)}"
             )
     parameters = trainable(model)
+    workers = world if world is not None and world.distributed else None
+    if workers is not None:  # replicas start equal, whatever each worker's initialization
+        workers.broadcast_(list(parameters.values()))
     anchors = {n: p.detach().clone() for n, p in parameters.items()}
     optimizer = torch.optim.AdamW(parameters.values(), lr=config.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(config.max_steps))
     outcome = FinetuneOutcome()
     checkpoints = _Checkpoints(state_dir)
     saved = checkpoints.load()
+    if workers is not None:
+        _agree(workers, saved)
     if saved is not None:
         with torch.no_grad():
             for name, value in saved["parameters"].items():
@@ -352,6 +431,10 @@ def finetune(
             torch.cuda.set_rng_state_all(saved["cuda_rng"])
         outcome = FinetuneOutcome(**{**saved["outcome"], "history": []})
         outcome.history = [Evaluation(**e) for e in saved["outcome"]["history"]]
+        if workers is not None:
+            _restore_worker_rng(workers, saved, device)
+    elif workers is not None:
+        _fork_worker_rng(workers)
     if micro is None:
         micro = MicroBatch(config.micro_batch_size or config.batch_size, batch=config.batch_size)
     if outcome.micro_batch is not None:  # a resumed run that had to shrink: not again
@@ -378,6 +461,8 @@ def finetune(
         evaluation = Evaluation(
             step, clock(), quality.loss, quality.accuracy, quality.value(target.metric)
         )
+        if workers is not None:  # rank 0's numbers: the same readiness decision everywhere
+            evaluation = workers.broadcast(evaluation)
         outcome.history.append(evaluation)
         if target.met(evaluation.quality) and outcome.ready_step is None:
             outcome.ready_step, outcome.ready_seconds = step, evaluation.seconds
@@ -411,6 +496,7 @@ def finetune(
             penalty=functools.partial(_pull, lam, parameters, anchors) if lam > 0 else None,
             teacher=teacher,
             distill_weight=distill_weight,
+            world=workers,
         )
         if micro.size < config.batch_size:
             outcome.micro_batch = micro.size
@@ -422,8 +508,11 @@ def finetune(
         if done % config.eval_every == 0 or done == config.max_steps:
             evaluation = evaluate(done)
         if done % config.checkpoint_every == 0 and done < config.max_steps and not stopped():
-            checkpoints.save(
-                {
+            ranks = None
+            if workers is not None:  # each worker's RNG (dropout), for an exact resume
+                ranks = workers.gather(_rng_state(device))
+            if workers is None or workers.is_main:
+                state = {
                     "parameters": {n: p.detach().cpu() for n, p in parameters.items()},
                     "anchors": {n: a.cpu() for n, a in anchors.items()},
                     "optimizer": optimizer.state_dict(),
@@ -432,9 +521,13 @@ def finetune(
                     "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
                     "outcome": asdict(outcome),
                 }
-            )
-            if on_checkpoint is not None:
-                on_checkpoint()
+                if ranks is not None:
+                    state["worker_rng"] = ranks
+                checkpoints.save(state)
+                if on_checkpoint is not None:
+                    on_checkpoint()
+            if workers is not None:  # a checkpoint counts once written (and kept) in full
+                workers.barrier()
         if on_step is not None:
             on_step(done, evaluation)
     return outcome

@@ -1,0 +1,283 @@
+"""Data-parallel fine-tuning (torch.distributed, gloo on the CPU): two workers with a global batch
+take the same steps as one process, stop at the same readiness step, and resume from rank 0's
+checkpoint; alone (no launcher's environment), nothing distributed happens.
+
+The workers are spawned processes (torch.multiprocessing) given a torchrun-style environment.
+Training data with completions of one to three tokens: the two workers' shares of a batch hold
+different numbers of labelled tokens, so weighting the workers by examples instead of tokens
+would not give the single-process gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from peft import LoraConfig
+from torch.multiprocessing.spawn import spawn
+
+from relora_api.spec import Distillation, Finetune, Regularization
+from relora_trainer import adapters, models
+from relora_trainer.data import IGNORE_INDEX, Encoded, Encoder, Example, read_jsonl
+from relora_trainer.distributed import ENVIRONMENT, World
+from relora_trainer.method import distillation
+from relora_trainer.method.config import FinetuneConfig, RegularizationConfig
+from relora_trainer.method.finetune import Target, finetune, labelled_tokens
+
+CPU = torch.device("cpu")
+WORKERS = 2
+TOLERANCE = 1e-5
+"""Parameters of 1 vs 2 workers after 6 AdamW steps: the same gradient up to float summation
+order (two partial sums all-reduced instead of one sum; another micro-batch split), ~1e-8 per
+step, which Adam's normalization can enlarge where a gradient is near zero; 1e-5 is far below
+what one step moves a parameter (~lr = 5e-3) and far above the rounding seen."""
+
+
+class Crash(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Job:
+    """One fine-tuning run, the same on every worker (picklable for the spawned workers)."""
+
+    toy: Any
+    config: dict[str, Any]
+    out: Path
+    dropout: float = 0.0
+    target: tuple[str, float] = ("accuracy", 2.0)
+    teacher: Path | None = None
+    state: Path | None = None
+    crash_after: int | None = None
+
+
+def _train(toy: Any) -> list[Example]:
+    """64 training examples whose completions have one to three tokens."""
+    train = read_jsonl(toy.split("train"), what="train")[:64]
+    return [
+        Example(e.prompt, e.completion + "".join(train[n - j].completion for j in range(n % 3)))
+        for n, e in enumerate(train)
+    ]
+
+
+def _encoder(toy: Any) -> Encoder:
+    return Encoder(models.load_tokenizer(toy.v2, toy.v1))
+
+
+def _model(toy: Any, base: Path, dropout: float) -> Any:
+    old = adapters.read_adapter(toy.adapter, what="adapter")
+    lora = LoraConfig(**{**old.config.to_dict(), "lora_dropout": dropout, "inference_mode": False})
+    torch.manual_seed(0)
+    model = adapters.attach(models.load_model(base, what="base", device=CPU), lora)
+    adapters.load_factors(model, old.factors)
+    return model
+
+
+def _run(job: Job, world: World | None) -> dict[str, Any]:
+    """``job`` on this process (``world``: its place among the workers): the outcome (None when
+    it crashed as asked) and the adapter parameters after it."""
+    model = _model(job.toy, job.toy.v2, job.dropout)
+    train = _train(job.toy)
+    teacher = None
+    if job.teacher is not None:
+        teacher = distillation.Teacher.of_state(torch.load(job.teacher, weights_only=True))
+
+    def crash(step: int, evaluation: object) -> None:
+        if step == job.crash_after:
+            raise Crash
+
+    outcome = None
+    with contextlib.suppress(Crash):
+        outcome = finetune(
+            model=model,
+            encoder=_encoder(job.toy),
+            train=train,
+            validation=read_jsonl(job.toy.split("validation"), what="validation")[:32],
+            choices=sorted({e.completion for e in read_jsonl(job.toy.split("train"), what="t")}),
+            config=FinetuneConfig.of(Finetune(**job.config)),
+            regularize=RegularizationConfig.of(
+                Regularization(schedule="step", strength=1.0, relaxed_strength=0.1)
+            ),
+            target=Target(*job.target),
+            seed=0,
+            device=CPU,
+            state_dir=job.state,
+            on_step=crash if job.crash_after is not None else None,
+            teacher=teacher,
+            world=world,
+        )
+    weights = {n: p.detach().clone() for n, p in adapters.trainable(model).items()}
+    return {"outcome": None if outcome is None else asdict(outcome), "weights": weights}
+
+
+def _worker(rank: int, size: int, port: int, jobs: list[Job]) -> None:
+    """A spawned worker: the environment torchrun would give it, then the jobs in turn."""
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(size),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)  # two workers on a small machine
+    from relora_trainer import local_run
+
+    local_run.quiet_libraries()
+    world = World.from_env(timeout=timedelta(seconds=120))  # a hang fails instead
+    assert world.size == size and world.rank == rank and dist.is_initialized()
+    try:
+        for job in jobs:
+            job.out.mkdir(parents=True, exist_ok=True)
+            torch.save(_run(job, world), job.out / f"rank{rank}.pt")
+    finally:
+        world.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _launch(jobs: list[Job]) -> list[list[dict[str, Any]]]:
+    """The jobs on WORKERS spawned workers; per job, each rank's result."""
+    spawn(_worker, args=(WORKERS, _free_port(), jobs), nprocs=WORKERS, join=True)
+    return [
+        [torch.load(job.out / f"rank{r}.pt", weights_only=False) for r in range(WORKERS)]
+        for job in jobs
+    ]
+
+
+def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[n] - b[n]).abs().max()) for n in a)
+
+
+@pytest.fixture(scope="module")
+def teacher_file(toy: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The old adapter on v1 as the teacher of the training data, saved for the workers."""
+    teacher = distillation.compute(
+        _model(toy, toy.v1, 0.0), _encoder(toy), _train(toy), top_k=4, device=CPU
+    )
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.save(teacher.to_state(), path)
+    return path
+
+
+READY_AT_6 = ("loss", 3.45)
+"""Validation loss at steps 0/3/6/9 of the config below on the toy world: ~3.61/3.49/3.42/3.40."""
+
+
+def test_two_workers_take_the_steps_of_one_process(
+    toy: Any, teacher_file: Path, tmp_path: Path
+) -> None:
+    """Global batch 8 (4 + 4 examples of different token counts; micro-batches of 3 on the
+    workers, the whole batch at once alone), regularization and distillation on, an evaluation
+    every 3 steps, stopping when ready: the same steps, readiness step, history and parameters
+    as one process, and both workers' parameters identical."""
+    config = {
+        "max_steps": 9,
+        "batch_size": 8,
+        "eval_every": 3,
+        "learning_rate": 5e-3,
+        "distillation": Distillation(weight=1.0, top_k=4),
+    }
+    alone_job = Job(toy, config, tmp_path / "alone", target=READY_AT_6, teacher=teacher_file)
+    alone = _run(alone_job, None)
+    split = Job(
+        toy,
+        {**config, "micro_batch_size": 3},
+        tmp_path / "split",
+        target=READY_AT_6,
+        teacher=teacher_file,
+    )
+    [ranks] = _launch([split])
+    one = alone["outcome"]
+    assert one["ready_step"] == 6 and one["steps"] == 6, "the target is met at step 6, not before"
+    for result in ranks:
+        two = result["outcome"]
+        assert (two["steps"], two["ready_step"]) == (one["steps"], one["ready_step"])
+        assert [e["step"] for e in two["history"]] == [0, 3, 6]
+        losses = [e["loss"] for e in two["history"]]
+        assert losses == pytest.approx([e["loss"] for e in one["history"]], rel=1e-5)
+    assert ranks[0]["outcome"]["history"] == ranks[1]["outcome"]["history"]
+    assert _max_difference(ranks[0]["weights"], ranks[1]["weights"]) == 0.0, "replicas equal"
+    difference = _max_difference(ranks[0]["weights"], alone["weights"])
+    print(f"max |1 worker - 2 workers| over the LoRA parameters: {difference:.3g}")
+    assert difference <= TOLERANCE
+    start = _run(Job(toy, {**config, "max_steps": 0}, tmp_path / "start"), None)
+    moved = _max_difference(start["weights"], alone["weights"])
+    assert moved > 100 * TOLERANCE, "the steps moved the parameters: the comparison means something"
+
+
+def test_two_workers_resume_from_the_checkpoint_of_two_workers(toy: Any, tmp_path: Path) -> None:
+    """With dropout (each worker its own masks): a 2-worker run stopped after step 4 (its
+    checkpoint: step 3, written by rank 0) and resumed by a new launch of 2 workers ends where
+    an uninterrupted 2-worker run does."""
+    config: dict[str, Any] = {"max_steps": 6, "batch_size": 8, "eval_every": 3}
+    config.update(checkpoint_every=3, learning_rate=5e-3)
+    whole = Job(toy, config, tmp_path / "whole", dropout=0.2, state=tmp_path / "whole-state")
+    stopped = Job(
+        toy,
+        config,
+        tmp_path / "stopped",
+        dropout=0.2,
+        state=tmp_path / "state",
+        crash_after=4,
+    )
+    [whole_ranks, stopped_ranks] = _launch([whole, stopped])
+    assert all(r["outcome"] is None for r in stopped_ranks)
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["checkpoint.pt"]
+    saved = torch.load(tmp_path / "state" / "checkpoint.pt", weights_only=True)
+    assert saved["outcome"]["steps"] == 3 and len(saved["worker_rng"]) == WORKERS
+    [resumed_ranks] = _launch([Job(toy, config, tmp_path / "resumed", 0.2, state=stopped.state)])
+    for whole_rank, resumed_rank in zip(whole_ranks, resumed_ranks, strict=True):
+        assert resumed_rank["outcome"]["steps"] == whole_rank["outcome"]["steps"] == 6
+        assert [e["step"] for e in resumed_rank["outcome"]["history"]] == [0, 3, 6]
+        difference = _max_difference(resumed_rank["weights"], whole_rank["weights"])
+        print(f"max |resumed - uninterrupted| (2 workers): {difference:.3g}")
+        assert difference <= TOLERANCE
+    assert _max_difference(resumed_ranks[0]["weights"], resumed_ranks[1]["weights"]) == 0.0
+
+
+def test_alone_nothing_is_distributed(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+    world = World.from_env(device=CPU)
+    assert (world.rank, world.size, world.distributed, world.is_main) == (0, 1, False, True)
+    assert not dist.is_initialized(), "no process group for a world of one"
+    grad = torch.ones(3)
+    world.all_reduce_([grad])
+    world.barrier()
+    assert world.broadcast({"a": 1}) == {"a": 1} and world.gather(5) == [5]
+    assert world.sum(7) == 7 and torch.equal(grad, torch.ones(3))
+    assert world.shard([4, 2, 9]) == [4, 2, 9]
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match="MASTER_ADDR"):
+        World.from_env({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_PORT": "1"})
+
+
+def test_shards_split_a_batch_in_rank_order() -> None:
+    batch = [7, 3, 5, 1, 0, 2, 6, 4]
+    for size in (1, 2, 3, 5, 8, 11):
+        shares = [World(rank=r, size=size).shard(batch) for r in range(size)]
+        assert [i for share in shares for i in share] == batch
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_labelled_tokens_count_what_the_loss_covers(toy: Any) -> None:
+    encoder = _encoder(toy)
+    items = [encoder.encode(e.prompt, e.completion) for e in _train(toy)[:6]]
+    items.append(Encoded([], [5, 6, 7]))  # no prompt (nor BOS): nothing predicts the first
+    counted = int((encoder.batch(items, CPU)["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert labelled_tokens(items) == counted
+    assert len({len(i.completion_ids) for i in items}) > 1

@@ -1,0 +1,171 @@
+"""Data-parallel workers under torch.distributed: who this process is among them, and the few
+collectives fine-tuning needs.
+
+A torchrun-style launch (``torchrun --nproc-per-node N``, or a Job per worker) sets RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; :meth:`World.from_env` joins the process
+group from them (gloo on the CPU, nccl on CUDA, each worker on the GPU of its local rank).
+Without them (or with WORLD_SIZE 1) the world is this process alone: no process group is
+created and every collective below returns at once, so single-process code pays nothing.
+
+Every worker holds a full replica of the model (DDP-style); a step's batch is split between
+them with :meth:`World.shard` and their gradients summed with :meth:`World.all_reduce_`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+CPU = torch.device("cpu")
+ENVIRONMENT = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among ``size`` data-parallel workers, and its device."""
+
+    rank: int = 0
+    size: int = 1
+    device: torch.device = CPU
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        device: torch.device | None = None,
+        timeout: timedelta | None = None,
+    ) -> World:
+        """The world a torchrun-style environment describes, its process group joined (when
+        several workers: gloo on the CPU, nccl on CUDA). ``device``: where this worker computes
+        (default: the GPU of its local rank when CUDA is present, else the CPU; alone: cuda when
+        present, else cpu). ValueError when the variables are incomplete or inconsistent."""
+        env = os.environ if environ is None else environ
+        size = int(env.get("WORLD_SIZE", "1") or "1")
+        if size < 1:
+            raise ValueError(f"WORLD_SIZE {size} is not a positive number of workers")
+        if size == 1:
+            alone = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            return cls(rank=0, size=1, device=alone)
+        missing = [name for name in ENVIRONMENT if not env.get(name)]
+        if missing:
+            raise ValueError(f"WORLD_SIZE {size} without {', '.join(missing)}")
+        rank, local_rank = int(env["RANK"]), int(env["LOCAL_RANK"])
+        if not 0 <= rank < size:
+            raise ValueError(f"RANK {rank} outside WORLD_SIZE {size}")
+        if device is None:
+            cuda = torch.cuda.is_available()
+            device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group(
+                backend="nccl" if device.type == "cuda" else "gloo",
+                init_method=f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}",
+                rank=rank,
+                world_size=size,
+                timeout=timeout,
+            )
+        return cls(rank=rank, size=size, device=device, local_rank=local_rank)
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """The worker that writes files and reports (rank 0)."""
+        return self.rank == 0
+
+    def shard(self, indices: Sequence[int]) -> list[int]:
+        """This worker's share of a batch's example indices: a contiguous slice, the shares
+        differing by at most one example, in rank order (their concatenation is ``indices``)."""
+        start = len(indices) * self.rank // self.size
+        end = len(indices) * (self.rank + 1) // self.size
+        return list(indices[start:end])
+
+    def all_reduce_(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Sum each tensor over the workers, in place (every worker ends with the same sums):
+        one collective per (dtype, device), over the tensors flattened together."""
+        if not self.distributed:
+            return
+        groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+        for tensor in tensors:
+            groups.setdefault((tensor.dtype, tensor.device), []).append(tensor)
+        for key in sorted(groups, key=str):  # the same order on every worker
+            members = groups[key]
+            flat = torch.cat([t.reshape(-1) for t in members])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            offset = 0
+            for tensor in members:
+                tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+                offset += tensor.numel()
+
+    def all_reduce_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+        """Sum the parameters' gradients over the workers (a missing gradient counts as zero
+        and is created, so every worker takes part in the same collective)."""
+        if not self.distributed:
+            return
+        grads = []
+        for parameter in parameters:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+            grads.append(parameter.grad)
+        self.all_reduce_(grads)
+
+    def sum(self, value: int) -> int:
+        """An integer summed over the workers."""
+        if not self.distributed:
+            return value
+        device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        total = torch.tensor([value], dtype=torch.long, device=device)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return int(total.item())
+
+    def barrier(self) -> None:
+        """Wait until every worker gets here."""
+        if self.distributed:
+            cuda = self.device.type == "cuda"
+            dist.barrier(device_ids=[self.device.index or 0] if cuda else None)
+
+    def broadcast_(self, tensors: Iterable[torch.Tensor], *, source: int = 0) -> None:
+        """``source``'s values of the tensors, copied in place on every worker."""
+        if not self.distributed:
+            return
+        with torch.no_grad():
+            for tensor in tensors:
+                dist.broadcast(tensor.data, src=source)
+
+    def broadcast(self, value: T, *, source: int = 0) -> T:
+        """``source``'s value (a picklable Python object) on every worker."""
+        if not self.distributed:
+            return value
+        box: list[object] = [value if self.rank == source else None]
+        dist.broadcast_object_list(box, src=source, device=self._object_device)
+        return box[0]  # type: ignore[return-value]
+
+    def gather(self, value: T) -> list[T]:
+        """Every worker's value (picklable), in rank order, on every worker."""
+        if not self.distributed:
+            return [value]
+        boxes: list[object] = [None] * self.size
+        dist.all_gather_object(boxes, value)
+        return boxes  # type: ignore[return-value]
+
+    @property
+    def _object_device(self) -> torch.device | None:
+        return self.device if self.device.type == "cuda" else None
+
+    def close(self) -> None:
+        """Leave the process group (when this world joined one)."""
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
