@@ -12,12 +12,19 @@ check the process), then waits for ``CONTROL/ADAPTER/release``, whose content sa
 ``ready`` (default), ``not-ready``, ``bad-input`` (exit 3) or ``crash`` (exit 1, and the release
 is used up: the retry waits for a new one). CONTROL is $FAKE_TRAINER_CONTROL. Standard library
 only: it starts in ~30 ms.
+
+A worker of a group (WORLD_SIZE > 1, the torchrun environment the operator sets) also writes
+``POD.world.json`` (its RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and meets the others as
+torch.distributed would: rank 0 listens on MASTER_ADDR:MASTER_PORT and every other rank
+connects and says its rank; rank 0 writes the ranks it met to ``POD.group.json``. Only rank 0
+reports the outcome (its termination message); the others end with exit code 0.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -30,6 +37,33 @@ def _outcome(text: str) -> None:
     Path(path).write_text(text)
 
 
+def _meet(rank: int, world: int) -> list[int]:
+    """The rendezvous: the ranks rank 0 met (rank 0), or [] (the others, once connected)."""
+    address = (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+    deadline = time.monotonic() + 60
+    if rank == 0:
+        with socket.socket() as server:
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            server.bind(address)
+            server.listen(world)
+            server.settimeout(60)
+            met = [0]
+            while len(met) < world:
+                connection, _ = server.accept()
+                with connection:
+                    met.append(int(connection.recv(16).decode()))
+            return sorted(met)
+    while True:
+        try:
+            with socket.create_connection(address, timeout=5) as connection:
+                connection.sendall(str(rank).encode())
+                return []
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def main() -> int:
     adapter = os.environ["RELORA_ADAPTER"]
     spec = json.loads(os.environ["RELORA_MIGRATION"])
@@ -38,6 +72,14 @@ def main() -> int:
     folder.mkdir(parents=True, exist_ok=True)
     pod = os.environ.get("HOSTNAME", "pod")
     (folder / f"{pod}.spec.json").write_text(json.dumps(spec))
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        names = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "JOB_COMPLETION_INDEX")
+        seen = {k: os.environ.get(k) for k in names}
+        (folder / f"{pod}.world.json").write_text(json.dumps(seen))
+        met = _meet(rank, world)
+        if rank == 0:
+            (folder / f"{pod}.group.json").write_text(json.dumps(met))
     (folder / f"{pod}.pid").write_text(str(os.getpid()))
     release = folder / "release"
     deadline = time.monotonic() + GIVE_UP_SECONDS
@@ -58,6 +100,8 @@ def main() -> int:
         release.unlink()
         _outcome(json.dumps({"kind": "error", "reason": "InternalError", "message": "boom"}))
         return 1
+    if rank != 0:
+        return 0
     ready = action == "ready"
     spec = json.loads(os.environ["RELORA_MIGRATION"])
     result = {

@@ -38,6 +38,8 @@ CLIENT_CALLS: dict[str, Rule] = {
     "watch_namespaced_pod": ("", "pods", "watch"),
     "create_namespaced_job": ("batch", "jobs", "create"),
     "patch_namespaced_job": ("batch", "jobs", "patch"),
+    "delete_namespaced_job": ("batch", "jobs", "delete"),  # a worker group's restart
+    "create_namespaced_service": ("", "services", "create"),  # a worker group's Service
     "patch_namespaced_custom_object_status": (resource.GROUP, f"{resource.PLURAL}/status", "patch"),
     "read_namespaced_pod_log": ("", "pods/log", "get"),
     "create_namespaced_event": ("", "events", "create"),

@@ -106,6 +106,7 @@ OPERATOR_FIELDS = (
     "active_deadline_seconds",
     "pre_running_deadline_seconds",
     "ttl_seconds_after_finished",
+    "distributed",  # the pods' environment and command say it (RANK, WORLD_SIZE, torchrun)
 )
 """Spec fields the operator applies itself, to the Job or to the status: the trainer has no use
 for them, so it gets their defaults, and changing one leaves the trainer pod's template as is."""

@@ -29,6 +29,17 @@ MAX_SECONDS = 2**31 - 1
 """Bound of every duration in seconds (about 68 years): batch/v1 keeps ttlSecondsAfterFinished
 in an int32, so a larger value would pass admission and then fail every Job creation."""
 
+MAX_WORKERS = 64
+"""Worker pods per adapter (spec.distributed.workers): a data-parallel group larger than this is
+more likely a typo than a plan, and each adapter's Job makes this many pods at once."""
+
+GPU_RESOURCES = ("nvidia.com/gpu", "amd.com/gpu")
+"""Extended resources counted as GPUs in ``spec.resources.limits``: with ``spec.distributed``,
+each worker starts one trainer process per GPU."""
+
+MASTER_PORT = 29500
+"""The port of worker 0's torch.distributed rendezvous (torchrun's default)."""
+
 MAX_LOSS_TARGET = 1000.0
 """Bound of an absolute loss target (a mean cross-entropy in nats; uniform guessing over a
 128k-token vocabulary is about 11.8)."""
@@ -438,6 +449,31 @@ class Output(APIModel):
     )
 
 
+class Distributed(APIModel):
+    """Data-parallel fine-tuning of each adapter over several processes (torch.distributed).
+
+    The GPUs of a worker are the ones ``spec.resources.limits`` asks for (nvidia.com/gpu or
+    amd.com/gpu; none: one CPU process): a worker with one GPU or none is one trainer process,
+    a worker with G > 1 GPUs runs the trainer under torchrun with G processes. The world is
+    workers x G processes; the global batch (finetune.batchSize) is split among them, so the
+    steps taken do not depend on the world's size. Without this field, an adapter's Job is one
+    pod running one process whatever GPUs it has."""
+
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_WORKERS,
+        description=(
+            "Worker pods per adapter, at most 64. More than one makes the adapter's Job an "
+            "Indexed Job of that many pods, admitted and started together (one Kueue workload), "
+            "reachable through a headless Service; a failed worker fails the whole group, which "
+            "is started again from the last checkpoint (backoffLimit restarts of the group). "
+            "The output must then be storage every worker sees (pvc:// on a ReadWriteMany "
+            "claim, or s3://). Default: 1."
+        ),
+    )
+
+
 _CEL_INPUTS = [
     "self.sourceModel.uri",
     "self.targetModel.uri",
@@ -467,7 +503,20 @@ class AdapterMigrationSpec(APIModel):
                         "another output.uri"
                     ),
                     "fieldPath": ".output.uri",
-                }
+                },
+                {
+                    "rule": (
+                        "!has(self.distributed) || !has(self.distributed.workers) || "
+                        "self.distributed.workers <= 1 || "
+                        "self.output.uri.startsWith('pvc://') || "
+                        "self.output.uri.startsWith('s3://')"
+                    ),
+                    "message": (
+                        "distributed.workers > 1 needs an output.uri that every worker sees "
+                        "(pvc:// on a ReadWriteMany claim, or s3://)"
+                    ),
+                    "fieldPath": ".distributed.workers",
+                },
             ]
         }
     )
@@ -512,6 +561,13 @@ class AdapterMigrationSpec(APIModel):
     )
     resources: ResourceRequirements | None = Field(
         default=None, description="Trainer container resources, e.g. limits nvidia.com/gpu: 1."
+    )
+    distributed: Distributed | None = Field(
+        default=None,
+        description=(
+            "Data-parallel training over several workers and GPUs (torch.distributed). "
+            "Default: none, one process in one pod per adapter."
+        ),
     )
     node_selector: Annotated[dict[str, LabelValue], NoNulls] | None = Field(
         default=None, max_length=32, description="Node labels the trainer pods must match."
@@ -576,6 +632,33 @@ class AdapterMigrationSpec(APIModel):
             )
         return adapters
 
+    @field_validator("distributed")
+    @classmethod
+    def _distributable(
+        cls, distributed: Distributed | None, info: ValidationInfo
+    ) -> Distributed | None:
+        """A group of workers needs an output they all see, and whole GPUs to count."""
+        if distributed is None:
+            return None
+        resources = info.data.get("resources")
+        if resources is not None:
+            gpus_per_worker(resources)  # raises on a GPU count that is not a whole number
+        output = info.data.get("output")
+        if distributed.workers > 1 and output is not None:
+            scheme = uris.parse_uri(output.uri).scheme
+            if scheme not in SHARED_SCHEMES:
+                raise ValueError(
+                    f"workers={distributed.workers} needs an output.uri that every worker pod "
+                    f"sees (pvc:// on a ReadWriteMany claim, or s3://), not a {scheme} "
+                    f"({output.uri}): worker 0 writes checkpoints that all workers resume from"
+                )
+        return distributed
+
+    @property
+    def workers(self) -> int:
+        """Worker pods per adapter (1 without ``distributed``)."""
+        return self.distributed.workers if self.distributed is not None else 1
+
     @model_validator(mode="after")
     def _semantics(self) -> AdapterMigrationSpec:
         if self.source_model == self.target_model:
@@ -611,6 +694,28 @@ class AdapterMigrationSpec(APIModel):
                         "inside an input: choose another output.uri"
                     )
         return output
+
+
+SHARED_SCHEMES = ("pvc", "s3")
+"""Output schemes that several pods can see (a plain path is a folder of one pod's machine)."""
+
+
+def gpus_per_worker(resources: ResourceRequirements | None) -> int:
+    """GPUs each worker pod gets: the sum of ``GPU_RESOURCES`` in its limits (0: none).
+
+    Raises ValueError naming the resource when a GPU count is not a whole number."""
+    total = 0
+    for name, value in ((resources.limits if resources else None) or {}).items():
+        if name not in GPU_RESOURCES:
+            continue
+        text = str(value)
+        if not text.isdigit():
+            raise ValueError(
+                f"resources.limits[{name}] must be a whole number of GPUs with distributed, "
+                f"got {text!r}"
+            )
+        total += int(text)
+    return total
 
 
 def _inputs(source: ModelRef, target: ModelRef, adapters: list[Adapter]) -> list[tuple[str, str]]:

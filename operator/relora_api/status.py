@@ -49,6 +49,7 @@ class Reason(StrEnum):
     UNSCHEDULABLE = "Unschedulable"  # a pod not scheduled that gives no reason of its own
     RUNNING = "Running"
     RETRYING = "Retrying"
+    RESTARTING = "Restarting"  # a worker of its group failed: the whole group starts again
     READY = "Ready"  # the reason of every Succeeded adapter
     NOT_READY = "NotReady"  # the trainer ended below its readiness target
     NO_RESULT = "NoResult"  # the trainer ended without reporting an outcome
@@ -164,6 +165,15 @@ class AdapterStatus(StatusModel):
     message: str | None = Field(default=None, max_length=MAX_MESSAGE, description="Detail.")
     job_name: str | None = Field(default=None, max_length=63, description="Its batch/v1 Job.")
     attempts: int = Field(default=0, ge=0, le=MAX_COUNT, description="Pods started for it so far.")
+    restarts: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_COUNT,
+        description=(
+            "Restarts of its worker group (spec.distributed.workers > 1): a failed worker fails "
+            "the group, which starts again from the last checkpoint, at most backoffLimit times."
+        ),
+    )
     progress: AdapterProgress | None = Field(default=None, description="Live progress.")
     result: AdapterResult | None = Field(default=None, description="Final outcome.")
     seal: str | None = Field(

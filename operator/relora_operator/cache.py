@@ -25,7 +25,14 @@ Obj = dict[str, Any]
 KINDS = ("jobs", "pods")
 TOMBSTONE_SECONDS = 60.0
 _LABELS = (naming.MIGRATION_UID, naming.ADAPTER)
-_ANNOTATIONS = (naming.FAILURE, naming.TEMPLATE_HASH, naming.GENERATION)
+# A worker group's Job says its restarts; its pods, their completion index (worker 0's speaks).
+_ANNOTATIONS = (
+    naming.FAILURE,
+    naming.TEMPLATE_HASH,
+    naming.GENERATION,
+    naming.RESTARTS,
+    naming.INDEX,
+)
 _JOB_SPEC = ("suspend", "ttlSecondsAfterFinished")
 
 

@@ -1,4 +1,22 @@
-"""Build the batch/v1 Job that migrates one adapter (a pure function of the spec and settings)."""
+"""Build the batch/v1 Job that migrates one adapter (a pure function of the spec and settings).
+
+With ``spec.distributed`` and a world of more than one process (workers x GPUs per worker):
+
+- one rule for the command: one trainer process per GPU. A worker with one GPU (or none) runs
+  the trainer itself, with the torchrun environment set on the pod (RANK from the pod's
+  completion index, WORLD_SIZE = workers, LOCAL_RANK 0); a worker with G > 1 GPUs runs it under
+  torchrun (``python -m torch.distributed.run --nnodes W --node-rank INDEX --nproc-per-node G``),
+  which sets that environment for each of its G processes. The trainer command must therefore
+  start with the Python interpreter.
+- workers > 1: an Indexed Job (completions = parallelism = workers: Kueue admits the group as
+  one workload, all pods at once) and a headless Service (``service``) whose name is the pods'
+  subdomain, so that worker 0 is ``<job>-0.<service>`` (MASTER_ADDR) for the others. The Job's
+  own backoffLimit is 0: one failed worker fails the Job, and the Job controller stops the
+  others; the operator then makes the Job again (the planner's group restart, at most
+  spec.backoffLimit times), so that the whole group restarts together from the last checkpoint.
+  A Job's per-pod retries would restart the failed worker alone, into a group that no longer
+  waits for it.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +26,64 @@ from typing import Any
 
 from relora_api import contract, uris
 from relora_api.resource import API_VERSION, KIND
-from relora_api.spec import Adapter, AdapterMigrationSpec
+from relora_api.spec import MASTER_PORT, Adapter, AdapterMigrationSpec, gpus_per_worker
 from relora_operator import naming
 from relora_operator.settings import Settings
 
 CONTAINER = "trainer"
+INDEX_ENV = "JOB_COMPLETION_INDEX"  # the Job controller sets it in each pod of an Indexed Job
+
+
+def world(spec: AdapterMigrationSpec) -> tuple[int, int]:
+    """(workers, processes per worker) of each adapter's group: (1, 1) without distributed."""
+    if spec.distributed is None:
+        return 1, 1
+    return spec.distributed.workers, max(gpus_per_worker(spec.resources), 1)
+
+
+def master_address(job: str, workers: int) -> str:
+    """Where worker 0 listens: its hostname in the Service's subdomain, or this pod."""
+    return f"{job}-0.{naming.service_name(job)}" if workers > 1 else "127.0.0.1"
+
+
+def _distributed(
+    container: dict[str, Any], pod_spec: dict[str, Any], spec: AdapterMigrationSpec, job: str
+) -> None:
+    """Make ``container`` one worker of the adapter's group (see the module's docstring)."""
+    workers, processes = world(spec)
+    index: dict[str, Any] = (
+        {"valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{naming.INDEX}']"}}}
+        if workers > 1
+        else {"value": "0"}
+    )
+    env = [
+        {"name": "MASTER_ADDR", "value": master_address(job, workers)},
+        {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
+        {"name": "NODE_RANK", **index},
+    ]
+    if processes == 1:
+        env += [
+            {"name": "RANK", **index},
+            {"name": "WORLD_SIZE", "value": str(workers)},
+            {"name": "LOCAL_RANK", "value": "0"},
+            {"name": "LOCAL_WORLD_SIZE", "value": "1"},
+        ]
+    else:
+        python, *rest = container["command"]
+        container["command"] = [
+            python,
+            "-m",
+            "torch.distributed.run",
+            f"--nnodes={workers}",
+            "--node-rank=$(NODE_RANK)",
+            f"--nproc-per-node={processes}",
+            "--master-addr=$(MASTER_ADDR)",
+            "--master-port=$(MASTER_PORT)",
+            *rest,
+        ]
+    container["env"] = env + container["env"]
+    if workers > 1:
+        pod_spec["subdomain"] = naming.service_name(job)
 
 
 def _claims(spec: AdapterMigrationSpec, adapter: Adapter) -> dict[str, bool]:
@@ -103,6 +174,10 @@ def pod_template(
         "serviceAccountName": spec.service_account_name,
     }
     pod_spec.update({k: v for k, v in optional.items() if v})
+    workers, processes = world(spec)
+    if workers * processes > 1:
+        job = naming.job_name(name, adapter.name, uid, workers)
+        _distributed(container, pod_spec, spec, job)
     labels = naming.job_labels(name, adapter.name, uid, spec.queue_name)
     return {"metadata": {"labels": dict(labels)}, "spec": pod_spec}
 
@@ -116,15 +191,19 @@ def build_job(
     adapter: Adapter,
     settings: Settings,
     generation: int | None = None,
+    restarts: int = 0,
 ) -> dict[str, Any]:
     """The Job manifest for ``adapter`` of the AdapterMigration ``namespace/name`` (made of the
-    spec of ``generation``, if given: a Job of the current generation is not stale)."""
+    spec of ``generation``, if given: a Job of the current generation is not stale; a worker
+    group's Job says how many times the group was restarted before it)."""
     template = pod_template(
         name=name, namespace=namespace, uid=uid, spec=spec, adapter=adapter, settings=settings
     )
     labels = naming.job_labels(name, adapter.name, uid, spec.queue_name)
+    workers = spec.workers
     job_spec: dict[str, Any] = {
-        "backoffLimit": spec.backoff_limit,
+        # A group's retries are the operator's (restarts: see the module's docstring).
+        "backoffLimit": spec.backoff_limit if workers == 1 else 0,
         # Kueue admits a queued Job by unsuspending it; otherwise we mirror spec.suspend.
         "suspend": spec.suspend or spec.queue_name is not None,
         "podFailurePolicy": {
@@ -145,6 +224,8 @@ def build_job(
         },
         "template": template,
     }
+    if workers > 1:
+        job_spec.update(completionMode="Indexed", completions=workers, parallelism=workers)
     if spec.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
     # ttlSecondsAfterFinished is set only once the outcome is recorded in the status.
@@ -152,25 +233,57 @@ def build_job(
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
-            "name": naming.job_name(name, adapter.name, uid),
+            "name": naming.job_name(name, adapter.name, uid, workers),
             "namespace": namespace,
             "labels": labels,
             "annotations": {
                 naming.TEMPLATE_HASH: template_hash(template),
                 **({naming.GENERATION: str(generation)} if generation is not None else {}),
+                **({naming.RESTARTS: str(restarts)} if workers > 1 else {}),
             },
-            "ownerReferences": [
-                {
-                    "apiVersion": API_VERSION,
-                    "kind": KIND,
-                    "name": name,
-                    "uid": uid,
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }
-            ],
+            "ownerReferences": [_owner(name, uid)],
         },
         "spec": job_spec,
+    }
+
+
+def _owner(name: str, uid: str) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def build_service(
+    *, name: str, namespace: str, uid: str, spec: AdapterMigrationSpec, adapter: Adapter
+) -> dict[str, Any] | None:
+    """The headless Service of ``adapter``'s worker group (None: one worker, no Service).
+
+    It selects the adapter's pods (of whichever Job is current) and publishes them before they
+    are ready: worker 0's name resolves as soon as its pod has an address. Owned by the
+    migration like the Job, so it goes with it; it outlives a Job made again for a restart."""
+    if spec.workers == 1:
+        return None
+    job = naming.job_name(name, adapter.name, uid, spec.workers)
+    labels = naming.job_labels(name, adapter.name, uid, None)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": naming.service_name(job),
+            "namespace": namespace,
+            "labels": labels,
+            "ownerReferences": [_owner(name, uid)],
+        },
+        "spec": {
+            "clusterIP": "None",
+            "selector": {naming.MIGRATION_UID: uid, naming.ADAPTER: adapter.name},
+            "publishNotReadyAddresses": True,
+        },
     }
 
 

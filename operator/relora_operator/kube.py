@@ -97,6 +97,10 @@ class _Batch(_Rest):
         path, params = self.JOBS + "/{name}", {"namespace": namespace, "name": name}
         return self._call("PATCH", path, params, body=body, content_type=MERGE_PATCH)
 
+    def delete_namespaced_job(self, name: str, namespace: str, body: dict[str, Any]) -> Any:
+        path, params = self.JOBS + "/{name}", {"namespace": namespace, "name": name}
+        return self._call("DELETE", path, params, body=body)
+
 
 class _Core(_Rest):
     PODS = "/api/v1/namespaces/{namespace}/pods"
@@ -123,6 +127,10 @@ class _Core(_Rest):
         }
         path, params = self.PODS + "/{name}/log", {"namespace": namespace, "name": name}
         return self._call("GET", path, params, {names[k]: v for k, v in query.items()})
+
+    def create_namespaced_service(self, namespace: str, body: dict[str, Any]) -> Any:
+        path = "/api/v1/namespaces/{namespace}/services"
+        return self._call("POST", path, {"namespace": namespace}, body=body)
 
     def create_namespaced_event(self, namespace: str, body: dict[str, Any]) -> Any:
         path = "/api/v1/namespaces/{namespace}/events"
@@ -230,6 +238,31 @@ class Kube:
             if error.status == 409:
                 return None
             raise
+
+    async def create_service(self, namespace: str, body: dict[str, Any]) -> None:
+        """Create a worker group's Service; one that exists already is left as it is."""
+
+        def create() -> None:
+            self.core.create_namespaced_service(namespace, body).drain_conn()
+
+        try:
+            await self.calls.run(CREATE, create)
+        except ApiException as error:
+            if error.status != 409:
+                raise
+
+    async def delete_job(self, namespace: str, name: str) -> None:
+        """Delete a Job and (in the background) its pods; one already gone is no error."""
+
+        def send() -> None:
+            body = {"propagationPolicy": "Background"}
+            self.batch.delete_namespaced_job(name, namespace, body).drain_conn()
+
+        try:
+            await self.calls.run(WRITE, send)
+        except ApiException as error:
+            if error.status != 404:
+                raise
 
     async def patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
         def send() -> None:

@@ -25,11 +25,26 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("/".join(parts).encode()).hexdigest()[:8]
 
 
-def job_name(migration: str, adapter: str, uid: str) -> str:
-    """``<migration>-<adapter>-<hash>``, cut to a 63-character DNS label."""
+RESTARTS = "relora.dev/restarts"  # Job annotation: restarts of the worker group before it
+INDEX = "batch.kubernetes.io/job-completion-index"  # an Indexed Job's pod annotation
+
+
+def job_name(migration: str, adapter: str, uid: str, workers: int = 1) -> str:
+    """``<migration>-<adapter>-<hash>``, cut to a 63-character DNS label; with ``workers`` > 1
+    cut further so that each worker's hostname ``<job>-<index>`` is one too (the API server
+    refuses an Indexed Job whose last hostname would not be). A name that fits is not cut."""
     digest = _digest(migration, adapter, uid)
     stem = f"{migration[:30].rstrip('-.')}-{adapter[:22].rstrip('-')}".rstrip("-.")
+    room = 63 - len(f"-{workers - 1}") if workers > 1 else 63
+    if len(stem) + 1 + len(digest) > room:
+        stem = stem[: room - 1 - len(digest)].rstrip("-.")
     return f"{stem}-{digest}"
+
+
+def service_name(job: str) -> str:
+    """The headless Service of a worker group (Job ``job``): a DNS-1035 label, so it starts with
+    a letter (a migration's name may start with a digit)."""
+    return job if job[:1].isalpha() else f"w{job}"[:63].rstrip("-")
 
 
 def label_value(value: str) -> str:

@@ -9,6 +9,13 @@ deleted gets it again (JobRecreated), once no pod of the old Job still runs a tr
 same output (WaitingForOldPod). A Job made from an older spec (its pod template cannot change)
 goes on, and the adapter's message says so.
 
+A worker group (spec.distributed.workers > 1) is one Indexed Job of several pods: its outcome is
+worker 0's, its live progress worker 0's log, a pending worker holds the whole group (Pending,
+with that worker's reason), and a failed worker fails the Job (its backoffLimit is 0). The
+planner then restarts the group (Restarting: the status counts the restart first, then the Job
+is deleted and made again, so the count survives an operator restart) until spec.backoffLimit
+restarts are spent; the entry names the failed worker by its index.
+
 Typed: the status is made of the models of relora_api.status, with the operator's reasons from
 ``Reason``; the reconciler turns it into its wire form (``to_wire``) only to compare it with the
 stored one and to send it. One adapter's entry is decided by the first of the situations below
@@ -58,10 +65,13 @@ POD_FAILURE_POLICY = "PodFailurePolicy"
 
 # Reasons for something of the operator's deleted behind its back: the message says what.
 AFTER_DELETION = (Reason.JOB_RECREATED, Reason.WAITING_FOR_OLD_POD, Reason.REVERIFYING)
+# Reasons whose message the Ready condition and the events repeat (which worker failed).
+TOLD = (*AFTER_DELETION, Reason.RESTARTING)
 # How long a finished Job waits for its pod's last state before its outcome is taken as lost.
 POD_GRACE_SECONDS = 10.0
 # Reasons kept while a Job has no pod yet, or its pod succeeded and the Job is not yet Complete.
 UNCHANGED = (
+    Reason.RESTARTING,
     Reason.JOB_CREATED,
     Reason.JOB_RECREATED,
     Reason.REVERIFYING,
@@ -89,6 +99,8 @@ class Actions:
     suspend: list[tuple[str, bool]] = field(default_factory=list)  # (job, suspend)
     fail: list[tuple[str, str, str]] = field(default_factory=list)  # (job, reason, message)
     ttl: list[tuple[str, int]] = field(default_factory=list)  # (job, seconds)
+    # Jobs of worker groups to delete once the status (counting the restart) is written.
+    restart: list[str] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     # When to look again with nothing else happening (a pending pod's deadline, the next
     # progress read of a running pod); None: only a change of the objects matters.
@@ -106,6 +118,7 @@ class Actions:
         self.suspend += other.suspend
         self.fail += other.fail
         self.ttl += other.ttl
+        self.restart += other.restart
         self.events += other.events
         if other.requeue_after is not None:
             self.wake(other.requeue_after)
@@ -182,12 +195,37 @@ def _active(pod: Obj) -> bool:
     return (pod.get("status") or {}).get("phase") in ("Pending", "Running")
 
 
+def _index(pod: Obj) -> str | None:
+    """A worker's completion index in its Indexed Job (None: not of an Indexed Job)."""
+    return (pod["metadata"].get("annotations") or {}).get(naming.INDEX)
+
+
+def _leader(pods: list[Obj], phase: str | None = None) -> Obj | None:
+    """The newest pod of worker 0 (of any pod outside an Indexed Job) in ``phase``: the one
+    whose log and termination message speak for the adapter."""
+    return _newest([p for p in pods if _index(p) in (None, "0")], phase)
+
+
+def _restarts(job: Obj | None) -> int:
+    """How many times the group was restarted before ``job`` was made."""
+    value = ((job or {}).get("metadata", {}).get("annotations") or {}).get(naming.RESTARTS, "")
+    return int(value) if str(value).isdigit() else 0
+
+
+def _worker(pod: Obj, workers: int) -> str:
+    """``pod NAME``, or ``worker I (pod NAME)`` in a group."""
+    name = f"pod {pod['metadata']['name']}"
+    index = _index(pod)
+    return f"worker {index} ({name})" if workers > 1 and index is not None else name
+
+
 def running_pods(jobs: list[Obj], pods: dict[str, list[Obj]]) -> dict[str, str]:
-    """Adapter name -> its running pod, whose log tail carries live progress."""
+    """Adapter name -> its running pod (worker 0 in a group), whose log tail carries live
+    progress."""
     result = {}
     for job in jobs:
         adapter = job["metadata"].get("labels", {}).get(naming.ADAPTER)
-        pod = _newest(pods.get(job["metadata"]["name"], []), "Running")
+        pod = _leader(pods.get(job["metadata"]["name"], []), "Running")
         if adapter and pod is not None:
             result[adapter] = pod["metadata"]["name"]
     return result
@@ -249,7 +287,9 @@ def _derive(seen: Seen) -> Decision:
         return _job_suspended(seen)
     if seen.spec.suspend and not seen.spec.queue_name:
         return _suspending(seen)
-    pod = _newest([p for p in seen.pods if _active(p)])
+    active = [p for p in seen.pods if _active(p)]
+    # A pending worker holds its whole group (one pod alone: the same rule).
+    pod = _newest(active, "Pending") or _newest(active)
     if pod is None:
         return _no_pod_active(seen)
     if pod["status"].get("phase") == "Running":
@@ -263,7 +303,9 @@ def _of_job(
     reason: str,
     message: str | None = None,
 ) -> AdapterStatus:
-    """An entry of an adapter whose Job exists: its name, and the pods it started so far."""
+    """An entry of an adapter whose Job exists: its name, the pods it started so far, and the
+    restarts of its worker group before it (if any)."""
+    restarts = _restarts(seen.job)
     return AdapterStatus(
         name=seen.adapter.name,
         job_name=seen.job_name,
@@ -271,6 +313,7 @@ def _of_job(
         phase=phase,
         reason=reason,
         message=message,
+        **({"restarts": restarts} if restarts else {}),
     )
 
 
@@ -281,7 +324,7 @@ def _without_job(seen: Seen) -> Decision:
     if seen.spec.suspend:
         entry = AdapterStatus(name=adapter.name, phase="Suspended", reason=Reason.SUSPENDED)
         return entry, Actions()
-    job_name = naming.job_name(migration.name, adapter.name, migration.uid)
+    job_name = naming.job_name(migration.name, adapter.name, migration.uid, seen.spec.workers)
     old_pod = _newest([p for p in seen.strays if _active(p)])
     if old_pod is not None:  # a Job deleted without its pod (propagation Orphan)
         return _waiting_for_old_pod(seen, job_name, old_pod), Actions()
@@ -307,7 +350,7 @@ def _job_to_make(seen: Seen, job_name: str) -> AdapterStatus:
     """The entry of an adapter whose Job is made now: for the first time, again after it was
     deleted unfinished, or to read a result again (Reverifying, kept until it finishes)."""
     previous = seen.previous
-    if previous is not None and previous.reason == Reason.REVERIFYING:
+    if previous is not None and previous.reason in (Reason.REVERIFYING, Reason.RESTARTING):
         return previous.model_copy(update={"job_name": job_name})
     # An unfinished entry that counts pods (attempts) had its Job seen: someone deleted it.
     if (
@@ -352,7 +395,7 @@ def _waiting_for_last_state(seen: Seen, finished: Obj) -> Decision | None:
 
 def _completed(seen: Seen) -> Decision:
     """The Job is Complete: the outcome its pod reported."""
-    outcome = _outcome(_newest(seen.pods, "Succeeded"))
+    outcome = _outcome(_leader(seen.pods, "Succeeded") or _newest(seen.pods, "Succeeded"))
     if outcome is None or outcome.kind != "result" or outcome.result is None:
         message = "the trainer finished without reporting an outcome"
         return _of_job(seen, "Failed", Reason.NO_RESULT, message), _ttl(seen)
@@ -369,17 +412,80 @@ def _completed(seen: Seen) -> Decision:
 
 
 def _job_failed(seen: Seen, failed: Obj) -> Decision:
-    """The Job failed: its reason, or the trainer's for bad input (not retried)."""
-    outcome = _outcome(_newest(seen.pods, "Failed"))
+    """The Job failed: its reason, or the trainer's for bad input (not retried); a worker
+    group's Job failed by a worker is restarted while restarts are left."""
+    workers = seen.spec.workers
+    culprit = _first_failed(seen.pods) if workers > 1 else _newest(seen.pods, "Failed")
+    outcome = _outcome(culprit)
     reason = failed.get("reason") or Reason.JOB_FAILED
     message = failed.get("message") or ""
-    if outcome is not None and outcome.kind == "error":
+    if workers > 1 and culprit is not None and reason not in (POD_FAILURE_POLICY, DEADLINE):
+        restarted = _restart_group(seen, culprit, outcome)
+        if restarted is not None:
+            return restarted
+        limit = seen.spec.backoff_limit
+        message = (
+            f"{_worker_failure(culprit, workers, outcome)}; the group of {workers} workers was "
+            f"restarted {_restarts(seen.job)} times (backoffLimit {limit})"
+        )
+        reason = BACKOFF_LIMIT
+    elif outcome is not None and outcome.kind == "error":
         if reason == POD_FAILURE_POLICY:
             reason = outcome.reason or Reason.INVALID_INPUT
             message = f"{outcome.message} (bad input: not retried)"
         else:
             message = f"{message}; last attempt: {outcome.message}"
+        if workers > 1 and culprit is not None:
+            message = f"{_worker(culprit, workers)}: {message}"
     return _of_job(seen, "Failed", reason, _cut(message)), _ttl(seen)
+
+
+DEADLINE = "DeadlineExceeded"  # a Job's reason when its activeDeadlineSeconds ran out
+BACKOFF_LIMIT = "BackoffLimitExceeded"  # a Job's reason when its retries are spent
+
+
+def _first_failed(pods: list[Obj]) -> Obj | None:
+    """The failed pod that ended first: the worker whose failure failed the group (the Job
+    controller stops the others after it)."""
+
+    def ended(pod: Obj) -> tuple[str, str]:
+        terminated = _terminated(pod) or {}
+        return (terminated.get("finishedAt") or "~", pod["metadata"].get("creationTimestamp", ""))
+
+    failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
+    return min(failed, key=ended, default=None)
+
+
+def _worker_failure(pod: Obj, workers: int, outcome: contract.Outcome | None) -> str:
+    """``worker I (pod NAME) failed: exit code N[: the trainer's message]``."""
+    terminated = _terminated(pod) or {}
+    text = f"{_worker(pod, workers)} failed"
+    if "exitCode" in terminated:
+        text += f": exit code {terminated['exitCode']}"
+    if outcome is not None and outcome.kind == "error" and outcome.message:
+        text += f": {outcome.message}"
+    return text
+
+
+def _restart_group(seen: Seen, culprit: Obj, outcome: contract.Outcome | None) -> Decision | None:
+    """Restart a failed worker group while restarts are left (None: all spent). The status
+    counts the restart (Restarting, restarts n + 1) before the Job is deleted; a Job still
+    there with fewer restarts than the status counts is one whose deletion was decided."""
+    made, previous = _restarts(seen.job), seen.previous
+    decided = previous.restarts or 0 if previous is not None else 0
+    if previous is not None and previous.reason == Reason.RESTARTING and decided > made:
+        restarts = decided
+    elif made < seen.spec.backoff_limit:
+        restarts = made + 1
+    else:
+        return None
+    workers = seen.spec.workers
+    message = (
+        f"{_worker_failure(culprit, workers, outcome)}; restarting all {workers} workers from "
+        f"the last checkpoint (restart {restarts} of at most {seen.spec.backoff_limit})"
+    )
+    entry = _of_job(seen, "Running", Reason.RESTARTING, _cut(message))
+    return entry.model_copy(update={"restarts": restarts}), Actions(restart=[seen.job_name])
 
 
 def _job_suspended(seen: Seen) -> Decision:
@@ -430,7 +536,7 @@ def _pod_pending(seen: Seen, pod: Obj) -> Decision:
         return _of_job(seen, "Pending", reason, _cut(message)), Actions()
     if waited >= deadline:
         text = (
-            f"pod {pod['metadata']['name']} did not start within "
+            f"{_worker(pod, seen.spec.workers)} did not start within "
             f"preRunningDeadlineSeconds={deadline}: {message}"
         )
         return _of_job(seen, "Failed", reason, _cut(text)), Actions(
@@ -438,6 +544,8 @@ def _pod_pending(seen: Seen, pod: Obj) -> Decision:
         )
     actions = Actions()  # blocked: fails at its deadline unless its pod changes first
     actions.wake(deadline - waited)
+    if seen.spec.workers > 1:
+        message = f"{_worker(pod, seen.spec.workers)}: {message}"
     return _of_job(seen, "Pending", reason, _cut(message)), actions
 
 
@@ -548,7 +656,7 @@ def _describe(adapter: AdapterStatus) -> str:
         text += f" (search trial {trial}/{_or_unknown(progress.trials)})"
     elif progress.stage == "finetune":
         text += f" (step {step}/{_or_unknown(progress.max_steps)})"
-    if adapter.message and (adapter.phase == "Failed" or adapter.reason in AFTER_DELETION):
+    if adapter.message and (adapter.phase == "Failed" or adapter.reason in TOLD):
         text += f": {adapter.message}"
     return text
 

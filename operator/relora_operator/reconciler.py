@@ -323,7 +323,14 @@ class Operator:
             state.offer(fresh, time.monotonic())
             await self._reconcile(state, confirmed=True)
             return
+        planned = {entry.name: entry for entry in new_status.adapters or []}
         for adapter in actions.create:
+            service = job_builder.build_service(
+                name=name, namespace=namespace, uid=uid, spec=spec, adapter=adapter
+            )
+            if service is not None:  # a worker group's: before its pods look for worker 0
+                await self.kube.create_service(namespace, service)
+            entry = planned.get(adapter.name)
             job = job_builder.build_job(
                 name=name,
                 namespace=namespace,
@@ -332,6 +339,7 @@ class Operator:
                 adapter=adapter,
                 settings=self.settings,
                 generation=state.generation,
+                restarts=(entry.restarts or 0) if entry is not None else 0,
             )
             created = await self.kube.create_job(namespace, job)
             if created is not None:  # in the cache now: its watch event may come after its pod's
@@ -368,6 +376,8 @@ class Operator:
             self._observe_queue_wait(state, jobs, pods)
             if state.generation != generation or stored["metadata"].get("deletionTimestamp"):
                 self.poker.poke(uid)  # changed while this reconciliation ran
+        for job_name in actions.restart:  # the restart is counted in the status written above
+            await self.kube.delete_job(namespace, job_name)
         state.unsent.extend(actions.events)
         await self._send_events(state)
         self.registry.count(state, wire)

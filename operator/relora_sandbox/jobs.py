@@ -2,7 +2,11 @@
 its pods as local subprocesses and the fault hooks (relora_sandbox.faults).
 
 Job controller (level-based, like the real one): one pod at a time per Job (completions 1,
-parallelism 1), status active/succeeded/failed and conditions (SuccessCriteriaMet + Complete,
+parallelism 1), or an Indexed Job's pods (completionMode Indexed: one pod per index up to
+parallelism, each with its index in the annotation and label
+batch.kubernetes.io/job-completion-index, the env JOB_COMPLETION_INDEX and the hostname
+``<job>-<index>``; Complete once every index succeeded), status active/succeeded/failed and
+conditions (SuccessCriteriaMet + Complete,
 FailureTarget + Failed with reasons BackoffLimitExceeded, DeadlineExceeded, PodFailurePolicy;
 Suspended), backoffLimit, activeDeadlineSeconds, podFailurePolicy (onExitCodes,
 onPodConditions; FailJob / Ignore / Count), suspend, ttlSecondsAfterFinished.
@@ -25,6 +29,8 @@ from relora_sandbox.kubelet import Kubelet
 from relora_sandbox.server import Emulator
 from relora_sandbox.status import new_condition, write_status
 from relora_sandbox.store import NAME_CHARS, Obj, now
+
+INDEX = "batch.kubernetes.io/job-completion-index"
 
 
 def _has(obj: Obj, type_: str) -> bool:
@@ -170,8 +176,13 @@ class JobRunner(FaultHooks):
         status["active"] = len(active)
         status["ready"] = len([p for p in active if p["status"].get("phase") == "Running"])
         deadline = spec.get("activeDeadlineSeconds")
+        indexed = spec.get("completionMode") == "Indexed"
+        completions = int(spec.get("completions") or 1)
+        done = {i for i in (_pod_index(p) for p in succeeded) if i is not None}
+        if indexed:
+            status["completedIndexes"] = ",".join(str(i) for i in sorted(done))
         outcome: tuple[str, str] | None = None
-        if succeeded:
+        if (len(done) >= completions) if indexed else succeeded:
             outcome = ("Complete", "")
         elif fail_job is not None:
             outcome = ("PodFailurePolicy", fail_job)
@@ -209,7 +220,14 @@ class JobRunner(FaultHooks):
                 conditions.append(new_condition("Failed", "True", *outcome))
             write_status(self.emulator, self.jobs_kind, job, status)
             return
-        if not active:
+        if indexed:
+            running = {_pod_index(p) for p in active}
+            wanted = [i for i in range(completions) if i not in done and i not in running]
+            room = int(spec.get("parallelism") or 1) - len(active)
+            for index in wanted[: max(room, 0)]:
+                self._create_pod(job, index)
+                status["active"] += 1
+        elif not active:
             self._create_pod(job)
             status["active"] = 1
         write_status(self.emulator, self.jobs_kind, job, status)
@@ -235,14 +253,27 @@ class JobRunner(FaultHooks):
                 counted += 1
         return counted, None
 
-    def _create_pod(self, job: Obj) -> None:
+    def _create_pod(self, job: Obj, index: int | None = None) -> None:
         meta, template = job["metadata"], job["spec"]["template"]
         pod_meta = copy.deepcopy(template.get("metadata") or {})
+        pod_spec = copy.deepcopy(template["spec"])
+        labels, annotations = pod_meta.get("labels", {}), pod_meta.get("annotations", {})
+        stem = meta["name"]
+        if index is not None:  # as the real Job controller does for an Indexed Job
+            stem = f"{meta['name']}-{index}"
+            labels[INDEX] = annotations[INDEX] = str(index)
+            pod_spec["hostname"] = stem
+            for container in pod_spec.get("containers") or []:
+                env = container.setdefault("env", [])
+                if not any(v.get("name") == "JOB_COMPLETION_INDEX" for v in env):
+                    path = {"fieldPath": f"metadata.annotations['{INDEX}']"}
+                    variable = {"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": path}}
+                    env.insert(0, variable)
         pod = {
             "metadata": {
-                "name": f"{meta['name']}-{''.join(random.choices(NAME_CHARS, k=5))}",
-                "labels": pod_meta.get("labels", {}),
-                "annotations": pod_meta.get("annotations", {}),
+                "name": f"{stem}-{''.join(random.choices(NAME_CHARS, k=5))}",
+                "labels": labels,
+                "annotations": annotations,
                 "ownerReferences": [
                     {
                         "apiVersion": "batch/v1",
@@ -254,9 +285,14 @@ class JobRunner(FaultHooks):
                     }
                 ],
             },
-            "spec": copy.deepcopy(template["spec"]),
+            "spec": pod_spec,
         }
         self.emulator.create(self.pods_kind, meta["namespace"], pod)
+
+
+def _pod_index(pod: Obj) -> int | None:
+    value = (pod["metadata"].get("annotations") or {}).get(INDEX, "")
+    return int(value) if str(value).isdigit() else None
 
 
 def _stored(store: Any, kind: Kind) -> list[Obj]:

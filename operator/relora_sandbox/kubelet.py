@@ -6,7 +6,14 @@ volume's mountPath (and the terminationMessagePath) in the command, args, env an
 rewritten to those folders, except for an emptyDir mounted over a folder this machine has (e.g.
 /tmp): that one is shared, so that host paths below it (a virtualenv under /tmp) keep working.
 The termination message is read from that file when the process exits; the output goes to the
-pod's log.
+pod's log. ``$(VAR)`` in the command and args is replaced by the container's variable VAR, as
+the kubelet does; fieldRef reads metadata.annotations['KEY'] and metadata.labels['KEY'] too.
+
+No DNS here: every pod runs on 127.0.0.1. A variable whose value names a pod in a Service's
+subdomain (``<host>.<service>[.<namespace>.svc...]``, e.g. an Indexed Job's worker 0 as
+MASTER_ADDR) is rewritten to 127.0.0.1; and since every group of workers shares that address,
+MASTER_PORT is rewritten to a free local port chosen once per group (the pod's subdomain, else
+the pod alone), so that two groups running at once do not meet on one port.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import copy
 import os
 import re
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +67,7 @@ class Kubelet:
         self.image_commands = image_commands
         self.api_port = 0  # set by the Sandbox once it listens
         self.running: dict[tuple[str, str], Running] = {}
+        self.ports: dict[tuple[str, str], str] = {}  # (namespace, group) -> its MASTER_PORT
         self._waiters: set[asyncio.Task[None]] = set()
         self.pods_kind = emulator.registry.kinds[("", "v1", "pods")]
 
@@ -162,9 +171,33 @@ class Kubelet:
             KUBERNETES_SERVICE_HOST="127.0.0.1",
             KUBERNETES_SERVICE_PORT=str(self.api_port),
         )
-        env.update({k: rewrite(v) for k, v in self._container_env(pod, container).items()})
+        own = {k: rewrite(v) for k, v in self._container_env(pod, container).items()}
+        own = self._localize(pod, own)
+        env.update(own)
+        argv = [_expand(a, own) for a in argv]
         cwd = Path(rewrite(container["workingDir"])) if container.get("workingDir") else folder
         return argv, env, cwd, folder, termination
+
+    def _localize(self, pod: Obj, env: dict[str, str]) -> dict[str, str]:
+        """Service subdomain addresses -> 127.0.0.1; MASTER_PORT -> the group's local port."""
+        namespace = pod["metadata"]["namespace"]
+        kind = self.emulator.registry.kinds[("", "v1", "services")]
+        out = dict(env)
+        for key, value in env.items():
+            parts = value.split(".")
+            addressed = len(parts) == 2 or (len(parts) > 3 and parts[3] == "svc")
+            if addressed and self.emulator.store.find(kind, namespace, parts[1]) is not None:
+                out[key] = "127.0.0.1"
+        if "MASTER_PORT" in out:
+            group = pod["spec"].get("subdomain") or pod["metadata"]["name"]
+            port = self.ports.get((namespace, group))
+            if port is None:
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", 0))
+                    port = str(probe.getsockname()[1])
+                self.ports[(namespace, group)] = port
+            out["MASTER_PORT"] = port
+        return out
 
     def _mounts(self, pod: Obj, container: Obj, folder: Path) -> dict[str, Path]:
         namespace = pod["metadata"]["namespace"]
@@ -253,9 +286,13 @@ class Kubelet:
                     )
             elif "fieldRef" in source:
                 path = source["fieldRef"]["fieldPath"]
+                keyed = re.fullmatch(r"metadata\.(annotations|labels)\['(.+)'\]", path)
                 node: Any = pod
-                for part in path.split("."):
-                    node = node.get(part, "") if isinstance(node, dict) else ""
+                if keyed:
+                    node = (pod["metadata"].get(keyed.group(1)) or {}).get(keyed.group(2), "")
+                else:
+                    for part in path.split("."):
+                        node = node.get(part, "") if isinstance(node, dict) else ""
                 env[variable["name"]] = str(node)
         return env
 
@@ -356,6 +393,15 @@ class Kubelet:
             os.killpg(running.process.pid, signal.SIGKILL)
         if not keep:
             running.disruption = None
+
+
+def _expand(value: str, env: dict[str, str]) -> str:
+    """``$(VAR)`` -> the container's VAR (left as is when it has none); ``$$`` -> ``$``."""
+    return re.sub(
+        r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)",
+        lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)),
+        value,
+    )
 
 
 class _ConfigError(Exception):

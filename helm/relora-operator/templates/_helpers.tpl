@@ -53,10 +53,15 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 - apiGroups: ["relora.dev"]
   resources: ["adaptermigrations/status"]
   verbs: ["patch"]
-# One Job per adapter: created, then suspended, failed or given a TTL by patches.
+# One Job per adapter: created, then suspended, failed or given a TTL by patches; a worker
+# group's Job (spec.distributed) is deleted and made again to restart the whole group.
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["list", "watch", "create", "patch"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
+# A worker group's headless Service (worker 0's DNS name for the others).
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["create"]
 # Trainer pods: indexed for their state; their log tail carries live progress.
 - apiGroups: [""]
   resources: ["pods"]
