@@ -9,6 +9,12 @@ created and every collective below returns at once, so single-process code pays 
 
 Every worker holds a full replica of the model (DDP-style); a step's batch is split between
 them with :meth:`World.shard` and their gradients summed with :meth:`World.all_reduce_`.
+
+Work that one worker does while the others wait (rank 0 claiming the output, searching) ends at
+a :meth:`World.meet`: every worker says whether its part failed, and a failure anywhere stops
+every worker (a BadInput as the same BadInput: the same exit code everywhere) instead of leaving
+the others waiting. A worker that dies without a word (killed) leaves the others in a collective
+until the process group's timeout (:func:`timeout`, from ``RELORA_WORKER_TIMEOUT_SECONDS``).
 """
 
 from __future__ import annotations
@@ -22,10 +28,55 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from relora_trainer.errors import BadInput
+
 T = TypeVar("T")
 
 CPU = torch.device("cpu")
 ENVIRONMENT = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+ENV_TIMEOUT = "RELORA_WORKER_TIMEOUT_SECONDS"
+DEFAULT_TIMEOUT = timedelta(hours=2)
+"""How long a worker waits in a collective for the others: longer than rank 0's work alone
+(reference measurements, teacher, initialization search) on the largest model."""
+
+
+def timeout(environ: Mapping[str, str] | None = None) -> timedelta:
+    """The process group's timeout: ``RELORA_WORKER_TIMEOUT_SECONDS`` (a positive number of
+    seconds) or :data:`DEFAULT_TIMEOUT`; ValueError when it is set to something else."""
+    env = os.environ if environ is None else environ
+    raw = env.get(ENV_TIMEOUT)
+    if not raw:
+        return DEFAULT_TIMEOUT
+    seconds = float(raw)
+    if not seconds > 0:
+        raise ValueError(f"{ENV_TIMEOUT} {raw!r} is not a positive number of seconds")
+    return timedelta(seconds=seconds)
+
+
+class WorkerFailed(RuntimeError):
+    """Another worker failed (with something other than bad input): this one stops too."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A worker's failure as the others learn of it at a meeting (picklable)."""
+
+    rank: int
+    kind: str  # the exception's class name
+    message: str
+    bad_input: type[BadInput] | None = None  # its class, when a BadInput
+
+    @classmethod
+    def of(cls, error: BaseException, rank: int) -> Failure:
+        kind = type(error) if isinstance(error, BadInput) else None
+        return cls(rank, type(error).__name__, str(error), kind)
+
+    def error(self) -> Exception:
+        """What the other workers raise: the same kind of BadInput (the same exit code and
+        reason), else WorkerFailed."""
+        if self.bad_input is not None:
+            return self.bad_input(f"(worker {self.rank}) {self.message}")
+        return WorkerFailed(f"worker {self.rank} failed: {self.kind}: {self.message}")
 
 
 @dataclass(frozen=True)
@@ -152,6 +203,17 @@ class World:
         box: list[object] = [value if self.rank == source else None]
         dist.broadcast_object_list(box, src=source, device=self._object_device)
         return box[0]  # type: ignore[return-value]
+
+    def meet(self, failure: BaseException | None = None) -> None:
+        """Every worker meets here once its part is done (``failure``: its part failed with
+        that). When some worker failed, each of the others raises the first failure's copy
+        (:meth:`Failure.error`) and the failed ones return (to raise their own). Alone: nothing."""
+        if not self.distributed:
+            return
+        told = self.gather(None if failure is None else Failure.of(failure, self.rank))
+        first = next((f for f in told if f is not None), None)
+        if failure is None and first is not None:
+            raise first.error()
 
     def gather(self, value: T) -> list[T]:
         """Every worker's value (picklable), in rank order, on every worker."""

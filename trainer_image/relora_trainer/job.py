@@ -7,15 +7,26 @@ can help (0 done, 3 bad input: never retried, anything else: retried, resuming f
 checkpoints in the output storage). An output that cannot be written (no permission, read-only,
 full, a file where the folder must be) is bad input too: it is checked before the ML stack is
 even imported, and a write failing the same way later ends the pod with exit 3 as well.
+
+Launched as N data-parallel workers (torchrun, or a group of pods each given torchrun's
+environment: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), every worker runs this
+entrypoint: it joins the others first, loads the bases on its own device (the GPU of its local
+rank), the data and the old adapter, and fine-tunes its share of every batch. Rank 0 alone
+checks and claims the output, reports progress, writes the result and the termination message
+(see relora_trainer.migrate.migrate_adapter); the others write nothing there. A failure of one
+worker outside the fine-tuning itself ends every worker, a BadInput with exit 3 everywhere.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
@@ -23,6 +34,9 @@ from relora_api import contract
 from relora_api.spec import Adapter, AdapterMigrationSpec
 from relora_trainer import errors, ownership, storage
 from relora_trainer.storage import Storage
+
+if TYPE_CHECKING:
+    from relora_trainer.distributed import World
 
 
 def _write(outcome: contract.Outcome) -> None:
@@ -60,56 +74,119 @@ def _request() -> tuple[AdapterMigrationSpec, Adapter, Storage, ownership.Owner]
     return spec, adapter, where, owner
 
 
+def _join() -> World | None:
+    """The data-parallel workers this process is one of (torchrun's environment, WORLD_SIZE > 1),
+    their process group joined (with a timeout: a worker that dies leaves no other waiting
+    forever); None alone (nothing imported: the checks run before the ML stack)."""
+    try:
+        size = int(os.environ.get("WORLD_SIZE") or "1")
+    except ValueError as error:
+        raise errors.BadInput(f"WORLD_SIZE: not a number of workers ({error})") from error
+    if size == 1:
+        return None
+    from relora_trainer import distributed
+
+    try:
+        return distributed.World.from_env(timeout=distributed.timeout())
+    except ValueError as error:  # the launcher's environment, incomplete or inconsistent
+        raise errors.BadInput(f"the workers' environment: {error}") from error
+
+
+@contextlib.contextmanager
+def _together(world: World | None, explain: Callable[[OSError], Exception]) -> Iterator[None]:
+    """A stage every worker ends together (:meth:`World.meet`): a failure in it on one worker
+    fails all of them, bad input as bad input (exit 3 everywhere: an OSError as ``explain``
+    makes it). Alone: nothing."""
+    if world is None:
+        yield
+        return
+    try:
+        yield
+    except Exception as error:
+        world.meet(explain(error) if isinstance(error, OSError) else error)
+        raise
+    world.meet()
+
+
 def run() -> int:
+    world: World | None = None
+    main = True  # rank 0 (or alone): writes the termination message
     try:
         spec, adapter, where, owner = _request()
         output = spec.output_uri(adapter.name)
-        # Before loading anything (minutes on a real model): an output that is an input,
-        # belongs to another migration or cannot be written fails now, as bad input (exit 3:
-        # the Job is not retried).
-        ownership.check_apart(spec, adapter, where)
-        ownership.check_owner(spec, adapter, where, owner)
-        folder = where.check_writable(output, what="spec.output")
-        from relora_trainer import local_run, migrate, models  # the ML stack: slow to import
-        from relora_trainer.progress import JsonLinesProgress
+        world = _join()
+        main = world is None or world.is_main
+        folder: Path | None = None  # the output's local folder, once checked
 
-        local_run.quiet_libraries()
-        done = migrate.finished(spec, adapter, where, owner)
+        def explain(error: OSError) -> Exception:
+            """The output filling up or turning read-only midway: bad input (exit 3)."""
+            local = folder or where.local_path(output, what="spec.output")
+            found = storage.unwritable(error, what="spec.output", uri=output, folder=local)
+            return error if found is None else found
+
+        done = None
+        with _together(world, explain):
+            if main:
+                # Before loading anything (minutes on a real model): an output that is an
+                # input, belongs to another migration or cannot be written fails now, as bad
+                # input (exit 3: the Job is not retried). Rank 0's alone: it owns the output.
+                ownership.check_apart(spec, adapter, where)
+                ownership.check_owner(spec, adapter, where, owner)
+                folder = where.check_writable(output, what="spec.output")
+            from relora_trainer import local_run, migrate, models  # the ML stack: slow to import
+            from relora_trainer.progress import JsonLinesProgress
+
+            local_run.quiet_libraries()
+            if main:
+                done = migrate.finished(spec, adapter, where, owner)
+                if done is None:
+                    migrate.check_inputs(spec, adapter, where)  # an adapter it cannot migrate
+        if world is not None:
+            done = world.broadcast(done)
         if done is not None:  # nothing to load: report what the output holds
-            _write(contract.Outcome(kind="result", result=done.result()))
+            if main:
+                _write(contract.Outcome(kind="result", result=done.result()))
             return errors.EXIT_OK
-        migrate.check_inputs(spec, adapter, where)  # an adapter it cannot migrate, bad data
         try:
-            # Only this pod's adapter is measured on the source base (if its target needs it
-            # and no earlier attempt saved that measurement).
-            bases = migrate.load_bases(spec, where, models.pick_device("auto"), [adapter])
+            with _together(world, explain):
+                # Only this pod's adapter is measured on the source base (if its target needs
+                # it and no earlier attempt saved that measurement), by rank 0 alone.
+                device = world.device if world is not None else models.pick_device("auto")
+                bases = migrate.load_bases(spec, where, device, [adapter], world=world)
             report = migrate.migrate_adapter(
                 spec=spec,
                 adapter=adapter,
                 bases=bases,
                 storage=where,
-                progress=JsonLinesProgress(),
+                progress=JsonLinesProgress() if main else None,
                 owner=owner,
+                world=world,
             )
         except OSError as error:  # the output filling up or turning read-only midway
-            found = storage.unwritable(error, what="spec.output", uri=output, folder=folder)
-            if found is None:
+            found = explain(error)
+            if found is error:
                 raise
             raise found from error
     except errors.BadInput as error:
         print(f"error: {error.reason}: {error}", file=sys.stderr)
-        _write(contract.Outcome(kind="error", reason=error.reason, message=str(error)))
+        if main:
+            _write(contract.Outcome(kind="error", reason=error.reason, message=str(error)))
         return contract.EXIT_BAD_INPUT
     except Exception as error:  # report, then let the Job retry
         traceback.print_exc()
         reason = error.reason if isinstance(error, errors.OutputBusy) else "InternalError"
-        _write(
-            contract.Outcome(
-                kind="error", reason=reason, message=f"{type(error).__name__}: {error}"
+        if main:
+            _write(
+                contract.Outcome(
+                    kind="error", reason=reason, message=f"{type(error).__name__}: {error}"
+                )
             )
-        )
         return errors.EXIT_INTERNAL
-    _write(contract.Outcome(kind="result", result=report.result()))
+    finally:
+        if world is not None:
+            world.close()
+    if main:
+        _write(contract.Outcome(kind="result", result=report.result()))
     return errors.EXIT_OK
 
 

@@ -14,6 +14,7 @@ import io
 import json
 import pickle
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -28,7 +29,9 @@ from transformers import PreTrainedTokenizerBase
 from relora_api.spec import Adapter, AdapterMigrationSpec, Distillation, Readiness
 from relora_api.status import AdapterProgress
 from relora_trainer import adapter_config, adapters, models, ownership, plan, report
+from relora_trainer import storage as store
 from relora_trainer.data import MAX_CHOICES, Encoder, Example, TaskData, read_jsonl
+from relora_trainer.distributed import World
 from relora_trainer.errors import IncompatibleModels, InvalidData
 from relora_trainer.method import distillation, fusion, search, strategies
 from relora_trainer.method.config import FinetuneConfig, SearchConfig
@@ -116,11 +119,15 @@ def load_bases(
     storage: Storage,
     device: torch.device,
     adapters_to_measure: list[Adapter] | None = None,
+    *,
+    world: World | None = None,
 ) -> Bases:
     """Fetch and load the bases (see :func:`_load_bases`); OutOfMemory, with the estimate,
-    when they do not fit the device."""
+    when they do not fit the device. Among data-parallel workers (``world``) only rank 0
+    measures on the source base and computes the teacher: the others load the target alone."""
+    measuring = world is None or world.is_main
     try:
-        return _load_bases(spec, storage, device, adapters_to_measure)
+        return _load_bases(spec, storage, device, adapters_to_measure, source_phase=measuring)
     except (torch.OutOfMemoryError, MemoryError) as error:
         _free(device)
         first = (adapters_to_measure or spec.adapters)[0]
@@ -132,13 +139,16 @@ def _load_bases(
     storage: Storage,
     device: torch.device,
     adapters_to_measure: list[Adapter] | None,
+    *,
+    source_phase: bool = True,
 ) -> Bases:
     """Fetch the bases; measure the old adapters that need it on the source base (and compute
     their teacher distributions when fine-tuning distils), free it, then load the target.
     Raise IncompatibleModels / InvalidWeights / MissingInput / InvalidAdapter.
 
     ``adapters_to_measure`` (default: every adapter of the spec) are measured on the source now;
-    another one measured later loads the source base again."""
+    another one measured later loads the source base again. Without ``source_phase``: none is (nor
+    any saved measurement or teacher read), the source base is not loaded."""
     started = time.perf_counter()
     source_dir = storage.fetch(
         spec.source_model.uri, what="spec.sourceModel", revision=spec.source_model.revision
@@ -155,7 +165,7 @@ def _load_bases(
     teachers: dict[str, tuple[distillation.Teacher, float]] = {}
     teaching_by = distilled(spec)
     wanted = []  # (adapter, measure its reference, compute its teacher)
-    for adapter in adapters_to_measure or spec.adapters:
+    for adapter in (adapters_to_measure or spec.adapters) if source_phase else []:
         reference = adapter.readiness.needs_source
         if reference:
             saved = saved_reference(spec, adapter, storage)
@@ -453,21 +463,175 @@ def migrate_adapter(
     storage: Storage,
     progress: ProgressSink | None = None,
     owner: ownership.Owner = ownership.LOCAL,
+    world: World | None = None,
 ) -> report.AdapterReport:
     """Migrate one adapter; resumable: state lives in ``<output>/<name>/state``. The output
-    folder is claimed for ``owner`` for the whole run (see relora_trainer.ownership)."""
-    # Refused before the claim writes anything: an output that is an input, unusable data.
-    ownership.check_apart(spec, adapter, storage)
-    task = _task(spec, adapter, storage)
-    key = fingerprint(spec, adapter)
-    with ownership.Claim(
-        spec=spec, adapter=adapter, storage=storage, owner=owner, work=key
-    ) as claim:
+    folder is claimed for ``owner`` for the whole run (see relora_trainer.ownership).
+
+    ``world``: data-parallel workers, every one of them calling this with the same arguments
+    (``bases`` loaded on its own device). Rank 0 does what a process alone does: it claims the
+    output, measures the references, computes the teacher, searches the start, reports progress,
+    saves the adapter and the report and publishes them; the others load the data and the old
+    adapter, wait for rank 0's start (:class:`_Start`), fine-tune with it (:func:`finetune`
+    broadcasts rank 0's adapter parameters at its start; rank 0 writes its checkpoints) and
+    return rank 0's report. They write nothing in the output. A failure of any worker before
+    or after the fine-tuning fails every worker (:meth:`World.meet`)."""
+    workers = world if world is not None and world.distributed else None
+    if workers is not None and not workers.is_main:
+        return _follow(spec=spec, adapter=adapter, bases=bases, storage=storage, world=workers)
+    meetings = _Meetings(workers, lambda error: _explained(error, spec, adapter, storage))
+    try:
+        # Refused before the claim writes anything: an output that is an input, unusable data.
+        ownership.check_apart(spec, adapter, storage)
+        task = _task(spec, adapter, storage)
+        key = fingerprint(spec, adapter)
+        with ownership.Claim(
+            spec=spec, adapter=adapter, storage=storage, owner=owner, work=key
+        ) as claim:
+            try:
+                return _migrate_claimed(
+                    spec, adapter, task, bases, storage, progress, claim, key, meetings
+                )
+            except (torch.OutOfMemoryError, MemoryError) as error:
+                _free(bases.device)
+                raise plan.out_of_memory(
+                    error, spec, adapter, storage, bases.device.type
+                ) from error
+    except Exception as error:
+        meetings.fail(error)  # the other workers, waiting for the start or the report, stop too
+        raise
+
+
+@dataclass
+class _Start:
+    """What rank 0 hands the other workers before they fine-tune together: the teacher's
+    distributions over all of train (None: no distillation), the readiness target (relative to
+    rank 0's source measurement), whether activations are recomputed. The adapter's start
+    itself (the search's choice) reaches them at the start of :func:`finetune`, which broadcasts
+    rank 0's trainable parameters: the others attach the same fresh adapter and skip the
+    strategy (a strategy sets values only, never the adapter's layout; checked by
+    :func:`_same_adapter`)."""
+
+    teacher: dict[str, torch.Tensor] | None
+    target: Target
+    checkpointing: bool
+
+
+class _Meetings:
+    """Rank 0's side of its meetings with the other workers (:meth:`World.meet`): they wait at
+    one for the start (:class:`_Start`) while rank 0 prepares it, then for the report (or for
+    the finished report rank 0 found) after the fine-tuning. A failure of rank 0 while they
+    wait is told there; one inside the fine-tuning's collectives cannot be (the others stop at
+    the process group's timeout, or when the launcher ends them). Alone: nothing."""
+
+    def __init__(self, world: World | None, explain: Callable[[Exception], Exception]) -> None:
+        self.world, self.explain = world, explain
+        self.waiting = world is not None  # the others are at a meeting, waiting for rank 0
+
+    def hand(self, value: object) -> None:
+        """Meet the waiting workers and give them ``value``."""
+        if self.world is not None:
+            self.waiting = False
+            self.world.meet()
+            self.world.broadcast(value)
+
+    def expect(self) -> None:
+        """The others go on to the next meeting (fine-tuning done)."""
+        self.waiting = self.world is not None
+
+    def fail(self, error: Exception) -> None:
+        """Tell the waiting workers, if they wait, that rank 0 failed with ``error``."""
+        if self.world is None or not self.waiting:
+            return
+        self.waiting = False
         try:
-            return _migrate_claimed(spec, adapter, task, bases, storage, progress, claim, key)
-        except (torch.OutOfMemoryError, MemoryError) as error:
-            _free(bases.device)
-            raise plan.out_of_memory(error, spec, adapter, storage, bases.device.type) from error
+            self.world.meet(self.explain(error))
+        except Exception as unheard:  # its own error matters more than the others' hearing it
+            print(f"could not tell the other workers: {unheard}", file=sys.stderr)
+
+
+def _explained(
+    error: Exception, spec: AdapterMigrationSpec, adapter: Adapter, storage: Storage
+) -> Exception:
+    """The failure the other workers are told of: an output that cannot be written as the
+    OutputNotWritable the Job entrypoint makes of it (the same exit code everywhere)."""
+    if isinstance(error, OSError):
+        uri = spec.output_uri(adapter.name)
+        folder = output_dir(spec, adapter, storage)
+        found = store.unwritable(error, what="spec.output", uri=uri, folder=folder)
+        if found is not None:
+            return found
+    return error
+
+
+def _same_adapter(world: World | None, model: PeftModel) -> None:
+    """Every worker's adapter has the same trainable parameters (names and shapes): rank 0's
+    values can be broadcast into the others'."""
+    if world is None:
+        return
+    shapes = {name: tuple(p.shape) for name, p in adapters.trainable(model).items()}
+    if any(theirs != shapes for theirs in world.gather(shapes)):
+        raise RuntimeError("the workers attached different adapters: cannot fine-tune together")
+
+
+def _follow(
+    *,
+    spec: AdapterMigrationSpec,
+    adapter: Adapter,
+    bases: Bases,
+    storage: Storage,
+    world: World,
+) -> report.AdapterReport:
+    """A worker other than rank 0 (see :func:`migrate_adapter`): rank 0's report."""
+    method = spec.method
+    try:
+        task = _task(spec, adapter, storage)
+        old = _old_adapter(adapter, storage, bases.target)
+    except Exception as error:
+        world.meet(error)
+        raise
+    world.meet()  # rank 0 claimed the output (its state folder is ready to be read) ...
+    start: object = world.broadcast(None)  # ... and prepared the start
+    if isinstance(start, report.AdapterReport):  # finished before: nothing to do
+        return start
+    if not isinstance(start, _Start):
+        raise TypeError(f"rank 0 handed {type(start).__name__}, not the start")
+    teacher = None if start.teacher is None else distillation.Teacher.of_state(start.teacher)
+    tune = FinetuneConfig.of(method.finetune)
+    chosen = strategies.strategy(method.strategy)
+    finetune_config = tune if chosen.trains else replace(tune, max_steps=0)
+    config = adapters.new_config(old.config, rank=method.rank, base=spec.target_model.uri)
+    torch.manual_seed(method.seed)  # as rank 0 before attaching: finetune forks from this seed
+    model = adapters.attach(bases.target, config)
+    if start.checkpointing:
+        _recompute(bases.target, True)
+    try:
+        _same_adapter(world, model)
+        finetune(
+            model=model,
+            encoder=Encoder(bases.tokenizer),
+            train=task.train,
+            validation=task.validation,
+            choices=task.choices,
+            config=finetune_config,
+            regularize=finetune_config.regularization if chosen.regularized else None,
+            target=start.target,
+            seed=method.seed,
+            device=bases.device,
+            state_dir=output_dir(spec, adapter, storage) / STATE_DIR,
+            micro=MicroBatch(tune.micro_batch_size or tune.batch_size, batch=tune.batch_size),
+            teacher=teacher,
+            world=world,
+        )
+    finally:
+        adapters.detach(model)
+        if start.checkpointing:
+            _recompute(bases.target, False)
+    world.meet()  # rank 0 saved, reported and published
+    finished: object = world.broadcast(None)
+    if not isinstance(finished, report.AdapterReport):
+        raise TypeError(f"rank 0 handed {type(finished).__name__}, not its report")
+    return finished
 
 
 def _migrate_claimed(
@@ -479,6 +643,7 @@ def _migrate_claimed(
     progress: ProgressSink | None,
     claim: ownership.Claim,
     key: str,
+    meetings: _Meetings,
 ) -> report.AdapterReport:
     sink = progress or NullProgress()
     method = spec.method
@@ -487,6 +652,7 @@ def _migrate_claimed(
     finished = report.load_finished(out, key)
     if finished is not None:
         sink.note(adapter.name, "already migrated with this spec: keeping the existing result")
+        meetings.hand(finished)
         return finished
     if (state / FINGERPRINT_FILE).is_file() and (state / FINGERPRINT_FILE).read_text() != key:
         shutil.rmtree(state)  # the spec changed: saved progress belongs to other work
@@ -566,6 +732,9 @@ def _migrate_claimed(
             )
         )
         finetune_config = tune if chosen.trains else replace(tune, max_steps=0)
+        shared = None if teacher is None else {k: v.cpu() for k, v in teacher.to_state().items()}
+        meetings.hand(_Start(shared, target, checkpointing))
+        _same_adapter(meetings.world, model)
 
         def on_step(step: int, evaluation: Evaluation | None) -> None:
             sink.update(
@@ -596,7 +765,9 @@ def _migrate_claimed(
             micro=micro,
             on_checkpoint=lambda: claim.save_state(STATE_DIR),
             teacher=teacher,
+            world=meetings.world,
         )
+        meetings.expect()  # the others wait for the report
         sink.update(adapter.name, record(stage="saving"))
         staging = claim.fresh_staging()
         model.save_pretrained(str(staging), save_embedding_layers=False)
@@ -632,10 +803,12 @@ def _migrate_claimed(
         ),
         checkpointing=checkpointing,
         planned_peak_gib=peak,
+        workers=meetings.world.size if meetings.world is not None else 1,
     )
     report.write(staging, adapter_report)
     claim.publish(keep=(STATE_DIR,))
     storage.publish(out, adapter_report.output_uri)
+    meetings.hand(adapter_report)
     return adapter_report
 
 

@@ -66,6 +66,8 @@ class AdapterReport:
     stopped_early: bool = False
     # No search ran: the old adapter already met the target on the target base (skipWhenReady).
     search_skipped: bool = False
+    # Data-parallel workers that fine-tuned (torchrun's WORLD_SIZE), each on a ``device``.
+    workers: int = 1
 
     @classmethod
     def build(
@@ -88,6 +90,7 @@ class AdapterReport:
         planned_peak_gib: float | None = None,
         teacher_seconds: float | None = None,
         distillation: dict[str, float | str] | None = None,
+        workers: int = 1,
     ) -> AdapterReport:
         search_seconds = search_result.seconds if search_result else 0.0
         return cls(
@@ -130,6 +133,7 @@ class AdapterReport:
             distillation=distillation,
             stopped_early=bool(search_result and search_result.stopped_early),
             search_skipped=bool(search_result and search_result.skipped),
+            workers=workers,
         )
 
     def quality_of(self, stage: str, split: str = "validation") -> float | None:
@@ -196,6 +200,11 @@ def _teacher(seconds: float | None) -> str:
     return "" if seconds is None else f"teacher {seconds:.1f} s, "
 
 
+def _on(report: AdapterReport) -> str:
+    workers = report.workers
+    return report.device if workers == 1 else f"{workers} workers ({report.device} each)"
+
+
 def summary(report: AdapterReport) -> str:
     """A short Markdown summary of one adapter's migration."""
     seconds = report.seconds
@@ -203,7 +212,7 @@ def summary(report: AdapterReport) -> str:
     lines = [
         f"# Adapter `{report.adapter}`: {'ready' if report.ready else 'NOT ready'}",
         "",
-        f"Strategy `{report.strategy}`, rank {report.rank}, on {report.device}. "
+        f"Strategy `{report.strategy}`, rank {report.rank}, on {_on(report)}. "
         f"Target: {report.metric} {'<=' if report.metric == 'loss' else '>='} "
         f"{report.target:.4f} (validation).",
         "",
