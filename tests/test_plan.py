@@ -184,3 +184,13 @@ def test_logits_follow_the_completion_and_activations_the_micro_batch(
     )
     from_data = plan.estimate(spec, adapter, storage, device="cpu")
     assert from_data.sequence < 512 and from_data.activations < short.activations
+
+
+def test_the_plan_says_what_several_gpus_change(toy: Any, tmp_path: Path, capsys: Any) -> None:
+    """relora plan prints the table and that workers share the batches, not the base."""
+    path = tmp_path / "migration.yaml"
+    path.write_text(yaml.safe_dump(toy_manifest(toy)))
+    assert plan.run(str(path), device="cpu") == 0
+    out = capsys.readouterr().out
+    assert "Memory plan on cpu" in out and "toy-category" in out
+    assert "each worker holds the whole base" in out

@@ -275,7 +275,9 @@ def warnings_for(spec: AdapterMigrationSpec, found: Estimate) -> list[str]:
         problems.append(
             f"{found.adapter}: {found.peak(checkpointing=True):.0f} GiB does not fit one "
             f"{GPUS_GIB[-1]} GiB GPU even with checkpointing: set "
-            "spec.method.finetune.microBatchSize (or lower batchSize) or use several GPUs"
+            "spec.method.finetune.microBatchSize (or lower batchSize); several GPUs do not "
+            "lower it (spec.distributed: each worker holds the whole base; sharding it is not "
+            "supported yet)"
         )
     return problems
 
@@ -327,6 +329,11 @@ def run(
         )
         problems += warnings_for(migration.spec, e)
     Console(width=160).print(table)
+    print(
+        "Per GPU with spec.distributed.workers > 1 (or several GPUs a worker): the same peak; "
+        "each worker holds the whole base and fine-tunes its share of every batch, so more "
+        "GPUs shorten the fine-tuning, not the memory it needs."
+    )
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)
     return errors.EXIT_OK
