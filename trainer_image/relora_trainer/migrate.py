@@ -373,9 +373,9 @@ def check_inputs(spec: AdapterMigrationSpec, adapter: Adapter, storage: Storage)
     of a kind that cannot be migrated, task data that cannot be used, a search objective the
     data cannot serve."""
     ownership.check_apart(spec, adapter, storage)
+    _task(spec, adapter, storage)
     where = f"spec.adapters[{adapter.name}].uri"
     adapter_config.check_folder(storage.fetch(adapter.uri, what=where), what=where)
-    _task(spec, adapter, storage)
 
 
 def _task(spec: AdapterMigrationSpec, adapter: Adapter, storage: Storage) -> TaskData:
