@@ -182,3 +182,38 @@ def operator(
     process.start()
     yield process
     process.stop()
+
+
+@pytest.fixture
+def cluster(api: Any, namespace: str) -> Any:
+    """The test's namespace with the CRD installed (tests.fault_kit.Cluster)."""
+    from tests.fault_kit import Cluster, ensure_crd  # it imports this module
+
+    ensure_crd(api)
+    return Cluster(api, namespace)
+
+
+@pytest.fixture
+def trainers(tmp_path: Path) -> Any:
+    """The trainer stand-in's control folder (tests.fault_kit.Trainers)."""
+    from tests.fault_kit import Trainers
+
+    return Trainers(tmp_path / "control")
+
+
+@pytest.fixture
+def fake_operator(sandbox: Any, cluster: Any, tmp_path: Path) -> Iterator[Any]:
+    """The operator process with tests/fake_trainer.py as its trainer."""
+    import sys
+
+    from tests.fault_kit import FAKE_TRAINER, OperatorProcess
+
+    process = OperatorProcess(
+        Path(sandbox.kubeconfig_path),
+        cluster.namespace,
+        tmp_path / "operator.log",
+        trainer=[sys.executable, str(FAKE_TRAINER)],
+    )
+    process.start()
+    yield process
+    process.stop()

@@ -32,34 +32,15 @@ from tests.fault_kit import (
     Obj,
     OperatorProcess,
     Trainers,
-    ensure_crd,
     fake_manifest,
     process_alive,
 )
 
 
 @pytest.fixture
-def cluster(api: Any, namespace: str) -> Cluster:
-    ensure_crd(api)
-    return Cluster(api, namespace)
-
-
-@pytest.fixture
-def trainers(tmp_path: Path) -> Trainers:
-    return Trainers(tmp_path / "control")
-
-
-@pytest.fixture
-def operator(sandbox: Any, cluster: Cluster, tmp_path: Path) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(
-        Path(sandbox.kubeconfig_path),
-        cluster.namespace,
-        tmp_path / "operator.log",
-        trainer=[sys.executable, str(FAKE_TRAINER)],
-    )
-    process.start()
-    yield process
-    process.stop()
+def operator(fake_operator: OperatorProcess) -> OperatorProcess:
+    """The operator with the trainer stand-in (conftest's runs the real trainer)."""
+    return fake_operator
 
 
 class Requests:

@@ -22,7 +22,6 @@ import json
 import math
 import re
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -36,11 +35,9 @@ import yaml
 from relora_sandbox import processes
 from tests.conftest import wait_for
 from tests.fault_kit import (
-    FAKE_TRAINER,
     Cluster,
     OperatorProcess,
     Trainers,
-    ensure_crd,
     fake_manifest,
 )
 from tests.helm_chart import one, render
@@ -240,27 +237,9 @@ def panels_without_data(prometheus: Prometheus, variables: dict[str, str]) -> li
 
 # ------------------------------------------------------------------------------ fixtures
 @pytest.fixture
-def cluster(api: Any, namespace: str) -> Cluster:
-    ensure_crd(api)
-    return Cluster(api, namespace)
-
-
-@pytest.fixture
-def trainers(tmp_path: Path) -> Trainers:
-    return Trainers(tmp_path / "control")
-
-
-@pytest.fixture
-def operator(sandbox: Any, cluster: Cluster, tmp_path: Path) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(
-        Path(sandbox.kubeconfig_path),
-        cluster.namespace,
-        tmp_path / "operator.log",
-        trainer=[sys.executable, str(FAKE_TRAINER)],
-    )
-    process.start()
-    yield process
-    process.stop()
+def operator(fake_operator: OperatorProcess) -> OperatorProcess:
+    """The operator with the trainer stand-in (conftest's runs the real trainer)."""
+    return fake_operator
 
 
 @pytest.fixture

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,6 @@ import pytest
 from relora_operator import naming
 from tests.conftest import wait_for
 from tests.fault_kit import (
-    FAKE_TRAINER,
     Cluster,
     OperatorProcess,
     Trainers,
@@ -30,27 +27,9 @@ from tests.fault_kit import (
 
 
 @pytest.fixture
-def cluster(api: Any, namespace: str) -> Cluster:
-    ensure_crd(api)
-    return Cluster(api, namespace)
-
-
-@pytest.fixture
-def trainers(tmp_path: Path) -> Trainers:
-    return Trainers(tmp_path / "control")
-
-
-@pytest.fixture
-def operator(sandbox: Any, cluster: Cluster, tmp_path: Path) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(
-        Path(sandbox.kubeconfig_path),
-        cluster.namespace,
-        tmp_path / "operator.log",
-        trainer=[sys.executable, str(FAKE_TRAINER)],
-    )
-    process.start()
-    yield process
-    process.stop()
+def operator(fake_operator: OperatorProcess) -> OperatorProcess:
+    """The operator with the trainer stand-in (conftest's runs the real trainer)."""
+    return fake_operator
 
 
 def _worlds(trainers: Trainers, pods: list[str]) -> dict[str, dict[str, Any]]:
