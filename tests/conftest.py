@@ -217,3 +217,19 @@ def fake_operator(sandbox: Any, cluster: Any, tmp_path: Path) -> Iterator[Any]:
     process.start()
     yield process
     process.stop()
+
+
+@pytest.fixture
+def batch(api: Any) -> Any:
+    """The batch/v1 API of the test cluster."""
+    from kubernetes import client
+
+    return untyped(client.BatchV1Api(api))
+
+
+@pytest.fixture
+def core(api: Any) -> Any:
+    """The core/v1 API of the test cluster."""
+    from kubernetes import client
+
+    return untyped(client.CoreV1Api(api))

@@ -8,11 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-from kubernetes import client
-
 from relora_sandbox.faults import Fault
-from tests.conftest import python_job, untyped, wait_for
+from tests.conftest import python_job, wait_for
 
 
 def _condition(job: Any, kind: str) -> Any:
@@ -33,16 +30,6 @@ def _finished(batch: Any, namespace: str, name: str, kind: str) -> Any:
 def _pods(core: Any, namespace: str, job: str) -> list[Any]:
     pods = core.list_namespaced_pod(namespace, label_selector=f"job-name={job}").items
     return sorted(pods, key=lambda p: p.metadata.creation_timestamp)
-
-
-@pytest.fixture
-def batch(api: Any) -> Any:
-    return untyped(client.BatchV1Api(api))
-
-
-@pytest.fixture
-def core(api: Any) -> Any:
-    return untyped(client.CoreV1Api(api))
 
 
 def test_a_python_one_liner_runs_to_complete(batch: Any, core: Any, namespace: str) -> None:

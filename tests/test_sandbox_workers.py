@@ -8,10 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import pytest
-from kubernetes import client
-
-from tests.conftest import python_job, untyped, wait_for
+from tests.conftest import python_job, wait_for
 
 INDEX = "batch.kubernetes.io/job-completion-index"
 
@@ -37,16 +34,6 @@ else:
             time.sleep(0.2)
 print(json.dumps(seen), flush=True)
 """
-
-
-@pytest.fixture
-def batch(api: Any) -> Any:
-    return untyped(client.BatchV1Api(api))
-
-
-@pytest.fixture
-def core(api: Any) -> Any:
-    return untyped(client.CoreV1Api(api))
 
 
 def _complete(batch: Any, namespace: str, name: str) -> Any:

@@ -71,7 +71,7 @@ def _adapter_problems(migration: resource.AdapterMigration, path: str) -> list[s
     from relora_trainer.errors import BadInput
     from relora_trainer.storage import Storage
 
-    storage = Storage(base_dir=Path.cwd() if path == "-" else Path(path).resolve().parent)
+    storage = Storage.for_manifest(path)
     problems = []
     for adapter in migration.spec.adapters:
         where = f"spec.adapters[{adapter.name}].uri"

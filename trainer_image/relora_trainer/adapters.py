@@ -117,13 +117,13 @@ def read_adapter(folder: Path, *, what: str) -> OldAdapter:
             )
     wanted = set(config.modules_to_save or [])
     for name in saved:
-        if not any(_is_part_of(name, module) for module in wanted):
+        if not any(part_of(name, module) for module in wanted):
             raise InvalidAdapter(
                 f"{what}: {weights_path} holds {name}, which is neither LoRA weights nor in "
                 f"modules_to_save {sorted(wanted)}"
             )
     for module in wanted:
-        if not any(_is_part_of(name, module) for name in saved):
+        if not any(part_of(name, module) for name in saved):
             raise InvalidAdapter(
                 f"{what}: {config_path}: modules_to_save names {module!r} but "
                 f"{WEIGHTS_FILE} holds no weights of it"
@@ -131,7 +131,7 @@ def read_adapter(folder: Path, *, what: str) -> OldAdapter:
     return OldAdapter(config=config, factors=factors, saved=saved)
 
 
-def _is_part_of(parameter: str, module: str) -> bool:
+def part_of(parameter: str, module: str) -> bool:
     """``model.score.weight`` is a parameter of the module PEFT's modules_to_save entry
     ``score`` names (a name or a dotted suffix of one)."""
     owner = parameter.rsplit(".", 1)[0]
@@ -337,9 +337,15 @@ def dora_norm(model: PeftModel, module: str, factors: LoraFactors, scale: float)
         raise ValueError(f"{module} has no base weight")
     config = model.peft_config[ADAPTER]
     fan_in_fan_out = bool(getattr(config, "fan_in_fan_out", False))
-    w = (weight.T if fan_in_fan_out else weight).detach().float()
-    b, a = factors.b.to(w), factors.a.to(w)
-    norm: torch.Tensor = torch.linalg.vector_norm(w + scale * (b @ a), dim=1)
+    return direction_norm((weight.T if fan_in_fan_out else weight).detach(), factors, scale)
+
+
+def direction_norm(weight: torch.Tensor, factors: LoraFactors, scale: float) -> torch.Tensor:
+    """``||W + scale * B @ A||`` per output feature, in fp32, for an (out, in) ``weight``."""
+    w = weight.float()
+    norm: torch.Tensor = torch.linalg.vector_norm(
+        w + scale * (factors.b.to(w) @ factors.a.to(w)), dim=1
+    )
     return norm
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 import traceback
 import warnings
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -40,11 +39,6 @@ def load_document(path: str) -> tuple[dict[str, Any], AdapterMigration]:
     if migration is None:
         raise errors.BadInput("; ".join(f"{documents[0].label}: {p}" for p in problems))
     return documents[0].content, migration
-
-
-def storage_for(path: str) -> Storage:
-    """Relative paths of the manifest at ``path`` resolve against its folder (stdin: here)."""
-    return Storage(base_dir=Path.cwd() if path == "-" else Path(path).resolve().parent)
 
 
 def _fmt(value: float | None) -> str:
@@ -104,7 +98,7 @@ def run(
         unknown = sorted(set(only or []) - {a.name for a in spec.adapters})
         if unknown:
             raise errors.BadInput(f"--adapter: no adapter named {unknown} in {path}")
-        storage = storage_for(path)
+        storage = Storage.for_manifest(path)
         meta = migration.metadata
         owner = ownership.Owner(namespace=meta.namespace or "default", name=meta.name)
         for adapter in selected:  # refused before minutes of model loading

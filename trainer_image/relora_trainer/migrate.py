@@ -911,8 +911,7 @@ def _terms(old: adapters.OldAdapter, bases: Bases, *, projection: str) -> fusion
                 factors, w_target.float() - w_source, scale=scale, projection=projection
             )
             if factors.magnitude is not None:
-                update = scale * (factors.b.to(w_source) @ factors.a.to(w_source))
-                norm = torch.linalg.vector_norm(w_source + update, dim=1)
+                norm = adapters.direction_norm(w_source, factors, scale)
                 terms.modules[module].ratio = factors.magnitude.to(norm) / norm.clamp(min=1e-12)
             del w_source
         for name, saved in old.saved.items():

@@ -135,10 +135,6 @@ def _lora_parameters(
         r = int(adapters.pattern_value(rank_pattern, module, rank))
         return r * (in_features + out_features) + (out_features if dora else 0)
 
-    def is_saved(key: str) -> bool:
-        owner = key.rsplit(".", 1)[0]
-        return any(owner == m or owner.endswith(f".{m}") for m in saved or [])
-
     if shapes:
         lora = sum(
             one(key.removesuffix(".weight"), shape[0], shape[1])
@@ -149,7 +145,11 @@ def _lora_parameters(
             and not key.startswith("lm_head")
             and _targeted(key.removesuffix(".weight"), targets)
         )
-        lora += sum(math.prod(shape) for key, shape in shapes.items() if is_saved(key))
+        lora += sum(
+            math.prod(shape)
+            for key, shape in shapes.items()
+            if any(adapters.part_of(key, m) for m in saved or [])
+        )
         if "lm_head" in (saved or []) and "lm_head.weight" not in shapes:
             lora += vocab * hidden  # tied to the embeddings: not in the files
         return lora
@@ -296,7 +296,7 @@ def run(
     quiet_libraries()
     try:
         migration = local_run.load_manifest(path)
-        storage = local_run.storage_for(path)
+        storage = Storage.for_manifest(path)
         found = [
             estimate(
                 migration.spec, a, storage, device=device, sequence=sequence, completion=completion

@@ -58,6 +58,11 @@ class Storage:
     pvc_mounts: dict[str, Path] = field(default_factory=dict)  # claim -> where it is mounted
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "relora")
 
+    @classmethod
+    def for_manifest(cls, path: str) -> Storage:
+        """Relative paths of the manifest at ``path`` resolve against its folder (stdin: here)."""
+        return cls(base_dir=Path.cwd() if path == "-" else Path(path).resolve().parent)
+
     def local_path(self, uri: str, *, what: str = "uri") -> Path:
         """The local path for ``uri`` without fetching anything (paths and PVCs only); raise
         OutsideClaim naming ``what`` when a pvc:// path leads out of its claim (a symbolic
