@@ -281,3 +281,43 @@ def test_labelled_tokens_count_what_the_loss_covers(toy: Any) -> None:
     counted = int((encoder.batch(items, CPU)["labels"][:, 1:] != IGNORE_INDEX).sum())
     assert labelled_tokens(items) == counted
     assert len({len(i.completion_ids) for i in items}) > 1
+
+
+def test_the_workers_wait_for_rank_zeros_search(
+    manifest: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process group's timeout outlasts what rank 0 does alone: the default plus the
+    search's cap (a search raised to 4 hours kills no waiting worker after 2); no search, no
+    addition; RELORA_WORKER_TIMEOUT_SECONDS (spec.env) wins. The Job's entrypoint passes its
+    spec: the operator sets nothing, this is the one place the timeout is decided."""
+    from relora_api import validation
+    from relora_trainer import distributed, job
+
+    def spec_of(**method: Any) -> Any:
+        manifest["spec"]["method"] = method
+        migration, problems = validation.validate_manifest(manifest)
+        assert migration is not None, problems
+        return migration.spec
+
+    default = distributed.DEFAULT_TIMEOUT
+    assert distributed.timeout({}) == default
+    assert distributed.timeout({}, spec=spec_of()) == default + timedelta(seconds=900)
+    searching = spec_of(initialization={"timeoutSeconds": 4 * 3600})
+    assert distributed.timeout({}, spec=searching) == default + timedelta(hours=4)
+    assert distributed.timeout({}, spec=spec_of(strategy="warm-start")) == default
+    given = {distributed.ENV_TIMEOUT: "60"}
+    assert distributed.timeout(given, spec=searching) == timedelta(seconds=60)
+    with pytest.raises(ValueError, match="not a positive number"):
+        distributed.timeout({distributed.ENV_TIMEOUT: "0"})
+
+    joined: list[timedelta | None] = []
+
+    def from_env(**kw: Any) -> World:
+        joined.append(kw.get("timeout"))
+        return World()
+
+    monkeypatch.setattr(distributed.World, "from_env", from_env)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv(distributed.ENV_TIMEOUT, raising=False)
+    job._join(searching)
+    assert joined == [default + timedelta(hours=4)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import itertools
 import json
 from typing import Any
 
@@ -375,3 +376,78 @@ def test_bad_input_in_a_group_is_not_restarted(manifest: dict[str, Any]) -> None
     assert entry.message == f"worker 1 (pod {pod['metadata']['name']}): truncated (bad input: " + (
         "not retried)"
     )
+
+
+def test_a_group_restart_is_one_retry_not_one_per_pod(manifest: dict[str, Any]) -> None:
+    """relora_adapter_jobs_retried_total: a group of two workers that starts, fails, is restarted
+    (its Job made again, two new pods) counts one retry; its pods are not counted one by one.
+    A single-pod Job still counts each pod after its first."""
+    from relora_operator import metrics
+
+    manifest["spec"]["backoffLimit"] = 2
+    job, _ = _built(_grouped(manifest))
+    job["spec"]["suspend"] = False
+    running = [_pod(job, 0, "Running"), _pod(job, 1, "Running")]
+    failed = _failed_job(job)
+    dead = [
+        _pod(failed, 1, "Failed", exitCode=137, finishedAt="2025-01-01T11:00:00Z"),
+        _pod(failed, 0, "Failed", exitCode=143, finishedAt="2025-01-01T11:00:02Z"),
+    ]
+    again = copy.deepcopy(job)
+    again["metadata"]["annotations"][naming.RESTARTS] = "1"
+    steps: list[tuple[dict[str, Any] | None, list[dict[str, Any]]]] = [
+        (job, []),  # made, no pod yet
+        (job, running),  # both workers started
+        (failed, dead),  # worker 1 failed: restart 1 decided
+        (None, []),  # deleted: made again
+        (again, []),
+        (again, [_pod(again, 0, "Running"), _pod(again, 1, "Running")]),
+        (again, [_pod(again, 0, "Running"), _pod(again, 1, "Running")]),  # nothing new
+    ]
+    migration = _migration(manifest)
+    spec = migration.spec.model_copy(update={"adapters": migration.spec.adapters[:1]})
+    statuses = [AdapterMigrationStatus()]
+    for made, pods in steps:
+        seen = planner.Migration(migration.metadata.name, "ml", UID, 1, spec, statuses[-1], b"k")
+        jobs = [] if made is None else [made]
+        pods_of = {} if made is None else {made["metadata"]["name"]: pods}
+        status, _ = planner.plan(seen, jobs, pods_of, {}, NOW)
+        statuses.append(status)
+    entries = [entry for s in statuses[1:] for entry in (s.adapters or [])]
+    assert [(e.attempts, e.restarts, e.reason) for e in entries] == [
+        (0, None, "JobCreated"),
+        (2, None, "Running"),
+        (2, 1, "Restarting"),
+        (2, 1, "Restarting"),
+        (2, 1, "Restarting"),
+        (2, 1, "Running"),
+        (2, 1, "Running"),
+    ]
+    before = metrics.JOBS_RETRIED._value.get()
+    counted = []
+    for old, new in itertools.pairwise(statuses):
+        start = metrics.JOBS_RETRIED._value.get()
+        metrics.record_transitions(old, new, workers=2)
+        counted.append(metrics.JOBS_RETRIED._value.get() - start)
+    assert counted == [0, 0, 1, 0, 0, 0, 0], "the start is no retry, the restart one"
+
+    # One pod a Job: each pod after the first is a retry (the Job's own backoffLimit).
+    one = AdapterMigrationStatus.model_validate(
+        {"adapters": [{"name": "sentiment", "phase": "Running", "attempts": 1}]}
+    )
+    two = AdapterMigrationStatus.model_validate(
+        {"adapters": [{"name": "sentiment", "phase": "Running", "attempts": 2}]}
+    )
+    metrics.record_transitions(AdapterMigrationStatus(), one)
+    metrics.record_transitions(one, two)
+    assert metrics.JOBS_RETRIED._value.get() == before + 2
+    # Four workers whose pods appear one by one: still no retry before a restart.
+    grown = [
+        AdapterMigrationStatus.model_validate(
+            {"adapters": [{"name": "sentiment", "phase": "Pending", "attempts": n}]}
+        )
+        for n in range(5)
+    ]
+    for old, new in itertools.pairwise(grown):
+        metrics.record_transitions(old, new, workers=4)
+    assert metrics.JOBS_RETRIED._value.get() == before + 2

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import relora_cli as cli
 from relora_api import validation
+from relora_api.spec import Finetune
 from relora_trainer import plan
 from relora_trainer.storage import Storage
 from tests.conftest import toy_manifest
@@ -55,22 +56,29 @@ def test_the_toy_world_counts_equal_the_models(toy: Any, tmp_path: Path) -> None
     assert found.peak(checkpointing=True) <= found.peak()
 
 
-def test_an_8b_migration_needs_a_big_gpu_without_checkpointing(tmp_path: Path) -> None:
-    """Llama-3.1-8B in bf16, batch 4 x 2048 tokens (torchtune's reference run: 21.3 GB peak
-    with checkpointing and a chunked loss): the weights are 15 GiB, the activations without
-    checkpointing about 45 GiB (an 80 GiB card); with it the fp32 logits dominate (this trainer
-    does not chunk the loss) and a 40 GiB card holds it."""
-    model = tmp_path / "models" / "v2"
-    model.mkdir(parents=True)
-    (model / "config.json").write_text(json.dumps(LLAMA_3_1_8B))
-    (tmp_path / "models" / "v1").mkdir()
-    (tmp_path / "models" / "v1" / "config.json").write_text(json.dumps(LLAMA_3_1_8B))
+LLAMA_3_1_405B = {
+    **LLAMA_3_1_8B,
+    "hidden_size": 16384,
+    "intermediate_size": 53248,
+    "num_hidden_layers": 126,
+    "num_attention_heads": 128,
+}
+
+
+def _big_manifest(tmp_path: Path, config: dict[str, Any], **spec: Any) -> dict[str, Any]:
+    """A manifest over two bases with ``config`` (config.json only: no weight files), a LoRA
+    r16 on q_proj and v_proj and batches of 4; ``spec`` updates its spec."""
+    for version in ("v1", "v2"):
+        model = tmp_path / "models" / version
+        model.mkdir(parents=True)
+        (model / "config.json").write_text(json.dumps(config))
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(
         json.dumps({"r": 16, "target_modules": ["q_proj", "v_proj"]})
     )
-    manifest = {
+    (tmp_path / "train.jsonl").write_text('{"prompt": "a", "completion": " b"}\n')
+    return {
         "apiVersion": "relora.dev/v1alpha1",
         "kind": "AdapterMigration",
         "metadata": {"name": "big"},
@@ -87,14 +95,28 @@ def test_an_8b_migration_needs_a_big_gpu_without_checkpointing(tmp_path: Path) -
             "output": {"uri": "out"},
             "resources": {"limits": {"memory": "8Gi", "nvidia.com/gpu": 1}},
             "method": {"finetune": {"batchSize": 4}},
+            **spec,
         },
     }
+
+
+def _big_estimate(tmp_path: Path, manifest: dict[str, Any]) -> tuple[Any, plan.Estimate]:
     migration, problems = validation.validate_manifest(manifest)
     assert migration is not None, problems
     spec = migration.spec
     found = plan.estimate(
         spec, spec.adapters[0], Storage(base_dir=tmp_path), device="cuda", sequence=2048
     )
+    return spec, found
+
+
+def test_an_8b_migration_needs_a_big_gpu_without_checkpointing(tmp_path: Path) -> None:
+    """Llama-3.1-8B in bf16, batch 4 x 2048 tokens (torchtune's reference run: 21.3 GB peak
+    with checkpointing and a chunked loss): the weights are 15 GiB, the activations without
+    checkpointing about 45 GiB (an 80 GiB card); with it the fp32 logits dominate (this trainer
+    does not chunk the loss) and a 40 GiB card holds it."""
+    manifest = _big_manifest(tmp_path, LLAMA_3_1_8B)
+    spec, found = _big_estimate(tmp_path, manifest)
     assert found.precision == "bf16" and found.weights == pytest.approx(14.96, abs=0.05)
     assert found.smallest_gpu() == 80 and found.smallest_gpu(checkpointing=True) == 40
     assert 21.3 / 0.93 < found.peak(checkpointing=True) < 35
@@ -103,8 +125,91 @@ def test_an_8b_migration_needs_a_big_gpu_without_checkpointing(tmp_path: Path) -
 
     path = tmp_path / "big.yaml"
     path.write_text(yaml.safe_dump(manifest))
-    (tmp_path / "train.jsonl").write_text('{"prompt": "a", "completion": " b"}\n')
     assert cli.main(["plan", "-f", str(path), "--seq-len", "2048"]) == 0
+
+
+def test_workers_share_the_batch_and_its_activations_not_the_base(tmp_path: Path) -> None:
+    """Two workers of two GPUs: four processes, each with one of the 4 examples of a step (the
+    batch stays batchSize): the activations are a quarter of one process's, the weights, LoRA
+    + AdamW, overhead and rank 0's source phase the same."""
+    alone = _big_estimate(tmp_path / "alone", _big_manifest(tmp_path / "alone", LLAMA_3_1_8B))[1]
+    manifest = _big_manifest(
+        tmp_path / "group",
+        LLAMA_3_1_8B,
+        distributed={"workers": 2},
+        output={"uri": "s3://adapters/out"},
+    )
+    manifest["spec"]["resources"]["limits"]["nvidia.com/gpu"] = 2
+    _, group = _big_estimate(tmp_path / "group", manifest)
+    assert (alone.processes, alone.batch, alone.share) == (1, 4, 4)
+    assert (group.workers, group.processes, group.batch_size, group.share) == (2, 4, 4, 1)
+    assert group.batch == 1
+    assert group.activations == pytest.approx(alone.activations / 4)
+    assert group.checkpointed == pytest.approx(alone.checkpointed / 4)
+    for field in ("weights", "lora", "overhead", "source_phase"):
+        assert getattr(group, field) == getattr(alone, field), field
+    assert alone.source_phase > 0 and group.peak() < alone.peak()
+    # A forward pass: the largest share (World.shard), microBatchSize at a time when fewer.
+    assert plan.per_pass(Finetune(batch_size=5), 2) == 3
+    assert plan.per_pass(Finetune(batch_size=8, micro_batch_size=3), 2) == 3
+    assert plan.per_pass(Finetune(batch_size=8, micro_batch_size=3), 4) == 2
+    assert plan.per_pass(Finetune(batch_size=2), 4) == 1
+
+
+def test_the_plan_recommends_one_gpu_per_worker_of_the_smallest_size(tmp_path: Path) -> None:
+    """The recommendation is the smallest common GPU that holds one replica (checkpointing
+    as the spec lets it turn on), one per worker, the spec's workers; not more workers."""
+    manifest = _big_manifest(tmp_path, LLAMA_3_1_8B)
+    spec, found = _big_estimate(tmp_path, manifest)
+    auto = plan.recommend(spec, found)
+    assert (auto.gpu, auto.checkpointing, auto.workers) == (40, True, 1)
+    assert auto.peak == found.peak(checkpointing=True)
+    assert auto.line().startswith(
+        f"task: recommended 1 GPU of 40 GiB per worker, 1 worker (peak {auto.peak:.1f} GiB per "
+        "GPU, with gradient checkpointing)"
+    )
+    tune = spec.method.finetune.model_copy(update={"gradient_checkpointing": "off"})
+    off = spec.model_copy(update={"method": spec.method.model_copy(update={"finetune": tune})})
+    assert (plan.recommend(off, found).gpu, plan.recommend(off, found).checkpointing) == (
+        80,
+        False,
+    )
+    # 64k tokens an example: the activations, not the base, make it fit no GPU; said so.
+    storage = Storage(base_dir=tmp_path)
+    long = plan.estimate(spec, spec.adapters[0], storage, device="cuda", sequence=65536)
+    advice = plan.recommend(spec, long)
+    assert advice.gpu is None and advice.replica < 24
+    assert "the activations of 4 examples per pass make the gap: lower " in advice.line()
+
+
+def test_a_base_no_gpu_holds_is_said_plainly_not_spread_over_workers(
+    tmp_path: Path, capsys: Any
+) -> None:
+    """Llama-3.1-405B in bf16 (755 GiB of weights): no common GPU holds a replica, and workers
+    would each hold one too: the plan says so, with the largest GPU and the gap."""
+    manifest = _big_manifest(
+        tmp_path, LLAMA_3_1_405B, distributed={"workers": 8}, output={"uri": "s3://adapters/out"}
+    )
+    spec, found = _big_estimate(tmp_path, manifest)
+    advice = plan.recommend(spec, found)
+    assert advice.gpu is None and advice.checkpointing and advice.workers == 8
+    assert advice.gap == pytest.approx(found.peak(checkpointing=True) - 141 * 0.95)
+    assert advice.gap > 600
+    line = advice.line()
+    assert line.startswith(
+        f"task: does not fit any single GPU today: {advice.peak:.1f} GiB per GPU even with "
+        f"gradient checkpointing, {advice.gap:.1f} GiB more than the largest common GPU holds "
+        "(141 GiB, 134 usable)"
+    )
+    assert f"the base's replica alone takes {advice.replica:.1f} GiB" in line
+    assert "sharding it is not implemented" in line and "recommended" not in line
+
+    path = tmp_path / "huge.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    assert cli.main(["plan", "-f", str(path), "--seq-len", "2048"]) == 0
+    out = capsys.readouterr().out
+    assert line in out.splitlines()
+    assert "task: 8 worker(s) x 1 process(es) (one per GPU) = 8 processes" in out
 
 
 def test_plan_on_a_missing_model_is_bad_input(tmp_path: Path, capsys: Any) -> None:

@@ -659,6 +659,15 @@ class AdapterMigrationSpec(APIModel):
         """Worker pods per adapter (1 without ``distributed``)."""
         return self.distributed.workers if self.distributed is not None else 1
 
+    @property
+    def processes_per_worker(self) -> int:
+        """Trainer processes in each worker pod: one per GPU of ``resources`` with
+        ``distributed`` (one without GPUs), else 1 whatever GPUs the pod has. The world of an
+        adapter's group is ``workers * processes_per_worker`` processes."""
+        if self.distributed is None:
+            return 1
+        return max(gpus_per_worker(self.resources), 1)
+
     @model_validator(mode="after")
     def _semantics(self) -> AdapterMigrationSpec:
         if self.source_model == self.target_model:

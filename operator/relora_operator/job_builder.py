@@ -26,7 +26,7 @@ from typing import Any
 
 from relora_api import contract, uris
 from relora_api.resource import API_VERSION, KIND
-from relora_api.spec import MASTER_PORT, Adapter, AdapterMigrationSpec, gpus_per_worker
+from relora_api.spec import MASTER_PORT, Adapter, AdapterMigrationSpec
 from relora_operator import naming
 from relora_operator.settings import Settings
 
@@ -36,9 +36,7 @@ INDEX_ENV = "JOB_COMPLETION_INDEX"  # the Job controller sets it in each pod of 
 
 def world(spec: AdapterMigrationSpec) -> tuple[int, int]:
     """(workers, processes per worker) of each adapter's group: (1, 1) without distributed."""
-    if spec.distributed is None:
-        return 1, 1
-    return spec.distributed.workers, max(gpus_per_worker(spec.resources), 1)
+    return spec.workers, spec.processes_per_worker
 
 
 def master_address(job: str, workers: int) -> str:

@@ -17,7 +17,7 @@ from typing import get_args
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from relora_api.status import AdapterMigrationStatus, AdapterPhase, Reason
+from relora_api.status import AdapterMigrationStatus, AdapterPhase, AdapterStatus, Reason
 from relora_operator import __version__, planner
 
 PREFIX = "relora"
@@ -33,7 +33,10 @@ JOBS_FINISHED = Counter(
     ["result", "reason"],
 )
 JOBS_RETRIED = Counter(
-    f"{PREFIX}_adapter_jobs_retried_total", "Trainer pods started again after a failure."
+    f"{PREFIX}_adapter_jobs_retried_total",
+    "Adapter trainers started again after a failure: each pod of a single-pod Job after its "
+    "first (the Job's own retries), each restart of a worker group (spec.distributed.workers > 1: "
+    "the operator makes the group's Indexed Job again; one per restart, whatever the workers).",
 )
 TIME_TO_READINESS = Histogram(
     f"{PREFIX}_adapter_time_to_readiness_seconds",
@@ -80,8 +83,11 @@ def serve(port: int) -> None:
         start_http_server(port)
 
 
-def record_transitions(old: AdapterMigrationStatus, new: AdapterMigrationStatus) -> None:
-    """Count what changed between the status last written and the new one."""
+def record_transitions(
+    old: AdapterMigrationStatus, new: AdapterMigrationStatus, *, workers: int = 1
+) -> None:
+    """Count what changed between the status last written and the new one (of a spec with
+    ``workers`` worker pods per adapter)."""
     before = {a.name: a for a in old.adapters or []}
     for adapter in new.adapters or []:
         previous = before.get(adapter.name)
@@ -92,11 +98,22 @@ def record_transitions(old: AdapterMigrationStatus, new: AdapterMigrationStatus)
             seconds = adapter.result.time_to_readiness_seconds if adapter.result else None
             if adapter.phase == "Succeeded" and seconds is not None:
                 TIME_TO_READINESS.observe(seconds)
-        retries = adapter.attempts - max(previous.attempts if previous is not None else 0, 1)
+        retries = _retries(previous, adapter, workers)
         if retries > 0:
             JOBS_RETRIED.inc(retries)
     if new.phase in planner.FINAL and old.phase != new.phase:
         MIGRATIONS.labels(result=MIGRATION_RESULTS[new.phase]).inc()
+
+
+def _retries(previous: AdapterStatus | None, now: AdapterStatus, workers: int) -> int:
+    """Retries between two entries of one adapter. A single-pod Job: its pods after the first
+    (``attempts`` counts the pods of the Job). A worker group: its restarts (``restarts`` going
+    up), not its pods: each Job of a group starts ``workers`` pods at once, and a restart makes a
+    new Job whose pods count from 0 again."""
+    if workers > 1 or now.restarts is not None:
+        before = (previous.restarts or 0) if previous is not None else 0
+        return (now.restarts or 0) - before
+    return now.attempts - max(previous.attempts if previous is not None else 0, 1)
 
 
 def set_phases(counts: dict[str, int]) -> None:

@@ -372,7 +372,7 @@ class Operator:
             stored = await self.kube.patch_status(namespace, name, wire)
             generation = state.generation
             state.offer(stored, time.monotonic())
-            metrics.record_transitions(status, new_status)
+            metrics.record_transitions(status, new_status, workers=spec.workers)
             self._observe_queue_wait(state, jobs, pods)
             if state.generation != generation or stored["metadata"].get("deletionTimestamp"):
                 self.poker.poke(uid)  # changed while this reconciliation ran

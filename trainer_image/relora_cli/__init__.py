@@ -216,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
             "From the models' config.json and safetensors headers (no weight is read), the old "
             "adapter's config and the training data: per adapter the parameters, the memory of "
             "the weights, LoRA + AdamW and activations, the peak, and the smallest common GPU "
-            "(24/40/48/80/141 GiB) with and without gradient checkpointing."
+            "(24/40/48/80/141 GiB) with and without gradient checkpointing; on cuda, the GPUs "
+            "it recommends per worker (spec.distributed: each worker holds a whole replica and "
+            "only the activations shrink with its share of each batch)."
         ),
     )
     planning.add_argument("-f", "--filename", required=True, metavar="FILE", help="the manifest")

@@ -14,7 +14,9 @@ Work that one worker does while the others wait (rank 0 claiming the output, sea
 a :meth:`World.meet`: every worker says whether its part failed, and a failure anywhere stops
 every worker (a BadInput as the same BadInput: the same exit code everywhere) instead of leaving
 the others waiting. A worker that dies without a word (killed) leaves the others in a collective
-until the process group's timeout (:func:`timeout`, from ``RELORA_WORKER_TIMEOUT_SECONDS``).
+until the process group's timeout (:func:`timeout`: ``RELORA_WORKER_TIMEOUT_SECONDS`` when set,
+through ``spec.env``; else derived from the spec here, the one place that decides it: the
+operator sets nothing).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from relora_api.spec import AdapterMigrationSpec
 from relora_trainer.errors import BadInput
 
 T = TypeVar("T")
@@ -36,17 +39,27 @@ CPU = torch.device("cpu")
 ENVIRONMENT = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 ENV_TIMEOUT = "RELORA_WORKER_TIMEOUT_SECONDS"
 DEFAULT_TIMEOUT = timedelta(hours=2)
-"""How long a worker waits in a collective for the others: longer than rank 0's work alone
-(reference measurements, teacher, initialization search) on the largest model."""
+"""How long a worker waits in a collective for the others, besides the initialization search:
+longer than the rest of rank 0's work alone (claiming the output, loading the source base and
+measuring the references, the teacher) on the largest model. Not torch's default (10 minutes
+for nccl, 30 for gloo): loading a large base alone takes longer."""
 
 
-def timeout(environ: Mapping[str, str] | None = None) -> timedelta:
+def timeout(
+    environ: Mapping[str, str] | None = None, *, spec: AdapterMigrationSpec | None = None
+) -> timedelta:
     """The process group's timeout: ``RELORA_WORKER_TIMEOUT_SECONDS`` (a positive number of
-    seconds) or :data:`DEFAULT_TIMEOUT`; ValueError when it is set to something else."""
+    seconds), else :data:`DEFAULT_TIMEOUT` plus the wall-clock cap of ``spec``'s initialization
+    search (``method.initialization.timeoutSeconds``, up to a day; strategy relora only): the
+    other workers wait at a collective while rank 0 searches, and a trial under way when the
+    cap is reached ends first, within the default's margin. ValueError when the variable is set
+    to something else than a positive number."""
     env = os.environ if environ is None else environ
     raw = env.get(ENV_TIMEOUT)
     if not raw:
-        return DEFAULT_TIMEOUT
+        searching = spec is not None and spec.method.strategy == "relora"
+        search = spec.method.initialization.timeout_seconds if spec and searching else 0
+        return DEFAULT_TIMEOUT + timedelta(seconds=search)
     seconds = float(raw)
     if not seconds > 0:
         raise ValueError(f"{ENV_TIMEOUT} {raw!r} is not a positive number of seconds")

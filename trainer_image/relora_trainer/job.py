@@ -74,10 +74,11 @@ def _request() -> tuple[AdapterMigrationSpec, Adapter, Storage, ownership.Owner]
     return spec, adapter, where, owner
 
 
-def _join() -> World | None:
+def _join(spec: AdapterMigrationSpec) -> World | None:
     """The data-parallel workers this process is one of (torchrun's environment, WORLD_SIZE > 1),
-    their process group joined (with a timeout: a worker that dies leaves no other waiting
-    forever); None alone (nothing imported: the checks run before the ML stack)."""
+    their process group joined (with a timeout that outlasts ``spec``'s search on rank 0, so
+    that a worker that dies leaves no other waiting forever and a long search kills none);
+    None alone (nothing imported: the checks run before the ML stack)."""
     try:
         size = int(os.environ.get("WORLD_SIZE") or "1")
     except ValueError as error:
@@ -87,7 +88,7 @@ def _join() -> World | None:
     from relora_trainer import distributed
 
     try:
-        return distributed.World.from_env(timeout=distributed.timeout())
+        return distributed.World.from_env(timeout=distributed.timeout(spec=spec))
     except ValueError as error:  # the launcher's environment, incomplete or inconsistent
         raise errors.BadInput(f"the workers' environment: {error}") from error
 
@@ -114,7 +115,7 @@ def run() -> int:
     try:
         spec, adapter, where, owner = _request()
         output = spec.output_uri(adapter.name)
-        world = _join()
+        world = _join(spec)
         main = world is None or world.is_main
         folder: Path | None = None  # the output's local folder, once checked
 

@@ -7,10 +7,10 @@ config and the task data's longest example and completion, per adapter:
 - ``lora``: the LoRA parameters with their gradients and AdamW moments, all fp32 (16 bytes each);
 - ``activations``: what the backward pass keeps, per layer ``34 * s * b * h`` bytes in 16-bit
   (Korthikanti et al., 2022, without the attention-score term: PyTorch's SDPA does not store
-  them), scaled to the activation dtype, for one micro-batch (``b``: ``microBatchSize``, else
-  the batch), plus the fp32 logits of the columns that predict a completion token (the loss
-  computes no others); with gradient checkpointing only each layer's input is kept, and one
-  layer is recomputed at a time;
+  them), scaled to the activation dtype, for one forward pass of one process (``b``: its
+  share of the batch, ``microBatchSize`` examples at a time when that is fewer), plus the fp32
+  logits of the columns that predict a completion token (the loss computes no others); with
+  gradient checkpointing only each layer's input is kept, and one layer is recomputed at a time;
 - ``overhead``: the runtime. On a CPU 1.15 GiB (Python, torch 2.13's CPU build alone is 0.85
   GiB of RSS, transformers, PEFT) plus 18% of the weights (copies while they load): fitted to
   benchmarks/trainer_memory.py's relora runs at two sizes (``tiny``: 1.16 GiB with no weights to
@@ -21,6 +21,14 @@ config and the task data's longest example and completion, per adapter:
 The peak is the larger of the source phase (weights + inference activations, when a relative
 readiness target needs the old base) and the target phase (weights + LoRA + training
 activations). The smallest common GPU that holds it is named with and without checkpointing.
+
+Several GPUs (``spec.distributed``: workers x GPUs per worker, one process per GPU) are
+data-parallel: every process holds a whole replica of the base (no sharding yet), so the
+weights, LoRA + AdamW and the overhead are the same on every GPU; only the activations shrink,
+since each process takes its share of every batch (the batch stays ``batchSize`` examples a
+step; the shares differ by at most one, so the largest, ``ceil(batchSize / processes)``,
+counts). The source phase is rank 0's alone and unchanged. Hence :func:`recommend`: the smallest
+common GPU that holds one replica, one per worker, and no worker count that would not help.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from relora_api.spec import Adapter, AdapterMigrationSpec
+from relora_api.spec import Adapter, AdapterMigrationSpec, Finetune
 from relora_trainer import adapters, models
 from relora_trainer.errors import MissingInput, OutOfMemory
 from relora_trainer.storage import Storage
@@ -44,6 +52,8 @@ GPUS_GIB = (24, 40, 48, 80, 141)
 OVERHEAD = {"cuda": (1.0, 0.05), "cpu": (1.15, 0.18)}
 """Runtime overhead by device: (GiB, share of the weights); see the module's docstring."""
 _BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+USABLE = 0.95
+"""The share of a GPU's memory a plan may fill (the rest: fragmentation, other allocations)."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +63,7 @@ class Estimate:
     precision: str
     parameters: int
     lora_parameters: int
-    batch: int
+    batch: int  # examples per forward pass of one process
     sequence: int
     weights: float  # GiB
     lora: float
@@ -61,6 +71,14 @@ class Estimate:
     checkpointed: float
     overhead: float
     source_phase: float
+    workers: int = 1  # worker pods (spec.distributed.workers)
+    processes: int = 1  # data-parallel processes in all: workers x GPUs per worker
+    batch_size: int = 1  # examples per step, over all processes (spec's batchSize)
+
+    @property
+    def share(self) -> int:
+        """Examples of a step on one process: the largest of the shares (World.shard)."""
+        return -(-self.batch_size // self.processes)
 
     def peak(self, *, checkpointing: bool = False) -> float:
         training = self.activations if not checkpointing else self.checkpointed
@@ -69,7 +87,7 @@ class Estimate:
 
     def smallest_gpu(self, *, checkpointing: bool = False) -> int | None:
         need = self.peak(checkpointing=checkpointing)
-        return next((size for size in GPUS_GIB if need <= size * 0.95), None)
+        return next((size for size in GPUS_GIB if need <= size * USABLE), None)
 
 
 def _config(folder: Path, what: str) -> dict[str, Any]:
@@ -223,7 +241,8 @@ def estimate(
         completion = completion or longest
     completion = min(completion or sequence, sequence)
     tune = spec.method.finetune
-    batch = tune.micro_batch_size or tune.batch_size  # examples per forward pass
+    processes = spec.workers * spec.processes_per_worker
+    batch = per_pass(tune, processes)
     h, vocab = int(config["hidden_size"]), int(config["vocab_size"])
     tokens = batch * sequence
     per_layer = 34 * tokens * h * size / 2
@@ -234,7 +253,10 @@ def estimate(
     activations = (layers * per_layer + logits) / GIB
     checkpointed = (layers * tokens * h * size + per_layer + logits) / GIB
     weights = parameters * size / GIB
-    evaluation = (4 * tokens * h * size + batch * columns * vocab * 4) / GIB
+    # Rank 0 measures the references alone, on whole (micro-)batches: not a share.
+    alone = per_pass(tune, 1)
+    alone_columns = min(sequence, alone * completion)
+    evaluation = (4 * alone * sequence * h * size + alone * alone_columns * vocab * 4) / GIB
     fixed, share = OVERHEAD["cuda" if device == "cuda" else "cpu"]
     overhead = fixed + share * weights
     return Estimate(
@@ -251,6 +273,97 @@ def estimate(
         checkpointed=checkpointed,
         overhead=overhead,
         source_phase=(weights + evaluation + overhead) if adapter.readiness.needs_source else 0.0,
+        workers=spec.workers,
+        processes=processes,
+        batch_size=tune.batch_size,
+    )
+
+
+def per_pass(tune: Finetune, processes: int) -> int:
+    """Examples in one forward pass of one of ``processes`` data-parallel processes: its share
+    of the batch (the largest: ``ceil(batchSize / processes)``), ``microBatchSize`` at a time
+    when that is fewer (finetune.train_step shards the batch, then MicroBatch splits the share)."""
+    share = -(-tune.batch_size // processes)
+    return min(tune.micro_batch_size or tune.batch_size, share)
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The GPUs relora plan recommends for one adapter: ``workers`` workers of one ``gpu`` GiB
+    GPU each (None: no common GPU holds one replica, ``gap`` GiB beyond the largest's usable
+    memory). Workers do not lower the weights' memory per GPU (data-parallel replicas), so the
+    recommendation is the smallest GPU that holds one replica, never more workers to fit."""
+
+    adapter: str
+    gpu: int | None
+    peak: float  # GiB per GPU
+    checkpointing: bool  # the peak is the one with gradient checkpointing
+    workers: int
+    gap: float = 0.0
+    replica: float = 0.0  # GiB without training activations: weights, LoRA + AdamW, overhead
+    batch: int = 1  # examples per forward pass of one process
+
+    def line(self) -> str:
+        ckpt = ", with gradient checkpointing" if self.checkpointing else ""
+        if self.gpu is None:
+            largest = GPUS_GIB[-1]
+            text = (
+                f"{self.adapter}: does not fit any single GPU today: {self.peak:.1f} GiB per GPU"
+                f"{' even with gradient checkpointing' if self.checkpointing else ''}, "
+                f"{self.gap:.1f} GiB more than the largest common GPU holds ({largest} GiB, "
+                f"{largest * USABLE:.0f} usable); "
+            )
+            if self.replica > largest * USABLE:
+                return text + (
+                    f"the base's replica alone takes {self.replica:.1f} GiB and more workers or "
+                    "GPUs do not help: each holds a whole replica (sharding it is not implemented)"
+                )
+            return text + (
+                f"the activations of {self.batch} examples per pass make the gap: lower "
+                "spec.method.finetune.microBatchSize (more workers also split each batch; each "
+                "holds a whole replica of the base)"
+            )
+        plural = "s" if self.workers > 1 else ""
+        return (
+            f"{self.adapter}: recommended 1 GPU of {self.gpu} GiB per worker, {self.workers} "
+            f"worker{plural} (peak {self.peak:.1f} GiB per GPU{ckpt}); more workers shorten the "
+            "fine-tuning and shrink only the activations per GPU (as microBatchSize does on one "
+            "GPU): each holds a whole replica of the base"
+        )
+
+
+def recommend(spec: AdapterMigrationSpec, found: Estimate) -> Recommendation:
+    """Workers and GPUs for ``found`` (an estimate for the spec's world): the smallest common GPU
+    that holds one replica's peak, with gradient checkpointing where the spec lets it turn on
+    (``auto`` turns it on where the peak without it does not fit), one per worker, as many
+    workers as the spec asks (memory needs no more than one)."""
+    mode = spec.method.finetune.gradient_checkpointing
+    without, with_it = found.smallest_gpu(), found.smallest_gpu(checkpointing=True)
+    if mode == "off":
+        checkpointing, gpu = False, without
+    elif mode == "on":
+        checkpointing, gpu = True, with_it
+    else:
+        checkpointing, gpu = with_it != without or with_it is None, with_it
+    peak = found.peak(checkpointing=checkpointing)
+    gap = 0.0 if gpu is not None else peak - GPUS_GIB[-1] * USABLE
+    replica = found.weights + found.lora + found.overhead
+    return Recommendation(
+        found.adapter, gpu, peak, checkpointing, found.workers, gap, replica, found.batch
+    )
+
+
+def world_line(found: Estimate) -> str | None:
+    """What several processes change for ``found`` (None: one process)."""
+    if found.processes == 1:
+        return None
+    each = found.processes // found.workers
+    return (
+        f"{found.adapter}: {found.workers} worker(s) x {each} process(es) (one per GPU) = "
+        f"{found.processes} processes: the batch stays {found.batch_size} examples a step "
+        f"(spec batchSize), each process takes at most {found.share} of them, {found.batch} per "
+        "forward pass, and keeps their activations only; the weights, LoRA + AdamW and overhead "
+        "are the same on every GPU (a whole replica each), so the peak is each GPU's"
     )
 
 
@@ -305,7 +418,7 @@ def run(
         ]
     except (manifests.ManifestError, errors.BadInput) as error:
         return errors.refuse(error)
-    table = Table(title=f"Memory plan on {device} (GiB; one base resident at a time)")
+    table = Table(title=f"Memory plan on {device} (GiB per process; one base resident at a time)")
     for column in ("adapter", "precision", "parameters", "LoRA", "pass x seq", "weights"):
         table.add_column(column)
     for column in ("LoRA+AdamW", "activations", "peak", "GPU", "peak (ckpt)", "GPU (ckpt)"):
@@ -329,10 +442,15 @@ def run(
         )
         problems += warnings_for(migration.spec, e)
     Console(width=160).print(table)
+    for e in found:
+        lines = [world_line(e), recommend(migration.spec, e).line() if device == "cuda" else None]
+        for line in lines:
+            if line is not None:
+                print(line)
     print(
-        "Per GPU with spec.distributed.workers > 1 (or several GPUs a worker): the same peak; "
-        "each worker holds the whole base and fine-tunes its share of every batch, so more "
-        "GPUs shorten the fine-tuning, not the memory it needs."
+        "Several GPUs (spec.distributed) do not lower the weights' memory per GPU: each worker "
+        "holds the whole base (sharding it is not implemented) and fine-tunes its share of "
+        "every batch, so only the activations shrink; more GPUs shorten the fine-tuning."
     )
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)
