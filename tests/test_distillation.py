@@ -16,7 +16,15 @@ from relora_trainer import adapters, migrate, models
 from relora_trainer.data import Encoder, Example, read_jsonl
 from relora_trainer.method import distillation
 from relora_trainer.method.config import FinetuneConfig, RegularizationConfig
-from relora_trainer.method.finetune import MicroBatch, Target, finetune, task_loss, train_step
+from relora_trainer.method.finetune import (
+    MicroBatch,
+    Target,
+    batch_indices,
+    examples_seen,
+    finetune,
+    task_loss,
+    train_step,
+)
 from relora_trainer.method.quality import completion_logits
 from relora_trainer.storage import Storage
 from tests.conftest import toy_manifest
@@ -159,6 +167,38 @@ def test_the_loss_adds_weight_times_the_term_from_the_same_logits(toy: Any) -> N
         task_loss(student, batch, teacher=teacher.rows([0, 1, 2]), weight=1.0)
 
 
+def test_the_emphasis_counts_the_tokens_the_teacher_gets_right_more(toy: Any) -> None:
+    """emphasis e: the cross-entropy of a token whose most likely teacher token is the label
+    counts 1 + e times, of the others once; with a zero weight no KL term is added."""
+    encoder, examples = _encoder(toy), _mixed(toy)
+    teacher = distillation.compute(
+        _with_old_adapter(toy, toy.v2), encoder, examples, top_k=4, device=CPU
+    )  # a teacher that is right on some tokens and wrong on others
+    student = _with_old_adapter(toy, toy.v1).eval()
+    rows = list(range(len(examples)))
+    batch = encoder.batch([encoder.encode(e.prompt, e.completion) for e in examples], CPU)
+    with torch.no_grad():
+        logits, labels = completion_logits(student, batch)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        kl, right = distillation.per_token(logprobs, labels, teacher.rows(rows))
+        nll = -logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        labelled = labels != -100
+        emphasized = float(task_loss(student, batch, teacher=teacher.rows(rows), emphasis=3.0))
+        both = float(
+            task_loss(student, batch, teacher=teacher.rows(rows), weight=2.0, emphasis=3.0)
+        )
+    gold = torch.tensor(
+        [t for e in examples for t in encoder.encode(e.prompt, e.completion).completion_ids]
+    )
+    expected_right = teacher.ids[:, 0] == gold  # top-k ids come most likely first
+    assert 0 < int(expected_right.sum()) < len(gold), "both cases present"
+    assert torch.equal(right[labelled], expected_right)
+    counted = (nll * (1 + 3.0 * right.float()))[labelled].sum() / int(labelled.sum())
+    assert emphasized == pytest.approx(float(counted), rel=1e-5)
+    assert both == pytest.approx(float(counted + 2.0 * kl.sum() / int(labelled.sum())), rel=1e-5)
+    assert float(kl[~labelled].abs().sum()) == 0.0
+
+
 @pytest.fixture(scope="module")
 def teacher(toy: Any) -> distillation.Teacher:
     train = read_jsonl(toy.split("train"), what="train")
@@ -209,6 +249,44 @@ def test_micro_batches_accumulate_the_same_steps_with_distillation(
     plain = _train(toy, off, teacher)
     moved = max(float((plain[n] - v).abs().max()) for n, v in whole.items())
     assert moved > 1e-5, "the distillation term took part in the steps"
+
+
+def test_a_teacher_covers_only_the_examples_the_budget_sees(
+    toy: Any, teacher: distillation.Teacher
+) -> None:
+    """With a budget smaller than an epoch the teacher computes only the examples those steps
+    draw; the others get rows of no mass (as long as their completions), and fine-tuning
+    within that budget, with emphasis and a term, moves the adapter exactly as the full
+    teacher does."""
+    train = read_jsonl(toy.split("train"), what="train")
+    seen = examples_seen(steps=3, size=len(train), batch_size=4, seed=0)
+    drawn = {
+        i for s in range(3) for i in batch_indices(step=s, size=len(train), batch_size=4, seed=0)
+    }
+    assert seen == sorted(drawn) and len(seen) == 12 < len(train)
+    assert examples_seen(steps=-(-len(train) // 4), size=len(train), batch_size=4, seed=0) == list(
+        range(len(train))
+    )
+    on_old = _with_old_adapter(toy, toy.v1)
+    part = distillation.compute(on_old, _encoder(toy), train, top_k=8, device=CPU, only=seen)
+    assert part.examples == teacher.examples
+    for n in range(len(train)):
+        (ids, probs), (full_ids, full_probs) = part.rows([n])[0], teacher.rows([n])[0]
+        if n in drawn:
+            assert torch.equal(ids, full_ids) and torch.allclose(probs, full_probs, atol=1e-6)
+        else:
+            assert ids.shape == full_ids.shape and bool((ids == -1).all())
+            assert float(probs.abs().sum()) == 0.0
+    config = Finetune(
+        max_steps=3,
+        batch_size=4,
+        eval_every=3,
+        learning_rate=5e-3,
+        distillation=Distillation(weight=1.0, emphasis=2.0, top_k=8),
+    )
+    with_part, with_full = _train(toy, config, part), _train(toy, config, teacher)
+    for name, value in with_full.items():
+        assert torch.equal(with_part[name], value), name
 
 
 def test_a_step_distilling_from_the_student_itself_adds_nothing(
@@ -286,7 +364,13 @@ def test_the_teacher_is_computed_in_the_source_phase_counted_and_reused_by_a_ret
     )
     teacher_seconds = first.seconds["teacher"]
     assert teacher_seconds is not None and teacher_seconds > 0
-    assert first.distillation == {"weight": 1.0, "top_k": 4, "over": "choices", "agreeing": True}
+    assert first.distillation == {
+        "weight": 1.0,
+        "top_k": 4,
+        "over": "choices",
+        "agreeing": True,
+        "emphasis": 0.0,
+    }
     assert first.history[0]["seconds"] >= teacher_seconds, "counted in the time to readiness"
     out = tmp_path / "out" / "toy-category"
     assert (out / "state" / migrate.TEACHER_FILE).is_file()

@@ -340,6 +340,18 @@ class Distillation(APIModel):
             "distils every token."
         ),
     )
+    emphasis: float = Field(
+        default=0.0,
+        ge=0,
+        le=100,
+        description=(
+            "Extra weight of the task loss at the completion tokens where the teacher is right "
+            "(its most likely token among those compared is the example's own): there the "
+            "token's cross-entropy counts 1 + emphasis times. It leans the fine-tune toward what "
+            "the old adapter knew, which is what a readiness target relative to the source "
+            "measures; 0: off. Needs the teacher (computed when weight or emphasis is > 0)."
+        ),
+    )
 
 
 class Finetune(APIModel):

@@ -41,6 +41,7 @@ from relora_trainer.method.finetune import (
     MicroBatch,
     Target,
     autocast,
+    examples_seen,
     finetune,
     look_ahead,
 )
@@ -98,18 +99,26 @@ def _reference_key(adapter: Adapter) -> str:
     return json.dumps({"uri": adapter.uri, "data": adapter.data.to_wire()}, sort_keys=True)
 
 
-def _teacher_key(adapter: Adapter, teaching: Distillation) -> str:
-    settings = {k: v for k, v in teaching.to_wire().items() if k != "weight"}  # not the teacher's
-    what = {"reference": _reference_key(adapter), **settings}
+def _teacher_key(adapter: Adapter, teaching: Distillation, spec: AdapterMigrationSpec) -> str:
+    # the weight and the emphasis are the fine-tune's, not the teacher's
+    settings = {k: v for k, v in teaching.to_wire().items() if k not in ("weight", "emphasis")}
+    what = {"reference": _reference_key(adapter), **settings, "budget": _budget(spec)}
     return json.dumps(what, sort_keys=True)
+
+
+def _budget(spec: AdapterMigrationSpec) -> dict[str, int]:
+    """What decides the training examples a fine-tune sees (the teacher covers those only)."""
+    tune = spec.method.finetune
+    return {"steps": tune.max_steps, "batch_size": tune.batch_size, "seed": spec.method.seed}
 
 
 def distilled(spec: AdapterMigrationSpec) -> Distillation | None:
     """The teacher's settings when this spec's fine-tuning distils (a strategy that trains, a
-    budget, a positive weight), else None: no teacher is computed."""
+    budget, a positive weight or emphasis), else None: no teacher is computed."""
     tune = spec.method.finetune
     trains = strategies.strategy(spec.method.strategy).trains
-    if tune.distillation.weight > 0 and tune.max_steps > 0 and trains:
+    teaches = tune.distillation.weight > 0 or tune.distillation.emphasis > 0
+    if teaches and tune.max_steps > 0 and trains:
         return tune.distillation
     return None
 
@@ -176,7 +185,7 @@ def _load_bases(
         if teaching_by is not None:
             saved_teacher = load_teacher(spec, adapter, storage)
             if saved_teacher is not None:  # computed by an earlier attempt of this work
-                teachers[_teacher_key(adapter, teaching_by)] = saved_teacher
+                teachers[_teacher_key(adapter, teaching_by, spec)] = saved_teacher
                 teaching = False
         if reference or teaching:
             wanted.append((adapter, reference, teaching))
@@ -188,7 +197,7 @@ def _load_bases(
         measuring = time.perf_counter()
         for adapter, reference, teaching in wanted:
             key = _reference_key(adapter)
-            teacher_key = _teacher_key(adapter, teaching_by) if teaching_by else ""
+            teacher_key = _teacher_key(adapter, teaching_by, spec) if teaching_by else ""
             reference = reference and key not in on_source  # not done for an adapter before
             teaching = teaching and teacher_key not in teachers  # with the same inputs
             if not (reference or teaching):
@@ -199,7 +208,7 @@ def _load_bases(
                 on_source[key] = _Quality(Encoder(tokenizer), task, device).splits(on_old)
             if teaching and teaching_by is not None:
                 computed = _compute_teacher(
-                    on_old, Encoder(tokenizer), task, device, teaching_by, adapter.readiness.metric
+                    on_old, Encoder(tokenizer), task, device, spec, adapter.readiness.metric
                 )
                 teachers[teacher_key] = computed
                 teacher_seconds += computed[1]
@@ -230,13 +239,16 @@ def _compute_teacher(
     encoder: Encoder,
     task: TaskData,
     device: torch.device,
-    teaching: Distillation,
+    spec: AdapterMigrationSpec,
     metric: str,
 ) -> tuple[distillation.Teacher, float]:
-    """The teacher's distributions over the training examples (``model``: the old adapter on
-    the source base), and the seconds they took; redone in smaller batches when memory runs
-    out. Over the task's choices for an accuracy target (``over: choices``), else its top k."""
+    """The teacher's distributions over the training examples that ``spec``'s fine-tuning
+    budget will see (``model``: the old adapter on the source base), and the seconds they took;
+    redone in smaller batches when memory runs out. Over the task's choices for an accuracy
+    target (``over: choices``), else its top k."""
     started = time.perf_counter()
+    teaching = spec.method.finetune.distillation
+    only = examples_seen(size=len(task.train), **_budget(spec))
     micro = MicroBatch(EVALUATION_BATCH, batch=EVALUATION_BATCH)
     choices = task.choices if teaching.over == "choices" and metric == "accuracy" else None
 
@@ -251,6 +263,7 @@ def _compute_teacher(
                 batch_size=micro.evaluation,
                 choices=choices,
                 agreeing=teaching.agreeing,
+                only=only,
             )
 
     teacher = micro.run(once)
@@ -827,13 +840,13 @@ def _teacher(
     teaching = distilled(spec)
     if teaching is None:
         return None, 0.0
-    key = _teacher_key(adapter, teaching)
+    key = _teacher_key(adapter, teaching, spec)
     if key not in bases.teachers:
         saved = load_teacher(spec, adapter, storage)
         if saved is None:
             on_old = _with_adapter(bases.source(), old)
             saved = _compute_teacher(
-                on_old, encoder, task, bases.device, teaching, adapter.readiness.metric
+                on_old, encoder, task, bases.device, spec, adapter.readiness.metric
             )
             adapters.detach(on_old)
         bases.teachers[key] = saved

@@ -162,6 +162,27 @@ VARIANTS: tuple[Variant, ...] = (
         quick=False,
     ),
     Variant(
+        "warm-start-emphasis",
+        "warm-start-teacher with the task loss counted 4 times where the teacher is right "
+        "(distillation weight 3, emphasis 3)",
+        merge(WARM_START_METHOD, {"finetune": {"distillation": {"weight": 3.0, "emphasis": 3.0}}}),
+        quick=False,
+    ),
+    Variant(
+        "warm-start-emphasis-only",
+        "warm-start with the task loss counted 4 times where the teacher is right, no "
+        "distillation term (weight 0, emphasis 3)",
+        merge(WARM_START_METHOD, {"finetune": {"distillation": {"emphasis": 3.0}}}),
+        quick=False,
+    ),
+    Variant(
+        "relora-emphasis",
+        "relora-teacher with the task loss counted 4 times where the teacher is right "
+        "(distillation weight 3, emphasis 3)",
+        _relora(finetune={"distillation": {"weight": 3.0, "emphasis": 3.0}}),
+        quick=False,
+    ),
+    Variant(
         "warm-start-relora-lr",
         "warm-start at relora's learning rate: what relora gains beyond its learning rate",
         merge(WARM_START_METHOD, {"finetune": RELORA_METHOD["finetune"]}),

@@ -75,6 +75,12 @@ class DistillationConfig:
     top_k: int
     over: str
     agreeing: bool
+    emphasis: float
+
+    @property
+    def teaches(self) -> bool:
+        """The teacher's distributions are needed: a distillation term or an emphasis."""
+        return self.weight > 0 or self.emphasis > 0
 
     @classmethod
     def of(cls, model: Any) -> DistillationConfig:

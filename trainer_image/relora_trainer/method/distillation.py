@@ -91,11 +91,14 @@ def compute(
     batch_size: int = 64,
     choices: Sequence[str] | None = None,
     agreeing: bool = False,
+    only: Sequence[int] | None = None,
 ) -> Teacher:
     """``model``'s top-k next-token distribution at every completion token of ``examples``, or
     with ``choices`` its probabilities of the choices' continuations (see :func:`forks`) (eval
     mode, restored after; examples of similar length batched together). ``agreeing``: zero
-    mass at the tokens where the teacher's most likely one is not the example's own."""
+    mass at the tokens where the teacher's most likely one is not the example's own.
+    ``only``: the indices of the examples to compute (those a fine-tune's budget will see);
+    the others get rows of no mass (ids -1), as long as their completions: never a term."""
     was_training = model.training
     model.eval()
     try:
@@ -105,11 +108,11 @@ def compute(
             at_forks = forks(encoder, choices)
             top_k = max((int(f.shape[1]) for f in at_forks.values()), default=1)
         order = sorted(
-            range(len(encoded)),
+            range(len(encoded)) if only is None else set(only),
             key=lambda n: len(encoded[n].prompt_ids) + len(encoded[n].completion_ids),
         )
-        ids: list[torch.Tensor] = [torch.zeros((0, top_k), dtype=torch.int32)] * len(encoded)
-        probs: list[torch.Tensor] = [torch.zeros((0, top_k))] * len(encoded)
+        ids: list[torch.Tensor | None] = [None] * len(encoded)
+        probs: list[torch.Tensor | None] = [None] * len(encoded)
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             batch = encoder.batch([encoded[n] for n in rows], device)
@@ -119,26 +122,34 @@ def compute(
                 full = torch.softmax(logits.float(), dim=-1).cpu()
                 for row, n in enumerate(rows):
                     fork = at_forks[examples[n].completion]
-                    ids[n] = torch.zeros((len(fork), top_k), dtype=torch.int32) - 1
-                    ids[n][:, : fork.shape[1]] = fork
-                    picked = full[row][mask[row]].gather(-1, ids[n].long().clamp(min=0))
-                    probs[n] = picked * (ids[n] >= 0)
+                    padded = torch.zeros((len(fork), top_k), dtype=torch.int32) - 1
+                    padded[:, : fork.shape[1]] = fork
+                    picked = full[row][mask[row]].gather(-1, padded.long().clamp(min=0))
+                    ids[n], probs[n] = padded, picked * (padded >= 0)
                 continue
             k = min(top_k, logits.shape[-1])
             top, top_ids = torch.softmax(logits.float(), dim=-1).topk(k, dim=-1)
             top, top_ids = top.cpu(), top_ids.to("cpu", torch.int32)
             for row, n in enumerate(rows):
                 ids[n], probs[n] = top_ids[row][mask[row]], top[row][mask[row]]
-        if agreeing:
-            for n, item in enumerate(encoded):
-                if len(ids[n]):
-                    best = ids[n].gather(-1, probs[n].argmax(dim=-1, keepdim=True)).squeeze(-1)
-                    right = best == torch.tensor(item.completion_ids, dtype=torch.int32)
-                    probs[n] = probs[n] * right.unsqueeze(-1)
-        lengths = torch.tensor([0, *(len(i) for i in ids)], dtype=torch.long)
+        width = next((int(i.shape[1]) for i in ids if i is not None), top_k)
+        kept_ids, kept_probs = [], []
+        for n, item in enumerate(encoded):
+            row_ids, row_probs = ids[n], probs[n]
+            if row_ids is None or row_probs is None:  # not computed: as long, no mass
+                length = len(item.completion_ids) - (0 if item.prompt_ids else 1)
+                row_ids = torch.full((length, width), -1, dtype=torch.int32)
+                row_probs = torch.zeros((length, width))
+            elif agreeing and len(row_ids):
+                best = row_ids.gather(-1, row_probs.argmax(dim=-1, keepdim=True)).squeeze(-1)
+                right = best == torch.tensor(item.completion_ids, dtype=torch.int32)
+                row_probs = row_probs * right.unsqueeze(-1)
+            kept_ids.append(row_ids)
+            kept_probs.append(row_probs)
+        lengths = torch.tensor([0, *(len(i) for i in kept_ids)], dtype=torch.long)
         return Teacher(
-            ids=torch.cat(ids) if ids else torch.zeros((0, top_k), dtype=torch.int32),
-            probs=torch.cat(probs) if probs else torch.zeros((0, top_k)),
+            ids=torch.cat(kept_ids) if kept_ids else torch.zeros((0, width), dtype=torch.int32),
+            probs=torch.cat(kept_probs) if kept_probs else torch.zeros((0, width)),
             offsets=lengths.cumsum(0),
         )
     finally:
@@ -163,17 +174,15 @@ def forks(encoder: Encoder, choices: Sequence[str]) -> dict[str, torch.Tensor]:
     return table
 
 
-def divergence(
-    logprobs: torch.Tensor,
-    labels: torch.Tensor,
-    teacher: TeacherRows,
-    *,
-    tokens: int | None = None,
-) -> torch.Tensor:
-    """KL(teacher || student), both conditioned on the teacher's top-k tokens, summed over the
-    labelled positions and divided by ``tokens`` (default: their count, a mean). ``logprobs``:
-    the student's fp32 log-softmax at completion_logits' columns; ``teacher``: one (ids, probs)
-    pair per row, as many positions as the row has labelled tokens."""
+def per_token(
+    logprobs: torch.Tensor, labels: torch.Tensor, teacher: TeacherRows
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position of ``labels``: KL(teacher || student), both conditioned on the teacher's
+    top-k tokens (zero where the position is not labelled or the teacher has nothing there),
+    and whether the teacher is right there (its most likely token among those kept is the
+    label; False where it kept no mass). ``logprobs``: the student's fp32 log-softmax at
+    completion_logits' columns; ``teacher``: one (ids, probs) pair per row, as many positions
+    as the row has labelled tokens."""
     mask = (labels != IGNORE_INDEX).cpu()
     if len(teacher) != mask.shape[0]:
         raise ValueError(f"{len(teacher)} teacher rows for a batch of {mask.shape[0]}")
@@ -194,10 +203,26 @@ def divergence(
     # Both distributions conditioned on the teacher's top k (renormalized over them); an id
     # of -1 pads a row (a choices teacher): no mass for either.
     valid = ids >= 0
-    teacher_k = probs / probs.sum(dim=-1, keepdim=True).clamp(min=1e-30)
+    mass = probs.sum(dim=-1, keepdim=True)
+    teacher_k = probs / mass.clamp(min=1e-30)
     gathered = logprobs.gather(-1, ids.clamp(min=0)).masked_fill(~valid, -1e4)
     student_k = torch.log_softmax(gathered, dim=-1)
     cross = torch.where(valid, teacher_k * student_k, torch.zeros_like(student_k))
-    kl = (torch.xlogy(teacher_k, teacher_k) - cross).sum(dim=-1)
-    total = (kl * mask).sum()
-    return total / max(int(mask.sum()) if tokens is None else tokens, 1)
+    kl = (torch.xlogy(teacher_k, teacher_k) - cross).sum(dim=-1) * mask
+    best = ids.gather(-1, probs.argmax(dim=-1, keepdim=True)).squeeze(-1)
+    right = mask & (mass.squeeze(-1) > 0) & (best == labels.to(device))
+    return kl, right
+
+
+def divergence(
+    logprobs: torch.Tensor,
+    labels: torch.Tensor,
+    teacher: TeacherRows,
+    *,
+    tokens: int | None = None,
+) -> torch.Tensor:
+    """KL(teacher || student) of :func:`per_token`, summed over the labelled positions and
+    divided by ``tokens`` (default: their count, a mean)."""
+    kl, _ = per_token(logprobs, labels, teacher)
+    count = int((labels != IGNORE_INDEX).sum()) if tokens is None else tokens
+    return kl.sum() / max(count, 1)

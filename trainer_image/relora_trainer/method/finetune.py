@@ -105,6 +105,20 @@ def batch_indices(*, step: int, size: int, batch_size: int, seed: int) -> list[i
     return indices
 
 
+def examples_seen(*, steps: int, size: int, batch_size: int, seed: int) -> list[int]:
+    """The examples the batches of steps 0 .. ``steps`` - 1 draw (sorted): all ``size`` once the
+    budget reaches an epoch, else the first ``steps`` x ``batch_size`` of epoch 0's order."""
+    if steps * batch_size >= size:
+        return list(range(size))
+    return sorted(
+        {
+            i
+            for step in range(steps)
+            for i in batch_indices(step=step, size=size, batch_size=batch_size, seed=seed)
+        }
+    )
+
+
 def task_loss(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
@@ -112,14 +126,16 @@ def task_loss(
     tokens: int | None = None,
     teacher: distillation.TeacherRows | None = None,
     weight: float = 0.0,
+    emphasis: float = 0.0,
 ) -> torch.Tensor:
     """Mean cross-entropy of the labelled (completion) tokens, as ``model(**batch).loss``; with
     ``tokens``, their summed cross-entropy divided by it (a micro-batch's share of its step).
-    With ``teacher`` (the batch's rows) and ``weight``, plus ``weight`` times the distillation
-    term over the same tokens, from the same logits."""
+    With ``teacher`` (the batch's rows): plus ``weight`` times the distillation term over the
+    same tokens, from the same logits, and the cross-entropy of the tokens where the teacher is
+    right counted ``1 + emphasis`` times."""
     logits, labels = completion_logits(model, batch)
     reduction = "mean" if tokens is None else "sum"
-    if teacher is None or weight == 0:
+    if teacher is None or (weight == 0 and emphasis == 0):
         loss = torch.nn.functional.cross_entropy(
             logits.float().reshape(-1, logits.shape[-1]),
             labels.reshape(-1),
@@ -128,14 +144,13 @@ def task_loss(
         )
         return loss if tokens is None else loss / tokens
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    loss = torch.nn.functional.nll_loss(
-        logprobs.reshape(-1, logprobs.shape[-1]),
-        labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction=reduction,
+    nll = torch.nn.functional.nll_loss(
+        logprobs.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
     )
-    loss = loss if tokens is None else loss / tokens
-    return loss + weight * distillation.divergence(logprobs, labels, teacher, tokens=tokens)
+    kl, right = distillation.per_token(logprobs, labels, teacher)
+    total = (nll * (1 + emphasis * right.float()) + weight * kl).sum()
+    count = int((labels != IGNORE_INDEX).sum()) if tokens is None else tokens
+    return total / max(count, 1)
 
 
 def backward(
@@ -147,6 +162,7 @@ def backward(
     device: torch.device,
     teacher: distillation.TeacherRows | None = None,
     weight: float = 0.0,
+    emphasis: float = 0.0,
     tokens: int | None = None,
 ) -> None:
     """The gradient of one step's task loss (the mean over all its labelled tokens), computed
@@ -162,7 +178,14 @@ def backward(
     for start, batch in zip(starts, batches, strict=True):
         rows = None if teacher is None else teacher[start : start + micro_batch]
         with autocast(device):
-            loss = task_loss(model, batch, tokens=max(tokens, 1), teacher=rows, weight=weight)
+            loss = task_loss(
+                model,
+                batch,
+                tokens=max(tokens, 1),
+                teacher=rows,
+                weight=weight,
+                emphasis=emphasis,
+            )
         loss.backward()
 
 
@@ -239,14 +262,16 @@ def train_step(
     penalty: Callable[[], torch.Tensor] | None = None,
     teacher: distillation.Teacher | None = None,
     distill_weight: float = 0.0,
+    emphasis: float = 0.0,
     world: World | None = None,
 ) -> None:
     """One optimizer step on the batch of ``step``: the task loss's gradient (plus
     ``distill_weight`` times the distillation term toward ``teacher``) accumulated over
     micro-batches (redone smaller if memory runs out), ``penalty`` (the regularizer) added
-    once, the gradient norm clipped to 1. With a distributed ``world``: this worker's share of
-    the batch, its loss divided by the whole batch's labelled tokens, the gradients summed over
-    the workers before the regularizer's is added (on every worker, once)."""
+    once, the gradient norm clipped to 1 (``emphasis``: see :func:`task_loss`). With a
+    distributed ``world``: this worker's share of the batch, its loss divided by the whole
+    batch's labelled tokens, the gradients summed over the workers before the regularizer's
+    is added (on every worker, once)."""
     picked = batch_indices(step=step, size=len(train), batch_size=batch_size, seed=seed)
     shared = world is not None and world.distributed
     if world is not None and shared:
@@ -255,8 +280,12 @@ def train_step(
     reset = functools.partial(optimizer.zero_grad, set_to_none=True)
     reset()
     distilling: dict[str, Any] = {}
-    if teacher is not None and distill_weight > 0:
-        distilling = {"teacher": teacher.rows(picked), "weight": distill_weight}
+    if teacher is not None and (distill_weight > 0 or emphasis > 0):
+        distilling = {
+            "teacher": teacher.rows(picked),
+            "weight": distill_weight,
+            "emphasis": emphasis,
+        }
     if world is not None and shared:
         distilling["tokens"] = max(world.sum(labelled_tokens(encoded)), 1)
     work = functools.partial(micro.backward, model, encoder, encoded, device=device, **distilling)
@@ -391,7 +420,7 @@ def finetune(
     world: World | None = None,
 ) -> FinetuneOutcome:
     """Train the adapter parameters of ``model`` from their current values until ready or budget.
-    With ``config.distillation.weight`` > 0, ``teacher`` (over ``train``) is required.
+    With a distillation weight or emphasis > 0, ``teacher`` (over ``train``) is required.
 
     ``world``: data-parallel workers (see the module's docstring); every worker calls this with
     the same arguments (``teacher`` over all of ``train``; ``state_dir`` one folder all of them
@@ -399,9 +428,9 @@ def finetune(
     worker, with the same evaluations; ``on_checkpoint`` on rank 0 only, before the others go
     on. None (or a world of one): this process alone, no collective."""
     distill_weight = config.distillation.weight
-    if distill_weight > 0 and config.max_steps > 0:
+    if config.distillation.teaches and config.max_steps > 0:
         if teacher is None:
-            raise ValueError("distillation weight > 0 needs the teacher's distributions")
+            raise ValueError("a distillation weight or emphasis > 0 needs the teacher")
         if teacher.examples != len(train):
             raise ValueError(
                 f"the teacher covers {teacher.examples} examples, the training data has "
@@ -496,6 +525,7 @@ def finetune(
             penalty=functools.partial(_pull, lam, parameters, anchors) if lam > 0 else None,
             teacher=teacher,
             distill_weight=distill_weight,
+            emphasis=config.distillation.emphasis,
             world=workers,
         )
         if micro.size < config.batch_size:
