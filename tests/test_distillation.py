@@ -351,19 +351,47 @@ def _spec(toy: Any, tmp_path: Path, **changes: Any) -> AdapterMigrationSpec:
     return migration.spec
 
 
-def test_the_teacher_is_computed_in_the_source_phase_counted_and_reused_by_a_retry(
+def test_the_teacher_is_computed_in_place_counted_and_reused_by_a_retry(
     toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The teacher is computed on the old base's weights copied into the loaded new base (no
+    second base loaded), equals the one computed on the old base itself, leaves the new base
+    as it was, is counted in the time to readiness and is read back by a retried attempt."""
     storage = Storage(base_dir=tmp_path)
     spec = _spec(toy, tmp_path)
     loads = Loads(monkeypatch)
     bases = migrate.load_bases(spec, storage, CPU)
     assert loads.folders == ["v1", "v2-mild"] and loads.most == 1, "one base resident at a time"
+    target_before = {n: t.clone() for n, t in bases.target.state_dict().items()}
+    computed: list[distillation.Teacher] = []
+    compute = distillation.compute
+
+    def recorded(*args: Any, **kwargs: Any) -> distillation.Teacher:
+        computed.append(compute(*args, **kwargs))
+        return computed[-1]
+
+    monkeypatch.setattr(distillation, "compute", recorded)
     first = migrate.migrate_adapter(
         spec=spec, adapter=spec.adapters[0], bases=bases, storage=storage
     )
+    assert loads.folders == ["v1", "v2-mild"], "the old base was not loaded again"
+    for name, value in bases.target.state_dict().items():
+        assert torch.equal(value, target_before[name]), f"{name} changed"
     teacher_seconds = first.seconds["teacher"]
-    assert teacher_seconds is not None and teacher_seconds > 0
+    assert teacher_seconds is not None and teacher_seconds > 0 and len(computed) == 1
+    on_v1 = _with_old_adapter(toy, toy.v1)
+    train = read_jsonl(toy.split("train"), what="train")
+    choices = sorted({e.completion for e in train})
+    direct = compute(on_v1, _encoder(toy), train, top_k=4, device=CPU, choices=choices)
+    seen = sorted({i for i in range(len(train)) if float(computed[0].rows([i])[0][1].sum()) > 0})
+    assert seen, "the teacher has mass on the examples the budget sees"
+    for n in seen:  # the same probabilities of the same ids (the choices in another order)
+        (ids, probs), (direct_ids, direct_probs) = computed[0].rows([n])[0], direct.rows([n])[0]
+        order, direct_order = ids.argsort(dim=-1), direct_ids.argsort(dim=-1)
+        assert torch.equal(ids.gather(-1, order), direct_ids.gather(-1, direct_order))
+        assert torch.allclose(
+            probs.gather(-1, order), direct_probs.gather(-1, direct_order), atol=1e-5
+        )
     assert first.distillation == {
         "weight": 1.0,
         "top_k": 4,
@@ -391,19 +419,56 @@ def test_the_teacher_is_computed_in_the_source_phase_counted_and_reused_by_a_ret
     assert second.history[0]["seconds"] >= teacher_seconds
 
 
-def test_an_absolute_target_loads_the_source_for_the_teacher_only(
+def test_an_absolute_target_computes_the_teacher_without_loading_the_source(
     toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     loads = Loads(monkeypatch)
-    spec = _spec(toy, tmp_path, readiness={"target": 0.5})
+    spec = _spec(toy, tmp_path, readiness={"target": 0.99})
     storage = Storage(base_dir=tmp_path)
     bases = migrate.load_bases(spec, storage, CPU)
-    assert loads.folders == ["v1", "v2-mild"] and not bases.on_source
+    assert loads.folders == ["v2-mild"] and not bases.on_source
     report = migrate.migrate_adapter(
         spec=spec, adapter=spec.adapters[0], bases=bases, storage=storage
     )
+    assert loads.folders == ["v2-mild"]
     assert "source" not in report.quality
     assert report.seconds["teacher"] is not None and report.seconds["teacher"] > 0
+
+
+def test_an_adapter_ready_on_the_new_base_as_it_is_computes_no_teacher(
+    toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The old adapter already meets the target on the new base: nothing to learn from the
+    teacher, so its seconds are not spent (distillation on, a strategy that trains)."""
+
+    def no_teacher(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a teacher was computed")
+
+    monkeypatch.setattr(distillation, "compute", no_teacher)
+    spec = _spec(toy, tmp_path, readiness={"target": 0.01})
+    storage = Storage(base_dir=tmp_path)
+    bases = migrate.load_bases(spec, storage, CPU)
+    report = migrate.migrate_adapter(
+        spec=spec, adapter=spec.adapters[0], bases=bases, storage=storage
+    )
+    assert report.ready_step == 0 and report.seconds["teacher"] is None
+
+
+def test_weights_are_copied_in_place_only_when_the_files_hold_them_all(
+    toy: Any, tmp_path: Path
+) -> None:
+    model = models.load_model(toy.v2, what="base", device=CPU)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    v1 = models.WeightFiles(toy.v1, what="v1")
+    assert models.copy_weights(model, v1)
+    reloaded = models.load_model(toy.v1, what="base", device=CPU).state_dict()
+    assert all(torch.equal(t, reloaded[n]) for n, t in model.state_dict().items())
+    assert models.copy_weights(model, models.WeightFiles(toy.v2, what="v2"))
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+    partial = models.WeightFiles(toy.v1, what="v1")
+    partial.files.pop(next(iter(partial.files)))
+    assert not models.copy_weights(model, partial)
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items()), "untouched"
 
 
 def test_a_strategy_that_does_not_train_computes_no_teacher(

@@ -2,9 +2,11 @@
 
 For each adapter: read the old adapter and data, measure the reference qualities (old adapter on
 the old base and on the new base), compute the teacher's distributions when fine-tuning distils
-(the old adapter on the old base), build the starting adapter (the strategy), fine-tune until
-ready, save a PEFT folder and a report. Timing separates loading and reference measurements
-(reporting) from the teacher, search, training and evaluation (the time-to-readiness).
+and the old adapter is not already ready on the new base (the old adapter on the old base's
+weights, copied into the new base in place), build the starting adapter (the strategy),
+fine-tune until ready, save a PEFT folder and a report. Timing separates loading and reference
+measurements (reporting) from the teacher, search, training and evaluation (the
+time-to-readiness).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ STATE_DIR = "state"
 REFERENCE_FILE = "reference.json"
 """The source phase's measurement, in the state folder: a retried pod need not load the old base."""
 TEACHER_FILE = "teacher.pt"
-"""The source phase's teacher distributions (fine-tuning that distils), in the state folder."""
+"""The teacher distributions (fine-tuning that distils), in the state folder."""
 FINGERPRINT_FILE = "fingerprint"
 
 
@@ -75,13 +77,15 @@ class Bases:
     load_seconds: float
     source_dir: Path
     source_files: models.WeightFiles
+    target_files: models.WeightFiles
     # The old adapter on the source base, by adapter inputs (measured in the source phase),
     # and on the target base: adapters that share inputs (a benchmark's runs) measure once.
     on_source: dict[str, dict[str, Quality]] = field(default_factory=dict)
     on_target: dict[str, dict[str, Quality]] = field(default_factory=dict)
     source_seconds: float = 0.0
-    # The old adapter on the source base as a teacher, by adapter inputs and top-k, with the
-    # seconds its computation took (counted in the time to readiness of a run that uses it).
+    # The old adapter on the source base as a teacher, by adapter inputs, settings and budget,
+    # with the seconds its computation took (counted in the time to readiness of a run that
+    # uses it).
     teachers: dict[str, tuple[distillation.Teacher, float]] = field(default_factory=dict)
     _source: nn.Module | None = None
 
@@ -133,7 +137,7 @@ def load_bases(
 ) -> Bases:
     """Fetch and load the bases (see :func:`_load_bases`); OutOfMemory, with the estimate,
     when they do not fit the device. Among data-parallel workers (``world``) only rank 0
-    measures on the source base and computes the teacher: the others load the target alone."""
+    measures on the source base: the others load the target alone."""
     measuring = world is None or world.is_main
     try:
         return _load_bases(spec, storage, device, adapters_to_measure, source_phase=measuring)
@@ -151,13 +155,14 @@ def _load_bases(
     *,
     source_phase: bool = True,
 ) -> Bases:
-    """Fetch the bases; measure the old adapters that need it on the source base (and compute
-    their teacher distributions when fine-tuning distils), free it, then load the target.
+    """Fetch the bases; measure the old adapters that need it on the source base, free it, then
+    load the target. (A teacher is computed later, only for an adapter that is not ready on the
+    target base as it is: see :func:`_teacher`.)
     Raise IncompatibleModels / InvalidWeights / MissingInput / InvalidAdapter.
 
     ``adapters_to_measure`` (default: every adapter of the spec) are measured on the source now;
     another one measured later loads the source base again. Without ``source_phase``: none is (nor
-    any saved measurement or teacher read), the source base is not loaded."""
+    any saved measurement read), the source base is not loaded."""
     started = time.perf_counter()
     source_dir = storage.fetch(
         spec.source_model.uri, what="spec.sourceModel", revision=spec.source_model.revision
@@ -171,50 +176,31 @@ def _load_bases(
     models.check_compatible(shape, models.Shape.of_files(target_dir, what="spec.targetModel"))
     tokenizer = models.load_tokenizer(target_dir, source_dir)
     on_source: dict[str, dict[str, Quality]] = {}
-    teachers: dict[str, tuple[distillation.Teacher, float]] = {}
-    teaching_by = distilled(spec)
-    wanted = []  # (adapter, measure its reference, compute its teacher)
+    wanted = []  # the adapters to measure on the source base
     for adapter in (adapters_to_measure or spec.adapters) if source_phase else []:
-        reference = adapter.readiness.needs_source
-        if reference:
-            saved = saved_reference(spec, adapter, storage)
-            if saved is not None:  # measured by an earlier attempt of this work
-                on_source[_reference_key(adapter)] = saved
-                reference = False
-        teaching = teaching_by is not None
-        if teaching_by is not None:
-            saved_teacher = load_teacher(spec, adapter, storage)
-            if saved_teacher is not None:  # computed by an earlier attempt of this work
-                teachers[_teacher_key(adapter, teaching_by, spec)] = saved_teacher
-                teaching = False
-        if reference or teaching:
-            wanted.append((adapter, reference, teaching))
-    source_seconds = teacher_seconds = 0.0
+        if not adapter.readiness.needs_source:
+            continue
+        saved = saved_reference(spec, adapter, storage)
+        if saved is not None:  # measured by an earlier attempt of this work
+            on_source[_reference_key(adapter)] = saved
+        else:
+            wanted.append(adapter)
+    source_seconds = 0.0
     if wanted:  # else the source base is not loaded at all
         source = models.load_model(source_dir, what="spec.sourceModel", device=device, dtype=dtype)
         models.check_finite(source, what="spec.sourceModel")
         shape = models.Shape.of(source)  # all of its weights, not only the stored ones
         measuring = time.perf_counter()
-        for adapter, reference, teaching in wanted:
+        for adapter in wanted:
             key = _reference_key(adapter)
-            teacher_key = _teacher_key(adapter, teaching_by, spec) if teaching_by else ""
-            reference = reference and key not in on_source  # not done for an adapter before
-            teaching = teaching and teacher_key not in teachers  # with the same inputs
-            if not (reference or teaching):
+            if key in on_source:  # measured for an adapter with the same inputs
                 continue
             old, task = _old_adapter(adapter, storage, source), _read_data(adapter, storage)
             on_old = _with_adapter(source, old)
-            if reference:
-                on_source[key] = _Quality(Encoder(tokenizer), task, device).splits(on_old)
-            if teaching and teaching_by is not None:
-                computed = _compute_teacher(
-                    on_old, Encoder(tokenizer), task, device, spec, adapter.readiness.metric
-                )
-                teachers[teacher_key] = computed
-                teacher_seconds += computed[1]
+            on_source[key] = _Quality(Encoder(tokenizer), task, device).splits(on_old)
             adapters.detach(on_old)
             del on_old
-        source_seconds = time.perf_counter() - measuring - teacher_seconds
+        source_seconds = time.perf_counter() - measuring
         del source  # one base resident at a time
         _free(device)
     target = models.load_model(target_dir, what="spec.targetModel", device=device, dtype=dtype)
@@ -225,12 +211,12 @@ def _load_bases(
         tokenizer,
         device,
         dtype,
-        time.perf_counter() - started - source_seconds - teacher_seconds,
+        time.perf_counter() - started - source_seconds,
         source_dir,
         models.WeightFiles(source_dir, what="spec.sourceModel"),
+        models.WeightFiles(target_dir, what="spec.targetModel"),
         on_source=on_source,
         source_seconds=source_seconds,
-        teachers=teachers,
     )
 
 
@@ -612,7 +598,7 @@ def _follow(
     teacher = None if start.teacher is None else distillation.Teacher.of_state(start.teacher)
     tune = FinetuneConfig.of(method.finetune)
     chosen = strategies.strategy(method.strategy)
-    finetune_config = tune if chosen.trains else replace(tune, max_steps=0)
+    finetune_config = _finetune_config(tune, chosen, teacher)
     config = adapters.new_config(old.config, rank=method.rank, base=spec.target_model.uri)
     torch.manual_seed(method.seed)  # as rank 0 before attaching: finetune forks from this seed
     model = adapters.attach(bases.target, config)
@@ -645,6 +631,18 @@ def _follow(
     if not isinstance(finished, report.AdapterReport):
         raise TypeError(f"rank 0 handed {type(finished).__name__}, not its report")
     return finished
+
+
+def _finetune_config(
+    tune: FinetuneConfig, chosen: strategies.Strategy, teacher: distillation.Teacher | None
+) -> FinetuneConfig:
+    """The fine-tuning of a strategy: none for one that does not train; no distillation without
+    a teacher (the old adapter was ready on the new base as it is: none was computed)."""
+    config = tune if chosen.trains else replace(tune, max_steps=0)
+    if teacher is None:
+        off = replace(config.distillation, weight=0.0, emphasis=0.0)
+        config = replace(config, distillation=off)
+    return config
 
 
 def _migrate_claimed(
@@ -707,14 +705,16 @@ def _migrate_claimed(
         claim.save_state(STATE_DIR)
     before_quality = bases.on_target[reference_key]
     reference_seconds = time.perf_counter() - started + bases.source_seconds
-    teacher, teacher_seconds = _teacher(spec, adapter, old, task, bases, storage, encoder)
-    if teacher is not None and not (state / TEACHER_FILE).is_file():
-        _save_teacher(state, key, teacher, teacher_seconds)
-        claim.save_state(STATE_DIR)
     target = readiness_target(
         adapter.readiness, source_quality["validation"] if source_quality else None
     )
     ready_before = target.met(before_quality["validation"].value(target.metric))
+    teacher, teacher_seconds = None, 0.0
+    if not ready_before:  # else nothing to learn from it: no teacher's seconds
+        teacher, teacher_seconds = _teacher(spec, adapter, old, task, bases, storage, encoder)
+    if teacher is not None and not (state / TEACHER_FILE).is_file():
+        _save_teacher(state, key, teacher, teacher_seconds)
+        claim.save_state(STATE_DIR)
 
     rank = method.rank or old.rank
     config = adapters.new_config(old.config, rank=method.rank, base=spec.target_model.uri)
@@ -744,7 +744,7 @@ def _migrate_claimed(
                 ready_before=ready_before,
             )
         )
-        finetune_config = tune if chosen.trains else replace(tune, max_steps=0)
+        finetune_config = _finetune_config(tune, chosen, teacher)
         shared = None if teacher is None else {k: v.cpu() for k, v in teacher.to_state().items()}
         meetings.hand(_Start(shared, target, checkpointing))
         _same_adapter(meetings.world, model)
@@ -834,9 +834,11 @@ def _teacher(
     storage: Storage,
     encoder: Encoder,
 ) -> tuple[distillation.Teacher | None, float]:
-    """The teacher distributions when fine-tuning distils, and the seconds they took: from the
-    source phase, else from an earlier attempt's state, else computed now (the slow path: the
-    source base loaded again)."""
+    """The teacher distributions when fine-tuning distils, and the seconds they took: computed
+    before for the same inputs (a benchmark's runs), else from an earlier attempt's state, else
+    computed now on the source base's weights copied into the target base in place (one base
+    resident; the target's own weights copied back after), else (weights the files name
+    otherwise than the model) on the source base loaded again."""
     teaching = distilled(spec)
     if teaching is None:
         return None, 0.0
@@ -844,11 +846,18 @@ def _teacher(
     if key not in bases.teachers:
         saved = load_teacher(spec, adapter, storage)
         if saved is None:
-            on_old = _with_adapter(bases.source(), old)
-            saved = _compute_teacher(
-                on_old, encoder, task, bases.device, spec, adapter.readiness.metric
-            )
-            adapters.detach(on_old)
+            started = time.perf_counter()
+            swapped = models.copy_weights(bases.target, bases.source_files)
+            try:
+                on_old = _with_adapter(bases.target if swapped else bases.source(), old)
+                teacher, _ = _compute_teacher(
+                    on_old, encoder, task, bases.device, spec, adapter.readiness.metric
+                )
+                adapters.detach(on_old)
+            finally:
+                if swapped and not models.copy_weights(bases.target, bases.target_files):
+                    raise RuntimeError("the target base's weights could not be read back")
+            saved = teacher, time.perf_counter() - started
         bases.teachers[key] = saved
     return bases.teachers[key]
 

@@ -175,6 +175,35 @@ class WeightFiles:
         return tensor
 
 
+def copy_weights(model: nn.Module, files: WeightFiles) -> bool:
+    """Copy every parameter of ``model`` from ``files`` (another version of the same
+    architecture), in place, one tensor at a time: the model becomes that version without a
+    second one in memory. A tied parameter is read under any of its names. False, with nothing
+    changed, when the files lack one of them (the shapes they hold were checked against the
+    model's when the bases were loaded: :func:`check_compatible`)."""
+    names: dict[int, list[str]] = {}
+    tensors: dict[int, nn.Parameter] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(parameter.data_ptr(), []).append(name)
+        tensors[parameter.data_ptr()] = parameter
+    stored: dict[int, str] = {}
+    for pointer, aliases in names.items():
+        found = next((n for n in aliases if n in files.files), None)
+        if found is None:
+            return False
+        stored[pointer] = found
+    with torch.no_grad():
+        for pointer, name in stored.items():
+            value = files.get(name)
+            if value is None or value.shape != tensors[pointer].shape:
+                raise InvalidWeights(
+                    f"{files.what}: weight {name} cannot replace the model's "
+                    f"{tuple(tensors[pointer].shape)}"
+                )
+            tensors[pointer].copy_(value)
+    return True
+
+
 @contextlib.contextmanager
 def _opened(path: Path, *, what: str) -> Iterator[Any]:
     """A safetensors file open for reading; InvalidWeights when it is torn or not one."""
