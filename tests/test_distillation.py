@@ -509,3 +509,30 @@ def test_out_of_range_distillation_is_refused_with_the_field_named(
     migration, problems = validation.validate_manifest(manifest)
     assert migration is None
     assert any(str(p).startswith(expected) for p in problems), problems
+
+
+def test_relora_distils_by_default_and_the_baselines_do_not() -> None:
+    """The distillation weight and emphasis default by strategy (relora: 3 and 3; the
+    baselines: 0); a value the manifest sets, 0 included, is kept; null means the default."""
+    from relora_api.spec import STRATEGY_DEFAULTS, Method
+
+    def teaching(method: dict[str, Any]) -> tuple[float, float]:
+        distilled = Method.model_validate(method).finetune.distillation
+        return distilled.weight, distilled.emphasis
+
+    assert STRATEGY_DEFAULTS["relora"] == {"weight": 3.0, "emphasis": 3.0}
+    assert teaching({}) == (3.0, 3.0)
+    for strategy in ("warm-start", "scratch", "reuse"):
+        assert teaching({"strategy": strategy}) == (0.0, 0.0), strategy
+    assert teaching({"finetune": {"distillation": {"weight": 0}}}) == (0.0, 3.0)
+    assert teaching({"finetune": {"distillation": {"weight": None, "emphasis": 0}}}) == (3.0, 0.0)
+    assert teaching({"strategy": "warm-start", "finetune": {"distillation": {"weight": 1}}}) == (
+        1.0,
+        0.0,
+    )
+    made = Method(finetune=Finetune(max_steps=3, distillation=Distillation(emphasis=1.0)))
+    assert (made.finetune.distillation.weight, made.finetune.distillation.emphasis) == (3.0, 1.0)
+    assert made.finetune.max_steps == 3
+    wire = Method.model_validate({"strategy": "relora"}).to_wire()
+    assert wire["finetune"]["distillation"]["weight"] == 3.0
+    assert Method.model_validate(wire).to_wire() == wire

@@ -6,7 +6,7 @@ runner and the operator all read them. Defaults live here and are named in each 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -299,19 +299,24 @@ class Regularization(APIModel):
 class Distillation(APIModel):
     """The old adapter on the source base as a teacher while fine-tuning.
 
-    At each completion token of each training example, the teacher's next-token probabilities
-    of some tokens (``over``: the task's choices' continuations, or its top k) are computed
-    once, in the source phase (before the source base is freed; saved in the adapter's state
-    for a retried run); fine-tuning adds weight x KL(teacher || student) with both conditioned
-    on those tokens (renormalized over them), averaged over the completion tokens like the task
-    loss. Its seconds count in the time to readiness.
+    At each completion token of each training example the fine-tuning budget will draw, the
+    teacher's next-token probabilities of some tokens (``over``: the task's choices'
+    continuations, or its top k) are computed once, only when the old adapter is not already
+    ready on the target base, on the source base's weights copied into the loaded target base
+    (one base resident; saved in the adapter's state for a retried run). Fine-tuning adds
+    weight x KL(teacher || student) with both conditioned on those tokens (renormalized over
+    them), averaged over the completion tokens like the task loss, and counts the task loss
+    1 + emphasis times where the teacher is right. Its seconds count in the time to readiness.
     """
 
     weight: float = Field(
         default=0.0,
         ge=0,
         le=100,
-        description="Weight of the distillation term beside the task loss; 0: off.",
+        description=(
+            "Weight of the distillation term beside the task loss; 0: off. Default: 3 with "
+            "strategy relora, 0 with the others."
+        ),
     )
     top_k: int = Field(
         default=16,
@@ -349,7 +354,8 @@ class Distillation(APIModel):
             "(its most likely token among those compared is the example's own): there the "
             "token's cross-entropy counts 1 + emphasis times. It leans the fine-tune toward what "
             "the old adapter knew, which is what a readiness target relative to the source "
-            "measures; 0: off. Needs the teacher (computed when weight or emphasis is > 0)."
+            "measures; 0: off. Needs the teacher (computed when weight or emphasis is > 0). "
+            "Default: 3 with strategy relora, 0 with the others."
         ),
     )
 
@@ -416,15 +422,32 @@ class Finetune(APIModel):
         return self
 
 
+STRATEGY_DEFAULTS: dict[str, dict[str, float]] = {"relora": {"weight": 3.0, "emphasis": 3.0}}
+"""``spec.method.finetune.distillation`` fields whose default depends on the strategy: relora
+fine-tunes with the old adapter on the old base as a teacher (chosen on the development suite,
+docs/benchmark.md); the other strategies are the baselines, without one."""
+
+
+def _as_set(value: Any) -> Any:
+    """A nested field's input as a mapping of what was set: {} for none, a model's set fields
+    (a Python caller's), anything else as it is (for validation to refuse)."""
+    if value is None:
+        return {}
+    if isinstance(value, APIModel):
+        return value.model_dump(exclude_unset=True)
+    return value
+
+
 class Method(APIModel):
     """How adapters are migrated."""
 
     strategy: Strategy = Field(
         default="relora",
         description=(
-            "relora: searched fusion init + regularized fine-tuning; scratch: a fresh LoRA on the "
-            "new base; reuse: the old adapter as is; warm-start: the old adapter as init, "
-            "fine-tuned without regularization."
+            "relora: searched fusion init + regularized fine-tuning with the old adapter on the "
+            "old base as a teacher; scratch: a fresh LoRA on the new base; reuse: the old "
+            "adapter as is; warm-start: the old adapter as init, fine-tuned without "
+            "regularization or teacher."
         ),
     )
     rank: int | None = Field(
@@ -442,6 +465,27 @@ class Method(APIModel):
         default_factory=Initialization, description="The initialization search (relora only)."
     )
     finetune: Finetune = Field(default_factory=Finetune, description="The fine-tuning stage.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strategy_defaults(cls, data: Any) -> Any:
+        """The fields whose default depends on the strategy (:data:`STRATEGY_DEFAULTS`), filled
+        in where the manifest leaves them unset (or null)."""
+        if not isinstance(data, dict):
+            return data
+        strategy = data.get("strategy") or "relora"
+        defaults = STRATEGY_DEFAULTS.get(strategy) if isinstance(strategy, str) else None
+        finetune = _as_set(data.get("finetune"))
+        if not defaults or not isinstance(finetune, dict):
+            return data
+        distillation = _as_set(finetune.get("distillation"))
+        if not isinstance(distillation, dict):
+            return data
+        missing = {k: v for k, v in defaults.items() if distillation.get(k) is None}
+        if not missing:
+            return data
+        filled = {**finetune, "distillation": {**distillation, **missing}}
+        return {**data, "finetune": filled}
 
 
 class Output(APIModel):

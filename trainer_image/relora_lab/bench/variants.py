@@ -56,7 +56,18 @@ VARIANTS: tuple[Variant, ...] = (
         WARM_START_METHOD,
         baseline=True,
     ),
-    Variant("relora", "searched fusion init + scheduled regularization", RELORA_METHOD),
+    Variant(
+        "relora",
+        "searched fusion init + scheduled regularization + the old adapter on v1 as a teacher "
+        "(distillation weight 3, emphasis 3: relora's defaults)",
+        RELORA_METHOD,
+    ),
+    Variant(
+        "relora-no-teacher",
+        "relora without the teacher (distillation weight 0, emphasis 0: relora before session 8)",
+        _relora(finetune={"distillation": {"weight": 0.0, "emphasis": 0.0}}),
+        quick=False,
+    ),
     Variant(
         "relora-no-search",
         "relora without the search: alpha in [1, 1], beta in [0, 0] (one trial)",
@@ -112,9 +123,9 @@ VARIANTS: tuple[Variant, ...] = (
     ),
     Variant(
         "relora-teacher",
-        "relora with the old adapter on v1 as a distillation teacher (weight 3; over the "
-        "choices, where the teacher is right: the distillation defaults)",
-        _relora(finetune={"distillation": {"weight": 3.0}}),
+        "relora with session 6's teacher: distillation weight 3 (over the choices, where the "
+        "teacher is right), no emphasis",
+        _relora(finetune={"distillation": {"weight": 3.0, "emphasis": 0.0}}),
         quick=False,
     ),
     Variant(
@@ -143,13 +154,22 @@ VARIANTS: tuple[Variant, ...] = (
     Variant(
         "relora-teacher-unfiltered",
         "relora-teacher distilling also where the teacher is wrong (agreeing: false)",
-        _relora(finetune={"distillation": {"weight": 3.0, "agreeing": False}}),
+        _relora(finetune={"distillation": {"weight": 3.0, "agreeing": False, "emphasis": 0.0}}),
         quick=False,
     ),
     Variant(
         "relora-teacher-top-k",
         "relora-teacher over the teacher's top 16 tokens at every completion token",
-        _relora(finetune={"distillation": {"weight": 3.0, "over": "top-k", "agreeing": False}}),
+        _relora(
+            finetune={
+                "distillation": {
+                    "weight": 3.0,
+                    "over": "top-k",
+                    "agreeing": False,
+                    "emphasis": 0.0,
+                }
+            }
+        ),
         quick=False,
     ),
     Variant(
@@ -177,8 +197,8 @@ VARIANTS: tuple[Variant, ...] = (
     ),
     Variant(
         "relora-emphasis",
-        "relora-teacher with the task loss counted 4 times where the teacher is right "
-        "(distillation weight 3, emphasis 3)",
+        "relora with distillation weight 3 and emphasis 3 set explicitly (the defaults since "
+        "session 8: the same runs as relora)",
         _relora(finetune={"distillation": {"weight": 3.0, "emphasis": 3.0}}),
         quick=False,
     ),
