@@ -47,6 +47,11 @@ def _relora(**update: Any) -> dict[str, Any]:
     return merge(RELORA_METHOD, update)
 
 
+def _teaching(method: Mapping[str, Any], **distillation: Any) -> dict[str, Any]:
+    """``method`` with these ``finetune.distillation`` fields (wire names)."""
+    return merge(method, {"finetune": {"distillation": distillation}})
+
+
 VARIANTS: tuple[Variant, ...] = (
     Variant("scratch", "a fresh LoRA on v2 (PEFT init), plain fine-tune", SCRATCH_METHOD, True),
     Variant("reuse", "the old adapter on v2 as is (no training)", METHODS["reuse"], True),
@@ -65,7 +70,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant(
         "relora-no-teacher",
         "relora without the teacher (distillation weight 0, emphasis 0: relora before session 8)",
-        _relora(finetune={"distillation": {"weight": 0.0, "emphasis": 0.0}}),
+        _teaching(RELORA_METHOD, weight=0.0, emphasis=0.0),
         quick=False,
     ),
     Variant(
@@ -125,81 +130,65 @@ VARIANTS: tuple[Variant, ...] = (
         "relora-teacher",
         "relora with session 6's teacher: distillation weight 3 (over the choices, where the "
         "teacher is right), no emphasis",
-        _relora(finetune={"distillation": {"weight": 3.0, "emphasis": 0.0}}),
+        _teaching(RELORA_METHOD, weight=3.0, emphasis=0.0),
         quick=False,
     ),
     Variant(
         "warm-start-teacher",
         "warm-start with the old adapter on v1 as a distillation teacher (weight 3; over the "
         "choices, where the teacher is right: the distillation defaults)",
-        merge(WARM_START_METHOD, {"finetune": {"distillation": {"weight": 3.0}}}),
+        _teaching(WARM_START_METHOD, weight=3.0),
         quick=False,
     ),
     Variant(
         "warm-start-teacher-w1",
         "warm-start-teacher-unfiltered at distillation weight 1",
-        merge(
-            WARM_START_METHOD, {"finetune": {"distillation": {"weight": 1.0, "agreeing": False}}}
-        ),
+        _teaching(WARM_START_METHOD, weight=1.0, agreeing=False),
         quick=False,
     ),
     Variant(
         "warm-start-teacher-unfiltered",
         "warm-start-teacher distilling also where the teacher is wrong (agreeing: false)",
-        merge(
-            WARM_START_METHOD, {"finetune": {"distillation": {"weight": 3.0, "agreeing": False}}}
-        ),
+        _teaching(WARM_START_METHOD, weight=3.0, agreeing=False),
         quick=False,
     ),
     Variant(
         "relora-teacher-unfiltered",
         "relora-teacher distilling also where the teacher is wrong (agreeing: false)",
-        _relora(finetune={"distillation": {"weight": 3.0, "agreeing": False, "emphasis": 0.0}}),
+        _teaching(RELORA_METHOD, weight=3.0, agreeing=False, emphasis=0.0),
         quick=False,
     ),
     Variant(
         "relora-teacher-top-k",
         "relora-teacher over the teacher's top 16 tokens at every completion token",
-        _relora(
-            finetune={
-                "distillation": {
-                    "weight": 3.0,
-                    "over": "top-k",
-                    "agreeing": False,
-                    "emphasis": 0.0,
-                }
-            }
-        ),
+        _teaching(RELORA_METHOD, weight=3.0, over="top-k", agreeing=False, emphasis=0.0),
         quick=False,
     ),
     Variant(
         "warm-start-teacher-top-k",
         "warm-start-teacher over the teacher's top 16 tokens at every completion token",
-        merge(
-            WARM_START_METHOD,
-            {"finetune": {"distillation": {"weight": 3.0, "over": "top-k", "agreeing": False}}},
-        ),
+        _teaching(WARM_START_METHOD, weight=3.0, over="top-k", agreeing=False),
         quick=False,
     ),
     Variant(
         "warm-start-emphasis",
         "warm-start-teacher with the task loss counted 4 times where the teacher is right "
         "(distillation weight 3, emphasis 3)",
-        merge(WARM_START_METHOD, {"finetune": {"distillation": {"weight": 3.0, "emphasis": 3.0}}}),
+        _teaching(WARM_START_METHOD, weight=3.0, emphasis=3.0),
         quick=False,
     ),
     Variant(
         "warm-start-emphasis-only",
         "warm-start with the task loss counted 4 times where the teacher is right, no "
         "distillation term (weight 0, emphasis 3)",
-        merge(WARM_START_METHOD, {"finetune": {"distillation": {"emphasis": 3.0}}}),
+        _teaching(WARM_START_METHOD, emphasis=3.0),
         quick=False,
     ),
     Variant(
         "relora-emphasis",
         "relora with distillation weight 3 and emphasis 3 set explicitly (the defaults since "
         "session 8: the same runs as relora)",
-        _relora(finetune={"distillation": {"weight": 3.0, "emphasis": 3.0}}),
+        _teaching(RELORA_METHOD, weight=3.0, emphasis=3.0),
         quick=False,
     ),
     Variant(
