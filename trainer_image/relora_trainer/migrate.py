@@ -898,7 +898,7 @@ def _checkpointing(
     if device.type != "cuda" or planned is None:
         return False
     total = torch.cuda.get_device_properties(device).total_memory / plan.GIB
-    return planned.peak() > 0.95 * total
+    return planned.peak() > plan.USABLE * total
 
 
 def _recompute(model: nn.Module, on: bool) -> None:
