@@ -112,6 +112,19 @@ def kubectl_binary() -> str:
     return found
 
 
+def kubectl_apply(kubectl: list[str], document: Any) -> None:
+    """``kubectl apply -f -`` of one manifest (``kubectl``: the binary and its options)."""
+    import subprocess
+
+    subprocess.run(
+        [*kubectl, "apply", "-f", "-"],
+        input=yaml.safe_dump(document),
+        text=True,
+        check=True,
+        capture_output=True,
+    )
+
+
 @pytest.fixture(scope="session")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """The emulator + Job runner on a free port, for the whole test session."""

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 from kubernetes import client
 from peft import PeftModel
 
@@ -23,7 +22,7 @@ from relora_sandbox.faults import Fault
 from relora_trainer import models
 from relora_trainer.data import Encoder, read_jsonl
 from relora_trainer.method.quality import measure
-from tests.conftest import kubectl_binary, untyped, wait_for
+from tests.conftest import kubectl_apply, kubectl_binary, untyped, wait_for
 from tests.fault_kit import OperatorProcess
 
 GROUP, VERSION, PLURAL = "relora.dev", "v1alpha1", "adaptermigrations"
@@ -98,13 +97,7 @@ def test_two_adapters_go_ready_and_load_with_peft(
 ) -> None:
     manifest = _manifest("pair", namespace, [_adapter("strict"), _adapter("lenient", target=0.85)])
     kubectl = [kubectl_binary(), f"--kubeconfig={sandbox.kubeconfig_path}", "-n", namespace]
-    subprocess.run(
-        [*kubectl, "apply", "-f", "-"],
-        input=yaml.safe_dump(manifest),
-        text=True,
-        check=True,
-        capture_output=True,
-    )
+    kubectl_apply(kubectl, manifest)
     waited = subprocess.run(
         [*kubectl, "wait", "--for=condition=Ready", "am/pair", "--timeout=300s"],
         capture_output=True,

@@ -10,9 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
-from tests.conftest import kubectl_binary, python_job
+from tests.conftest import kubectl_apply, kubectl_binary, python_job
 
 
 def _pid_alive(pid: int) -> bool:
@@ -55,13 +53,7 @@ def test_sandbox_serves_kubectl_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> N
     code = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(300)"
     job = python_job("sleeper", code)
     try:
-        subprocess.run(
-            [*kubectl, "apply", "-f", "-"],
-            input=yaml.safe_dump(job),
-            text=True,
-            check=True,
-            capture_output=True,
-        )
+        kubectl_apply(kubectl, job)
         deadline = time.monotonic() + 20
         while not (pid_file.exists() and pid_file.read_text()):
             assert time.monotonic() < deadline, "the pod never started"

@@ -110,10 +110,9 @@ def test_two_real_trainer_workers_equal_one_through_kubectl(
     import subprocess
 
     import torch
-    import yaml
     from safetensors.torch import load_file
 
-    from tests.conftest import kubectl_binary
+    from tests.conftest import kubectl_apply, kubectl_binary
     from tests.test_operator_e2e import _adapter, _get, _manifest
 
     ensure_crd(api)
@@ -135,13 +134,7 @@ def test_two_real_trainer_workers_equal_one_through_kubectl(
                 method=method,
                 distributed={"workers": workers},
             )
-            subprocess.run(
-                [*kubectl, "apply", "-f", "-"],
-                input=yaml.safe_dump(manifest),
-                text=True,
-                check=True,
-                capture_output=True,
-            )
+            kubectl_apply(kubectl, manifest)
         for name in ("one", "two"):
             waited = subprocess.run(
                 [*kubectl, "wait", "--for=condition=Ready", f"am/{name}", "--timeout=400s"],

@@ -36,7 +36,7 @@ from relora_trainer.data import MAX_CHOICES, Encoder, Example, TaskData, read_js
 from relora_trainer.distributed import World
 from relora_trainer.errors import IncompatibleModels, InvalidData
 from relora_trainer.method import distillation, fusion, search, strategies
-from relora_trainer.method.config import FinetuneConfig, SearchConfig
+from relora_trainer.method.config import DistillationConfig, FinetuneConfig, SearchConfig
 from relora_trainer.method.finetune import (
     EVALUATION_BATCH,
     Evaluation,
@@ -121,7 +121,7 @@ def distilled(spec: AdapterMigrationSpec) -> Distillation | None:
     budget, a positive weight or emphasis), else None: no teacher is computed."""
     tune = spec.method.finetune
     trains = strategies.strategy(spec.method.strategy).trains
-    teaches = tune.distillation.weight > 0 or tune.distillation.emphasis > 0
+    teaches = DistillationConfig.of(tune.distillation).teaches
     if teaches and tune.max_steps > 0 and trains:
         return tune.distillation
     return None
