@@ -15,10 +15,10 @@ import yaml
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from relora_trainer import adapter_config, adapters, local_run, models
+from relora_trainer import adapter_config, adapters, local_run, migrate, models
 from relora_trainer.data import Encoder, TaskData, read_jsonl
 from relora_trainer.errors import EXIT_BAD_INPUT, EXIT_NOT_READY, EXIT_OK, InvalidAdapter
-from relora_trainer.method import fusion, strategies
+from relora_trainer.method import distillation, fusion, strategies
 from relora_trainer.method.quality import measure
 from tests.conftest import toy_manifest
 
@@ -351,3 +351,41 @@ def test_the_memory_plan_counts_what_peft_trains(
     config = adapters.new_config(old.config, rank=None, base="v2")  # trainable, as migrated
     model = adapters.attach(models.load_model(toy.v2, what="v2", device=CPU), config)
     assert found.lora_parameters == sum(p.numel() for p in adapters.trainable(model).values())
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_teacher_in_two_stages_trains_as_the_whole_one_for_each_kind(
+    kind: str, kinds: dict[str, Path], toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The teacher's second stage adds the old adapter beside the new one in the middle of
+    fine-tuning: with DoRA magnitudes, per-module ranks or a saved module too, the run trains
+    as one whose teacher was computed whole up front."""
+    stages: list[int] = []
+    compute = distillation.compute
+
+    def counted(*args: Any, **kwargs: Any) -> distillation.Teacher:
+        stages.append(len(kwargs["only"]))
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(distillation, "compute", counted)
+    weights = {}
+    for name, evaluations in (("whole", 100), ("staged", 2)):
+        monkeypatch.setattr(migrate, "FIRST_STAGE_EVALUATIONS", evaluations)
+        manifest = toy_manifest(toy, strategy="warm-start")
+        manifest["spec"]["adapters"][0]["uri"] = str(kinds[kind])
+        manifest["spec"]["adapters"][0]["readiness"] = {"target": 0.999}
+        manifest["spec"]["method"]["finetune"].update(
+            {"maxSteps": 6, "evalEvery": 1, "batchSize": 4, "distillation": {"emphasis": 2}}
+        )
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "migration.yaml").write_text(yaml.safe_dump(manifest))
+        stages.clear()
+        assert local_run.run(str(folder / "migration.yaml"), quiet=True) == EXIT_NOT_READY
+        assert len(stages) == (1 if name == "whole" else 2), stages
+        weights[name] = load_file(
+            str(folder / "output" / "toy-category" / "adapter_model.safetensors")
+        )
+    assert set(weights["staged"]) == set(weights["whole"])
+    for key, value in weights["whole"].items():
+        assert torch.allclose(weights["staged"][key], value, atol=1e-5), key

@@ -342,7 +342,9 @@ def _spec(toy: Any, tmp_path: Path, **changes: Any) -> AdapterMigrationSpec:
         {"maxSteps": 4, "evalEvery": 2, "distillation": {"weight": 1.0, "topK": 4}}
     )
     for key, value in changes.items():
-        if key == "readiness":
+        if key == "finetune":
+            manifest["spec"]["method"]["finetune"].update(value)
+        elif key == "readiness":
             manifest["spec"]["adapters"][0]["readiness"] = value
         else:
             manifest["spec"]["method"][key] = value
@@ -417,6 +419,100 @@ def test_the_teacher_is_computed_in_place_counted_and_reused_by_a_retry(
     )
     assert second.seconds["teacher"] == teacher_seconds, "the first attempt's seconds, counted"
     assert second.history[0]["seconds"] >= teacher_seconds
+
+
+def _saved_teacher(out: Path) -> dict[str, Any]:
+    saved: dict[str, Any] = torch.load(
+        out / "state" / migrate.TEACHER_FILE, map_location="cpu", weights_only=True
+    )
+    return saved
+
+
+def test_a_teacher_in_two_stages_trains_as_the_whole_one_and_leaves_the_base_as_it_was(
+    toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first stage covers the examples of the steps up to the second readiness check; the
+    first batch past them computes the rest in the middle of fine-tuning (the old adapter added
+    beside the new one, the old base's weights copied in place, all undone after). The run
+    trains as one with the whole teacher computed up front, its seconds count, the new base is
+    left as it was, and the whole teacher is saved for a retried attempt."""
+    from safetensors.torch import load_file
+
+    computed: list[int] = []
+    compute = distillation.compute
+
+    def counted(*args: Any, **kwargs: Any) -> distillation.Teacher:
+        computed.append(len(kwargs["only"]))
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(distillation, "compute", counted)
+    storage = Storage(base_dir=tmp_path)
+    runs = {}
+    for name, evaluations in (("whole", 100), ("staged", 2)):
+        monkeypatch.setattr(migrate, "FIRST_STAGE_EVALUATIONS", evaluations)
+        spec = _spec(
+            toy,
+            tmp_path / name,
+            readiness={"target": 0.999},
+            finetune={"maxSteps": 8, "evalEvery": 1, "batchSize": 4},
+        )
+        bases = migrate.load_bases(spec, storage, CPU)
+        target_before = {n: t.clone() for n, t in bases.target.state_dict().items()}
+        computed.clear()
+        report = migrate.migrate_adapter(
+            spec=spec, adapter=spec.adapters[0], bases=bases, storage=storage
+        )
+        for key, value in bases.target.state_dict().items():
+            assert torch.equal(value, target_before[key]), f"{name}: {key} changed"
+        out = tmp_path / name / "out" / "toy-category"
+        weights = load_file(str(out / "adapter_model.safetensors"))
+        runs[name] = (report, list(computed), weights, _saved_teacher(out))
+    (whole, whole_computed, whole_weights, whole_saved) = runs["whole"]
+    (staged, staged_computed, staged_weights, staged_saved) = runs["staged"]
+    size = len(read_jsonl(toy.split("train"), what="train"))
+    first = examples_seen(steps=2, size=size, batch_size=4, seed=0)
+    everything = examples_seen(steps=8, size=size, batch_size=4, seed=0)
+    assert len(first) < len(everything) < size
+    assert whole_computed == [len(everything)], "one stage: every example the budget draws"
+    assert staged_computed == [len(first), len(everything) - len(first)], "two stages"
+    assert whole.steps == staged.steps == 8 and whole.ready_step is None
+    assert set(staged_weights) == set(whole_weights)
+    for key, value in whole_weights.items():
+        assert torch.allclose(staged_weights[key], value, atol=1e-5), key
+    seconds = staged.seconds["teacher"]
+    assert seconds is not None and seconds > 0
+    assert staged.history[-1]["seconds"] >= seconds, "both stages count"
+    assert whole_saved["steps"] is None and staged_saved["steps"] is None, "the whole saved"
+    assert staged_saved["seconds"] > 0
+    both = distillation.Teacher.of_state(staged_saved["teacher"])
+    wholly = distillation.Teacher.of_state(whole_saved["teacher"])
+    assert torch.equal(both.offsets, wholly.offsets) and torch.equal(both.ids, wholly.ids)
+    assert torch.allclose(both.probs, wholly.probs, atol=1e-5)
+
+
+def test_a_staged_teacher_completes_once_and_only_for_an_example_it_lacks() -> None:
+    def rows(values: list[float]) -> distillation.Teacher:
+        return distillation.Teacher(
+            ids=torch.zeros((len(values), 2), dtype=torch.int32),
+            probs=torch.tensor([[v, 0.0] for v in values]),
+            offsets=torch.arange(len(values) + 1),
+        )
+
+    calls: list[distillation.Teacher] = []
+
+    def complete(first: distillation.Teacher) -> distillation.Teacher:
+        calls.append(first)
+        return first.merged(rows([9.0, 9.0, 9.0, 9.0]), [2, 3])
+
+    staged = distillation.Staged(rows([1.0, 2.0, 0.0, 0.0]), [0, 1], complete)
+    assert [float(p[0, 0]) for _, p in staged.rows([1, 0])] == [2.0, 1.0]
+    assert not calls and not staged.completed and staged.seconds == 0.0
+    assert [float(p[0, 0]) for _, p in staged.rows([0, 3])] == [1.0, 9.0]
+    assert len(calls) == 1 and staged.completed and staged.seconds > 0
+    assert [float(p[0, 0]) for _, p in staged.rows([2, 1])] == [9.0, 2.0]
+    assert len(calls) == 1, "computed once"
+    with pytest.raises(ValueError, match="3 examples merged into 4"):
+        rows([1.0] * 4).merged(rows([1.0] * 3), [0])
 
 
 def test_an_absolute_target_computes_the_teacher_without_loading_the_source(

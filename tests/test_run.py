@@ -121,6 +121,20 @@ def test_not_ready_within_budget_exits_4(toy: Any, tmp_path: Path) -> None:
     assert report["seconds"]["timeToReadiness"] is None
 
 
+def test_relora_without_trials_says_so_in_its_summary(toy: Any, tmp_path: Path) -> None:
+    manifest = toy_manifest(toy)
+    manifest["spec"]["method"]["initialization"] = {"trials": 0}
+    manifest["spec"]["method"]["finetune"] = {"maxSteps": 2, "evalEvery": 1}
+    manifest["spec"]["adapters"][0]["readiness"] = {"target": 0.999}
+    assert local_run.run(str(_write(tmp_path, manifest)), quiet=True) == EXIT_NOT_READY
+    report = _report(tmp_path)
+    assert report["trials"] == [] and report["search_skipped"] is True
+    assert report["coefficients"] == {"all": {"alpha": 1.0, "beta": 0.0}}
+    summary = (tmp_path / "output/toy-category/summary.md").read_text()
+    assert "No search (initialization.trials: 0)" in summary
+    assert "already met the readiness target" not in summary
+
+
 def test_per_layer_coefficients(toy: Any, tmp_path: Path) -> None:
     manifest = toy_manifest(toy)
     manifest["spec"]["method"]["initialization"] = {"trials": 3, "granularity": "layer"}

@@ -177,3 +177,20 @@ def test_relora_does_not_search_when_the_old_adapter_is_already_ready(
     context.search = SearchConfig.of(Initialization(trials=2, skip_when_ready=False))
     with pytest.raises(AssertionError, match="read the source base"):
         strategies.strategy("relora").initialize(context)
+
+
+def test_relora_without_trials_starts_from_the_old_adapter_without_reading_the_source(
+    toy: Any, tmp_path: Path
+) -> None:
+    """initialization.trials: 0 turns the search off: the start is the old adapter (as
+    warm-start's), no trial measured, the base evolution never read."""
+    calls: list[str] = []
+    context = _context(toy, tmp_path, calls)
+    context.search = SearchConfig.of(Initialization(trials=0))
+    result = strategies.strategy("relora").initialize(context)
+    assert result is not None and result.skipped and result.trials == []
+    assert result.coefficients == {"all": (1.0, 0.0)}
+    assert calls == [], "neither the evolution nor a trial"
+    module = next(iter(context.old.factors))
+    old = context.old.factors[module]
+    assert torch.allclose(_update(context.model, module), old.b @ old.a, atol=1e-5)

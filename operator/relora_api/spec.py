@@ -175,7 +175,13 @@ class Initialization(APIModel):
     """
 
     trials: int = Field(
-        default=16, ge=1, le=500, description="Search trials (each: one fusion + one evaluation)."
+        default=16,
+        ge=0,
+        le=500,
+        description=(
+            "Search trials (each: one fusion + one evaluation); 0: no search, the old adapter "
+            "is the start (as warm-start's), the base evolution is not read."
+        ),
     )
     timeout_seconds: int = Field(
         default=900, ge=1, le=86400, description="Wall-clock cap of the search in seconds."

@@ -297,9 +297,12 @@ def load_factors(
     model: PeftModel,
     factors: dict[str, LoraFactors],
     saved: dict[str, torch.Tensor] | None = None,
+    *,
+    adapter_name: str = ADAPTER,
 ) -> None:
-    """Set the adapter weights of ``model`` (same device and dtype as the LoRA layers): the
-    factors, DoRA magnitudes where given, and the modules_to_save weights in ``saved``."""
+    """Set the weights of ``model``'s adapter ``adapter_name`` (same device and dtype as the
+    LoRA layers): the factors, DoRA magnitudes where given, and the modules_to_save weights in
+    ``saved``."""
     state = {}
     for module, pair in factors.items():
         state[f"{_PREFIX}{module}.lora_A.weight"] = pair.a
@@ -308,7 +311,7 @@ def load_factors(
             state[f"{_PREFIX}{module}.{_MAGNITUDE}"] = pair.magnitude
     for name, tensor in (saved or {}).items():
         state[f"{_PREFIX}{name}"] = tensor
-    result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER)
+    result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise InvalidAdapter(f"adapter weights not used by the model: {unexpected[:3]}")

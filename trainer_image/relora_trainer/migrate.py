@@ -11,6 +11,7 @@ time-to-readiness).
 
 from __future__ import annotations
 
+import copy
 import gc
 import io
 import json
@@ -56,6 +57,23 @@ REFERENCE_FILE = "reference.json"
 """The source phase's measurement, in the state folder: a retried pod need not load the old base."""
 TEACHER_FILE = "teacher.pt"
 """The teacher distributions (fine-tuning that distils), in the state folder."""
+TEACHER_ADAPTER = "relora-teacher"
+"""The old adapter's name beside the new one while the teacher's second stage is computed."""
+FIRST_STAGE_EVALUATIONS = 2
+"""The teacher's first stage covers the examples of the steps up to this many readiness checks
+(an adapter ready by then never pays for the rest)."""
+
+
+@dataclass(frozen=True)
+class TeacherPart:
+    """The teacher's rows computed so far, the seconds they took, and the fine-tuning steps
+    whose examples they cover (None: all those of the budget)."""
+
+    teacher: distillation.Teacher
+    seconds: float
+    steps: int | None = None
+
+
 FINGERPRINT_FILE = "fingerprint"
 
 
@@ -83,10 +101,10 @@ class Bases:
     on_source: dict[str, dict[str, Quality]] = field(default_factory=dict)
     on_target: dict[str, dict[str, Quality]] = field(default_factory=dict)
     source_seconds: float = 0.0
-    # The old adapter on the source base as a teacher, by adapter inputs, settings and budget,
-    # with the seconds its computation took (counted in the time to readiness of a run that
-    # uses it).
-    teachers: dict[str, tuple[distillation.Teacher, float]] = field(default_factory=dict)
+    # The old adapter on the source base as a teacher (its first stage), by adapter inputs,
+    # settings and budget, with the seconds its computation took (counted in the time to
+    # readiness of a run that uses it; each run computes its own second stage).
+    teachers: dict[str, TeacherPart] = field(default_factory=dict)
     _source: nn.Module | None = None
 
     def source(self) -> nn.Module:
@@ -220,6 +238,23 @@ def _load_bases(
     )
 
 
+def _seen(spec: AdapterMigrationSpec, size: int, steps: int | None = None) -> list[int]:
+    """The training examples that the first ``steps`` steps of ``spec``'s fine-tuning draw
+    (None: its whole budget)."""
+    budget = _budget(spec)
+    if steps is not None:
+        budget["steps"] = min(steps, budget["steps"])
+    return examples_seen(size=size, **budget)
+
+
+def _first_stage(spec: AdapterMigrationSpec, size: int) -> int | None:
+    """The steps whose examples the teacher's first stage covers, or None when those are
+    already all the budget draws (one stage)."""
+    tune = spec.method.finetune
+    steps = FIRST_STAGE_EVALUATIONS * tune.eval_every
+    return steps if len(_seen(spec, size, steps)) < len(_seen(spec, size)) else None
+
+
 def _compute_teacher(
     model: nn.Module,
     encoder: Encoder,
@@ -227,14 +262,12 @@ def _compute_teacher(
     device: torch.device,
     spec: AdapterMigrationSpec,
     metric: str,
-) -> tuple[distillation.Teacher, float]:
-    """The teacher's distributions over the training examples that ``spec``'s fine-tuning
-    budget will see (``model``: the old adapter on the source base), and the seconds they took;
-    redone in smaller batches when memory runs out. Over the task's choices for an accuracy
-    target (``over: choices``), else its top k."""
-    started = time.perf_counter()
+    only: list[int],
+) -> distillation.Teacher:
+    """The teacher's distributions over the training examples ``only`` (``model``: the old
+    adapter on the source base); redone in smaller batches when memory runs out. Over the
+    task's choices for an accuracy target (``over: choices``), else its top k."""
     teaching = spec.method.finetune.distillation
-    only = examples_seen(size=len(task.train), **_budget(spec))
     micro = MicroBatch(EVALUATION_BATCH, batch=EVALUATION_BATCH)
     choices = task.choices if teaching.over == "choices" and metric == "accuracy" else None
 
@@ -252,15 +285,14 @@ def _compute_teacher(
                 only=only,
             )
 
-    teacher = micro.run(once)
-    return teacher, time.perf_counter() - started
+    return micro.run(once)
 
 
 def load_teacher(
     spec: AdapterMigrationSpec, adapter: Adapter, storage: Storage
-) -> tuple[distillation.Teacher, float] | None:
-    """The teacher distributions (and the seconds they took) as an earlier attempt of this very
-    work saved them in the adapter's state, else None."""
+) -> TeacherPart | None:
+    """The teacher distributions (the seconds they took, the steps they cover) as an earlier
+    attempt of this very work saved them in the adapter's state, else None."""
     path = output_dir(spec, adapter, storage) / STATE_DIR / TEACHER_FILE
     if not path.is_file():
         return None
@@ -268,7 +300,12 @@ def load_teacher(
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved.get("fingerprint") != fingerprint(spec, adapter):
             return None
-        return distillation.Teacher.of_state(saved["teacher"]), float(saved["seconds"])
+        steps = saved.get("steps")
+        return TeacherPart(
+            distillation.Teacher.of_state(saved["teacher"]),
+            float(saved["seconds"]),
+            None if steps is None else int(steps),
+        )
     except (
         RuntimeError,
         EOFError,
@@ -282,9 +319,10 @@ def load_teacher(
         return None  # unreadable, torn or foreign: compute again
 
 
-def _save_teacher(state: Path, key: str, teacher: distillation.Teacher, seconds: float) -> None:
+def _save_teacher(state: Path, key: str, part: TeacherPart) -> None:
     buffer = io.BytesIO()
-    torch.save({"fingerprint": key, "teacher": teacher.to_state(), "seconds": seconds}, buffer)
+    saved = {"teacher": part.teacher.to_state(), "seconds": part.seconds, "steps": part.steps}
+    torch.save({"fingerprint": key, **saved}, buffer)
     ownership.write_atomic(state / TEACHER_FILE, buffer.getvalue())
 
 
@@ -634,7 +672,7 @@ def _follow(
 
 
 def _finetune_config(
-    tune: FinetuneConfig, chosen: strategies.Strategy, teacher: distillation.Teacher | None
+    tune: FinetuneConfig, chosen: strategies.Strategy, teacher: distillation.Lessons | None
 ) -> FinetuneConfig:
     """The fine-tuning of a strategy: none for one that does not train; no distillation without
     a teacher (the old adapter was ready on the new base as it is: none was computed)."""
@@ -709,12 +747,15 @@ def _migrate_claimed(
         adapter.readiness, source_quality["validation"] if source_quality else None
     )
     ready_before = target.met(before_quality["validation"].value(target.metric))
-    teacher, teacher_seconds = None, 0.0
+    part = None
     if not ready_before:  # else nothing to learn from it: no teacher's seconds
-        teacher, teacher_seconds = _teacher(spec, adapter, old, task, bases, storage, encoder)
-    if teacher is not None and not (state / TEACHER_FILE).is_file():
-        _save_teacher(state, key, teacher, teacher_seconds)
+        # Workers get the whole teacher before they start: no second stage among them.
+        staged = meetings.world is None or not meetings.world.distributed
+        part = _teacher(spec, adapter, old, task, bases, storage, encoder, staged=staged)
+    if part is not None and not (state / TEACHER_FILE).is_file():
+        _save_teacher(state, key, part)
         claim.save_state(STATE_DIR)
+    base_weights = list(bases.target.named_parameters(remove_duplicate=False))
 
     rank = method.rank or old.rank
     config = adapters.new_config(old.config, rank=method.rank, base=spec.target_model.uri)
@@ -723,6 +764,22 @@ def _migrate_claimed(
     if checkpointing:
         _recompute(bases.target, True)
     result: search.SearchResult | None = None
+    teacher: distillation.Lessons | None = None if part is None else part.teacher
+    if part is not None and part.steps is not None:
+
+        def saved(whole: TeacherPart) -> None:
+            sink.note(
+                adapter.name, f"teacher: its second stage done ({whole.seconds:.1f} s in all)"
+            )
+            _save_teacher(state, key, whole)
+            claim.save_state(STATE_DIR)
+
+        metric = adapter.readiness.metric
+        complete = _second_stage(
+            spec, model, base_weights, old, task, bases, encoder, metric, part, saved
+        )
+        covered = _seen(spec, len(task.train), part.steps)
+        teacher = distillation.Staged(part.teacher, covered, complete)
 
     def trial_done(trial: int, trials: int, value: float | None) -> None:
         claim.save_state(STATE_DIR)  # the search journal, for a pod that takes over
@@ -745,7 +802,7 @@ def _migrate_claimed(
             )
         )
         finetune_config = _finetune_config(tune, chosen, teacher)
-        shared = None if teacher is None else {k: v.cpu() for k, v in teacher.to_state().items()}
+        shared = None if part is None else {k: v.cpu() for k, v in part.teacher.to_state().items()}
         meetings.hand(_Start(shared, target, checkpointing))
         _same_adapter(meetings.world, model)
 
@@ -773,7 +830,7 @@ def _migrate_claimed(
             seed=method.seed,
             device=bases.device,
             state_dir=state,
-            seconds_before=teacher_seconds + (result.seconds if result else 0.0),
+            seconds_before=(part.seconds if part else 0.0) + (result.seconds if result else 0.0),
             on_step=on_step,
             micro=micro,
             on_checkpoint=lambda: claim.save_state(STATE_DIR),
@@ -807,8 +864,8 @@ def _migrate_claimed(
         outcome=outcome,
         load_seconds=bases.load_seconds,
         reference_seconds=reference_seconds,
-        teacher_seconds=teacher_seconds if teacher is not None else None,
-        distillation=asdict(tune.distillation) if teacher is not None else None,
+        teacher_seconds=_teacher_seconds(part, teacher),
+        distillation=asdict(tune.distillation) if part is not None else None,
         device_peak_gib=(
             torch.cuda.max_memory_allocated(bases.device) / plan.GIB
             if bases.device.type == "cuda"
@@ -833,33 +890,96 @@ def _teacher(
     bases: Bases,
     storage: Storage,
     encoder: Encoder,
-) -> tuple[distillation.Teacher | None, float]:
-    """The teacher distributions when fine-tuning distils, and the seconds they took: computed
-    before for the same inputs (a benchmark's runs), else from an earlier attempt's state, else
-    computed now on the source base's weights copied into the target base in place (one base
-    resident; the target's own weights copied back after), else (weights the files name
-    otherwise than the model) on the source base loaded again."""
+    *,
+    staged: bool,
+) -> TeacherPart | None:
+    """The teacher distributions when fine-tuning distils, the seconds they took and the steps
+    they cover: computed before for the same inputs (a benchmark's runs), else from an earlier
+    attempt's state, else computed now on the source base's weights copied into the target
+    base in place (one base resident; the target's own weights copied back after), else
+    (weights the files name otherwise than the model) on the source base loaded again.
+    ``staged``: computed now in place, it covers only the examples of the first steps
+    (:func:`_first_stage`; the rest: :func:`_second_stage`)."""
     teaching = distilled(spec)
     if teaching is None:
-        return None, 0.0
+        return None
     key = _teacher_key(adapter, teaching, spec)
     if key not in bases.teachers:
         saved = load_teacher(spec, adapter, storage)
         if saved is None:
             started = time.perf_counter()
             swapped = models.copy_weights(bases.target, bases.source_files)
+            steps = _first_stage(spec, len(task.train)) if staged and swapped else None
             try:
                 on_old = _with_adapter(bases.target if swapped else bases.source(), old)
-                teacher, _ = _compute_teacher(
-                    on_old, encoder, task, bases.device, spec, adapter.readiness.metric
+                teacher = _compute_teacher(
+                    on_old,
+                    encoder,
+                    task,
+                    bases.device,
+                    spec,
+                    adapter.readiness.metric,
+                    _seen(spec, len(task.train), steps),
                 )
                 adapters.detach(on_old)
             finally:
                 if swapped and not models.copy_weights(bases.target, bases.target_files):
                     raise RuntimeError("the target base's weights could not be read back")
-            saved = teacher, time.perf_counter() - started
+            saved = TeacherPart(teacher, time.perf_counter() - started, steps)
         bases.teachers[key] = saved
     return bases.teachers[key]
+
+
+def _second_stage(
+    spec: AdapterMigrationSpec,
+    model: PeftModel,
+    base_weights: list[tuple[str, nn.Parameter]],
+    old: adapters.OldAdapter,
+    task: TaskData,
+    bases: Bases,
+    encoder: Encoder,
+    metric: str,
+    first: TeacherPart,
+    on_done: Callable[[TeacherPart], None],
+) -> Callable[[distillation.Teacher], distillation.Teacher]:
+    """What completes the teacher ``first`` in the middle of fine-tuning ``model``: the old
+    adapter added beside the new one and made active, the source base's weights copied into
+    the base in place (``base_weights``: its parameters, named before the new adapter wrapped
+    its layers), the examples ``first`` lacks computed, then the target's weights, the new
+    adapter (trainable again) restored and the old one removed. ``on_done`` gets the whole."""
+
+    def complete(teacher: distillation.Teacher) -> distillation.Teacher:
+        started = time.perf_counter()
+        size = len(task.train)
+        rest = sorted(set(_seen(spec, size)) - set(_seen(spec, size, first.steps)))
+        model.add_adapter(TEACHER_ADAPTER, copy.deepcopy(old.config))
+        try:
+            adapters.load_factors(model, old.factors, old.saved, adapter_name=TEACHER_ADAPTER)
+            model.set_adapter(TEACHER_ADAPTER, inference_mode=True)
+            if not models.copy_weights(base_weights, bases.source_files):
+                raise RuntimeError("the source base's weights could not be read in place")
+            try:
+                later = _compute_teacher(model, encoder, task, bases.device, spec, metric, rest)
+            finally:
+                if not models.copy_weights(base_weights, bases.target_files):
+                    raise RuntimeError("the target base's weights could not be read back")
+        finally:
+            model.set_adapter(adapters.ADAPTER)
+            model.delete_adapter(TEACHER_ADAPTER)
+        whole = teacher.merged(later, rest)
+        on_done(TeacherPart(whole, first.seconds + time.perf_counter() - started))
+        return whole
+
+    return complete
+
+
+def _teacher_seconds(
+    part: TeacherPart | None, teacher: distillation.Lessons | None
+) -> float | None:
+    """The teacher's seconds in all (its second stage's too, when one was computed)."""
+    if part is None:
+        return None
+    return part.seconds + (teacher.seconds if isinstance(teacher, distillation.Staged) else 0.0)
 
 
 def _plan(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,15 +175,20 @@ class WeightFiles:
         return tensor
 
 
-def copy_weights(model: nn.Module, files: WeightFiles) -> bool:
+def copy_weights(model: nn.Module | Sequence[tuple[str, nn.Parameter]], files: WeightFiles) -> bool:
     """Copy every parameter of ``model`` from ``files`` (another version of the same
     architecture), in place, one tensor at a time: the model becomes that version without a
     second one in memory. A tied parameter is read under any of its names. False, with nothing
     changed, when the files lack one of them (the shapes they hold were checked against the
-    model's when the bases were loaded: :func:`check_compatible`)."""
+    model's when the bases were loaded: :func:`check_compatible`). ``model`` may be given as
+    its named parameters (``named_parameters(remove_duplicate=False)``), taken before an
+    adapter wrapped its layers: the same tensors, under the names the files use."""
+    named = (
+        model.named_parameters(remove_duplicate=False) if isinstance(model, nn.Module) else model
+    )
     names: dict[int, list[str]] = {}
     tensors: dict[int, nn.Parameter] = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
+    for name, parameter in named:
         names.setdefault(parameter.data_ptr(), []).append(name)
         tensors[parameter.data_ptr()] = parameter
     stored: dict[int, str] = {}

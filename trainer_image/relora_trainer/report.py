@@ -246,12 +246,14 @@ def summary(report: AdapterReport) -> str:
             f"{g}: alpha={c['alpha']:.3f} beta={c['beta']:.3f}"
             for g, c in report.coefficients.items()
         )
-        if report.search_skipped:
+        if report.search_skipped and report.ready_step == 0:
             lines += [
                 "",
                 "No search: the old adapter on the target base already met the readiness "
                 "target, so it is the start (initialization.skipWhenReady).",
             ]
+        elif report.search_skipped:
+            lines += ["", "No search (initialization.trials: 0): the old adapter is the start."]
         else:
             lines += ["", f"Fusion coefficients ({len(report.trials)} trials): {chosen}."]
         if report.stopped_early:

@@ -35,6 +35,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             session.Options(
                 quick=args.quick,
                 seeds=args.seeds,
+                first_seed=args.first_seed,
                 out=args.out,
                 testbed=args.testbed,
                 worlds=args.world,
@@ -79,6 +80,14 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     )
     bench.add_argument(
         "--seeds", type=int, default=None, metavar="N", help="seeds 0..N-1 (default 3; 5 full)"
+    )
+    bench.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        metavar="K",
+        help="seeds K..K+N-1 instead (e.g. reporting seeds apart from those defaults were "
+        "chosen on)",
     )
     bench.add_argument(
         "--out", default=DEFAULT_OUT, metavar="DIR", help=f"report folder (default {DEFAULT_OUT})"

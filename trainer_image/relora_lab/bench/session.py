@@ -48,6 +48,7 @@ class Options:
     severities: list[str] | None = None
     steps: int | None = None  # the step budget (default: variants.COMMON_FINETUNE)
     target_fraction: float = TARGET_FRACTION
+    first_seed: int = 0  # the seeds are first_seed .. first_seed + seeds - 1
     tune: bool = False  # run the tuning grid on the tuning seeds instead of the benchmark
     from_reports: list[str] | None = None  # summarize these reports' runs instead of running
     command: str = "relora bench"
@@ -68,7 +69,8 @@ def run(options: Options, *, console: Console | None = None) -> dict[str, Path]:
         seeds = list(tuning.TUNING_SEEDS)
     else:
         chosen = variants.by_name(options.variants, quick=options.quick)
-        seeds = list(range(options.seeds or (QUICK_SEEDS if options.quick else FULL_SEEDS)))
+        count = options.seeds or (QUICK_SEEDS if options.quick else FULL_SEEDS)
+        seeds = list(range(options.first_seed, options.first_seed + count))
     testbeds = _testbeds(options, device, console)
     manifests = {
         label: paths.manifest(severity, kind)

@@ -75,14 +75,8 @@ VARIANTS: tuple[Variant, ...] = (
     ),
     Variant(
         "relora-no-search",
-        "relora without the search: alpha in [1, 1], beta in [0, 0] (one trial)",
-        _relora(
-            initialization={
-                "alpha": {"min": 1, "max": 1},
-                "beta": {"min": 0, "max": 0},
-                "trials": 1,
-            }
-        ),
+        "relora without the search (trials: 0): the old adapter as start, no trial",
+        _relora(initialization={"trials": 0}),
         quick=False,
     ),
     Variant(

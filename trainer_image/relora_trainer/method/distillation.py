@@ -24,11 +24,16 @@ vocabulary). A KL over k + 1 outcomes (the top k, and the rest as one) taught th
 flatness and did nothing for readiness; renormalizing the teacher alone would push the student
 to put all its mass on the k tokens. Conditioned on them, the term carries the teacher's
 ranking of the candidates (for one-token labels: of the labels), which is what accuracy reads.
+
+A teacher may come in two stages (:class:`Staged`): the examples of the first steps computed
+before fine-tuning starts, the others only when a batch first draws one of them, that is when
+the adapter was not ready by then.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +69,20 @@ class Teacher:
             picked.append((self.ids[start:end], self.probs[start:end]))
         return picked
 
+    def merged(self, other: Teacher, taken: Collection[int]) -> Teacher:
+        """This teacher with the rows of the examples in ``taken`` from ``other`` (over the same
+        examples, e.g. computed for those only)."""
+        if other.examples != self.examples:
+            raise ValueError(f"{other.examples} examples merged into {self.examples}")
+        taken = set(taken)
+        rows = [(other if n in taken else self).rows([n])[0] for n in range(self.examples)]
+        lengths = torch.tensor([0, *(len(ids) for ids, _ in rows)], dtype=torch.long)
+        return Teacher(
+            ids=torch.cat([ids for ids, _ in rows]) if rows else self.ids[:0],
+            probs=torch.cat([probs for _, probs in rows]) if rows else self.probs[:0],
+            offsets=lengths.cumsum(0),
+        )
+
     def to_state(self) -> dict[str, Any]:
         return {"ids": self.ids, "probs": self.probs, "offsets": self.offsets}
 
@@ -78,6 +97,41 @@ class Teacher:
 
 
 TeacherRows = Sequence[tuple[torch.Tensor, torch.Tensor]]
+
+
+class Staged:
+    """A teacher computed in two stages: ``first`` holds the rows of the examples in
+    ``covered`` (those of the first steps); the first batch that draws another example calls
+    ``complete`` (given ``first``, it returns the whole teacher) once, and :attr:`seconds`
+    says how long that took (spent inside the step that needed it)."""
+
+    def __init__(
+        self, first: Teacher, covered: Collection[int], complete: Callable[[Teacher], Teacher]
+    ) -> None:
+        self.teacher = first
+        self.covered = frozenset(covered)
+        self._complete: Callable[[Teacher], Teacher] | None = complete
+        self.seconds = 0.0
+
+    @property
+    def examples(self) -> int:
+        return self.teacher.examples
+
+    @property
+    def completed(self) -> bool:
+        return self._complete is None
+
+    def rows(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self._complete is not None and not self.covered.issuperset(indices):
+            started = time.perf_counter()
+            complete, self._complete = self._complete, None
+            self.teacher = complete(self.teacher)
+            self.seconds = time.perf_counter() - started
+        return self.teacher.rows(indices)
+
+
+Lessons = Teacher | Staged
+"""What fine-tuning distils from: a teacher, whole or in stages."""
 
 
 @torch.no_grad()

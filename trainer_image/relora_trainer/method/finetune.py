@@ -259,7 +259,7 @@ def train_step(
     seed: int,
     device: torch.device,
     penalty: Callable[[], torch.Tensor] | None = None,
-    teacher: distillation.Teacher | None = None,
+    teacher: distillation.Lessons | None = None,
     distill_weight: float = 0.0,
     emphasis: float = 0.0,
     world: World | None = None,
@@ -417,7 +417,7 @@ def finetune(
     on_step: StepCallback | None = None,
     micro: MicroBatch | None = None,
     on_checkpoint: Callable[[], None] | None = None,
-    teacher: distillation.Teacher | None = None,
+    teacher: distillation.Lessons | None = None,
     world: World | None = None,
 ) -> FinetuneOutcome:
     """Train the adapter parameters of ``model`` from their current values until ready or budget.

@@ -21,9 +21,10 @@ class Relora:
 
     def initialize(self, context: Context) -> SearchResult | None:
         """Search the fusion coefficients, then load the best fused adapter into the model;
-        without a search, the old adapter, when it already meets the readiness target."""
+        without a search (no trials, or the old adapter already meets the readiness target),
+        the old adapter."""
         config = context.search
-        if config.skip_when_ready and context.ready_before:
+        if config.trials == 0 or (config.skip_when_ready and context.ready_before):
             started = time.perf_counter()
             old_update(context)  # neither the evolution nor a trial: nothing to gain
             return SearchResult(
