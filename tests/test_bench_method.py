@@ -16,7 +16,7 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from relora_api.spec import Finetune
+from relora_api.spec import Finetune, Initialization
 from relora_lab import settings
 from relora_lab.bench import variants
 from relora_trainer import adapters, migrate, models
@@ -149,12 +149,16 @@ def test_reference_qualities_are_measured_once_per_pair_of_bases(toy: Any, tmp_p
 
 def test_a_run_spec_layers_budget_variant_and_seed(toy: Any) -> None:
     manifest = toy_manifest(toy)
-    no_search = next(v for v in variants.VARIANTS if v.name == "relora-no-search")
-    spec = variants.spec_for(manifest, no_search, seed=7, output="/tmp/out")
+    searching = next(v for v in variants.VARIANTS if v.name == "relora-per-layer")
+    spec = variants.spec_for(manifest, searching, seed=7, output="/tmp/out")
     method = spec.method
     assert method.seed == 7 and method.strategy == "relora"
-    assert (method.initialization.alpha.min, method.initialization.alpha.max) == (1, 1)
-    assert (method.initialization.beta.min, method.initialization.beta.max) == (0, 0)
+    assert method.initialization.granularity == "layer"
+    assert method.initialization.trials == settings.RELORA_SEARCH["trials"] > 0
+    relora = next(v for v in variants.VARIANTS if v.name == "relora")
+    assert variants.spec_for(manifest, relora, seed=0, output="o").method.initialization.trials == (
+        Initialization().trials
+    ), "relora as shipped: the search as spec.method defaults it"
     assert method.finetune.max_steps == variants.COMMON_FINETUNE["maxSteps"]
     assert spec.output.uri == "/tmp/out"
     scratch = next(v for v in variants.VARIANTS if v.name == "scratch")

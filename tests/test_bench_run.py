@@ -37,7 +37,7 @@ def _testbed(toy: Any, folder: Path) -> layout.TestbedPaths:
 
 def test_run_matrix_measures_every_run_through_migrate(toy: Any, tmp_path: Path) -> None:
     paths = _testbed(toy, tmp_path / "testbed")
-    chosen = variants.by_name(["warm-start", "relora", "reuse"], quick=True)
+    chosen = variants.by_name(["warm-start", "relora-search", "reuse"], quick=True)
     common = {**TINY_BUDGET, "stopWhenReady": False}
     started: list[tuple[str, str, int]] = []
 
@@ -55,8 +55,8 @@ def test_run_matrix_measures_every_run_through_migrate(toy: Any, tmp_path: Path)
         on_run=on_run,
     )
     assert len(records) == 6 == len(started)
-    assert [s[1] for s in started[:3]] == ["warm-start", "relora", "reuse"]
-    assert [s[1] for s in started[3:]] == ["relora", "reuse", "warm-start"], "rotated by seed"
+    assert [s[1] for s in started[:3]] == ["warm-start", "relora-search", "reuse"]
+    assert [s[1] for s in started[3:]] == ["relora-search", "reuse", "warm-start"], "rotated"
     for record in records:
         folder = tmp_path / "bench" / "runs" / "mild" / record.variant / f"seed-{record.seed}"
         report = json.loads((folder / "report.json").read_text())
@@ -64,9 +64,9 @@ def test_run_matrix_measures_every_run_through_migrate(toy: Any, tmp_path: Path)
         assert record.steps == (0 if record.variant == "reuse" else 4), "the whole budget"
         assert record.accuracy("after", "test") is not None
         assert record.accuracy("source", "validation") is not None
-    relora = [r for r in records if r.variant == "relora"]
+    relora = [r for r in records if r.variant == "relora-search"]
     # the variant's, not the manifest's
-    trials = settings.RELORA_METHOD["initialization"]["trials"]
+    trials = settings.RELORA_SEARCH["trials"]
     assert all(len(r.trials) == trials and r.search_seconds > 0 for r in relora)
     assert all(
         r.time_to_readiness is None or r.time_to_readiness >= r.search_seconds for r in relora

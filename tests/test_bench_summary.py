@@ -186,7 +186,7 @@ def test_tuning_gives_every_strategy_six_candidates_and_one_rule(tmp_path: Path)
         for s in {"scratch", "warm-start", "relora"}
     }
     assert counts == {"scratch": 6, "warm-start": 6, "relora": 6}
-    picked = ["warm-start@lr=0.006", "relora@lr=0.001,choice-loss"]
+    picked = ["warm-start@lr=0.006", "relora@lr=0.001"]
     assert [v.name for v in tuning.grid(picked)] == picked
     with pytest.raises(BadInput, match="unknown"):
         tuning.grid(["warm-start@lr=0.5"])
@@ -197,11 +197,11 @@ def test_tuning_gives_every_strategy_six_candidates_and_one_rule(tmp_path: Path)
         record("warm-start@lr=0.002", 101, ttr=22.0, ready_step=90, test=0.6),
         record("warm-start@lr=0.004", 100, ttr=15.0, ready_step=60, test=0.1),
         record("warm-start@lr=0.004", 101, ttr=None, ready_step=None, test=0.1, spent=40.0),
-        record("relora@lr=0.002,loss", 100, ttr=12.0, ready_step=40, test=0.6),
+        record("relora@lr=0.002", 100, ttr=12.0, ready_step=40, test=0.6),
     ]
     best = tuning.select(runs)
     assert best["warm-start"].name == "warm-start@lr=0.002", "a censored run counts what it spent"
-    assert best["relora"].name == "relora@lr=0.002,loss"
+    assert best["relora"].name == "relora@lr=0.002"
     text = tuning.write(tmp_path, runs, command="relora bench --tune").read_text()
     assert "| **warm-start@lr=0.002** | 2/2 |" in text
     assert "| warm-start@lr=0.004 | 1/2 |" in text

@@ -102,9 +102,9 @@ INVALID: list[tuple[str, Mutation, str]] = [
         "spec.method.finetune.maxSteps: must be greater than or equal to 0",
     ),
     (
-        "zero trials",
-        _set("spec.method.initialization.trials", 0),
-        "spec.method.initialization.trials: must be greater than or equal to 1",
+        "negative trials",
+        _set("spec.method.initialization", {"trials": -1}),
+        "spec.method.initialization.trials: must be greater than or equal to 0",
     ),
     (
         "learning rate is text",
@@ -148,7 +148,7 @@ INVALID: list[tuple[str, Mutation, str]] = [
     ),
     (
         "inverted coefficient range",
-        _set("spec.method.initialization.alpha", {"min": 2, "max": 1}),
+        _set("spec.method.initialization", {"alpha": {"min": 2, "max": 1}}),
         "spec.method.initialization.alpha: min (2.0) must not be greater than max (1.0)",
     ),
     (
@@ -229,7 +229,7 @@ def test_defaults_apply_when_omitted(manifest: dict[str, Any]) -> None:
     migration = AdapterMigration.from_manifest(manifest)
     method = migration.spec.method
     assert method.strategy == "relora"
-    assert method.initialization.sampler == "gp"
+    assert method.initialization.sampler == "gp" and method.initialization.trials == 0
     assert (method.initialization.alpha.min, method.initialization.alpha.max) == (0.0, 1.5)
     assert method.finetune.regularization.schedule == "step"
     assert migration.spec.adapters[1].readiness.target == 0.9

@@ -168,19 +168,22 @@ class Range(APIModel):
 
 
 class Initialization(APIModel):
-    """Adaptive initialization: Bayesian optimization of the fusion coefficients.
+    """Adaptive initialization: Bayesian optimization of the fusion coefficients (opt in with
+    ``trials`` > 0; without it, relora starts from the old adapter).
 
     The starting adapter is the rank-r truncated SVD of
     ``alpha * (old adapter update) + beta * (W_target - W_source)`` per adapted matrix.
     """
 
     trials: int = Field(
-        default=16,
+        default=0,
         ge=0,
         le=500,
         description=(
-            "Search trials (each: one fusion + one evaluation); 0: no search, the old adapter "
-            "is the start (as warm-start's), the base evolution is not read."
+            "Search trials (each: one fusion + one evaluation). 0 (the default): no search, "
+            "the old adapter is the start (as warm-start's) and the base evolution is not "
+            "read; on the development suite the search never shortened a migration by more "
+            "than it cost. Opt in with e.g. 16."
         ),
     )
     timeout_seconds: int = Field(
@@ -309,7 +312,9 @@ class Distillation(APIModel):
     teacher's next-token probabilities of some tokens (``over``: the task's choices'
     continuations, or its top k) are computed once, only when the old adapter is not already
     ready on the target base, on the source base's weights copied into the loaded target base
-    (one base resident; saved in the adapter's state for a retried run). Fine-tuning adds
+    (one base resident; saved in the adapter's state for a retried run), in two stages: the
+    examples of the steps up to the second readiness check before fine-tuning, the others
+    only when it gets there without being ready. Fine-tuning adds
     weight x KL(teacher || student) with both conditioned on those tokens (renormalized over
     them), averaged over the completion tokens like the task loss, and counts the task loss
     1 + emphasis times where the teacher is right. Its seconds count in the time to readiness.

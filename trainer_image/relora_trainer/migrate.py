@@ -838,6 +838,8 @@ def _migrate_claimed(
             world=meetings.world,
         )
         meetings.expect()  # the others wait for the report
+        if isinstance(teacher, distillation.Staged):  # its second stage: the teacher's seconds
+            outcome = replace(outcome, train_seconds=outcome.train_seconds - teacher.seconds)
         sink.update(adapter.name, record(stage="saving"))
         staging = claim.fresh_staging()
         model.save_pretrained(str(staging), save_embedding_layers=False)

@@ -15,7 +15,14 @@ from typing import Any
 
 from relora_api import validation
 from relora_api.spec import AdapterMigrationSpec
-from relora_lab.settings import METHODS, RELORA_METHOD, SCRATCH_METHOD, WARM_START_METHOD, merge
+from relora_lab.settings import (
+    METHODS,
+    RELORA_METHOD,
+    RELORA_SEARCH,
+    SCRATCH_METHOD,
+    WARM_START_METHOD,
+    merge,
+)
 from relora_trainer.errors import BadInput
 
 
@@ -43,8 +50,9 @@ COMMON_FINETUNE: Mapping[str, Any] = {
 budget runs (the test accuracy is the one at the budget), readiness is recorded on the way."""
 
 
-def _relora(**update: Any) -> dict[str, Any]:
-    return merge(RELORA_METHOD, update)
+def _searching(**update: Any) -> dict[str, Any]:
+    """relora with its search on (:data:`RELORA_SEARCH`), then ``update``."""
+    return merge(merge(RELORA_METHOD, {"initialization": RELORA_SEARCH}), update)
 
 
 def _teaching(method: Mapping[str, Any], **distillation: Any) -> dict[str, Any]:
@@ -63,61 +71,63 @@ VARIANTS: tuple[Variant, ...] = (
     ),
     Variant(
         "relora",
-        "searched fusion init + scheduled regularization + the old adapter on v1 as a teacher "
-        "(distillation weight 3, emphasis 3: relora's defaults)",
+        "the old adapter as start (no search: relora's default since session 9) + scheduled "
+        "regularization + the old adapter on v1 as a teacher (distillation weight 3, emphasis "
+        "3: relora's defaults)",
         RELORA_METHOD,
     ),
     Variant(
+        "relora-search",
+        "relora with its search on (6 trials on 128 validation examples, choice-loss "
+        "objective, fallback to the old adapter): relora's default in sessions 4-8",
+        _searching(),
+    ),
+    Variant(
         "relora-no-teacher",
-        "relora without the teacher (distillation weight 0, emphasis 0: relora before session 8)",
+        "relora without the teacher (distillation weight 0, emphasis 0)",
         _teaching(RELORA_METHOD, weight=0.0, emphasis=0.0),
         quick=False,
     ),
     Variant(
-        "relora-no-search",
-        "relora without the search (trials: 0): the old adapter as start, no trial",
-        _relora(initialization={"trials": 0}),
+        "relora-no-fallback",
+        "relora-search keeping the searched start even when it is worse than the old adapter's",
+        _searching(initialization={"fallback": False}),
         quick=False,
     ),
     Variant(
-        "relora-no-fallback",
-        "relora keeping the searched start even when it is worse than the old adapter's",
-        _relora(initialization={"fallback": False}),
-    ),
-    Variant(
         "relora-no-patience",
-        "relora running every search trial (no early stop)",
-        _relora(initialization={"patience": 500}),  # >= trials: no early stop
+        "relora-search running every search trial (no early stop)",
+        _searching(initialization={"patience": 500}),  # >= trials: no early stop
         quick=False,
     ),
     Variant(
         "relora-no-reg",
         "relora without the regularizer (schedule none)",
-        _relora(finetune={"regularization": {"schedule": "none"}}),
+        merge(RELORA_METHOD, {"finetune": {"regularization": {"schedule": "none"}}}),
         quick=False,
     ),
     Variant(
         "relora-constant",
         "relora with a constant lambda (no relaxation)",
-        _relora(finetune={"regularization": {"schedule": "constant"}}),
+        merge(RELORA_METHOD, {"finetune": {"regularization": {"schedule": "constant"}}}),
         quick=False,
     ),
     Variant(
         "relora-per-layer",
-        "relora with one (alpha, beta) per layer",
-        _relora(initialization={"granularity": "layer"}),
+        "relora-search with one (alpha, beta) per layer",
+        _searching(initialization={"granularity": "layer"}),
         quick=False,
     ),
     Variant(
         "relora-module-type",
-        "relora with one (alpha, beta) per module type",
-        _relora(initialization={"granularity": "module-type"}),
+        "relora-search with one (alpha, beta) per module type",
+        _searching(initialization={"granularity": "module-type"}),
         quick=False,
     ),
     Variant(
         "relora-full-evolution",
-        "relora fusing the whole evolution (projection none, randomized SVD)",
-        _relora(initialization={"projection": "none"}),
+        "relora-search fusing the whole evolution (projection none, randomized SVD)",
+        _searching(initialization={"projection": "none"}),
         quick=False,
     ),
     Variant(
@@ -193,9 +203,9 @@ VARIANTS: tuple[Variant, ...] = (
     ),
     Variant(
         "relora-magnitude-kept",
-        "relora with a DoRA adapter's magnitudes kept as trained on v1 (the default rescales "
-        "them to the start's direction on v2; the same as relora for other adapters)",
-        _relora(initialization={"magnitude": "kept"}),
+        "relora-search with a DoRA adapter's magnitudes kept as trained on v1 (the default "
+        "rescales them to a fused start's direction on v2; the same for other adapters)",
+        _searching(initialization={"magnitude": "kept"}),
         quick=False,
     ),
 )
