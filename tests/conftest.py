@@ -62,6 +62,23 @@ def toy_manifest(toy: Any, **method: Any) -> dict[str, Any]:
     }
 
 
+@pytest.fixture
+def teacher_passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The examples of each teacher computation (``distillation.compute``'s ``only``), in
+    order, for the rest of the test."""
+    from relora_trainer.method import distillation
+
+    passes: list[int] = []
+    compute = distillation.compute
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        passes.append(len(kwargs["only"]))
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(distillation, "compute", counted)
+    return passes
+
+
 def wait_for(check: Any, *, timeout: float = 30.0, what: str = "condition") -> Any:
     """Poll ``check`` until it returns something truthy (returned), failing after ``timeout``."""
     import time

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from relora_trainer import adapter_config, adapters, local_run, migrate, models
 from relora_trainer.data import Encoder, TaskData, read_jsonl
 from relora_trainer.errors import EXIT_BAD_INPUT, EXIT_NOT_READY, EXIT_OK, InvalidAdapter
-from relora_trainer.method import distillation, fusion, strategies
+from relora_trainer.method import fusion, strategies
 from relora_trainer.method.quality import measure
 from tests.conftest import toy_manifest
 
@@ -355,19 +355,17 @@ def test_the_memory_plan_counts_what_peft_trains(
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_a_teacher_in_two_stages_trains_as_the_whole_one_for_each_kind(
-    kind: str, kinds: dict[str, Path], toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    kind: str,
+    kinds: dict[str, Path],
+    toy: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    teacher_passes: list[int],
 ) -> None:
     """The teacher's second stage adds the old adapter beside the new one in the middle of
     fine-tuning: with DoRA magnitudes, per-module ranks or a saved module too, the run trains
     as one whose teacher was computed whole up front."""
-    stages: list[int] = []
-    compute = distillation.compute
-
-    def counted(*args: Any, **kwargs: Any) -> distillation.Teacher:
-        stages.append(len(kwargs["only"]))
-        return compute(*args, **kwargs)
-
-    monkeypatch.setattr(distillation, "compute", counted)
+    stages = teacher_passes
     weights = {}
     for name, evaluations in (("whole", 100), ("staged", 2)):
         monkeypatch.setattr(migrate, "FIRST_STAGE_EVALUATIONS", evaluations)

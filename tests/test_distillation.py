@@ -429,7 +429,7 @@ def _saved_teacher(out: Path) -> dict[str, Any]:
 
 
 def test_a_teacher_in_two_stages_trains_as_the_whole_one_and_leaves_the_base_as_it_was(
-    toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, teacher_passes: list[int]
 ) -> None:
     """The first stage covers the examples of the steps up to the second readiness check; the
     first batch past them computes the rest in the middle of fine-tuning (the old adapter added
@@ -438,14 +438,7 @@ def test_a_teacher_in_two_stages_trains_as_the_whole_one_and_leaves_the_base_as_
     left as it was, and the whole teacher is saved for a retried attempt."""
     from safetensors.torch import load_file
 
-    computed: list[int] = []
-    compute = distillation.compute
-
-    def counted(*args: Any, **kwargs: Any) -> distillation.Teacher:
-        computed.append(len(kwargs["only"]))
-        return compute(*args, **kwargs)
-
-    monkeypatch.setattr(distillation, "compute", counted)
+    computed = teacher_passes
     storage = Storage(base_dir=tmp_path)
     runs = {}
     for name, evaluations in (("whole", 100), ("staged", 2)):

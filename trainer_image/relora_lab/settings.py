@@ -35,11 +35,12 @@ WARM_START_METHOD: Mapping[str, Any] = {
     "strategy": "warm-start",
     "finetune": {"learningRate": 0.004},
 }
-RELORA_METHOD: Mapping[str, Any] = {"strategy": "relora", "finetune": {"learningRate": 0.002}}
+RELORA_METHOD: Mapping[str, Any] = {"strategy": "relora", "finetune": {"learningRate": 0.004}}
 """Each strategy's settings, chosen by the same tuning (six candidates per trained strategy, see
-bench/tuning.py and docs/benchmark.md): the learning rate of every trained strategy (relora's,
-0.002, chosen with its search on, sessions 4-8). Everything else is the default of spec.method:
-for relora, no search (``initialization.trials: 0``) since session 9."""
+bench/tuning.py and docs/benchmark.md): the learning rate of every trained strategy. relora's
+0.004 since session 9 (0.002 before, chosen with its search on): three of its six rates run on
+the two severe updates, the fewest steps (docs/benchmark.md, session 9). Everything else is the
+default of spec.method: for relora, no search (``initialization.trials: 0``) since session 9."""
 RELORA_SEARCH: Mapping[str, Any] = {
     "trials": 6,
     "validationSamples": 128,

@@ -196,12 +196,6 @@ VARIANTS: tuple[Variant, ...] = (
         quick=False,
     ),
     Variant(
-        "warm-start-relora-lr",
-        "warm-start at relora's learning rate: what relora gains beyond its learning rate",
-        merge(WARM_START_METHOD, {"finetune": RELORA_METHOD["finetune"]}),
-        quick=False,
-    ),
-    Variant(
         "relora-magnitude-kept",
         "relora-search with a DoRA adapter's magnitudes kept as trained on v1 (the default "
         "rescales them to a fused start's direction on v2; the same for other adapters)",
