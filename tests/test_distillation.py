@@ -487,6 +487,53 @@ def test_a_teacher_in_two_stages_trains_as_the_whole_one_and_leaves_the_base_as_
     assert torch.allclose(both.probs, wholly.probs, atol=1e-5)
 
 
+def test_a_retry_after_the_first_stage_computes_only_the_second(
+    toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, teacher_passes: list[int]
+) -> None:
+    """An attempt that dies when the second stage is due leaves the first stage in its state;
+    the retry reads it back and computes only the other examples, then saves the whole."""
+    monkeypatch.setattr(migrate, "FIRST_STAGE_EVALUATIONS", 2)
+    spec = _spec(
+        toy,
+        tmp_path,
+        readiness={"target": 0.999},
+        finetune={"maxSteps": 8, "evalEvery": 1, "batchSize": 4},
+    )
+    storage = Storage(base_dir=tmp_path)
+    second_stage = migrate._second_stage
+
+    def dies(*args: Any, **kwargs: Any) -> Any:
+        def complete(teacher: distillation.Teacher) -> distillation.Teacher:
+            raise RuntimeError("the pod was killed")
+
+        return complete
+
+    monkeypatch.setattr(migrate, "_second_stage", dies)
+    with pytest.raises(RuntimeError, match="killed"):
+        migrate.migrate_adapter(
+            spec=spec,
+            adapter=spec.adapters[0],
+            bases=migrate.load_bases(spec, storage, CPU),
+            storage=storage,
+        )
+    size = len(read_jsonl(toy.split("train"), what="train"))
+    first = examples_seen(steps=2, size=size, batch_size=4, seed=0)
+    everything = examples_seen(steps=8, size=size, batch_size=4, seed=0)
+    out = tmp_path / "out" / "toy-category"
+    assert teacher_passes == [len(first)]
+    assert _saved_teacher(out)["steps"] == 2, "the first stage, saved"
+    monkeypatch.setattr(migrate, "_second_stage", second_stage)
+    teacher_passes.clear()
+    report = migrate.migrate_adapter(
+        spec=spec,
+        adapter=spec.adapters[0],
+        bases=migrate.load_bases(spec, storage, CPU),
+        storage=storage,
+    )
+    assert teacher_passes == [len(everything) - len(first)], "only the second stage"
+    assert report.steps == 8 and _saved_teacher(out)["steps"] is None
+
+
 def test_a_staged_teacher_completes_once_and_only_for_an_example_it_lacks() -> None:
     def rows(values: list[float]) -> distillation.Teacher:
         return distillation.Teacher(

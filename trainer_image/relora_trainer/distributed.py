@@ -240,7 +240,9 @@ class World:
     def _object_device(self) -> torch.device | None:
         return self.device if self.device.type == "cuda" else None
 
-    def close(self) -> None:
-        """Leave the process group (when this world joined one)."""
-        if self.distributed and dist.is_initialized():
+    def close(self, *, failed: bool = False) -> None:
+        """Leave the process group (when this world joined one). ``failed``: the group ended
+        by a failure, a peer may be gone: nothing is torn down (destroying the group can wait
+        on that peer or abort; the process exits next)."""
+        if self.distributed and dist.is_initialized() and not failed:
             dist.destroy_process_group()

@@ -112,6 +112,7 @@ def _together(world: World | None, explain: Callable[[OSError], Exception]) -> I
 def run() -> int:
     world: World | None = None
     main = True  # rank 0 (or alone): writes the termination message
+    failed = False
     try:
         spec, adapter, where, owner = _request()
         output = spec.output_uri(adapter.name)
@@ -169,11 +170,13 @@ def run() -> int:
                 raise
             raise found from error
     except errors.BadInput as error:
+        failed = True
         print(f"error: {error.reason}: {error}", file=sys.stderr)
         if main:
             _write(contract.Outcome(kind="error", reason=error.reason, message=str(error)))
         return contract.EXIT_BAD_INPUT
     except Exception as error:  # report, then let the Job retry
+        failed = True
         traceback.print_exc()
         reason = error.reason if isinstance(error, errors.OutputBusy) else "InternalError"
         if main:
@@ -185,11 +188,23 @@ def run() -> int:
         return errors.EXIT_INTERNAL
     finally:
         if world is not None:
-            world.close()
+            world.close(failed=failed)
     if main:
         _write(contract.Outcome(kind="result", result=report.result()))
     return errors.EXIT_OK
 
 
+def _exit(code: int) -> None:
+    """Exit with ``code``. A worker of a group that failed skips the interpreter's teardown:
+    gloo's threads, still waiting on a peer that is gone, can abort the process there
+    ("terminate called without an active exception", pytorch#28126), and the Job's failure
+    policy must read the code this process chose (3: no retry)."""
+    if code != errors.EXIT_OK and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(run())
+    _exit(run())
