@@ -195,11 +195,12 @@ def run() -> int:
 
 
 def _exit(code: int) -> None:
-    """Exit with ``code``. A worker of a group that failed skips the interpreter's teardown:
-    gloo's threads, still waiting on a peer that is gone, can abort the process there
-    ("terminate called without an active exception", pytorch#28126), and the Job's failure
-    policy must read the code this process chose (3: no retry)."""
-    if code != errors.EXIT_OK and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    """Exit with ``code``. A worker of a group (torchrun's WORLD_SIZE > 1) skips the
+    interpreter's and C++ runtime's teardown once its work is done and reported: gloo's threads
+    can abort the process there ("terminate called without an active exception", pytorch#28126;
+    seen in CI after a successful group and after a failed one, exit -6), and the Job's success
+    and failure policy must read the code this process chose (3: no retry)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
