@@ -775,10 +775,10 @@ def _migrate_claimed(
             claim.save_state(STATE_DIR)
 
         metric = adapter.readiness.metric
+        covered = set(_seen(spec, len(task.train), part.steps))
         complete = _second_stage(
-            spec, model, base_weights, old, task, bases, encoder, metric, part, saved
+            spec, model, base_weights, old, task, bases, encoder, metric, part, covered, saved
         )
-        covered = _seen(spec, len(task.train), part.steps)
         teacher = distillation.Staged(part.teacher, covered, complete)
 
     def trial_done(trial: int, trials: int, value: float | None) -> None:
@@ -942,18 +942,19 @@ def _second_stage(
     encoder: Encoder,
     metric: str,
     first: TeacherPart,
+    covered: set[int],
     on_done: Callable[[TeacherPart], None],
 ) -> Callable[[distillation.Teacher], distillation.Teacher]:
     """What completes the teacher ``first`` in the middle of fine-tuning ``model``: the old
     adapter added beside the new one and made active, the source base's weights copied into
     the base in place (``base_weights``: its parameters, named before the new adapter wrapped
-    its layers), the examples ``first`` lacks computed, then the target's weights, the new
-    adapter (trainable again) restored and the old one removed. ``on_done`` gets the whole."""
+    its layers), the examples ``first`` lacks (not in ``covered``) computed, then the target's
+    weights, the new adapter (trainable again) restored and the old one removed. ``on_done``
+    gets the whole."""
 
     def complete(teacher: distillation.Teacher) -> distillation.Teacher:
         started = time.perf_counter()
-        size = len(task.train)
-        rest = sorted(set(_seen(spec, size)) - set(_seen(spec, size, first.steps)))
+        rest = sorted(set(_seen(spec, len(task.train))) - covered)
         model.add_adapter(TEACHER_ADAPTER, copy.deepcopy(old.config))
         try:
             adapters.load_factors(model, old.factors, old.saved, adapter_name=TEACHER_ADAPTER)
