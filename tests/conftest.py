@@ -14,6 +14,22 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failing test shows the log of each operator process it runs (CI keeps only the
+    test report: without it, a failure that waited on the operator says nothing of why)."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.when != "call" or not report.failed:
+        return
+    from tests.fault_kit import OperatorProcess  # it imports this module
+
+    for process in OperatorProcess.started:
+        code = process.process.poll() if process.process is not None else None
+        state = "running" if code is None else f"exited with code {code}"
+        report.sections.append((f"operator log {process.logs} ({state})", process.tail(8000)))
+
+
 @pytest.fixture
 def manifest() -> dict[str, Any]:
     """A fresh copy of the cluster example, safe to mutate."""

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -28,7 +28,12 @@ Obj = dict[str, Any]
 
 
 class OperatorProcess:
-    """`python -m relora_operator` watching one namespace: started, SIGKILLed, restarted."""
+    """`python -m relora_operator` watching one namespace: started, SIGKILLed, restarted.
+
+    ``started`` holds the processes not yet stopped: a failing test shows their logs
+    (tests/conftest.py, pytest_runtest_makereport)."""
+
+    started: ClassVar[list[OperatorProcess]] = []
 
     def __init__(
         self,
@@ -68,6 +73,8 @@ class OperatorProcess:
         with self.logs.open("ab") as log:
             log.write(f"---- start {self.starts + 1}\n".encode())
         self.starts += 1
+        if self not in OperatorProcess.started:
+            OperatorProcess.started.append(self)
         self.process = processes.start_live(argv, env=env, log=self.logs, liveness_port=liveness)
 
     @property
@@ -81,6 +88,8 @@ class OperatorProcess:
         self.process.wait(timeout=10)
 
     def stop(self) -> None:
+        if self in OperatorProcess.started:
+            OperatorProcess.started.remove(self)
         if self.process is not None:
             processes.stop(self.process)
 

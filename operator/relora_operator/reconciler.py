@@ -373,6 +373,8 @@ class Operator:
             generation = state.generation
             state.offer(stored, time.monotonic())
             metrics.record_transitions(status, new_status, workers=spec.workers)
+            if new_status.phase != status.phase:
+                LOG.info("%s/%s: %s -> %s", namespace, name, status.phase, new_status.phase)
             self._observe_queue_wait(state, jobs, pods)
             if state.generation != generation or stored["metadata"].get("deletionTimestamp"):
                 self.poker.poke(uid)  # changed while this reconciliation ran
