@@ -428,14 +428,15 @@ def _saved_teacher(out: Path) -> dict[str, Any]:
     return saved
 
 
-def test_a_teacher_in_two_stages_trains_as_the_whole_one_and_leaves_the_base_as_it_was(
+def test_a_teacher_in_stages_trains_as_the_whole_one_and_leaves_the_base_as_it_was(
     toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, teacher_passes: list[int]
 ) -> None:
-    """The first stage covers the examples of the steps up to the second readiness check; the
-    first batch past them computes the rest in the middle of fine-tuning (the old adapter added
-    beside the new one, the old base's weights copied in place, all undone after). The run
-    trains as one with the whole teacher computed up front, its seconds count, the new base is
-    left as it was, and the whole teacher is saved for a retried attempt."""
+    """The first stage covers the examples of the steps up to the second readiness check, each
+    later one twice the steps; the first batch past a stage computes the next in the middle of
+    fine-tuning (the old adapter added beside the new one, the old base's weights copied in
+    place, all undone after). The run trains as one with the whole teacher computed up front,
+    its seconds count, the new base is left as it was, and the whole teacher is saved for a
+    retried attempt."""
     from safetensors.torch import load_file
 
     computed = teacher_passes
@@ -464,10 +465,12 @@ def test_a_teacher_in_two_stages_trains_as_the_whole_one_and_leaves_the_base_as_
     (staged, staged_computed, staged_weights, staged_saved) = runs["staged"]
     size = len(read_jsonl(toy.split("train"), what="train"))
     first = examples_seen(steps=2, size=size, batch_size=4, seed=0)
+    second = examples_seen(steps=4, size=size, batch_size=4, seed=0)
     everything = examples_seen(steps=8, size=size, batch_size=4, seed=0)
-    assert len(first) < len(everything) < size
+    assert len(first) < len(second) < len(everything) < size
     assert whole_computed == [len(everything)], "one stage: every example the budget draws"
-    assert staged_computed == [len(first), len(everything) - len(first)], "two stages"
+    expected = [len(first), len(second) - len(first), len(everything) - len(second)]
+    assert staged_computed == expected, "steps up to 2, then 4, then the budget's 8"
     assert whole.steps == staged.steps == 8 and whole.ready_step is None
     assert set(staged_weights) == set(whole_weights)
     for key, value in whole_weights.items():
@@ -477,7 +480,7 @@ def test_a_teacher_in_two_stages_trains_as_the_whole_one_and_leaves_the_base_as_
     parts = ("teacher", "search", "training", "evaluation")
     counted_seconds = sum(staged.seconds[k] or 0.0 for k in parts)
     assert counted_seconds == pytest.approx(staged.history[-1]["seconds"], abs=1e-6), (
-        "the second stage counts once, as the teacher's"
+        "the later stages count once, as the teacher's"
     )
     assert whole_saved["steps"] is None and staged_saved["steps"] is None, "the whole saved"
     assert staged_saved["seconds"] > 0
@@ -487,11 +490,12 @@ def test_a_teacher_in_two_stages_trains_as_the_whole_one_and_leaves_the_base_as_
     assert torch.allclose(both.probs, wholly.probs, atol=1e-5)
 
 
-def test_a_retry_after_the_first_stage_computes_only_the_second(
+def test_a_retry_after_a_stage_computes_only_the_later_ones(
     toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, teacher_passes: list[int]
 ) -> None:
-    """An attempt that dies when the second stage is due leaves the first stage in its state;
-    the retry reads it back and computes only the other examples, then saves the whole."""
+    """An attempt that dies while its teacher's third stage is computed leaves the first two
+    stages in its state; the retry reads them back and computes only the last, then saves the
+    whole."""
     monkeypatch.setattr(migrate, "FIRST_STAGE_EVALUATIONS", 2)
     spec = _spec(
         toy,
@@ -500,15 +504,19 @@ def test_a_retry_after_the_first_stage_computes_only_the_second(
         finetune={"maxSteps": 8, "evalEvery": 1, "batchSize": 4},
     )
     storage = Storage(base_dir=tmp_path)
-    second_stage = migrate._second_stage
+    later_stages = migrate._later_stages
 
-    def dies(*args: Any, **kwargs: Any) -> Any:
-        def complete(teacher: distillation.Teacher) -> distillation.Teacher:
-            raise RuntimeError("the pod was killed")
+    def dies_at_the_third(*args: Any, **kwargs: Any) -> Any:
+        extend = later_stages(*args, **kwargs)
 
-        return complete
+        def killed(teacher: distillation.Teacher, examples: list[int], n: int) -> Any:
+            if n == 1:
+                raise RuntimeError("the pod was killed")
+            return extend(teacher, examples, n)
 
-    monkeypatch.setattr(migrate, "_second_stage", dies)
+        return killed
+
+    monkeypatch.setattr(migrate, "_later_stages", dies_at_the_third)
     with pytest.raises(RuntimeError, match="killed"):
         migrate.migrate_adapter(
             spec=spec,
@@ -518,11 +526,12 @@ def test_a_retry_after_the_first_stage_computes_only_the_second(
         )
     size = len(read_jsonl(toy.split("train"), what="train"))
     first = examples_seen(steps=2, size=size, batch_size=4, seed=0)
+    second = examples_seen(steps=4, size=size, batch_size=4, seed=0)
     everything = examples_seen(steps=8, size=size, batch_size=4, seed=0)
     out = tmp_path / "out" / "toy-category"
-    assert teacher_passes == [len(first)]
-    assert _saved_teacher(out)["steps"] == 2, "the first stage, saved"
-    monkeypatch.setattr(migrate, "_second_stage", second_stage)
+    assert teacher_passes == [len(first), len(second) - len(first)]
+    assert _saved_teacher(out)["steps"] == 4, "the first two stages, saved"
+    monkeypatch.setattr(migrate, "_later_stages", later_stages)
     teacher_passes.clear()
     report = migrate.migrate_adapter(
         spec=spec,
@@ -530,11 +539,11 @@ def test_a_retry_after_the_first_stage_computes_only_the_second(
         bases=migrate.load_bases(spec, storage, CPU),
         storage=storage,
     )
-    assert teacher_passes == [len(everything) - len(first)], "only the second stage"
+    assert teacher_passes == [len(everything) - len(second)], "only the last stage"
     assert report.steps == 8 and _saved_teacher(out)["steps"] is None
 
 
-def test_a_staged_teacher_completes_once_and_only_for_an_example_it_lacks() -> None:
+def test_a_staged_teacher_computes_each_stage_once_and_only_when_a_batch_needs_it() -> None:
     def rows(values: list[float]) -> distillation.Teacher:
         return distillation.Teacher(
             ids=torch.zeros((len(values), 2), dtype=torch.int32),
@@ -542,19 +551,23 @@ def test_a_staged_teacher_completes_once_and_only_for_an_example_it_lacks() -> N
             offsets=torch.arange(len(values) + 1),
         )
 
-    calls: list[distillation.Teacher] = []
+    calls: list[tuple[list[int], int]] = []
 
-    def complete(first: distillation.Teacher) -> distillation.Teacher:
-        calls.append(first)
-        return first.merged(rows([9.0, 9.0, 9.0, 9.0]), [2, 3])
+    def extend(teacher: distillation.Teacher, examples: list[int], n: int) -> Any:
+        calls.append((examples, n))
+        return teacher.merged(rows([10.0 + i for i in range(6)]), examples)
 
-    staged = distillation.Staged(rows([1.0, 2.0, 0.0, 0.0]), [0, 1], complete)
+    stages = [[0, 1, 2], [0, 1, 2, 3], [0, 1, 2, 3, 4, 5]]
+    staged = distillation.Staged(rows([1.0, 2.0] + [0.0] * 4), [0, 1], stages, extend)
     assert [float(p[0, 0]) for _, p in staged.rows([1, 0])] == [2.0, 1.0]
     assert not calls and not staged.completed and staged.seconds == 0.0
-    assert [float(p[0, 0]) for _, p in staged.rows([0, 3])] == [1.0, 9.0]
-    assert len(calls) == 1 and staged.completed and staged.seconds > 0
-    assert [float(p[0, 0]) for _, p in staged.rows([2, 1])] == [9.0, 2.0]
-    assert len(calls) == 1, "computed once"
+    assert [float(p[0, 0]) for _, p in staged.rows([0, 2])] == [1.0, 12.0]
+    assert calls == [([2], 0)] and not staged.completed and staged.seconds > 0
+    # A batch past the next stage: the stages up to the one that covers it, together.
+    assert [float(p[0, 0]) for _, p in staged.rows([5, 1])] == [15.0, 2.0]
+    assert calls == [([2], 0), ([3, 4, 5], 2)] and staged.completed
+    assert [float(p[0, 0]) for _, p in staged.rows([3, 2])] == [13.0, 12.0]
+    assert len(calls) == 2, "each computed once"
     with pytest.raises(ValueError, match="3 examples merged into 4"):
         rows([1.0] * 4).merged(rows([1.0] * 3), [0])
 

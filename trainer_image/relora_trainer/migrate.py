@@ -58,10 +58,11 @@ REFERENCE_FILE = "reference.json"
 TEACHER_FILE = "teacher.pt"
 """The teacher distributions (fine-tuning that distils), in the state folder."""
 TEACHER_ADAPTER = "relora-teacher"
-"""The old adapter's name beside the new one while the teacher's second stage is computed."""
+"""The old adapter's name beside the new one while a later stage of the teacher is computed."""
 FIRST_STAGE_EVALUATIONS = 2
 """The teacher's first stage covers the examples of the steps up to this many readiness checks
-(an adapter ready by then never pays for the rest)."""
+(an adapter ready by then never pays for the rest); each later stage twice the steps of the one
+before, the last the whole budget."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ class Bases:
     source_seconds: float = 0.0
     # The old adapter on the source base as a teacher (its first stage), by adapter inputs,
     # settings and budget, with the seconds its computation took (counted in the time to
-    # readiness of a run that uses it; each run computes its own second stage).
+    # readiness of a run that uses it; each run computes its own later stages).
     teachers: dict[str, TeacherPart] = field(default_factory=dict)
     _source: nn.Module | None = None
 
@@ -247,12 +248,19 @@ def _seen(spec: AdapterMigrationSpec, size: int, steps: int | None = None) -> li
     return examples_seen(size=size, **budget)
 
 
-def _first_stage(spec: AdapterMigrationSpec, size: int) -> int | None:
-    """The steps whose examples the teacher's first stage covers, or None when those are
-    already all the budget draws (one stage)."""
-    tune = spec.method.finetune
-    steps = FIRST_STAGE_EVALUATIONS * tune.eval_every
-    return steps if len(_seen(spec, size, steps)) < len(_seen(spec, size)) else None
+def _stages(spec: AdapterMigrationSpec, size: int) -> list[int | None]:
+    """The steps whose examples each stage of the teacher covers: those up to
+    ``FIRST_STAGE_EVALUATIONS`` readiness checks, then twice as many steps per stage (at most
+    a logarithm of the budget of stages, each a pass over the old base's weights, and at most
+    twice the examples a run ready meanwhile draws), the last (None) the whole budget. Only
+    stages that add examples; ``[None]``: one stage."""
+    whole = len(_seen(spec, size))
+    steps = FIRST_STAGE_EVALUATIONS * spec.method.finetune.eval_every
+    stages: list[int | None] = []
+    while steps < spec.method.finetune.max_steps and len(_seen(spec, size, steps)) < whole:
+        stages.append(steps)
+        steps *= 2
+    return [*stages, None]
 
 
 def _compute_teacher(
@@ -749,7 +757,7 @@ def _migrate_claimed(
     ready_before = target.met(before_quality["validation"].value(target.metric))
     part = None
     if not ready_before:  # else nothing to learn from it: no teacher's seconds
-        # Workers get the whole teacher before they start: no second stage among them.
+        # Workers get the whole teacher before they start: no later stage among them.
         staged = meetings.world is None or not meetings.world.distributed
         part = _teacher(spec, adapter, old, task, bases, storage, encoder, staged=staged)
     if part is not None and not (state / TEACHER_FILE).is_file():
@@ -766,20 +774,24 @@ def _migrate_claimed(
     result: search.SearchResult | None = None
     teacher: distillation.Lessons | None = None if part is None else part.teacher
     if part is not None and part.steps is not None:
+        later = [s for s in _stages(spec, len(task.train)) if s is None or s > part.steps]
 
-        def saved(whole: TeacherPart) -> None:
-            sink.note(
-                adapter.name, f"teacher: its second stage done ({whole.seconds:.1f} s in all)"
-            )
-            _save_teacher(state, key, whole)
+        def saved(grown: TeacherPart) -> None:
+            upto = "the whole budget" if grown.steps is None else f"steps up to {grown.steps}"
+            sink.note(adapter.name, f"teacher: {upto} covered ({grown.seconds:.1f} s in all)")
+            _save_teacher(state, key, grown)
             claim.save_state(STATE_DIR)
 
         metric = adapter.readiness.metric
-        covered = set(_seen(spec, len(task.train), part.steps))
-        complete = _second_stage(
-            spec, model, base_weights, old, task, bases, encoder, metric, part, covered, saved
+        extend = _later_stages(
+            spec, model, base_weights, old, task, bases, encoder, metric, part, later, saved
         )
-        teacher = distillation.Staged(part.teacher, covered, complete)
+        teacher = distillation.Staged(
+            part.teacher,
+            _seen(spec, len(task.train), part.steps),
+            [_seen(spec, len(task.train), steps) for steps in later],
+            extend,
+        )
 
     def trial_done(trial: int, trials: int, value: float | None) -> None:
         claim.save_state(STATE_DIR)  # the search journal, for a pod that takes over
@@ -838,7 +850,7 @@ def _migrate_claimed(
             world=meetings.world,
         )
         meetings.expect()  # the others wait for the report
-        if isinstance(teacher, distillation.Staged):  # its second stage: the teacher's seconds
+        if isinstance(teacher, distillation.Staged):  # its later stages: the teacher's seconds
             outcome = replace(outcome, train_seconds=outcome.train_seconds - teacher.seconds)
         sink.update(adapter.name, record(stage="saving"))
         staging = claim.fresh_staging()
@@ -901,7 +913,7 @@ def _teacher(
     base in place (one base resident; the target's own weights copied back after), else
     (weights the files name otherwise than the model) on the source base loaded again.
     ``staged``: computed now in place, it covers only the examples of the first steps
-    (:func:`_first_stage`; the rest: :func:`_second_stage`)."""
+    (:func:`_stages`; the others: :func:`_later_stages`)."""
     teaching = distilled(spec)
     if teaching is None:
         return None
@@ -911,7 +923,7 @@ def _teacher(
         if saved is None:
             started = time.perf_counter()
             swapped = models.copy_weights(bases.target, bases.source_files)
-            steps = _first_stage(spec, len(task.train)) if staged and swapped else None
+            steps = _stages(spec, len(task.train))[0] if staged and swapped else None
             try:
                 on_old = _with_adapter(bases.target if swapped else bases.source(), old)
                 teacher = _compute_teacher(
@@ -932,7 +944,7 @@ def _teacher(
     return bases.teachers[key]
 
 
-def _second_stage(
+def _later_stages(
     spec: AdapterMigrationSpec,
     model: PeftModel,
     base_weights: list[tuple[str, nn.Parameter]],
@@ -942,19 +954,20 @@ def _second_stage(
     encoder: Encoder,
     metric: str,
     first: TeacherPart,
-    covered: set[int],
+    later: list[int | None],
     on_done: Callable[[TeacherPart], None],
-) -> Callable[[distillation.Teacher], distillation.Teacher]:
-    """What completes the teacher ``first`` in the middle of fine-tuning ``model``: the old
-    adapter added beside the new one and made active, the source base's weights copied into
-    the base in place (``base_weights``: its parameters, named before the new adapter wrapped
-    its layers), the examples ``first`` lacks (not in ``covered``) computed, then the target's
-    weights, the new adapter (trainable again) restored and the old one removed. ``on_done``
-    gets the whole."""
+) -> Callable[[distillation.Teacher, list[int], int], distillation.Teacher]:
+    """What extends the teacher ``first`` in the middle of fine-tuning ``model`` by stage
+    ``n`` of ``later`` (the steps each covers): the old adapter added beside the new one and
+    made active, the source base's weights copied into the base in place (``base_weights``:
+    its parameters, named before the new adapter wrapped its layers), the examples given
+    computed, then the target's weights, the new adapter (trainable again) restored and the
+    old one removed. ``on_done`` gets the teacher so far after each stage."""
+    seconds = first.seconds
 
-    def complete(teacher: distillation.Teacher) -> distillation.Teacher:
+    def extend(teacher: distillation.Teacher, examples: list[int], n: int) -> distillation.Teacher:
+        nonlocal seconds
         started = time.perf_counter()
-        rest = sorted(set(_seen(spec, len(task.train))) - covered)
         model.add_adapter(TEACHER_ADAPTER, copy.deepcopy(old.config))
         try:
             adapters.load_factors(model, old.factors, old.saved, adapter_name=TEACHER_ADAPTER)
@@ -962,24 +975,25 @@ def _second_stage(
             if not models.copy_weights(base_weights, bases.source_files):
                 raise RuntimeError("the source base's weights could not be read in place")
             try:
-                later = _compute_teacher(model, encoder, task, bases.device, spec, metric, rest)
+                rows = _compute_teacher(model, encoder, task, bases.device, spec, metric, examples)
             finally:
                 if not models.copy_weights(base_weights, bases.target_files):
                     raise RuntimeError("the target base's weights could not be read back")
         finally:
             model.set_adapter(adapters.ADAPTER)
             model.delete_adapter(TEACHER_ADAPTER)
-        whole = teacher.merged(later, rest)
-        on_done(TeacherPart(whole, first.seconds + time.perf_counter() - started))
-        return whole
+        grown = teacher.merged(rows, examples)
+        seconds += time.perf_counter() - started
+        on_done(TeacherPart(grown, seconds, later[n]))
+        return grown
 
-    return complete
+    return extend
 
 
 def _teacher_seconds(
     part: TeacherPart | None, teacher: distillation.Lessons | None
 ) -> float | None:
-    """The teacher's seconds in all (its second stage's too, when one was computed)."""
+    """The teacher's seconds in all (its later stages' too, when any was computed)."""
     if part is None:
         return None
     return part.seconds + (teacher.seconds if isinstance(teacher, distillation.Staged) else 0.0)

@@ -25,9 +25,9 @@ flatness and did nothing for readiness; renormalizing the teacher alone would pu
 to put all its mass on the k tokens. Conditioned on them, the term carries the teacher's
 ranking of the candidates (for one-token labels: of the labels), which is what accuracy reads.
 
-A teacher may come in two stages (:class:`Staged`): the examples of the first steps computed
-before fine-tuning starts, the others only when a batch first draws one of them, that is when
-the adapter was not ready by then.
+A teacher may come in stages (:class:`Staged`): the examples of the first steps computed
+before fine-tuning starts, those of later steps only when a batch first draws one of them, that
+is when the adapter was not ready by then.
 """
 
 from __future__ import annotations
@@ -100,17 +100,27 @@ TeacherRows = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 
 class Staged:
-    """A teacher computed in two stages: ``first`` holds the rows of the examples in
-    ``covered`` (those of the first steps); the first batch that draws another example calls
-    ``complete`` (given ``first``, it returns the whole teacher) once, and :attr:`seconds`
-    says how long that took (spent inside the step that needed it)."""
+    """A teacher computed in stages: ``first`` holds the rows of the examples in ``covered``
+    (those of the first steps); ``stages`` are the examples each later stage covers (each a
+    superset of the one before; the last: all the budget draws). The first batch that draws an
+    example not covered yet calls ``extend(teacher, examples, stage)`` once for the first stage
+    that covers the whole batch, with the examples that stage adds to those covered so far (the
+    stages in between are taken together); it returns the teacher with their rows.
+    :attr:`seconds` says how long the later stages took (spent inside the steps that needed
+    them)."""
 
     def __init__(
-        self, first: Teacher, covered: Collection[int], complete: Callable[[Teacher], Teacher]
+        self,
+        first: Teacher,
+        covered: Collection[int],
+        stages: Sequence[Collection[int]],
+        extend: Callable[[Teacher, list[int], int], Teacher],
     ) -> None:
         self.teacher = first
         self.covered = frozenset(covered)
-        self._complete: Callable[[Teacher], Teacher] | None = complete
+        self.stages = [frozenset(stage) for stage in stages]
+        self.next = 0  # the first stage not computed yet
+        self._extend = extend
         self.seconds = 0.0
 
     @property
@@ -119,14 +129,20 @@ class Staged:
 
     @property
     def completed(self) -> bool:
-        return self._complete is None
+        return self.next >= len(self.stages)
 
     def rows(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        if self._complete is not None and not self.covered.issuperset(indices):
+        wanted = self.covered.union(indices)
+        if len(wanted) > len(self.covered) and not self.completed:
             started = time.perf_counter()
-            complete, self._complete = self._complete, None
-            self.teacher = complete(self.teacher)
-            self.seconds = time.perf_counter() - started
+            stage = next(
+                (n for n in range(self.next, len(self.stages)) if self.stages[n] >= wanted),
+                len(self.stages) - 1,
+            )
+            added = sorted(self.stages[stage] - self.covered)
+            self.teacher = self._extend(self.teacher, added, stage)
+            self.covered, self.next = self.stages[stage], stage + 1
+            self.seconds += time.perf_counter() - started
         return self.teacher.rows(indices)
 
 
