@@ -301,8 +301,12 @@ def test_the_workers_wait_for_rank_zeros_search(
 
     default = distributed.DEFAULT_TIMEOUT
     assert distributed.timeout({}) == default
-    assert distributed.timeout({}, spec=spec_of()) == default + timedelta(seconds=900)
-    searching = spec_of(initialization={"timeoutSeconds": 4 * 3600})
+    assert distributed.timeout({}, spec=spec_of()) == default, "relora: no search by default"
+    trials = {"trials": 6}
+    assert distributed.timeout({}, spec=spec_of(initialization=trials)) == default + timedelta(
+        seconds=900
+    )
+    searching = spec_of(initialization={**trials, "timeoutSeconds": 4 * 3600})
     assert distributed.timeout({}, spec=searching) == default + timedelta(hours=4)
     assert distributed.timeout({}, spec=spec_of(strategy="warm-start")) == default
     given = {distributed.ENV_TIMEOUT: "60"}

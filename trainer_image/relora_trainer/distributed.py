@@ -50,14 +50,19 @@ def timeout(
 ) -> timedelta:
     """The process group's timeout: ``RELORA_WORKER_TIMEOUT_SECONDS`` (a positive number of
     seconds), else :data:`DEFAULT_TIMEOUT` plus the wall-clock cap of ``spec``'s initialization
-    search (``method.initialization.timeoutSeconds``, up to a day; strategy relora only): the
-    other workers wait at a collective while rank 0 searches, and a trial under way when the
-    cap is reached ends first, within the default's margin. ValueError when the variable is set
-    to something else than a positive number."""
+    search (``method.initialization.timeoutSeconds``, up to a day; only when it searches:
+    strategy relora with ``initialization.trials`` above 0): the other workers wait at a
+    collective while rank 0 searches, and a trial under way when the cap is reached ends first,
+    within the default's margin. ValueError when the variable is set to something else than a
+    positive number."""
     env = os.environ if environ is None else environ
     raw = env.get(ENV_TIMEOUT)
     if not raw:
-        searching = spec is not None and spec.method.strategy == "relora"
+        searching = (
+            spec is not None
+            and spec.method.strategy == "relora"
+            and spec.method.initialization.trials > 0
+        )
         search = spec.method.initialization.timeout_seconds if spec and searching else 0
         return DEFAULT_TIMEOUT + timedelta(seconds=search)
     seconds = float(raw)
