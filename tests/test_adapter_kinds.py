@@ -15,7 +15,7 @@ import yaml
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from relora_trainer import adapter_config, adapters, local_run, migrate, models
+from relora_trainer import adapter_config, adapters, local_run, migrate, models, teaching
 from relora_trainer.data import Encoder, TaskData, read_jsonl
 from relora_trainer.errors import EXIT_BAD_INPUT, EXIT_NOT_READY, EXIT_OK, InvalidAdapter
 from relora_trainer.method import fusion, strategies
@@ -298,7 +298,6 @@ def test_a_tied_saved_module_is_read_from_the_source_files(
 ) -> None:
     """The toy's lm_head is tied to its embeddings: its source weight is stored under the
     embeddings' name, read from the files, without loading the source model a second time."""
-    from relora_trainer import migrate
 
     def no_reload(self: Any) -> Any:
         raise AssertionError("the source model was loaded again")
@@ -368,7 +367,7 @@ def test_a_teacher_in_stages_trains_as_the_whole_one_for_each_kind(
     stages = teacher_passes
     weights = {}
     for name, evaluations in (("whole", 100), ("staged", 2)):
-        monkeypatch.setattr(migrate, "FIRST_STAGE_EVALUATIONS", evaluations)
+        monkeypatch.setattr(teaching, "FIRST_STAGE_EVALUATIONS", evaluations)
         manifest = toy_manifest(toy, strategy="warm-start")
         manifest["spec"]["adapters"][0]["uri"] = str(kinds[kind])
         manifest["spec"]["adapters"][0]["readiness"] = {"target": 0.999}

@@ -12,7 +12,7 @@ from peft import LoraConfig, PeftModel
 
 from relora_api import validation
 from relora_api.spec import AdapterMigrationSpec, Distillation, Finetune, Regularization
-from relora_trainer import adapters, migrate, models
+from relora_trainer import adapters, migrate, models, teaching
 from relora_trainer.data import Encoder, Example, read_jsonl
 from relora_trainer.method import distillation
 from relora_trainer.method.config import FinetuneConfig, RegularizationConfig
@@ -403,7 +403,7 @@ def test_the_teacher_is_computed_in_place_counted_and_reused_by_a_retry(
     }
     assert first.history[0]["seconds"] >= teacher_seconds, "counted in the time to readiness"
     out = tmp_path / "out" / "toy-category"
-    assert (out / "state" / migrate.TEACHER_FILE).is_file()
+    assert (out / "state" / teaching.TEACHER_FILE).is_file()
     (out / "report.json").unlink()  # as if the pod died while saving
 
     def no_teacher(*args: Any, **kwargs: Any) -> None:
@@ -423,7 +423,7 @@ def test_the_teacher_is_computed_in_place_counted_and_reused_by_a_retry(
 
 def _saved_teacher(out: Path) -> dict[str, Any]:
     saved: dict[str, Any] = torch.load(
-        out / "state" / migrate.TEACHER_FILE, map_location="cpu", weights_only=True
+        out / "state" / teaching.TEACHER_FILE, map_location="cpu", weights_only=True
     )
     return saved
 
@@ -443,7 +443,7 @@ def test_a_teacher_in_stages_trains_as_the_whole_one_and_leaves_the_base_as_it_w
     storage = Storage(base_dir=tmp_path)
     runs = {}
     for name, evaluations in (("whole", 100), ("staged", 2)):
-        monkeypatch.setattr(migrate, "FIRST_STAGE_EVALUATIONS", evaluations)
+        monkeypatch.setattr(teaching, "FIRST_STAGE_EVALUATIONS", evaluations)
         spec = _spec(
             toy,
             tmp_path / name,
@@ -496,7 +496,7 @@ def test_a_retry_after_a_stage_computes_only_the_later_ones(
     """An attempt that dies while its teacher's third stage is computed leaves the first two
     stages in its state; the retry reads them back and computes only the last, then saves the
     whole."""
-    monkeypatch.setattr(migrate, "FIRST_STAGE_EVALUATIONS", 2)
+    monkeypatch.setattr(teaching, "FIRST_STAGE_EVALUATIONS", 2)
     spec = _spec(
         toy,
         tmp_path,
@@ -504,7 +504,7 @@ def test_a_retry_after_a_stage_computes_only_the_later_ones(
         finetune={"maxSteps": 8, "evalEvery": 1, "batchSize": 4},
     )
     storage = Storage(base_dir=tmp_path)
-    later_stages = migrate._later_stages
+    later_stages = teaching.later_stages
 
     def dies_at_the_third(*args: Any, **kwargs: Any) -> Any:
         extend = later_stages(*args, **kwargs)
@@ -516,7 +516,7 @@ def test_a_retry_after_a_stage_computes_only_the_later_ones(
 
         return killed
 
-    monkeypatch.setattr(migrate, "_later_stages", dies_at_the_third)
+    monkeypatch.setattr(teaching, "later_stages", dies_at_the_third)
     with pytest.raises(RuntimeError, match="killed"):
         migrate.migrate_adapter(
             spec=spec,
@@ -531,7 +531,7 @@ def test_a_retry_after_a_stage_computes_only_the_later_ones(
     out = tmp_path / "out" / "toy-category"
     assert teacher_passes == [len(first), len(second) - len(first)]
     assert _saved_teacher(out)["steps"] == 4, "the first two stages, saved"
-    monkeypatch.setattr(migrate, "_later_stages", later_stages)
+    monkeypatch.setattr(teaching, "later_stages", later_stages)
     teacher_passes.clear()
     report = migrate.migrate_adapter(
         spec=spec,

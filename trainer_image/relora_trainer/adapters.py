@@ -317,6 +317,13 @@ def load_factors(
         raise InvalidAdapter(f"adapter weights not used by the model: {unexpected[:3]}")
 
 
+def attach_old(base: nn.Module, old: OldAdapter) -> PeftModel:
+    """``base`` with the old adapter attached as PEFT would load it."""
+    model = attach(base, old.config)
+    load_factors(model, old.factors, old.saved)
+    return model
+
+
 def layout(model: PeftModel) -> dict[str, tuple[int, float]]:
     """The attached adapter's rank and scale per adapted module (they differ by module under a
     rank_pattern or alpha_pattern)."""

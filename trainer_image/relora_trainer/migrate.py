@@ -11,11 +11,8 @@ time-to-readiness).
 
 from __future__ import annotations
 
-import copy
 import gc
-import io
 import json
-import pickle
 import shutil
 import sys
 import time
@@ -29,22 +26,21 @@ from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from relora_api.spec import Adapter, AdapterMigrationSpec, Distillation, Readiness
+from relora_api.spec import Adapter, AdapterMigrationSpec, Readiness
 from relora_api.status import AdapterProgress
-from relora_trainer import adapter_config, adapters, models, ownership, plan, report
+from relora_trainer import adapter_config, adapters, models, ownership, plan, report, teaching
 from relora_trainer import storage as store
 from relora_trainer.data import MAX_CHOICES, Encoder, Example, TaskData, read_jsonl
 from relora_trainer.distributed import World
 from relora_trainer.errors import IncompatibleModels, InvalidData
 from relora_trainer.method import distillation, fusion, search, strategies
-from relora_trainer.method.config import DistillationConfig, FinetuneConfig, SearchConfig
+from relora_trainer.method.config import FinetuneConfig, SearchConfig
 from relora_trainer.method.finetune import (
     EVALUATION_BATCH,
     Evaluation,
     MicroBatch,
     Target,
     autocast,
-    examples_seen,
     finetune,
     look_ahead,
 )
@@ -55,26 +51,6 @@ from relora_trainer.storage import Storage
 STATE_DIR = "state"
 REFERENCE_FILE = "reference.json"
 """The source phase's measurement, in the state folder: a retried pod need not load the old base."""
-TEACHER_FILE = "teacher.pt"
-"""The teacher distributions (fine-tuning that distils), in the state folder."""
-TEACHER_ADAPTER = "relora-teacher"
-"""The old adapter's name beside the new one while a later stage of the teacher is computed."""
-FIRST_STAGE_EVALUATIONS = 2
-"""The teacher's first stage covers the examples of the steps up to this many readiness checks
-(an adapter ready by then never pays for the rest); each later stage twice the steps of the one
-before, the last the whole budget."""
-
-
-@dataclass(frozen=True)
-class TeacherPart:
-    """The teacher's rows computed so far, the seconds they took, and the fine-tuning steps
-    whose examples they cover (None: all those of the budget)."""
-
-    teacher: distillation.Teacher
-    seconds: float
-    steps: int | None = None
-
-
 FINGERPRINT_FILE = "fingerprint"
 
 
@@ -105,7 +81,7 @@ class Bases:
     # The old adapter on the source base as a teacher (its first stage), by adapter inputs,
     # settings and budget, with the seconds its computation took (counted in the time to
     # readiness of a run that uses it; each run computes its own later stages).
-    teachers: dict[str, TeacherPart] = field(default_factory=dict)
+    teachers: dict[str, teaching.TeacherPart] = field(default_factory=dict)
     _source: nn.Module | None = None
 
     def source(self) -> nn.Module:
@@ -120,30 +96,6 @@ class Bases:
 
 def _reference_key(adapter: Adapter) -> str:
     return json.dumps({"uri": adapter.uri, "data": adapter.data.to_wire()}, sort_keys=True)
-
-
-def _teacher_key(adapter: Adapter, teaching: Distillation, spec: AdapterMigrationSpec) -> str:
-    # the weight and the emphasis are the fine-tune's, not the teacher's
-    settings = {k: v for k, v in teaching.to_wire().items() if k not in ("weight", "emphasis")}
-    what = {"reference": _reference_key(adapter), **settings, "budget": _budget(spec)}
-    return json.dumps(what, sort_keys=True)
-
-
-def _budget(spec: AdapterMigrationSpec) -> dict[str, int]:
-    """What decides the training examples a fine-tune sees (the teacher covers those only)."""
-    tune = spec.method.finetune
-    return {"steps": tune.max_steps, "batch_size": tune.batch_size, "seed": spec.method.seed}
-
-
-def distilled(spec: AdapterMigrationSpec) -> Distillation | None:
-    """The teacher's settings when this spec's fine-tuning distils (a strategy that trains, a
-    budget, a positive weight or emphasis), else None: no teacher is computed."""
-    tune = spec.method.finetune
-    trains = strategies.strategy(spec.method.strategy).trains
-    teaches = DistillationConfig.of(tune.distillation).teaches
-    if teaches and tune.max_steps > 0 and trains:
-        return tune.distillation
-    return None
 
 
 def load_bases(
@@ -215,7 +167,7 @@ def _load_bases(
             if key in on_source:  # measured for an adapter with the same inputs
                 continue
             old, task = _old_adapter(adapter, storage, source), _read_data(adapter, storage)
-            on_old = _with_adapter(source, old)
+            on_old = adapters.attach_old(source, old)
             on_source[key] = _Quality(Encoder(tokenizer), task, device).splits(on_old)
             adapters.detach(on_old)
             del on_old
@@ -237,101 +189,6 @@ def _load_bases(
         on_source=on_source,
         source_seconds=source_seconds,
     )
-
-
-def _seen(spec: AdapterMigrationSpec, size: int, steps: int | None = None) -> list[int]:
-    """The training examples that the first ``steps`` steps of ``spec``'s fine-tuning draw
-    (None: its whole budget)."""
-    budget = _budget(spec)
-    if steps is not None:
-        budget["steps"] = min(steps, budget["steps"])
-    return examples_seen(size=size, **budget)
-
-
-def _stages(spec: AdapterMigrationSpec, size: int) -> list[int | None]:
-    """The steps whose examples each stage of the teacher covers: those up to
-    ``FIRST_STAGE_EVALUATIONS`` readiness checks, then twice as many steps per stage (at most
-    a logarithm of the budget of stages, each a pass over the old base's weights, and at most
-    twice the examples a run ready meanwhile draws), the last (None) the whole budget. Only
-    stages that add examples; ``[None]``: one stage."""
-    whole = len(_seen(spec, size))
-    steps = FIRST_STAGE_EVALUATIONS * spec.method.finetune.eval_every
-    stages: list[int | None] = []
-    while steps < spec.method.finetune.max_steps and len(_seen(spec, size, steps)) < whole:
-        stages.append(steps)
-        steps *= 2
-    return [*stages, None]
-
-
-def _compute_teacher(
-    model: nn.Module,
-    encoder: Encoder,
-    task: TaskData,
-    device: torch.device,
-    spec: AdapterMigrationSpec,
-    metric: str,
-    only: list[int],
-) -> distillation.Teacher:
-    """The teacher's distributions over the training examples ``only`` (``model``: the old
-    adapter on the source base); redone in smaller batches when memory runs out. Over the
-    task's choices for an accuracy target (``over: choices``), else its top k."""
-    teaching = spec.method.finetune.distillation
-    micro = MicroBatch(EVALUATION_BATCH, batch=EVALUATION_BATCH)
-    choices = task.choices if teaching.over == "choices" and metric == "accuracy" else None
-
-    def once() -> distillation.Teacher:
-        with autocast(device):
-            return distillation.compute(
-                model,
-                encoder,
-                task.train,
-                top_k=teaching.top_k,
-                device=device,
-                batch_size=micro.evaluation,
-                choices=choices,
-                agreeing=teaching.agreeing,
-                only=only,
-            )
-
-    return micro.run(once)
-
-
-def load_teacher(
-    spec: AdapterMigrationSpec, adapter: Adapter, storage: Storage
-) -> TeacherPart | None:
-    """The teacher distributions (the seconds they took, the steps they cover) as an earlier
-    attempt of this very work saved them in the adapter's state, else None."""
-    path = output_dir(spec, adapter, storage) / STATE_DIR / TEACHER_FILE
-    if not path.is_file():
-        return None
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        if saved.get("fingerprint") != fingerprint(spec, adapter):
-            return None
-        steps = saved.get("steps")
-        return TeacherPart(
-            distillation.Teacher.of_state(saved["teacher"]),
-            float(saved["seconds"]),
-            None if steps is None else int(steps),
-        )
-    except (
-        RuntimeError,
-        EOFError,
-        OSError,
-        ValueError,
-        TypeError,
-        KeyError,
-        AttributeError,
-        pickle.UnpicklingError,
-    ):
-        return None  # unreadable, torn or foreign: compute again
-
-
-def _save_teacher(state: Path, key: str, part: TeacherPart) -> None:
-    buffer = io.BytesIO()
-    saved = {"teacher": part.teacher.to_state(), "seconds": part.seconds, "steps": part.steps}
-    torch.save({"fingerprint": key, **saved}, buffer)
-    ownership.write_atomic(state / TEACHER_FILE, buffer.getvalue())
 
 
 def saved_reference(
@@ -491,13 +348,6 @@ class _Quality:
         if self.task.test is not None:
             result["test"] = self.on(model, self.task.test)
         return result
-
-
-def _with_adapter(base: nn.Module, old: adapters.OldAdapter) -> PeftModel:
-    """``base`` with the old adapter attached as PEFT would load it."""
-    model = adapters.attach(base, old.config)
-    adapters.load_factors(model, old.factors, old.saved)
-    return model
 
 
 def migrate_adapter(
@@ -738,11 +588,11 @@ def _migrate_claimed(
     started = time.perf_counter()
     reference_key = _reference_key(adapter)
     if reference_key not in bases.on_source and adapter.readiness.needs_source:
-        on_source = _with_adapter(bases.source(), old)
+        on_source = adapters.attach_old(bases.source(), old)
         bases.on_source[reference_key] = quality.splits(on_source)
         adapters.detach(on_source)
     if reference_key not in bases.on_target:
-        on_target = _with_adapter(bases.target, old)
+        on_target = adapters.attach_old(bases.target, old)
         bases.on_target[reference_key] = quality.splits(on_target)
         adapters.detach(on_target)
     source_quality = bases.on_source.get(reference_key)
@@ -759,9 +609,16 @@ def _migrate_claimed(
     if not ready_before:  # else nothing to learn from it: no teacher's seconds
         # Workers get the whole teacher before they start: no later stage among them.
         staged = meetings.world is None or not meetings.world.distributed
-        part = _teacher(spec, adapter, old, task, bases, storage, encoder, staged=staged)
-    if part is not None and not (state / TEACHER_FILE).is_file():
-        _save_teacher(state, key, part)
+        teacher_file = state / teaching.TEACHER_FILE
+
+        def saved_teacher() -> teaching.TeacherPart | None:
+            return teaching.load(teacher_file, key)
+
+        part = teaching.first_part(
+            spec, adapter, reference_key, old, task, bases, encoder, saved_teacher, staged=staged
+        )
+    if part is not None and not (state / teaching.TEACHER_FILE).is_file():
+        teaching.save(state, key, part)
         claim.save_state(STATE_DIR)
     base_weights = list(bases.target.named_parameters(remove_duplicate=False))
 
@@ -772,25 +629,18 @@ def _migrate_claimed(
     if checkpointing:
         _recompute(bases.target, True)
     result: search.SearchResult | None = None
-    teacher: distillation.Lessons | None = None if part is None else part.teacher
-    if part is not None and part.steps is not None:
-        later = [s for s in _stages(spec, len(task.train)) if s is None or s > part.steps]
+    teacher: distillation.Lessons | None = None
+    if part is not None:
 
-        def saved(grown: TeacherPart) -> None:
+        def stage_done(grown: teaching.TeacherPart) -> None:
             upto = "the whole budget" if grown.steps is None else f"steps up to {grown.steps}"
             sink.note(adapter.name, f"teacher: {upto} covered ({grown.seconds:.1f} s in all)")
-            _save_teacher(state, key, grown)
+            teaching.save(state, key, grown)
             claim.save_state(STATE_DIR)
 
         metric = adapter.readiness.metric
-        extend = _later_stages(
-            spec, model, base_weights, old, task, bases, encoder, metric, part, later, saved
-        )
-        teacher = distillation.Staged(
-            part.teacher,
-            _seen(spec, len(task.train), part.steps),
-            [_seen(spec, len(task.train), steps) for steps in later],
-            extend,
+        teacher = teaching.lessons(
+            spec, model, base_weights, old, task, bases, encoder, metric, part, stage_done
         )
 
     def trial_done(trial: int, trials: int, value: float | None) -> None:
@@ -878,7 +728,7 @@ def _migrate_claimed(
         outcome=outcome,
         load_seconds=bases.load_seconds,
         reference_seconds=reference_seconds,
-        teacher_seconds=_teacher_seconds(part, teacher),
+        teacher_seconds=teaching.total_seconds(part, teacher),
         distillation=asdict(tune.distillation) if part is not None else None,
         device_peak_gib=(
             torch.cuda.max_memory_allocated(bases.device) / plan.GIB
@@ -894,109 +744,6 @@ def _migrate_claimed(
     storage.publish(out, adapter_report.output_uri)
     meetings.hand(adapter_report)
     return adapter_report
-
-
-def _teacher(
-    spec: AdapterMigrationSpec,
-    adapter: Adapter,
-    old: adapters.OldAdapter,
-    task: TaskData,
-    bases: Bases,
-    storage: Storage,
-    encoder: Encoder,
-    *,
-    staged: bool,
-) -> TeacherPart | None:
-    """The teacher distributions when fine-tuning distils, the seconds they took and the steps
-    they cover: computed before for the same inputs (a benchmark's runs), else from an earlier
-    attempt's state, else computed now on the source base's weights copied into the target
-    base in place (one base resident; the target's own weights copied back after), else
-    (weights the files name otherwise than the model) on the source base loaded again.
-    ``staged``: computed now in place, it covers only the examples of the first steps
-    (:func:`_stages`; the others: :func:`_later_stages`)."""
-    teaching = distilled(spec)
-    if teaching is None:
-        return None
-    key = _teacher_key(adapter, teaching, spec)
-    if key not in bases.teachers:
-        saved = load_teacher(spec, adapter, storage)
-        if saved is None:
-            started = time.perf_counter()
-            swapped = models.copy_weights(bases.target, bases.source_files)
-            steps = _stages(spec, len(task.train))[0] if staged and swapped else None
-            try:
-                on_old = _with_adapter(bases.target if swapped else bases.source(), old)
-                teacher = _compute_teacher(
-                    on_old,
-                    encoder,
-                    task,
-                    bases.device,
-                    spec,
-                    adapter.readiness.metric,
-                    _seen(spec, len(task.train), steps),
-                )
-                adapters.detach(on_old)
-            finally:
-                if swapped and not models.copy_weights(bases.target, bases.target_files):
-                    raise RuntimeError("the target base's weights could not be read back")
-            saved = TeacherPart(teacher, time.perf_counter() - started, steps)
-        bases.teachers[key] = saved
-    return bases.teachers[key]
-
-
-def _later_stages(
-    spec: AdapterMigrationSpec,
-    model: PeftModel,
-    base_weights: list[tuple[str, nn.Parameter]],
-    old: adapters.OldAdapter,
-    task: TaskData,
-    bases: Bases,
-    encoder: Encoder,
-    metric: str,
-    first: TeacherPart,
-    later: list[int | None],
-    on_done: Callable[[TeacherPart], None],
-) -> Callable[[distillation.Teacher, list[int], int], distillation.Teacher]:
-    """What extends the teacher ``first`` in the middle of fine-tuning ``model`` by stage
-    ``n`` of ``later`` (the steps each covers): the old adapter added beside the new one and
-    made active, the source base's weights copied into the base in place (``base_weights``:
-    its parameters, named before the new adapter wrapped its layers), the examples given
-    computed, then the target's weights, the new adapter (trainable again) restored and the
-    old one removed. ``on_done`` gets the teacher so far after each stage."""
-    seconds = first.seconds
-
-    def extend(teacher: distillation.Teacher, examples: list[int], n: int) -> distillation.Teacher:
-        nonlocal seconds
-        started = time.perf_counter()
-        model.add_adapter(TEACHER_ADAPTER, copy.deepcopy(old.config))
-        try:
-            adapters.load_factors(model, old.factors, old.saved, adapter_name=TEACHER_ADAPTER)
-            model.set_adapter(TEACHER_ADAPTER, inference_mode=True)
-            if not models.copy_weights(base_weights, bases.source_files):
-                raise RuntimeError("the source base's weights could not be read in place")
-            try:
-                rows = _compute_teacher(model, encoder, task, bases.device, spec, metric, examples)
-            finally:
-                if not models.copy_weights(base_weights, bases.target_files):
-                    raise RuntimeError("the target base's weights could not be read back")
-        finally:
-            model.set_adapter(adapters.ADAPTER)
-            model.delete_adapter(TEACHER_ADAPTER)
-        grown = teacher.merged(rows, examples)
-        seconds += time.perf_counter() - started
-        on_done(TeacherPart(grown, seconds, later[n]))
-        return grown
-
-    return extend
-
-
-def _teacher_seconds(
-    part: TeacherPart | None, teacher: distillation.Lessons | None
-) -> float | None:
-    """The teacher's seconds in all (its later stages' too, when any was computed)."""
-    if part is None:
-        return None
-    return part.seconds + (teacher.seconds if isinstance(teacher, distillation.Staged) else 0.0)
 
 
 def _plan(

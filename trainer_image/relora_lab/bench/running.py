@@ -21,7 +21,7 @@ import torch
 from relora_api import manifests
 from relora_api.status import AdapterProgress
 from relora_lab.bench.variants import Variant, spec_for
-from relora_trainer import local_run, migrate
+from relora_trainer import local_run, migrate, teaching
 from relora_trainer.errors import BadInput
 from relora_trainer.progress import NullProgress, ProgressSink
 from relora_trainer.report import AdapterReport
@@ -155,7 +155,7 @@ def run_matrix(
             )
             for variant in variants
         ]
-        distilling = [s for s in specs if migrate.distilled(s) is not None]
+        distilling = [s for s in specs if teaching.distilled(s) is not None]
         first = (distilling or specs)[0]
         bases = migrate.load_bases(first, storage, device)
         for seed in seeds:
