@@ -125,6 +125,7 @@ def test_the_bench_command_registers_with_its_options() -> None:
     suite = parser.parse_args(["bench", "--world", "qwen2-phrases", "--world", "llama-cpt"])
     assert suite.world == ["qwen2-phrases", "llama-cpt"]
     assert parser.parse_args(["bench", "--builds", "3"]).builds == 3
+    assert parser.parse_args(["bench", "--first-build", "1"]).first_build == 1
 
 
 def test_registering_the_commands_imports_no_ml_stack() -> None:
@@ -200,10 +201,19 @@ def test_a_suite_session_labels_rows_by_world_and_build(
     low, high = ratio["interval"]
     assert 0 < low <= high, "two seeds give an interval"
 
+    # Another build alone: its folder and seed, its rows labelled by world and build.
+    built.clear()
+    alone = replace(options, worlds=["qwen2-phrases"], build_seeds=1, first_build=1, out="b1")
+    document = json.loads(session.run(alone)["json"].read_text())
+    assert [(str(out), c.seed) for out, c in built] == [("examples/testbed-qwen2-phrases-seed1", 1)]
+    assert {r["severity"] for r in document["runs"]} == {"qwen2-phrases/severe/b1"}
+
     with pytest.raises(BadInput, match="--world \\['gpt9'\\]: known worlds are llama-cpt"):
         session.run(replace(options, worlds=["gpt9"]))
     with pytest.raises(BadInput, match="--testbed names one folder"):
         session.run(replace(options, testbed="somewhere"))
+    with pytest.raises(BadInput, match="--first-build -1: a build seed is 0 or more"):
+        session.run(replace(options, first_build=-1))
     with pytest.raises(BadInput, match="--severity \\['extreme'\\]"):
         session.run(replace(options, worlds=None, build_seeds=1, severities=["extreme"]))
 

@@ -40,6 +40,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 testbed=args.testbed,
                 worlds=args.world,
                 build_seeds=args.builds,
+                first_build=args.first_build,
                 adapter_kinds=args.adapter_kind,
                 model=args.model,
                 device=args.device,
@@ -121,6 +122,13 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
         metavar="N",
         help="build each world with seeds 0..N-1 and run on every build (default 1): the "
         "testbed's own randomness as a factor of the benchmark",
+    )
+    bench.add_argument(
+        "--first-build",
+        type=int,
+        default=0,
+        metavar="K",
+        help="builds K..K+N-1 instead (e.g. another build alone; rows labelled WORLD/SEVERITY/bK)",
     )
     bench.add_argument(
         "--model",

@@ -40,6 +40,7 @@ class Options:
     testbed: str | None = None  # one world's folder (default: testbed_folder(world, seed))
     worlds: list[str] | None = None  # worlds of the suite (default: the original testbed)
     build_seeds: int = 1  # builds of each world with seeds 0..N-1 (the build as a factor)
+    first_build: int = 0  # the builds are first_build .. first_build + build_seeds - 1
     adapter_kinds: list[str] | None = None  # other kinds of task adapter, rows of their own
     model: str | None = None
     device: str = "auto"
@@ -221,13 +222,18 @@ def _testbeds(
 ) -> dict[str, tuple[TestbedPaths, str, str | None]]:
     """Build (or reuse) every testbed of the session: row label -> (its paths, severity, kind
     of adapter). One world built once is labelled by severity alone (``severe``); a suite by
-    world and severity (``qwen2-phrases/severe``), by build seed too when there are several
-    (``.../b1``), and another kind of adapter by its name (``severe+dora``)."""
+    world and severity (``qwen2-phrases/severe``), by world and build seed when there are
+    several builds or another than build 0 (``.../b1``), and another kind of adapter by its
+    name (``severe+dora``)."""
     names = list(WORLDS) if options.worlds == ["all"] else options.worlds or [DEFAULT_WORLD]
     unknown = [n for n in names if n not in WORLDS]
     if unknown:
         raise BadInput(f"--world {unknown}: known worlds are {', '.join(WORLDS)}")
-    build_seeds = range(max(options.build_seeds, 1))
+    first = options.first_build
+    if first < 0:
+        raise BadInput(f"--first-build {first}: a build seed is 0 or more")
+    build_seeds = range(first, first + max(options.build_seeds, 1))
+    by_build = len(build_seeds) > 1 or first > 0
     if options.testbed is not None and (len(names) > 1 or len(build_seeds) > 1):
         raise BadInput("--testbed names one folder: give it with one --world and one build")
     kinds = list(options.adapter_kinds or [])
@@ -241,8 +247,8 @@ def _testbeds(
             )
             paths = world.build(folder, config, device=device, console=console)
             for severity in paths.severities:
-                label = severity if len(names) == 1 else f"{name}/{severity}"
-                if len(build_seeds) > 1:
+                label = severity if len(names) == 1 and not by_build else f"{name}/{severity}"
+                if by_build:
                     label += f"/b{build_seed}"
                 for kind in (None, *kinds):
                     labelled[f"{label}+{kind}" if kind else label] = (paths, severity, kind)
