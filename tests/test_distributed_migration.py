@@ -88,9 +88,11 @@ def _manifest(toy: Any, root: Path) -> dict[str, Any]:
     return manifest
 
 
-def _launch(manifest: dict[str, Any], root: Path, workers: int) -> Launch:
+def _launch(
+    manifest: dict[str, Any], root: Path, workers: int, extra: dict[str, str] | None = None
+) -> Launch:
     """The Job entrypoint as ``workers`` processes (with torchrun's environment when more than
-    one), one torch thread each, in ``root``."""
+    one, and ``extra``), one torch thread each, in ``root``."""
     root.mkdir(parents=True, exist_ok=True)
     spec = AdapterMigration.from_manifest(manifest).spec
     base = {k: v for k, v in os.environ.items() if k not in ENVIRONMENT}
@@ -115,6 +117,7 @@ def _launch(manifest: dict[str, Any], root: Path, workers: int) -> Launch:
                 MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=port,
             )
+        env.update(extra or {})
         processes.append(
             subprocess.Popen(
                 [sys.executable, "-m", "relora_trainer.job"],
@@ -237,6 +240,17 @@ def test_bad_input_on_rank_0_ends_every_worker_with_exit_3(toy: Any, tmp_path: P
     assert outcome is not None and outcome.reason == "OutputInUse"
     assert not launch.termination(1).exists()
     assert _files(output) == ["notes.txt"]
+
+
+def test_a_worker_count_that_is_not_a_number_exits_3_with_one_line(
+    toy: Any, tmp_path: Path
+) -> None:
+    """WORLD_SIZE as a launcher (or a hand-written Job) may set it wrongly: bad input, exit 3,
+    one line naming it, no traceback (the exit itself reads it too)."""
+    launch = _launch(_manifest(toy, tmp_path), tmp_path, 1, extra={"WORLD_SIZE": "two"})
+    assert launch.codes == [errors.EXIT_BAD_INPUT], launch.stderr
+    assert "WORLD_SIZE: not a number of workers" in launch.stderr[0], launch.stderr[0]
+    assert "Traceback" not in launch.stderr[0], launch.stderr[0]
 
 
 def test_a_failure_of_rank_0_while_the_others_load_ends_them_too(toy: Any, tmp_path: Path) -> None:

@@ -79,11 +79,7 @@ def _join(spec: AdapterMigrationSpec) -> World | None:
     their process group joined (with a timeout that outlasts ``spec``'s search on rank 0, so
     that a worker that dies leaves no other waiting forever and a long search kills none);
     None alone (nothing imported: the checks run before the ML stack)."""
-    try:
-        size = int(os.environ.get("WORLD_SIZE") or "1")
-    except ValueError as error:
-        raise errors.BadInput(f"WORLD_SIZE: not a number of workers ({error})") from error
-    if size == 1:
+    if _workers() == 1:
         return None
     from relora_trainer import distributed
 
@@ -91,6 +87,15 @@ def _join(spec: AdapterMigrationSpec) -> World | None:
         return distributed.World.from_env(timeout=distributed.timeout(spec=spec))
     except ValueError as error:  # the launcher's environment, incomplete or inconsistent
         raise errors.BadInput(f"the workers' environment: {error}") from error
+
+
+def _workers() -> int:
+    """The number of workers torchrun's WORLD_SIZE says (1 when unset); BadInput when it is
+    not a number."""
+    try:
+        return int(os.environ.get("WORLD_SIZE") or "1")
+    except ValueError as error:
+        raise errors.BadInput(f"WORLD_SIZE: not a number of workers ({error})") from error
 
 
 @contextlib.contextmanager
@@ -200,7 +205,11 @@ def _exit(code: int) -> None:
     can abort the process there ("terminate called without an active exception", pytorch#28126;
     seen in CI after a successful group and after a failed one, exit -6), and the Job's success
     and failure policy must read the code this process chose (3: no retry)."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    try:
+        grouped = _workers() > 1
+    except errors.BadInput:  # said already, with its exit code: no group was joined
+        grouped = False
+    if grouped:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
