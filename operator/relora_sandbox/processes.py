@@ -4,6 +4,7 @@ tests and ``benchmarks/scale.py``."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import time
@@ -11,12 +12,21 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+_GIVEN: set[int] = set()
+
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on right now, and that this process has not
+    handed out before: the kernel may give the same free port twice in a row, and two servers
+    of one process told the same port (an operator's metrics and liveness) make the second
+    fail to bind while the first answers for it."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def liveness_url(port: int) -> str:
@@ -34,7 +44,8 @@ def start_live(
     cwd: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start ``argv`` with its output appended to ``log``; return once its liveness endpoint
-    answers. Raise RuntimeError with the log's tail if it exits or stays silent."""
+    answers as Kopf's does (a JSON object: not another server on that port). Raise
+    RuntimeError with the log's tail if it exits or stays silent."""
     with log.open("ab") as out:
         process = subprocess.Popen(
             list(argv), env=dict(env), stdout=out, stderr=subprocess.STDOUT, cwd=cwd
@@ -44,13 +55,16 @@ def start_live(
         if process.poll() is not None:
             raise RuntimeError(f"{argv[0]} exited: {_tail(log)}")
         try:
-            with urllib.request.urlopen(liveness_url(liveness_port), timeout=1):
-                return process
-        except OSError:
-            if time.monotonic() > deadline:
-                stop(process)
-                raise RuntimeError(f"not live after {timeout:.0f} s: {_tail(log)}") from None
-            time.sleep(0.1)
+            with urllib.request.urlopen(liveness_url(liveness_port), timeout=1) as answer:
+                live = isinstance(json.loads(answer.read()), dict)
+        except (OSError, ValueError):
+            live = False
+        if live:
+            return process
+        if time.monotonic() > deadline:
+            stop(process)
+            raise RuntimeError(f"not live after {timeout:.0f} s: {_tail(log)}")
+        time.sleep(0.1)
 
 
 def stop(process: subprocess.Popen[bytes], *, timeout: float = 15.0) -> None:
