@@ -639,9 +639,8 @@ def _migrate_claimed(
             claim.save_state(STATE_DIR)
 
         metric = adapter.readiness.metric
-        teacher = teaching.lessons(
-            spec, model, base_weights, old, task, bases, encoder, metric, part, stage_done
-        )
+        where = teaching.InPlace(model, base_weights, old, task, bases, encoder, metric)
+        teacher = teaching.lessons(spec, where, part, stage_done)
 
     def trial_done(trial: int, trials: int, value: float | None) -> None:
         claim.save_state(STATE_DIR)  # the search journal, for a pod that takes over

@@ -222,55 +222,57 @@ def first_part(
     return bases.teachers[wanted]
 
 
+@dataclass(frozen=True)
+class InPlace:
+    """What the later stages are computed with, in the middle of fine-tuning ``model``: the
+    base's parameters as named before the new adapter wrapped its layers (``base_weights``),
+    the old adapter, the task, the bases, the encoder and the readiness metric."""
+
+    model: PeftModel
+    base_weights: list[tuple[str, nn.Parameter]]
+    old: adapters.OldAdapter
+    task: TaskData
+    bases: Bases
+    encoder: Encoder
+    metric: str
+
+
 def lessons(
     spec: AdapterMigrationSpec,
-    model: PeftModel,
-    base_weights: list[tuple[str, nn.Parameter]],
-    old: adapters.OldAdapter,
-    task: TaskData,
-    bases: Bases,
-    encoder: Encoder,
-    metric: str,
+    where: InPlace,
     part: TeacherPart,
     on_stage: Callable[[TeacherPart], None],
 ) -> distillation.Lessons:
-    """What fine-tuning ``model`` distils from: ``part`` when it covers the whole budget, else
-    a :class:`distillation.Staged` whose later stages :func:`later_stages` computes (and
+    """What fine-tuning distils from: ``part`` when it covers the whole budget, else a
+    :class:`distillation.Staged` whose later stages :func:`later_stages` computes (and
     ``on_stage`` gets the teacher so far after each)."""
     if part.steps is None:
         return part.teacher
-    later = [s for s in stages(spec, len(task.train)) if s is None or s > part.steps]
-    extend = later_stages(
-        spec, model, base_weights, old, task, bases, encoder, metric, part, later, on_stage
-    )
+    size = len(where.task.train)
+    later = [s for s in stages(spec, size) if s is None or s > part.steps]
     return distillation.Staged(
         part.teacher,
-        seen(spec, len(task.train), part.steps),
-        [seen(spec, len(task.train), steps) for steps in later],
-        extend,
+        seen(spec, size, part.steps),
+        [seen(spec, size, steps) for steps in later],
+        later_stages(spec, where, part, later, on_stage),
     )
 
 
 def later_stages(
     spec: AdapterMigrationSpec,
-    model: PeftModel,
-    base_weights: list[tuple[str, nn.Parameter]],
-    old: adapters.OldAdapter,
-    task: TaskData,
-    bases: Bases,
-    encoder: Encoder,
-    metric: str,
+    where: InPlace,
     first: TeacherPart,
     later: list[int | None],
     on_done: Callable[[TeacherPart], None],
 ) -> Callable[[distillation.Teacher, list[int], int], distillation.Teacher]:
-    """What extends the teacher ``first`` in the middle of fine-tuning ``model`` by stage
-    ``n`` of ``later`` (the steps each covers): the old adapter added beside the new one and
-    made active, the source base's weights copied into the base in place (``base_weights``:
-    its parameters, named before the new adapter wrapped its layers), the examples given
-    computed, then the target's weights, the new adapter (trainable again) restored and the
-    old one removed. ``on_done`` gets the teacher so far after each stage."""
+    """What extends the teacher ``first`` in the middle of fine-tuning ``where.model`` by
+    stage ``n`` of ``later`` (the steps each covers): the old adapter added beside the new one
+    and made active, the source base's weights copied into the base in place (through
+    ``where.base_weights``), the examples given computed, then the target's weights, the new
+    adapter (trainable again) restored and the old one removed. ``on_done`` gets the teacher so
+    far after each stage."""
     seconds = first.seconds
+    model, bases, old = where.model, where.bases, where.old
 
     def extend(teacher: distillation.Teacher, examples: list[int], n: int) -> distillation.Teacher:
         nonlocal seconds
@@ -279,12 +281,14 @@ def later_stages(
         try:
             adapters.load_factors(model, old.factors, old.saved, adapter_name=TEACHER_ADAPTER)
             model.set_adapter(TEACHER_ADAPTER, inference_mode=True)
-            if not models.copy_weights(base_weights, bases.source_files):
+            if not models.copy_weights(where.base_weights, bases.source_files):
                 raise RuntimeError("the source base's weights could not be read in place")
             try:
-                rows = compute(model, encoder, task, bases.device, spec, metric, examples)
+                rows = compute(
+                    model, where.encoder, where.task, bases.device, spec, where.metric, examples
+                )
             finally:
-                if not models.copy_weights(base_weights, bases.target_files):
+                if not models.copy_weights(where.base_weights, bases.target_files):
                     raise RuntimeError("the target base's weights could not be read back")
         finally:
             model.set_adapter(adapters.ADAPTER)
