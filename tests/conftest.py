@@ -30,6 +30,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.sections.append((f"operator log {process.logs} ({state})", process.tail(8000)))
 
 
+@pytest.fixture(autouse=True)
+def _operator_logs() -> None:
+    """Forget the operator processes of earlier tests: a failure shows this test's only."""
+    from tests.fault_kit import OperatorProcess  # it imports this module
+
+    OperatorProcess.started.clear()
+
+
 @pytest.fixture
 def manifest() -> dict[str, Any]:
     """A fresh copy of the cluster example, safe to mutate."""

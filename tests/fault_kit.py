@@ -30,8 +30,8 @@ Obj = dict[str, Any]
 class OperatorProcess:
     """`python -m relora_operator` watching one namespace: started, SIGKILLed, restarted.
 
-    ``started`` holds the processes not yet stopped: a failing test shows their logs
-    (tests/conftest.py, pytest_runtest_makereport)."""
+    ``started`` holds the processes started during the current test (tests/conftest.py empties
+    it before each): a failing test shows their logs (pytest_runtest_makereport)."""
 
     started: ClassVar[list[OperatorProcess]] = []
 
@@ -88,8 +88,6 @@ class OperatorProcess:
         self.process.wait(timeout=10)
 
     def stop(self) -> None:
-        if self in OperatorProcess.started:
-            OperatorProcess.started.remove(self)
         if self.process is not None:
             processes.stop(self.process)
 
