@@ -609,13 +609,8 @@ def _migrate_claimed(
     if not ready_before:  # else nothing to learn from it: no teacher's seconds
         # Workers get the whole teacher before they start: no later stage among them.
         staged = meetings.world is None or not meetings.world.distributed
-        teacher_file = state / teaching.TEACHER_FILE
-
-        def saved_teacher() -> teaching.TeacherPart | None:
-            return teaching.load(teacher_file, key)
-
         part = teaching.first_part(
-            spec, adapter, reference_key, old, task, bases, encoder, saved_teacher, staged=staged
+            spec, adapter, reference_key, old, task, bases, encoder, state, key, staged=staged
         )
     if part is not None and not (state / teaching.TEACHER_FILE).is_file():
         teaching.save(state, key, part)

@@ -137,9 +137,10 @@ def compute(
     return micro.run(once)
 
 
-def load(path: Path, fingerprint: str) -> TeacherPart | None:
+def load(state: Path, fingerprint: str) -> TeacherPart | None:
     """The teacher (the seconds it took, the steps it covers) as an earlier attempt of the work
-    ``fingerprint`` saved it at ``path``, else None."""
+    ``fingerprint`` saved it in the state folder ``state`` (:func:`save`), else None."""
+    path = state / TEACHER_FILE
     if not path.is_file():
         return None
     try:
@@ -181,23 +182,24 @@ def first_part(
     task: TaskData,
     bases: Bases,
     encoder: Encoder,
-    saved: Callable[[], TeacherPart | None],
+    state: Path,
+    fingerprint: str,
     *,
     staged: bool,
 ) -> TeacherPart | None:
     """The teacher distributions when fine-tuning distils, the seconds they took and the steps
     they cover: computed before for the same inputs (``reference``: a benchmark's runs), else
-    an earlier attempt's (``saved``), else computed now on the source base's weights copied
-    into the target base in place (one base resident; the target's own weights copied back
-    after), else (weights the files name otherwise than the model) on the source base loaded
-    again. ``staged``: computed now in place, it covers only the examples of the first stage
-    (:func:`stages`; the others: :func:`lessons`)."""
+    an earlier attempt's (saved in ``state`` for the work ``fingerprint``), else computed now
+    on the source base's weights copied into the target base in place (one base resident; the
+    target's own weights copied back after), else (weights the files name otherwise than the
+    model) on the source base loaded again. ``staged``: computed now in place, it covers only
+    the examples of the first stage (:func:`stages`; the others: :func:`lessons`)."""
     teaching = distilled(spec)
     if teaching is None:
         return None
     wanted = key(reference, teaching, spec)
     if wanted not in bases.teachers:
-        part = saved()
+        part = load(state, fingerprint)
         if part is None:
             started = time.perf_counter()
             swapped = models.copy_weights(bases.target, bases.source_files)

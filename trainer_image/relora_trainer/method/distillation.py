@@ -132,8 +132,8 @@ class Staged:
         return self.next >= len(self.stages)
 
     def rows(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        wanted = self.covered.union(indices)
-        if len(wanted) > len(self.covered) and not self.completed:
+        if not self.completed and not self.covered.issuperset(indices):
+            wanted = self.covered.union(indices)
             started = time.perf_counter()
             stage = next(
                 (n for n in range(self.next, len(self.stages)) if self.stages[n] >= wanted),
