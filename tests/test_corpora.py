@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import bz2
+import concurrent.futures
 import gzip
 import lzma
 import re
 import shutil
 import subprocess
+import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -294,6 +296,27 @@ def test_fetch_package_downloads_and_extracts_once(fake_apt: FakeApt, tmp_path: 
 
     assert corpora.fetch_package("wordnet-base", cache=tmp_path) == root
     assert len(fake_apt.calls) == 2
+
+
+def test_builds_fetching_a_package_at_once_fetch_it_once(
+    fake_apt: FakeApt, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two builds (threads here, processes in use) want the same package at the same time: one
+    downloads and extracts it while the other waits on the lock, then finds it complete. (Without
+    the lock the second removed the first's half-extracted folder: dpkg -x failed.)"""
+    slow = FakeApt()
+
+    def extracting_slowly(args: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        done = slow(args, **kwargs)
+        time.sleep(0.3)
+        return done
+
+    monkeypatch.setattr(subprocess, "run", extracting_slowly)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        roots = list(pool.map(lambda _: corpora.fetch_package("bible-kjv", cache=tmp_path), [1, 2]))
+    assert roots == [tmp_path / "debs" / "bible-kjv"] * 2
+    assert [call[:2] for call in slow.calls] == [["apt-get", "download"], ["dpkg", "-x"]]
+    assert (roots[0] / corpora.COMPLETE_MARKER).is_file()
 
 
 def test_fetch_package_redoes_a_half_done_extraction(fake_apt: FakeApt, tmp_path: Path) -> None:

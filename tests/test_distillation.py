@@ -4,7 +4,7 @@ teacher computed in the source phase and cached for a retried run, and the API's
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import torch
@@ -689,3 +689,66 @@ def test_relora_distils_by_default_and_the_baselines_do_not() -> None:
     wire = Method.model_validate({"strategy": "relora"}).to_wire()
     assert wire["finetune"]["distillation"]["weight"] == 3.0
     assert Method.model_validate(wire).to_wire() == wire
+
+
+class _Asked:
+    """A teacher that records the examples each step asks it for."""
+
+    def __init__(self, teacher: distillation.Teacher) -> None:
+        self.teacher, self.asked = teacher, list[list[int]]()
+
+    @property
+    def examples(self) -> int:
+        return self.teacher.examples
+
+    def rows(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        self.asked.append(list(indices))
+        return self.teacher.rows(indices)
+
+
+class _MetFrom(Target):
+    """A target first met at the ``at``-th evaluation (0-based), whatever the quality."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__("accuracy", 0.0)
+        self.calls, self.at = 0, at
+
+    def met(self, quality: float) -> bool:
+        self.calls += 1
+        return self.calls > self.at
+
+
+@pytest.mark.parametrize("until", ["ready", "budget"])
+def test_a_teacher_until_ready_takes_no_part_after_readiness(
+    toy: Any, teacher: distillation.Teacher, until: Literal["ready", "budget"]
+) -> None:
+    """stopWhenReady false, ready at the evaluation after step 2 of 5: with until ready the
+    teacher is asked for the batches of steps 0 and 1 only (the later steps are plain
+    fine-tuning), with until budget for all five."""
+    train = read_jsonl(toy.split("train"), what="train")
+    config = Finetune(
+        max_steps=5,
+        batch_size=4,
+        eval_every=2,
+        learning_rate=5e-3,
+        stop_when_ready=False,
+        distillation=Distillation(weight=3.0, emphasis=3.0, top_k=8, until=until),
+    )
+    asked = _Asked(teacher)
+    model = _with_old_adapter(toy, toy.v2)
+    outcome = finetune(
+        model=model,
+        encoder=_encoder(toy),
+        train=train,
+        validation=read_jsonl(toy.split("validation"), what="validation")[:8],
+        choices=sorted({e.completion for e in train}),
+        config=FinetuneConfig.of(config),
+        regularize=None,
+        target=_MetFrom(1),
+        seed=0,
+        device=CPU,
+        teacher=asked,  # type: ignore[arg-type]
+    )
+    assert outcome.ready_step == 2 and outcome.steps == 5
+    drawn = [batch_indices(step=s, size=len(train), batch_size=4, seed=0) for s in range(5)]
+    assert asked.asked == (drawn[:2] if until == "ready" else drawn)

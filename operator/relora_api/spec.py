@@ -312,9 +312,10 @@ class Distillation(APIModel):
     teacher's next-token probabilities of some tokens (``over``: the task's choices'
     continuations, or its top k) are computed once, only when the old adapter is not already
     ready on the target base, on the source base's weights copied into the loaded target base
-    (one base resident; saved in the adapter's state for a retried run), in two stages: the
-    examples of the steps up to the second readiness check before fine-tuning, the others
-    only when it gets there without being ready. Fine-tuning adds
+    (one base resident; saved in the adapter's state for a retried run), in stages: the
+    examples of the steps up to the second readiness check before fine-tuning, then those of
+    twice as many steps each time fine-tuning gets past the ones covered without being ready.
+    Fine-tuning adds
     weight x KL(teacher || student) with both conditioned on those tokens (renormalized over
     them), averaged over the completion tokens like the task loss, and counts the task loss
     1 + emphasis times where the teacher is right. Its seconds count in the time to readiness.
@@ -367,6 +368,14 @@ class Distillation(APIModel):
             "the old adapter knew, which is what a readiness target relative to the source "
             "measures; 0: off. Needs the teacher (computed when weight or emphasis is > 0). "
             "Default: 3 with strategy relora, 0 with the others."
+        ),
+    )
+    until: Literal["ready", "budget"] = Field(
+        default="budget",
+        description=(
+            "How long the teacher takes part: the whole budget, or until the adapter is ready "
+            "(after the first evaluation that meets the target, the plain task loss). Matters "
+            "only with stopWhenReady false: a run that stops when ready never trains past it."
         ),
     )
 

@@ -89,6 +89,12 @@ VARIANTS: tuple[Variant, ...] = (
         quick=False,
     ),
     Variant(
+        "relora-until-ready",
+        "relora with the teacher only until the adapter is ready (plain task loss after)",
+        _teaching(RELORA_METHOD, until="ready"),
+        quick=False,
+    ),
+    Variant(
         "relora-no-fallback",
         "relora-search keeping the searched start even when it is worse than the old adapter's",
         _searching(initialization={"fallback": False}),

@@ -15,6 +15,7 @@ Parsing is done by pure functions of text or bytes, so it is testable without a 
 from __future__ import annotations
 
 import bz2
+import fcntl
 import lzma
 import os
 import re
@@ -134,13 +135,24 @@ def fetch_package(name: str, *, cache: Path) -> Path:
     """Download and extract Debian package ``name`` into ``cache/debs/<name>/``, once.
 
     Returns the folder that holds the package's file tree (``usr/...``). A folder without the
-    completion marker is a half-done extraction and is redone.
+    completion marker is a half-done extraction and is redone. Builds running at the same time
+    (one per world) take turns on a lock file beside it: one fetches, the others use its result.
     """
     dest = cache / "debs" / name
     if (dest / COMPLETE_MARKER).is_file():
         return dest
     apt_get = _require_tool("apt-get", package=name)
     dpkg = _require_tool("dpkg", package=name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f"{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        if not (dest / COMPLETE_MARKER).is_file():
+            _fetch(apt_get, dpkg, name, dest)
+    return dest
+
+
+def _fetch(apt_get: str, dpkg: str, name: str, dest: Path) -> None:
+    """Download package ``name`` and extract it into ``dest`` (replacing a half-done one)."""
     with (
         Console(stderr=True).status(f"Fetching Debian package {name}..."),
         tempfile.TemporaryDirectory(prefix="relora-deb-") as tmp,
@@ -156,7 +168,6 @@ def fetch_package(name: str, *, cache: Path) -> Path:
             hint="the downloaded package may be corrupt; retry",
         )
     (dest / COMPLETE_MARKER).write_text(deb.name + "\n")
-    return dest
 
 
 def _require_tool(tool: str, *, package: str) -> str:

@@ -76,6 +76,7 @@ class DistillationConfig:
     over: str
     agreeing: bool
     emphasis: float
+    until: str
 
     @property
     def teaches(self) -> bool:

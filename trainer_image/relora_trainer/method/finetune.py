@@ -421,7 +421,8 @@ def finetune(
     world: World | None = None,
 ) -> FinetuneOutcome:
     """Train the adapter parameters of ``model`` from their current values until ready or budget.
-    With a distillation weight or emphasis > 0, ``teacher`` (over ``train``) is required.
+    With a distillation weight or emphasis > 0, ``teacher`` (over ``train``) is required; with
+    ``until: ready`` it takes no part in the steps after the first evaluation that met ``target``.
 
     ``world``: data-parallel workers (see the module's docstring); every worker calls this with
     the same arguments (``teacher`` over all of ``train``; ``state_dir`` one folder all of them
@@ -524,7 +525,7 @@ def finetune(
             seed=seed,
             device=device,
             penalty=functools.partial(_pull, lam, parameters, anchors) if lam > 0 else None,
-            teacher=teacher,
+            teacher=None if config.distillation.until == "ready" and outcome.ready else teacher,
             distill_weight=distill_weight,
             emphasis=config.distillation.emphasis,
             world=workers,
