@@ -113,6 +113,35 @@ def test_a_bench_session_writes_the_report(
     assert not (paths.root / "bench").exists()
 
 
+def test_a_bench_that_stops_when_ready_says_so(
+    toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--stop-when-ready: each run stops at its first evaluation that meets the target (an easy
+    one here: 0.1 x the source's accuracy), and the report says its accuracy is there."""
+    paths = _testbed(toy, tmp_path / "testbed")
+    monkeypatch.setattr(world, "build", lambda out, config, **kwargs: paths)
+    monkeypatch.setattr(variants, "COMMON_FINETUNE", TINY_BUDGET)
+    written = session.run(
+        session.Options(
+            seeds=1,
+            out=str(tmp_path / "bench"),
+            testbed=str(paths.root),
+            variants=["warm-start"],
+            severities=["severe"],
+            threads=0,
+            stop_when_ready=True,
+            target_fraction=0.1,
+        )
+    )
+    document = json.loads(written["json"].read_text())
+    assert document["context"]["budget"]["stopWhenReady"] is True
+    (run,) = document["runs"]
+    assert run["ready"] and run["steps"] == run["ready_step"] < TINY_BUDGET["maxSteps"]
+    text = written["markdown"].read_text()
+    assert "Runs stop at readiness" in text and "test accuracy at readiness (%)" in text
+    assert "after the whole budget (`stopWhenReady: false`)" not in text
+
+
 def test_the_bench_command_registers_with_its_options() -> None:
     parser = argparse.ArgumentParser()
     commands.register(parser.add_subparsers(dest="command"))
@@ -126,6 +155,8 @@ def test_the_bench_command_registers_with_its_options() -> None:
     assert suite.world == ["qwen2-phrases", "llama-cpt"]
     assert parser.parse_args(["bench", "--builds", "3"]).builds == 3
     assert parser.parse_args(["bench", "--first-build", "1"]).first_build == 1
+    assert parser.parse_args(["bench", "--stop-when-ready"]).stop_when_ready
+    assert not defaults.stop_when_ready
 
 
 def test_registering_the_commands_imports_no_ml_stack() -> None:

@@ -48,6 +48,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 variants=args.variant,
                 severities=args.severity,
                 steps=args.steps,
+                stop_when_ready=args.stop_when_ready,
                 target_fraction=args.target_fraction,
                 tune=args.tune,
                 from_reports=args.from_report,
@@ -154,6 +155,15 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
         default=None,
         metavar="N",
         help=f"step budget of every run (default {COMMON_FINETUNE['maxSteps']})",
+    )
+    bench.add_argument(
+        "--stop-when-ready",
+        action="store_true",
+        help=(
+            "stop each run at its first evaluation that meets the target (stopWhenReady true): "
+            "time to readiness for a fraction of the cost; test accuracy is then the one at "
+            "readiness (at the budget for a run never ready), not comparable with full runs'"
+        ),
     )
     bench.add_argument(
         "--target-fraction",

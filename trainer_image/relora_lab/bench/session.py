@@ -48,6 +48,7 @@ class Options:
     variants: list[str] | None = None
     severities: list[str] | None = None
     steps: int | None = None  # the step budget (default: variants.COMMON_FINETUNE)
+    stop_when_ready: bool = False  # each run stops when ready (time to readiness only)
     target_fraction: float = TARGET_FRACTION
     first_seed: int = 0  # the seeds are first_seed .. first_seed + seeds - 1
     tune: bool = False  # run the tuning grid on the tuning seeds instead of the benchmark
@@ -85,6 +86,8 @@ def run(options: Options, *, console: Console | None = None) -> dict[str, Path]:
     budget = dict(variants.COMMON_FINETUNE)
     if options.steps is not None:
         budget["maxSteps"] = options.steps
+    if options.stop_when_ready:
+        budget["stopWhenReady"] = True
     readiness = {"metric": "accuracy", "relativeToSource": options.target_fraction}
 
     with Progress(

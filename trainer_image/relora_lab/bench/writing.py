@@ -98,10 +98,18 @@ def suite_table(comparisons: Mapping[str, Comparison]) -> list[str]:
     return lines
 
 
-def results_table(row: Mapping[str, Cell], comparison: Comparison | None) -> list[str]:
+def _accuracy_at(context: Context) -> str:
+    return "readiness" if context.budget.get("stopWhenReady") else "budget"
+
+
+def results_table(
+    row: Mapping[str, Cell], comparison: Comparison | None, *, accuracy_at: str = "budget"
+) -> list[str]:
+    """``accuracy_at``: when the test accuracy was measured (budget, or readiness for runs that
+    stopped there)."""
     lines = [
         "| variant | ready | time to readiness (s) | steps to readiness | "
-        "baseline/relora time | test accuracy at budget (%) | search (s) |",
+        f"baseline/relora time | test accuracy at {accuracy_at} (%) | search (s) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, c in row.items():
@@ -161,6 +169,7 @@ def markdown(
 ) -> str:
     figures = context.testbed_figures
     budget = ", ".join(f"{k} {v}" for k, v in context.budget.items())
+    stopped = bool(context.budget.get("stopWhenReady"))
     lines = [
         f"# Benchmark: ReLoRA against its baselines ({context.mode})",
         "",
@@ -174,8 +183,14 @@ def markdown(
         f"Same for every variant: {budget}. Readiness target: {context.target_rule}. "
         "Time to readiness counts search + training + evaluation up to the first evaluation "
         "that met the target (`report.seconds.timeToReadiness`); loading and the reference "
-        "measurements are not counted. Test accuracy is the adapter's after the whole budget "
-        "(`stopWhenReady: false`). Selection and readiness use the validation split only.",
+        "measurements are not counted. "
+        + (
+            "Runs stop at readiness (`stopWhenReady: true`): test accuracy is the adapter's "
+            "there (after the whole budget for a run never ready), not at the budget. "
+            if stopped
+            else "Test accuracy is the adapter's after the whole budget (`stopWhenReady: false`). "
+        )
+        + "Selection and readiness use the validation split only.",
         "",
     ]
     adapter = figures.get("adapter", {})
@@ -204,7 +219,7 @@ def markdown(
             f"Target: validation accuracy {_pct(first.target)}%. Old adapter on v2 as is: test "
             f"accuracy {_pct(first.before_test)}% (on v1: {_pct(first.source_test)}%).",
             "",
-            *results_table(row, comparison),
+            *results_table(row, comparison, accuracy_at=_accuracy_at(context)),
             "",
         ]
         if comparison is not None:
