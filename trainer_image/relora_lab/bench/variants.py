@@ -113,6 +113,18 @@ VARIANTS: tuple[Variant, ...] = (
         quick=False,
     ),
     Variant(
+        "relora-weak-pull",
+        "relora with a ten times weaker pull before the switch (strength 0.1)",
+        merge(RELORA_METHOD, {"finetune": {"regularization": {"strength": 0.1}}}),
+        quick=False,
+    ),
+    Variant(
+        "relora-short-pull",
+        "relora with the pull relaxed after 10% of the budget (switchFraction 0.1)",
+        merge(RELORA_METHOD, {"finetune": {"regularization": {"switchFraction": 0.1}}}),
+        quick=False,
+    ),
+    Variant(
         "relora-constant",
         "relora with a constant lambda (no relaxation)",
         merge(RELORA_METHOD, {"finetune": {"regularization": {"schedule": "constant"}}}),
