@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from relora_api import validation
 from relora_api.spec import AdapterMigrationSpec
 from relora_trainer import migrate, models
+from relora_trainer.distributed import World
 from relora_trainer.storage import Storage
 from tests.conftest import toy_manifest
 
@@ -121,6 +122,47 @@ def test_an_absolute_target_never_loads_the_source_base(
     assert loads.folders == ["v2-mild"]
     assert "source" not in report.quality and report.quality_of("source") is None
     assert report.coefficients, "the search ran on the evolution read from the files"
+
+
+class _Fetches(Storage):
+    """A Storage that records which bases were fetched."""
+
+    def __init__(self, base_dir: Path) -> None:
+        super().__init__(base_dir=base_dir)
+        self.fetched: list[str] = []
+
+    def fetch(self, uri: str, *, what: str, revision: str | None = None) -> Path:
+        if what.endswith("Model"):  # the bases (adapters and data are fetched too)
+            self.fetched.append(what)
+        return super().fetch(uri, what=what, revision=revision)
+
+
+def test_a_worker_other_than_rank_0_never_fetches_the_source_base(
+    toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank 1 of 2 fetches and loads the target alone (a remote source of many GB is not
+    downloaded by every worker); rank 0 fetches both. A target without a tokenizer makes the
+    follower fetch the source for its tokenizer, nothing more."""
+    loads = Loads(monkeypatch)
+    spec = _spec(toy, tmp_path)
+    follower = _Fetches(tmp_path)
+    bases = migrate.load_bases(spec, follower, CPU, world=World(rank=1, size=2))
+    assert follower.fetched == ["spec.targetModel"] and loads.folders == ["v2-mild"]
+    assert bases.source_dir is None and bases.on_source == {}
+    with pytest.raises(RuntimeError, match="not fetched by this worker"):
+        bases.source_files.get("anything")
+    leader = _Fetches(tmp_path)
+    migrate.load_bases(spec, leader, CPU, world=World(rank=0, size=2))
+    assert leader.fetched == ["spec.sourceModel", "spec.targetModel"]
+
+    bare = tmp_path / "v2-no-tokenizer"
+    AutoModelForCausalLM.from_pretrained(toy.v2, dtype=torch.float32).save_pretrained(bare)
+    target = spec.target_model.model_copy(update={"uri": str(bare)})
+    spec = spec.model_copy(update={"target_model": target})
+    follower = _Fetches(tmp_path)
+    bases = migrate.load_bases(spec, follower, CPU, world=World(rank=1, size=2))
+    assert follower.fetched == ["spec.targetModel", "spec.sourceModel"]
+    assert bases.tokenizer.vocab_size == models.load_tokenizer(toy.v1).vocab_size
 
 
 def test_the_evolution_from_files_equals_the_one_from_the_models(toy: Any, tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ from relora_trainer import adapter_config, adapters, models, ownership, plan, re
 from relora_trainer import storage as store
 from relora_trainer.data import MAX_CHOICES, Encoder, Example, TaskData, read_jsonl
 from relora_trainer.distributed import World
-from relora_trainer.errors import IncompatibleModels, InvalidData
+from relora_trainer.errors import IncompatibleModels, InvalidData, MissingInput
 from relora_trainer.method import distillation, fusion, search, strategies
 from relora_trainer.method.config import FinetuneConfig, SearchConfig
 from relora_trainer.method.finetune import (
@@ -70,8 +70,9 @@ class Bases:
     device: torch.device
     dtype: torch.dtype
     load_seconds: float
-    source_dir: Path
-    source_files: models.WeightFiles
+    # None on a worker other than rank 0: it never reads the source base (not even fetched).
+    source_dir: Path | None
+    _source_files: models.WeightFiles | None
     target_files: models.WeightFiles
     # The old adapter on the source base, by adapter inputs (measured in the source phase),
     # and on the target base: adapters that share inputs (a benchmark's runs) measure once.
@@ -84,10 +85,19 @@ class Bases:
     teachers: dict[str, teaching.TeacherPart] = field(default_factory=dict)
     _source: nn.Module | None = None
 
+    @property
+    def source_files(self) -> models.WeightFiles:
+        """The source base's weights, read one tensor at a time from its files."""
+        if self._source_files is None:
+            raise RuntimeError("the source base was not fetched by this worker")
+        return self._source_files
+
     def source(self) -> nn.Module:
         """The source base, loaded again (the slow path: an adapter that was not measured in
         the source phase, or weights the files name otherwise than the model)."""
         if self._source is None:
+            if self.source_dir is None:
+                raise RuntimeError("the source base was not fetched by this worker")
             self._source = models.load_model(
                 self.source_dir, what="spec.sourceModel", device=self.device, dtype=self.dtype
             )
@@ -108,7 +118,8 @@ def load_bases(
 ) -> Bases:
     """Fetch and load the bases (see :func:`_load_bases`); OutOfMemory, with the estimate,
     when they do not fit the device. Among data-parallel workers (``world``) only rank 0
-    measures on the source base: the others load the target alone."""
+    fetches the source base and measures on it: the others fetch and load the target alone
+    (rank 0 checks that the two agree; a failure there ends them too)."""
     measuring = world is None or world.is_main
     try:
         return _load_bases(spec, storage, device, adapters_to_measure, source_phase=measuring)
@@ -132,20 +143,32 @@ def _load_bases(
     Raise IncompatibleModels / InvalidWeights / MissingInput / InvalidAdapter.
 
     ``adapters_to_measure`` (default: every adapter of the spec) are measured on the source now;
-    another one measured later loads the source base again. Without ``source_phase``: none is (nor
-    any saved measurement read), the source base is not loaded."""
+    another one measured later loads the source base again. Without ``source_phase`` (a worker
+    other than rank 0): none is (nor any saved measurement read), and the source base is neither
+    fetched (unless the target has no tokenizer: the source's) nor checked against the target."""
     started = time.perf_counter()
-    source_dir = storage.fetch(
-        spec.source_model.uri, what="spec.sourceModel", revision=spec.source_model.revision
-    )
+
+    def fetch_source() -> Path:
+        return storage.fetch(
+            spec.source_model.uri, what="spec.sourceModel", revision=spec.source_model.revision
+        )
+
+    source_dir = fetch_source() if source_phase else None
     target_dir = storage.fetch(
         spec.target_model.uri, what="spec.targetModel", revision=spec.target_model.revision
     )
     dtype = models.dtype_for(spec.method.precision, device)
-    # Before minutes of loading: the architectures and the stored shapes agree.
-    shape = models.Shape.of_files(source_dir, what="spec.sourceModel")
-    models.check_compatible(shape, models.Shape.of_files(target_dir, what="spec.targetModel"))
-    tokenizer = models.load_tokenizer(target_dir, source_dir)
+    shape = None
+    if source_dir is not None:  # before minutes of loading: the architectures and shapes agree
+        shape = models.Shape.of_files(source_dir, what="spec.sourceModel")
+        models.check_compatible(shape, models.Shape.of_files(target_dir, what="spec.targetModel"))
+        tokenizer = models.load_tokenizer(target_dir, source_dir)
+    else:
+        try:
+            tokenizer = models.load_tokenizer(target_dir)
+        except MissingInput:
+            source_dir = fetch_source()
+            tokenizer = models.load_tokenizer(target_dir, source_dir)
     on_source: dict[str, dict[str, Quality]] = {}
     wanted = []  # the adapters to measure on the source base
     for adapter in (adapters_to_measure or spec.adapters) if source_phase else []:
@@ -157,7 +180,7 @@ def _load_bases(
         else:
             wanted.append(adapter)
     source_seconds = 0.0
-    if wanted:  # else the source base is not loaded at all
+    if wanted and source_dir is not None:  # else the source base is not loaded at all
         source = models.load_model(source_dir, what="spec.sourceModel", device=device, dtype=dtype)
         models.check_finite(source, what="spec.sourceModel")
         shape = models.Shape.of(source)  # all of its weights, not only the stored ones
@@ -176,7 +199,8 @@ def _load_bases(
         _free(device)
     target = models.load_model(target_dir, what="spec.targetModel", device=device, dtype=dtype)
     models.check_finite(target, what="spec.targetModel")
-    models.check_compatible(shape, target)
+    if shape is not None:
+        models.check_compatible(shape, target)
     return Bases(
         target,
         tokenizer,
@@ -184,7 +208,7 @@ def _load_bases(
         dtype,
         time.perf_counter() - started - source_seconds,
         source_dir,
-        models.WeightFiles(source_dir, what="spec.sourceModel"),
+        None if source_dir is None else models.WeightFiles(source_dir, what="spec.sourceModel"),
         models.WeightFiles(target_dir, what="spec.targetModel"),
         on_source=on_source,
         source_seconds=source_seconds,
