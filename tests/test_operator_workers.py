@@ -363,6 +363,36 @@ def test_a_failed_worker_restarts_the_group_then_fails_it(manifest: dict[str, An
     assert not actions.restart
 
 
+def test_a_group_job_deleted_by_hand_keeps_its_restarts(manifest: dict[str, Any]) -> None:
+    """A group restarted once, running again, whose Job someone deletes: the Job made again
+    (JobRecreated) carries the restart already spent, so backoffLimit still bounds the whole
+    adapter's restarts (a deletion does not renew them)."""
+    manifest["spec"]["backoffLimit"] = 1
+    job, _ = _built(_grouped(manifest))
+    job["spec"]["suspend"] = False
+    job["metadata"]["annotations"][naming.RESTARTS] = "1"
+    running, _ = _plan(manifest, job, [_pod(job, 0, "Running"), _pod(job, 1, "Running")])
+    (entry,) = running.adapters or []
+    assert (entry.phase, entry.restarts) == ("Running", 1)
+    migration = _migration(manifest)
+    spec = migration.spec.model_copy(update={"adapters": migration.spec.adapters[:1]})
+    seen = planner.Migration(migration.metadata.name, "ml", UID, 1, spec, running, b"k")
+    gone, actions = planner.plan(seen, [], {}, {}, NOW)
+    (entry,) = gone.adapters or []
+    assert (entry.reason, entry.restarts) == ("JobRecreated", 1) and actions.create
+    made = job_builder.build_job(
+        name=migration.metadata.name,
+        namespace="ml",
+        uid=UID,
+        spec=spec,
+        adapter=actions.create[0],
+        settings=Settings(),
+        generation=1,
+        restarts=entry.restarts or 0,
+    )
+    assert made["metadata"]["annotations"][naming.RESTARTS] == "1"
+
+
 def test_bad_input_in_a_group_is_not_restarted(manifest: dict[str, Any]) -> None:
     job, _ = _built(_grouped(manifest))
     failed = _failed_job(job)

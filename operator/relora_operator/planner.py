@@ -377,6 +377,8 @@ def _job_to_make(seen: Seen, job_name: str) -> AdapterStatus:
             reason=Reason.JOB_RECREATED,
             message=message,
             job_name=job_name,
+            # A worker group's restarts so far: its budget is not renewed by a deletion.
+            **({"restarts": previous.restarts} if previous.restarts else {}),
         )
     return AdapterStatus(
         name=seen.adapter.name, phase="Pending", reason=Reason.JOB_CREATED, job_name=job_name
