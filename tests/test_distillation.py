@@ -400,6 +400,7 @@ def test_the_teacher_is_computed_in_place_counted_and_reused_by_a_retry(
         "over": "choices",
         "agreeing": True,
         "emphasis": 0.0,
+        "until": "budget",
     }
     assert first.history[0]["seconds"] >= teacher_seconds, "counted in the time to readiness"
     out = tmp_path / "out" / "toy-category"
