@@ -544,6 +544,38 @@ def test_a_retry_after_a_stage_computes_only_the_later_ones(
     assert report.steps == 8 and _saved_teacher(out)["steps"] is None
 
 
+def test_workers_compute_the_whole_teacher_over_a_saved_first_stage(
+    toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, teacher_passes: list[int]
+) -> None:
+    """A first stage saved by an attempt alone (steps 2 of 8) does not do for workers, who get
+    the whole teacher before they start: it is computed again, whole."""
+    monkeypatch.setattr(teaching, "FIRST_STAGE_EVALUATIONS", 2)
+    spec = _spec(toy, tmp_path, finetune={"maxSteps": 8, "evalEvery": 1, "batchSize": 4})
+    storage = Storage(base_dir=tmp_path)
+    bases = migrate.load_bases(spec, storage, CPU)
+    adapter = spec.adapters[0]
+    old = adapters.read_adapter(toy.adapter, what="adapter")
+    task = migrate._task(spec, adapter, storage)
+    encoder, work, state = Encoder(bases.tokenizer), "work", tmp_path / "state"
+    state.mkdir()
+
+    def part(reference: str, *, staged: bool) -> teaching.TeacherPart | None:
+        return teaching.first_part(
+            spec, adapter, reference, old, task, bases, encoder, state, work, staged=staged
+        )
+
+    alone = part("alone", staged=True)
+    assert alone is not None and alone.steps == 2
+    teaching.save(state, work, alone)
+    teacher_passes.clear()
+    whole = part("workers", staged=False)
+    size = len(task.train)
+    assert whole is not None and whole.steps is None
+    assert teacher_passes == [len(examples_seen(steps=8, size=size, batch_size=4, seed=0))]
+    again = part("alone again", staged=True)  # a run alone takes the saved first stage
+    assert again is not None and again.steps == 2 and teacher_passes == [teacher_passes[0]]
+
+
 def test_a_staged_teacher_computes_each_stage_once_and_only_when_a_batch_needs_it() -> None:
     def rows(values: list[float]) -> distillation.Teacher:
         return distillation.Teacher(

@@ -630,13 +630,14 @@ def _migrate_claimed(
     )
     ready_before = target.met(before_quality["validation"].value(target.metric))
     part = None
+    # Workers get the whole teacher before they start: no later stage among them.
+    staged = meetings.world is None or not meetings.world.distributed
     if not ready_before:  # else nothing to learn from it: no teacher's seconds
-        # Workers get the whole teacher before they start: no later stage among them.
-        staged = meetings.world is None or not meetings.world.distributed
         part = teaching.first_part(
             spec, adapter, reference_key, old, task, bases, encoder, state, key, staged=staged
         )
-    if part is not None and not (state / teaching.TEACHER_FILE).is_file():
+    # Saved once; by workers also over a partial one (they computed the whole teacher again).
+    if part is not None and (not staged or not (state / teaching.TEACHER_FILE).is_file()):
         teaching.save(state, key, part)
         claim.save_state(STATE_DIR)
     base_weights = list(bases.target.named_parameters(remove_duplicate=False))

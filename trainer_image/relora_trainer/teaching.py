@@ -193,13 +193,17 @@ def first_part(
     on the source base's weights copied into the target base in place (one base resident; the
     target's own weights copied back after), else (weights the files name otherwise than the
     model) on the source base loaded again. ``staged``: computed now in place, it covers only
-    the examples of the first stage (:func:`stages`; the others: :func:`lessons`)."""
+    the examples of the first stage (:func:`stages`; the others: :func:`lessons`). Not
+    ``staged`` (workers, who get the whole teacher before they start), a saved part that covers
+    less is computed again, whole."""
     teaching = distilled(spec)
     if teaching is None:
         return None
     wanted = key(reference, teaching, spec)
     if wanted not in bases.teachers:
         part = load(state, fingerprint)
+        if part is not None and part.steps is not None and not staged:
+            part = None  # the first stages of a run alone: workers need the whole teacher
         if part is None:
             started = time.perf_counter()
             swapped = models.copy_weights(bases.target, bases.source_files)
