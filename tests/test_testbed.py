@@ -171,6 +171,7 @@ def test_the_build_writes_the_layout_relora_run_takes(built: layout.TestbedPaths
     summary = json.loads(built.summary.read_text())
     assert summary["figures"]["adapter"]["v1/adapter/test"] is not None
     assert set(summary["layout"]["manifests"]) == {"migration-mild.yaml", "migration-severe.yaml"}
+    assert summary["torch_threads"] == torch.get_num_threads()
 
 
 def test_the_manifests_validate_and_migrate_with_relative_paths(built: layout.TestbedPaths) -> None:

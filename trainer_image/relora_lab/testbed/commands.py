@@ -134,6 +134,12 @@ def register_build(testbed_kinds: argparse._SubParsersAction) -> None:  # type: 
     )
     build.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     build.add_argument(
-        "--threads", type=int, default=2, help="torch CPU threads (default 2; 0: torch's choice)"
+        "--threads",
+        type=int,
+        default=2,
+        help=(
+            "torch CPU threads (default 2; 0: torch's choice). At 1 a build is bit-reproducible "
+            "for its seed; at several, float sums may run in another order (other models)"
+        ),
     )
     build.set_defaults(handler=_cmd_build)

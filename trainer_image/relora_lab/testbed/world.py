@@ -92,6 +92,9 @@ def _write_summary(world: WorldBuilder, figures: dict[str, Any]) -> None:
     config, paths = world.config, world.paths
     summary = {
         "parameters": jsonable(asdict(config)),
+        # Builds are bit-reproducible for a seed at one thread; at several, float sums may run
+        # in another order and the models come out (slightly) different.
+        "torch_threads": torch.get_num_threads(),
         "figures": figures,
         "layout": {
             "v1": "models/v1",
