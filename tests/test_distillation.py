@@ -17,6 +17,7 @@ from relora_trainer.data import Encoder, Example, read_jsonl
 from relora_trainer.method import distillation
 from relora_trainer.method.config import FinetuneConfig, RegularizationConfig
 from relora_trainer.method.finetune import (
+    FinetuneOutcome,
     MicroBatch,
     Target,
     batch_indices,
@@ -206,12 +207,13 @@ def teacher(toy: Any) -> distillation.Teacher:
     return distillation.compute(on_old, _encoder(toy), train, top_k=8, device=CPU)
 
 
-def _train(
-    toy: Any, config: Finetune, teacher: distillation.Teacher | None
-) -> dict[str, torch.Tensor]:
+def _finetuned(
+    toy: Any, config: Finetune, teacher: distillation.Lessons | None, target: Target = UNREACHABLE
+) -> tuple[FinetuneOutcome, dict[str, torch.Tensor]]:
+    """The old adapter fine-tuned on v2 without the regularizer: the outcome, the parameters."""
     model = _with_old_adapter(toy, toy.v2)
     train = read_jsonl(toy.split("train"), what="train")
-    finetune(
+    outcome = finetune(
         model=model,
         encoder=_encoder(toy),
         train=train,
@@ -219,12 +221,18 @@ def _train(
         choices=sorted({e.completion for e in train}),
         config=FinetuneConfig.of(config),
         regularize=RegularizationConfig.of(Regularization(schedule="none")),
-        target=UNREACHABLE,
+        target=target,
         seed=0,
         device=CPU,
         teacher=teacher,
     )
-    return {n: p.detach().clone() for n, p in adapters.trainable(model).items()}
+    return outcome, {n: p.detach().clone() for n, p in adapters.trainable(model).items()}
+
+
+def _train(
+    toy: Any, config: Finetune, teacher: distillation.Teacher | None
+) -> dict[str, torch.Tensor]:
+    return _finetuned(toy, config, teacher)[1]
 
 
 def test_micro_batches_accumulate_the_same_steps_with_distillation(
@@ -768,20 +776,7 @@ def test_a_teacher_until_ready_takes_no_part_after_readiness(
         distillation=Distillation(weight=3.0, emphasis=3.0, top_k=8, until=until),
     )
     asked = _Asked(teacher)
-    model = _with_old_adapter(toy, toy.v2)
-    outcome = finetune(
-        model=model,
-        encoder=_encoder(toy),
-        train=train,
-        validation=read_jsonl(toy.split("validation"), what="validation")[:8],
-        choices=sorted({e.completion for e in train}),
-        config=FinetuneConfig.of(config),
-        regularize=None,
-        target=_MetFrom(1),
-        seed=0,
-        device=CPU,
-        teacher=asked,  # type: ignore[arg-type]
-    )
+    outcome, _ = _finetuned(toy, config, asked, _MetFrom(1))  # type: ignore[arg-type]
     assert outcome.ready_step == 2 and outcome.steps == 5
     drawn = [batch_indices(step=s, size=len(train), batch_size=4, seed=0) for s in range(5)]
     assert asked.asked == (drawn[:2] if until == "ready" else drawn)
