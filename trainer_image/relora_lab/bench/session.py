@@ -164,7 +164,7 @@ def run(options: Options, *, console: Console | None = None) -> dict[str, Path]:
         load_averages=(load_range[0] if records else 0.0, load_range[1]),
     )
     written = writing.write(out, context, table, comparisons, records)
-    _print_summary(console.print, table, comparisons)
+    _print_summary(console.print, table, comparisons, writing.accuracy_at(context))
     return written
 
 
@@ -216,7 +216,7 @@ def resummarize(options: Options, *, console: Console) -> dict[str, Path]:
         notes=[f"Summarized from {', '.join(options.from_reports or [])}: no run was repeated."],
     )
     written = writing.write(Path(options.out).resolve(), context, table, comparisons, records)
-    _print_summary(console.print, table, comparisons)
+    _print_summary(console.print, table, comparisons, writing.accuracy_at(context))
     return written
 
 
@@ -262,10 +262,11 @@ def _print_summary(
     say: Callable[[str], None],
     table: dict[str, dict[str, summary.Cell]],
     comparisons: dict[str, summary.Comparison],
+    accuracy_at: str,
 ) -> None:
     for severity, row in table.items():
         say(f"[bold]v2-{severity}[/bold]")
-        for line in writing.results_table(row, comparisons.get(severity)):
+        for line in writing.results_table(row, comparisons.get(severity), accuracy_at=accuracy_at):
             say(line)
         if severity in comparisons:
             for line in writing.claims(row, comparisons[severity]):

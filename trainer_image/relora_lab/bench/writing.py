@@ -98,7 +98,8 @@ def suite_table(comparisons: Mapping[str, Comparison]) -> list[str]:
     return lines
 
 
-def _accuracy_at(context: Context) -> str:
+def accuracy_at(context: Context) -> str:
+    """When the report's test accuracy was measured: at the budget, or at readiness."""
     return "readiness" if context.budget.get("stopWhenReady") else "budget"
 
 
@@ -219,7 +220,7 @@ def markdown(
             f"Target: validation accuracy {_pct(first.target)}%. Old adapter on v2 as is: test "
             f"accuracy {_pct(first.before_test)}% (on v1: {_pct(first.source_test)}%).",
             "",
-            *results_table(row, comparison, accuracy_at=_accuracy_at(context)),
+            *results_table(row, comparison, accuracy_at=accuracy_at(context)),
             "",
         ]
         if comparison is not None:
