@@ -170,7 +170,7 @@ def markdown(
 ) -> str:
     figures = context.testbed_figures
     budget = ", ".join(f"{k} {v}" for k, v in context.budget.items())
-    stopped = bool(context.budget.get("stopWhenReady"))
+    stopped = accuracy_at(context) == "readiness"
     lines = [
         f"# Benchmark: ReLoRA against its baselines ({context.mode})",
         "",
