@@ -322,17 +322,6 @@ def test_operator_killed_while_it_creates_the_jobs(
     assert operator.metric("relora_adapter_jobs_created_total") == 1
 
 
-def test_a_queued_job_posts_the_events_of_the_status_written_only(
-    cluster: Cluster, operator: OperatorProcess, trainers: Trainers
-) -> None:
-    """The reconciliation that creates a Job for a queue (suspended until Kueue admits it)
-    writes Queued: one AdapterQueued event, none for the Pending it planned before the Job
-    existed and never wrote."""
-    cluster.create(fake_manifest("waits", cluster.namespace, ["a"], trainers, queueName="gpu"))
-    cluster.wait_adapter("waits", "a", "Queued")
-    _wait_events(cluster, "waits", {"AdapterQueued": 1, "AdapterPending": 0})
-
-
 # ---------------------------------------------------------------- 3. Job deleted by hand
 def test_a_job_deleted_by_hand_mid_run_is_created_again(
     cluster: Cluster, operator: OperatorProcess, trainers: Trainers

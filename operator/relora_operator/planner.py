@@ -101,18 +101,10 @@ class Actions:
     ttl: list[tuple[str, int]] = field(default_factory=list)  # (job, seconds)
     # Jobs of worker groups to delete once the status (counting the restart) is written.
     restart: list[str] = field(default_factory=list)
-    # Events about something found (a forged status), then those of the status's transitions
-    # (from the stored status to the one to write).
-    notices: list[Event] = field(default_factory=list)
-    transitions: list[Event] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
     # When to look again with nothing else happening (a pending pod's deadline, the next
     # progress read of a running pod); None: only a change of the objects matters.
     requeue_after: float | None = None
-
-    @property
-    def events(self) -> list[Event]:
-        """Every event to post, in order."""
-        return self.notices + self.transitions
 
     def wake(self, seconds: float) -> None:
         """Ask to be reconciled again within ``seconds`` (the earliest ask wins)."""
@@ -127,8 +119,7 @@ class Actions:
         self.fail += other.fail
         self.ttl += other.ttl
         self.restart += other.restart
-        self.notices += other.notices
-        self.transitions += other.transitions
+        self.events += other.events
         if other.requeue_after is not None:
             self.wake(other.requeue_after)
 
@@ -250,7 +241,7 @@ def _adapter_entry(seen: Seen, wanted: str | None) -> Decision:
         if not seals.genuine(key, uid, previous.to_wire()):
             previous, event = _forged(seen, previous)
             seen = dataclasses.replace(seen, previous=previous)
-            actions.notices.append(event)
+            actions.events.append(event)
         elif _outcome_stands(seen.job):
             actions.merge(_ttl(seen))
             return previous, actions  # a finished outcome is never lost nor recomputed
@@ -813,11 +804,11 @@ def plan(
         else None,
         adapters=adapters,
     )
-    actions.transitions += transitions(old, status)
+    actions.events += _events(old, status)
     return status, actions
 
 
-def transitions(old: AdapterMigrationStatus, new: AdapterMigrationStatus) -> list[Event]:
+def _events(old: AdapterMigrationStatus, new: AdapterMigrationStatus) -> list[Event]:
     """One Kubernetes event per adapter or migration transition."""
     events: list[Event] = []
     before = {a.name: (a.phase, a.reason) for a in old.adapters or []}

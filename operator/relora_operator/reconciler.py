@@ -350,13 +350,11 @@ class Operator:
             jobs, all_pods = self.children.children(uid)
             pods, strays = pods_by_job(jobs, all_pods)
             made = dataclasses.replace(migration, status=new_status)
-            first = actions.notices
+            first = actions.events
             new_status, actions = planner.plan(
                 made, jobs, pods, progress, now, strays, templates, every
             )
-            actions.create, actions.notices = [], first + actions.notices
-            # Events for what is written: not for the status planned before the Jobs existed.
-            actions.transitions = planner.transitions(migration.status, new_status)
+            actions.create, actions.events = [], first + actions.events
         for job_name, suspend in actions.suspend:
             await self.kube.patch_job(namespace, job_name, {"spec": {"suspend": suspend}})
         for job_name, reason, message in actions.fail:
