@@ -370,6 +370,17 @@ class Distillation(APIModel):
             "Default: 3 with strategy relora, 0 with the others."
         ),
     )
+    share: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description=(
+            "The share of the training examples the teacher covers: a fixed random subset of "
+            "them (drawn with the method's seed); the others train on the task loss alone. "
+            "Fewer forward passes over the old base (its seconds scale with the share), a "
+            "weaker term (the weights apply per covered token, averaged over all of them)."
+        ),
+    )
     until: Literal["ready", "budget"] = Field(
         default="budget",
         description=(

@@ -18,7 +18,7 @@ import io
 import json
 import pickle
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -89,6 +89,18 @@ def seen(spec: AdapterMigrationSpec, size: int, steps: int | None = None) -> lis
     if steps is not None:
         budget["steps"] = min(steps, budget["steps"])
     return examples_seen(size=size, **budget)
+
+
+def taught(spec: AdapterMigrationSpec, size: int, examples: Iterable[int]) -> list[int]:
+    """Those of ``examples`` the teacher covers: all of them, or with ``share`` < 1 those in a
+    fixed random subset of the ``size`` training examples (drawn with the method's seed, the
+    same in every stage and attempt)."""
+    share = spec.method.finetune.distillation.share
+    if share >= 1:
+        return list(examples)
+    generator = torch.Generator().manual_seed(spec.method.seed)
+    subset = set(torch.randperm(size, generator=generator)[: round(share * size)].tolist())
+    return [n for n in examples if n in subset]
 
 
 def stages(spec: AdapterMigrationSpec, size: int) -> list[int | None]:
@@ -217,7 +229,7 @@ def first_part(
                     bases.device,
                     spec,
                     adapter.readiness.metric,
-                    seen(spec, len(task.train), steps),
+                    taught(spec, len(task.train), seen(spec, len(task.train), steps)),
                 )
                 adapters.detach(on_old)
             finally:
@@ -290,8 +302,15 @@ def later_stages(
             if not models.copy_weights(where.base_weights, bases.source_files):
                 raise RuntimeError("the source base's weights could not be read in place")
             try:
+                size = len(where.task.train)
                 rows = compute(
-                    model, where.encoder, where.task, bases.device, spec, where.metric, examples
+                    model,
+                    where.encoder,
+                    where.task,
+                    bases.device,
+                    spec,
+                    where.metric,
+                    taught(spec, size, examples),
                 )
             finally:
                 if not models.copy_weights(where.base_weights, bases.target_files):

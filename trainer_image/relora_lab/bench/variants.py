@@ -95,6 +95,25 @@ VARIANTS: tuple[Variant, ...] = (
         quick=False,
     ),
     Variant(
+        "relora-half-teacher",
+        "relora with the teacher on half the training examples (share 0.5: half its seconds)",
+        _teaching(RELORA_METHOD, share=0.5),
+        quick=False,
+    ),
+    Variant(
+        "relora-quarter-teacher",
+        "relora with the teacher on a quarter of the training examples (share 0.25)",
+        _teaching(RELORA_METHOD, share=0.25),
+        quick=False,
+    ),
+    Variant(
+        "relora-half-teacher-x2",
+        "relora-half-teacher with twice the distillation weight and emphasis (6 and 6: per "
+        "step, as strong as relora's on all examples)",
+        _teaching(RELORA_METHOD, share=0.5, weight=6.0, emphasis=6.0),
+        quick=False,
+    ),
+    Variant(
         "relora-no-fallback",
         "relora-search keeping the searched start even when it is worse than the old adapter's",
         _searching(initialization={"fallback": False}),
