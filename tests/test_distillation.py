@@ -408,6 +408,7 @@ def test_the_teacher_is_computed_in_place_counted_and_reused_by_a_retry(
         "over": "choices",
         "agreeing": True,
         "emphasis": 0.0,
+        "share": 1.0,
         "until": "budget",
     }
     assert first.history[0]["seconds"] >= teacher_seconds, "counted in the time to readiness"
@@ -550,6 +551,58 @@ def test_a_retry_after_a_stage_computes_only_the_later_ones(
     )
     assert teacher_passes == [len(everything) - len(second)], "only the last stage"
     assert report.steps == 8 and _saved_teacher(out)["steps"] is None
+
+
+def test_a_teacher_with_a_share_covers_one_subset_in_every_stage(
+    toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``share: 0.5``: a fixed half of the training examples (the same in every stage and in
+    another call) is all the teacher computes, stage by stage; the saved teacher has mass on
+    the examples of that half the budget drew and nowhere else, and the report says so."""
+    monkeypatch.setattr(teaching, "FIRST_STAGE_EVALUATIONS", 2)
+    spec = _spec(
+        toy,
+        tmp_path,
+        readiness={"target": 0.999},
+        finetune={
+            "maxSteps": 8,
+            "evalEvery": 1,
+            "batchSize": 4,
+            "distillation": {"weight": 1.0, "topK": 4, "share": 0.5},
+        },
+    )
+    passes: list[list[int]] = []
+    compute = distillation.compute
+
+    def recorded(*args: Any, **kwargs: Any) -> distillation.Teacher:
+        passes.append(sorted(kwargs["only"]))
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(distillation, "compute", recorded)
+    storage = Storage(base_dir=tmp_path)
+    report = migrate.migrate_adapter(
+        spec=spec,
+        adapter=spec.adapters[0],
+        bases=migrate.load_bases(spec, storage, CPU),
+        storage=storage,
+    )
+    size = len(read_jsonl(toy.split("train"), what="train"))
+    half = set(teaching.taught(spec, size, range(size)))
+    assert len(half) == round(size / 2) and half == set(teaching.taught(spec, size, range(size)))
+    steps = [examples_seen(steps=s, size=size, batch_size=4, seed=0) for s in (2, 4, 8)]
+    first, second, everything = (set(s) for s in steps)
+    assert passes == [
+        sorted(first & half),
+        sorted((second - first) & half),
+        sorted((everything - second) & half),
+    ]
+    assert everything - half, "the budget drew examples the teacher does not cover"
+    saved = distillation.Teacher.of_state(
+        _saved_teacher(tmp_path / "out" / "toy-category")["teacher"]
+    )
+    with_mass = {n for n in range(size) if float(saved.rows([n])[0][1].sum()) > 0}
+    assert with_mass and with_mass <= everything & half
+    assert report.distillation is not None and report.distillation["share"] == 0.5
 
 
 def test_workers_compute_the_whole_teacher_over_a_saved_first_stage(

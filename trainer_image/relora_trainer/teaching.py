@@ -17,6 +17,7 @@ import copy
 import io
 import json
 import pickle
+import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -93,13 +94,18 @@ def seen(spec: AdapterMigrationSpec, size: int, steps: int | None = None) -> lis
 
 def taught(spec: AdapterMigrationSpec, size: int, examples: Iterable[int]) -> list[int]:
     """Those of ``examples`` the teacher covers: all of them, or with ``share`` < 1 those in a
-    fixed random subset of the ``size`` training examples (drawn with the method's seed, the
+    fixed random subset of the ``size`` training examples (drawn from the method's seed, the
     same in every stage and attempt)."""
     share = spec.method.finetune.distillation.share
     if share >= 1:
         return list(examples)
-    generator = torch.Generator().manual_seed(spec.method.seed)
-    subset = set(torch.randperm(size, generator=generator)[: round(share * size)].tolist())
+    # A stream of its own: the batches' order is drawn from the same seed (a subset taken
+    # from that permutation would be the examples the first steps draw).
+    subset = set(
+        random.Random(f"teacher share {spec.method.seed}").sample(
+            range(size), k=round(share * size)
+        )
+    )
     return [n for n in examples if n in subset]
 
 

@@ -76,6 +76,7 @@ class DistillationConfig:
     over: str
     agreeing: bool
     emphasis: float
+    share: float
     until: str
 
     @property
