@@ -15,7 +15,14 @@ import yaml
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from relora_trainer import adapter_config, adapters, local_run, migrate, models, teaching
+from relora_trainer import (
+    adapter_config,
+    adapters,
+    loading,
+    local_run,
+    models,
+    teaching,
+)
 from relora_trainer.data import Encoder, TaskData, read_jsonl
 from relora_trainer.errors import EXIT_BAD_INPUT, EXIT_NOT_READY, EXIT_OK, InvalidAdapter
 from relora_trainer.method import fusion, strategies
@@ -302,7 +309,7 @@ def test_a_tied_saved_module_is_read_from_the_source_files(
     def no_reload(self: Any) -> Any:
         raise AssertionError("the source model was loaded again")
 
-    monkeypatch.setattr(migrate.Bases, "source", no_reload)
+    monkeypatch.setattr(loading.Bases, "source", no_reload)
     manifest_method = {"initialization": {"trials": 2, "skipWhenReady": False}}
     code, out = _run(toy, kinds["saved"], tmp_path, strategy="relora", **manifest_method)
     assert code in (EXIT_OK, EXIT_NOT_READY)

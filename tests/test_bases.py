@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from relora_api import validation
 from relora_api.spec import AdapterMigrationSpec
-from relora_trainer import migrate, models
+from relora_trainer import loading, migrate, models
 from relora_trainer.distributed import World
 from relora_trainer.storage import Storage
 from tests.conftest import toy_manifest
@@ -61,7 +61,7 @@ def test_the_source_base_is_measured_then_freed_before_the_target_loads(
 ) -> None:
     loads = Loads(monkeypatch)
     spec = _spec(toy, tmp_path)
-    bases = migrate.load_bases(spec, Storage(base_dir=tmp_path), CPU)
+    bases = loading.load_bases(spec, Storage(base_dir=tmp_path), CPU)
     assert loads.folders == ["v1", "v2-mild"] and loads.most == 1, "one base resident at a time"
     assert len(bases.on_source) == 1 and bases._source is None
 
@@ -89,15 +89,15 @@ def test_a_retry_reuses_the_saved_source_measurement(
     first = migrate.migrate_adapter(
         spec=spec,
         adapter=spec.adapters[0],
-        bases=migrate.load_bases(spec, storage, CPU),
+        bases=loading.load_bases(spec, storage, CPU),
         storage=storage,
     )
     out = tmp_path / "out" / "toy-category"
-    assert (out / "state" / migrate.REFERENCE_FILE).is_file()
+    assert (out / "state" / loading.REFERENCE_FILE).is_file()
     (out / "report.json").unlink()
 
     loads = Loads(monkeypatch)
-    bases = migrate.load_bases(spec, storage, CPU)
+    bases = loading.load_bases(spec, storage, CPU)
     assert loads.folders == ["v2-mild"], "the old base is not loaded again"
     second = migrate.migrate_adapter(
         spec=spec, adapter=spec.adapters[0], bases=bases, storage=storage
@@ -106,7 +106,7 @@ def test_a_retry_reuses_the_saved_source_measurement(
     assert second.target == first.target
 
     other = _spec(toy, tmp_path, seed=1)
-    migrate.load_bases(other, storage, CPU)
+    loading.load_bases(other, storage, CPU)
     assert loads.folders == ["v2-mild", "v1", "v2-mild"], "other work: measured again"
 
 
@@ -115,7 +115,7 @@ def test_an_absolute_target_never_loads_the_source_base(
 ) -> None:
     loads = Loads(monkeypatch)
     spec = _spec(toy, tmp_path, readiness={"target": 0.5})
-    bases = migrate.load_bases(spec, Storage(base_dir=tmp_path), CPU)
+    bases = loading.load_bases(spec, Storage(base_dir=tmp_path), CPU)
     report = migrate.migrate_adapter(
         spec=spec, adapter=spec.adapters[0], bases=bases, storage=Storage(base_dir=tmp_path)
     )
@@ -146,13 +146,13 @@ def test_a_worker_other_than_rank_0_never_fetches_the_source_base(
     loads = Loads(monkeypatch)
     spec = _spec(toy, tmp_path)
     follower = _Fetches(tmp_path)
-    bases = migrate.load_bases(spec, follower, CPU, world=World(rank=1, size=2))
+    bases = loading.load_bases(spec, follower, CPU, world=World(rank=1, size=2))
     assert follower.fetched == ["spec.targetModel"] and loads.folders == ["v2-mild"]
     assert bases.source_dir is None and bases.on_source == {}
     with pytest.raises(RuntimeError, match="not fetched by this worker"):
         bases.source_files.get("anything")
     leader = _Fetches(tmp_path)
-    migrate.load_bases(spec, leader, CPU, world=World(rank=0, size=2))
+    loading.load_bases(spec, leader, CPU, world=World(rank=0, size=2))
     assert leader.fetched == ["spec.sourceModel", "spec.targetModel"]
 
     bare = tmp_path / "v2-no-tokenizer"
@@ -160,7 +160,7 @@ def test_a_worker_other_than_rank_0_never_fetches_the_source_base(
     target = spec.target_model.model_copy(update={"uri": str(bare)})
     spec = spec.model_copy(update={"target_model": target})
     follower = _Fetches(tmp_path)
-    bases = migrate.load_bases(spec, follower, CPU, world=World(rank=1, size=2))
+    bases = loading.load_bases(spec, follower, CPU, world=World(rank=1, size=2))
     assert follower.fetched == ["spec.targetModel", "spec.sourceModel"]
     assert bases.tokenizer.vocab_size == models.load_tokenizer(toy.v1).vocab_size
 
@@ -205,7 +205,7 @@ def test_bf16_on_the_cpu_migrates_like_fp32(toy: Any, tmp_path: Path) -> None:
     for precision in ("fp32", "bf16"):
         spec = _spec(toy, tmp_path / precision, precision=precision)
         storage = Storage(base_dir=tmp_path)
-        bases = migrate.load_bases(spec, storage, CPU)
+        bases = loading.load_bases(spec, storage, CPU)
         assert bases.dtype == models.PRECISIONS[precision]
         assert next(bases.target.parameters()).dtype == models.PRECISIONS[precision]
         results[precision] = migrate.migrate_adapter(
@@ -257,7 +257,7 @@ def test_gradient_checkpointing_trains_the_same_and_is_switched_back(
             update={"method": manifest_spec.method.model_copy(update={"finetune": finetune})}
         )
         storage = Storage(base_dir=tmp_path)
-        bases = migrate.load_bases(spec, storage, CPU)
+        bases = loading.load_bases(spec, storage, CPU)
         report = migrate.migrate_adapter(
             spec=spec, adapter=spec.adapters[0], bases=bases, storage=storage
         )
@@ -283,7 +283,7 @@ def test_an_old_adapter_already_ready_is_the_start_without_a_search(
 
     monkeypatch.setattr(migrate, "_terms", no_evolution)
     storage = Storage(base_dir=tmp_path)
-    bases = migrate.load_bases(spec, storage, CPU)
+    bases = loading.load_bases(spec, storage, CPU)
     report = migrate.migrate_adapter(
         spec=spec, adapter=spec.adapters[0], bases=bases, storage=storage
     )

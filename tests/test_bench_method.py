@@ -19,7 +19,7 @@ from peft import LoraConfig
 from relora_api.spec import Finetune, Initialization
 from relora_lab import settings
 from relora_lab.bench import variants
-from relora_trainer import adapters, migrate, models
+from relora_trainer import adapters, loading, migrate, models
 from relora_trainer.data import Encoder, Example, read_jsonl
 from relora_trainer.errors import BadInput
 from relora_trainer.method import quality
@@ -134,7 +134,7 @@ def test_reference_qualities_are_measured_once_per_pair_of_bases(toy: Any, tmp_p
     assert migration is not None
     spec = migration.spec
     storage = Storage(base_dir=tmp_path)
-    bases = migrate.load_bases(spec, storage, CPU)
+    bases = loading.load_bases(spec, storage, CPU)
     first = migrate.migrate_adapter(
         spec=spec, adapter=spec.adapters[0], bases=bases, storage=storage
     )
@@ -185,7 +185,7 @@ def _migrate(toy: Any, tmp_path: Path, name: str, **initialization: Any) -> Any:
     assert migration is not None, problems
     spec = migration.spec
     storage = Storage(base_dir=tmp_path)
-    bases = migrate.load_bases(spec, storage, CPU)
+    bases = loading.load_bases(spec, storage, CPU)
     return migrate.migrate_adapter(
         spec=spec, adapter=spec.adapters[0], bases=bases, storage=storage
     )

@@ -12,7 +12,7 @@ from peft import LoraConfig, PeftModel
 
 from relora_api import validation
 from relora_api.spec import AdapterMigrationSpec, Distillation, Finetune, Regularization
-from relora_trainer import adapters, migrate, models, teaching
+from relora_trainer import adapters, inputs, loading, migrate, models, teaching
 from relora_trainer.data import Encoder, Example, read_jsonl
 from relora_trainer.method import distillation
 from relora_trainer.method.config import FinetuneConfig, RegularizationConfig
@@ -370,7 +370,7 @@ def test_the_teacher_is_computed_in_place_counted_and_reused_by_a_retry(
     storage = Storage(base_dir=tmp_path)
     spec = _spec(toy, tmp_path)
     loads = Loads(monkeypatch)
-    bases = migrate.load_bases(spec, storage, CPU)
+    bases = loading.load_bases(spec, storage, CPU)
     assert loads.folders == ["v1", "v2-mild"] and loads.most == 1, "one base resident at a time"
     target_before = {n: t.clone() for n, t in bases.target.state_dict().items()}
     computed: list[distillation.Teacher] = []
@@ -421,7 +421,7 @@ def test_the_teacher_is_computed_in_place_counted_and_reused_by_a_retry(
 
     monkeypatch.setattr(distillation, "compute", no_teacher)
     loads.folders.clear()
-    bases = migrate.load_bases(spec, storage, CPU)
+    bases = loading.load_bases(spec, storage, CPU)
     assert loads.folders == ["v2-mild"], "neither the reference nor the teacher loads the old base"
     monkeypatch.setattr(bases, "source", no_teacher)
     second = migrate.migrate_adapter(
@@ -460,7 +460,7 @@ def test_a_teacher_in_stages_trains_as_the_whole_one_and_leaves_the_base_as_it_w
             readiness={"target": 0.999},
             finetune={"maxSteps": 8, "evalEvery": 1, "batchSize": 4},
         )
-        bases = migrate.load_bases(spec, storage, CPU)
+        bases = loading.load_bases(spec, storage, CPU)
         target_before = {n: t.clone() for n, t in bases.target.state_dict().items()}
         computed.clear()
         report = migrate.migrate_adapter(
@@ -531,7 +531,7 @@ def test_a_retry_after_a_stage_computes_only_the_later_ones(
         migrate.migrate_adapter(
             spec=spec,
             adapter=spec.adapters[0],
-            bases=migrate.load_bases(spec, storage, CPU),
+            bases=loading.load_bases(spec, storage, CPU),
             storage=storage,
         )
     size = len(read_jsonl(toy.split("train"), what="train"))
@@ -546,7 +546,7 @@ def test_a_retry_after_a_stage_computes_only_the_later_ones(
     report = migrate.migrate_adapter(
         spec=spec,
         adapter=spec.adapters[0],
-        bases=migrate.load_bases(spec, storage, CPU),
+        bases=loading.load_bases(spec, storage, CPU),
         storage=storage,
     )
     assert teacher_passes == [len(everything) - len(second)], "only the last stage"
@@ -583,7 +583,7 @@ def test_a_teacher_with_a_share_covers_one_subset_in_every_stage(
     report = migrate.migrate_adapter(
         spec=spec,
         adapter=spec.adapters[0],
-        bases=migrate.load_bases(spec, storage, CPU),
+        bases=loading.load_bases(spec, storage, CPU),
         storage=storage,
     )
     size = len(read_jsonl(toy.split("train"), what="train"))
@@ -613,10 +613,10 @@ def test_workers_compute_the_whole_teacher_over_a_saved_first_stage(
     monkeypatch.setattr(teaching, "FIRST_STAGE_EVALUATIONS", 2)
     spec = _spec(toy, tmp_path, finetune={"maxSteps": 8, "evalEvery": 1, "batchSize": 4})
     storage = Storage(base_dir=tmp_path)
-    bases = migrate.load_bases(spec, storage, CPU)
+    bases = loading.load_bases(spec, storage, CPU)
     adapter = spec.adapters[0]
     old = adapters.read_adapter(toy.adapter, what="adapter")
-    task = migrate._task(spec, adapter, storage)
+    task = inputs.task_data(spec, adapter, storage)
     encoder, work, state = Encoder(bases.tokenizer), "work", tmp_path / "state"
     state.mkdir()
 
@@ -672,7 +672,7 @@ def test_an_absolute_target_computes_the_teacher_without_loading_the_source(
     loads = Loads(monkeypatch)
     spec = _spec(toy, tmp_path, readiness={"target": 0.99})
     storage = Storage(base_dir=tmp_path)
-    bases = migrate.load_bases(spec, storage, CPU)
+    bases = loading.load_bases(spec, storage, CPU)
     assert loads.folders == ["v2-mild"] and not bases.on_source
     report = migrate.migrate_adapter(
         spec=spec, adapter=spec.adapters[0], bases=bases, storage=storage
@@ -694,7 +694,7 @@ def test_an_adapter_ready_on_the_new_base_as_it_is_computes_no_teacher(
     monkeypatch.setattr(distillation, "compute", no_teacher)
     spec = _spec(toy, tmp_path, readiness={"target": 0.01})
     storage = Storage(base_dir=tmp_path)
-    bases = migrate.load_bases(spec, storage, CPU)
+    bases = loading.load_bases(spec, storage, CPU)
     report = migrate.migrate_adapter(
         spec=spec, adapter=spec.adapters[0], bases=bases, storage=storage
     )
@@ -724,7 +724,7 @@ def test_a_strategy_that_does_not_train_computes_no_teacher(
     loads = Loads(monkeypatch)
     spec = _spec(toy, tmp_path, strategy="reuse", readiness={"target": 0.5})
     storage = Storage(base_dir=tmp_path)
-    bases = migrate.load_bases(spec, storage, CPU)
+    bases = loading.load_bases(spec, storage, CPU)
     report = migrate.migrate_adapter(
         spec=spec, adapter=spec.adapters[0], bases=bases, storage=storage
     )

@@ -19,7 +19,7 @@ import torch
 from kubernetes.client.exceptions import ApiException
 
 from relora_api.spec import AdapterMigrationSpec
-from relora_trainer import migrate, ownership, storage
+from relora_trainer import inputs, ownership, storage
 from tests.conftest import wait_for
 from tests.fault_kit import Cluster, Obj, OperatorProcess, ensure_crd
 
@@ -273,10 +273,10 @@ def test_a_corrupted_checkpoint_makes_the_trainer_start_over(
     cluster.wait_phase("torn", "Suspended")
     stored = AdapterMigrationSpec.model_validate(cluster.get("torn")["spec"])
     folder = world / "output" / cluster.namespace / "torn" / "one"
-    state = folder / migrate.STATE_DIR
+    state = folder / inputs.STATE_DIR
     state.mkdir(parents=True)
-    work = migrate.fingerprint(stored, stored.adapters[0])
-    (state / migrate.FINGERPRINT_FILE).write_text(work)
+    work = inputs.fingerprint(stored, stored.adapters[0])
+    (state / inputs.FINGERPRINT_FILE).write_text(work)
     # As a pod of this migration that crashed left it: owned by the migration.
     owner = ownership.Owner(cluster.namespace, "torn", cluster.get("torn")["metadata"]["uid"])
     (folder / ownership.OWNER_FILE).write_bytes(ownership.Record(owner, work).encode())

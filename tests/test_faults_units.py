@@ -20,7 +20,7 @@ from relora_api.spec import AdapterMigrationSpec
 from relora_operator import job_builder, naming, planner
 from relora_operator.reconciler import pods_by_job
 from relora_operator.settings import Settings
-from relora_trainer import errors, job, migrate, models, storage
+from relora_trainer import errors, inputs, job, loading, models, storage
 from relora_trainer.errors import OutputNotWritable
 from relora_trainer.storage import Storage
 
@@ -207,8 +207,8 @@ def _run_job(
     def fail(*args: Any, **kwargs: Any) -> None:
         raise failure
 
-    monkeypatch.setattr(migrate, "check_inputs", lambda *args, **kwargs: None)  # no inputs here
-    monkeypatch.setattr(migrate, "load_bases", fail)
+    monkeypatch.setattr(inputs, "check_inputs", lambda *args, **kwargs: None)  # no inputs here
+    monkeypatch.setattr(loading, "load_bases", fail)
     code = job.run()
     outcome: Obj = json.loads(termination.read_text())
     return code, outcome

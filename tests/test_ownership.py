@@ -18,7 +18,7 @@ import yaml
 from relora_api import contract
 from relora_api.resource import AdapterMigration
 from relora_api.validation import validate_manifest
-from relora_trainer import errors, job, local_run, migrate, ownership, storage
+from relora_trainer import errors, job, loading, local_run, ownership, storage
 from relora_trainer.errors import EXIT_BAD_INPUT, EXIT_NOT_READY, EXIT_OK
 from relora_trainer.storage import Storage
 from tests.conftest import toy_manifest
@@ -359,7 +359,7 @@ def test_a_finished_result_is_reported_without_loading_any_model(
     def never(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(migrate, "load_bases", never)
+    monkeypatch.setattr(loading, "load_bases", never)
     capsys.readouterr()
     assert _run(tmp_path, manifest) == code
     assert "already migrated" in capsys.readouterr().err

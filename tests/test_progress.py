@@ -11,7 +11,7 @@ import torch
 
 from relora_api.resource import AdapterMigration
 from relora_api.status import AdapterProgress
-from relora_trainer import migrate
+from relora_trainer import loading, migrate
 from relora_trainer.progress import JsonLinesProgress
 from relora_trainer.storage import Storage
 from tests.conftest import toy_manifest
@@ -33,7 +33,7 @@ class Recorder:
 def test_a_migration_reports_trials_steps_and_quality(toy: Any, tmp_path: Path) -> None:
     spec = AdapterMigration.from_manifest(toy_manifest(toy)).spec
     storage = Storage(base_dir=tmp_path)
-    bases = migrate.load_bases(spec, storage, torch.device("cpu"))
+    bases = loading.load_bases(spec, storage, torch.device("cpu"))
     recorder = Recorder()
     migrate.migrate_adapter(
         spec=spec, adapter=spec.adapters[0], bases=bases, storage=storage, progress=recorder

@@ -34,7 +34,7 @@ from relora_lab.testbed.config import (
 )
 from relora_lab.testbed.corpora import NounSense
 from relora_lab.testbed.stages import adapter as adapter_stage
-from relora_trainer import local_run, migrate
+from relora_trainer import loading, local_run, migrate
 from relora_trainer.data import read_jsonl
 from relora_trainer.errors import BadInput
 from relora_trainer.storage import Storage
@@ -191,7 +191,7 @@ def test_the_manifests_validate_and_migrate_with_relative_paths(built: layout.Te
     migration, _ = validation.validate_manifest(manifest)
     assert migration is not None
     storage = Storage(base_dir=built.root)
-    bases = migrate.load_bases(migration.spec, storage, CPU)
+    bases = loading.load_bases(migration.spec, storage, CPU)
     report = migrate.migrate_adapter(
         spec=migration.spec, adapter=migration.spec.adapters[0], bases=bases, storage=storage
     )
@@ -432,7 +432,7 @@ def test_a_qwen2_world_with_phrases_and_an_instruction_tune_migrates(
     migration, problems = validation.validate_manifest(manifest)
     assert migration is not None, problems
     storage = Storage(base_dir=built.root)
-    bases = migrate.load_bases(migration.spec, storage, CPU)
+    bases = loading.load_bases(migration.spec, storage, CPU)
     report = migrate.migrate_adapter(
         spec=migration.spec, adapter=migration.spec.adapters[0], bases=bases, storage=storage
     )

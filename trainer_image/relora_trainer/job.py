@@ -140,14 +140,20 @@ def run() -> int:
                 ownership.check_apart(spec, adapter, where)
                 ownership.check_owner(spec, adapter, where, owner)
                 folder = where.check_writable(output, what="spec.output")
-            from relora_trainer import local_run, migrate, models  # the ML stack: slow to import
+            from relora_trainer import (  # the ML stack: slow to import
+                inputs,
+                loading,
+                local_run,
+                migrate,
+                models,
+            )
             from relora_trainer.progress import JsonLinesProgress
 
             local_run.quiet_libraries()
             if main:
-                done = migrate.finished(spec, adapter, where, owner)
+                done = inputs.finished(spec, adapter, where, owner)
                 if done is None:
-                    migrate.check_inputs(spec, adapter, where)  # an adapter it cannot migrate
+                    inputs.check_inputs(spec, adapter, where)  # an adapter it cannot migrate
         if world is not None:
             done = world.broadcast(done)
         if done is not None:  # nothing to load: report what the output holds
@@ -159,7 +165,7 @@ def run() -> int:
                 # Only this pod's adapter is measured on the source base (if its target needs
                 # it and no earlier attempt saved that measurement), by rank 0 alone.
                 device = world.device if world is not None else models.pick_device("auto")
-                bases = migrate.load_bases(spec, where, device, [adapter], world=world)
+                bases = loading.load_bases(spec, where, device, [adapter], world=world)
             report = migrate.migrate_adapter(
                 spec=spec,
                 adapter=adapter,

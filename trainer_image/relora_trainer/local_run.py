@@ -12,7 +12,7 @@ from rich.table import Table
 
 from relora_api import manifests, validation
 from relora_api.resource import AdapterMigration
-from relora_trainer import errors, migrate, models, ownership
+from relora_trainer import errors, inputs, loading, migrate, models, ownership
 from relora_trainer.progress import NullProgress, ProgressSink, RichProgress
 from relora_trainer.report import AdapterReport
 from relora_trainer.storage import Storage
@@ -102,11 +102,11 @@ def run(
         meta = migration.metadata
         owner = ownership.Owner(namespace=meta.namespace or "default", name=meta.name)
         for adapter in selected:  # refused before minutes of model loading
-            migrate.check_inputs(spec, adapter, storage)
+            inputs.check_inputs(spec, adapter, storage)
             ownership.check_owner(spec, adapter, storage, owner)
         results: dict[str, AdapterReport] = {}
         for adapter in selected:  # finished before: nothing to load for it
-            found = migrate.finished(spec, adapter, storage, owner)
+            found = inputs.finished(spec, adapter, storage, owner)
             if found is not None:
                 results[adapter.name] = found
                 console.print(
@@ -116,7 +116,7 @@ def run(
         if todo:
             chosen = models.pick_device(device)
             console.print(f"Loading models on {chosen} ...")
-            bases = migrate.load_bases(spec, storage, chosen, todo)
+            bases = loading.load_bases(spec, storage, chosen, todo)
         sink: ProgressSink
         with RichProgress(console) if not quiet else _Quiet() as sink:
             for adapter in todo:
@@ -144,7 +144,7 @@ def run(
         return errors.EXIT_INTERNAL
     Console(width=max(Console().width, 120)).print(results_table(reports))
     for adapter in selected:
-        folder = migrate.output_dir(spec, adapter, storage)
+        folder = inputs.output_dir(spec, adapter, storage)
         print(f"{adapter.name}: adapter, report.json and summary.md in {folder}")
     return errors.EXIT_OK if all(r.ready for r in reports) else errors.EXIT_NOT_READY
 

@@ -11,367 +11,44 @@ time-to-readiness).
 
 from __future__ import annotations
 
-import gc
-import json
 import shutil
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import PeftModel
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
-from relora_api.spec import Adapter, AdapterMigrationSpec, Readiness
+from relora_api.spec import Adapter, AdapterMigrationSpec
 from relora_api.status import AdapterProgress
-from relora_trainer import adapter_config, adapters, models, ownership, plan, report, teaching
-from relora_trainer import storage as store
-from relora_trainer.data import MAX_CHOICES, Encoder, Example, TaskData, read_jsonl
+from relora_trainer import adapters, models, ownership, plan, report, teaching
+from relora_trainer.data import Encoder, TaskData
 from relora_trainer.distributed import World
-from relora_trainer.errors import IncompatibleModels, InvalidData, MissingInput
+from relora_trainer.errors import IncompatibleModels
+from relora_trainer.inputs import (
+    FINGERPRINT_FILE,
+    STATE_DIR,
+    TaskQuality,
+    fingerprint,
+    old_adapter,
+    readiness_target,
+    task_data,
+)
+from relora_trainer.loading import REFERENCE_FILE, Bases, free, reference_key, save_reference
 from relora_trainer.method import distillation, fusion, search, strategies
 from relora_trainer.method.config import FinetuneConfig, SearchConfig
 from relora_trainer.method.finetune import (
-    EVALUATION_BATCH,
     Evaluation,
     MicroBatch,
-    Target,
-    autocast,
     finetune,
     look_ahead,
 )
-from relora_trainer.method.quality import Quality, measure
 from relora_trainer.progress import NullProgress, ProgressSink
 from relora_trainer.storage import Storage
-
-STATE_DIR = "state"
-REFERENCE_FILE = "reference.json"
-"""The source phase's measurement, in the state folder: a retried pod need not load the old base."""
-FINGERPRINT_FILE = "fingerprint"
-
-
-@dataclass
-class Bases:
-    """The target base, the tokenizer and what was measured on the source base, loaded once
-    for all adapters of a migration.
-
-    One base is resident at a time: the source base is loaded first, only when an adapter
-    needs it (a readiness target relative to the old adapter on the old base), measured and
-    freed; then the target base is loaded. The base evolution W_target - W_source of the
-    adapted modules reads the source's weights one tensor at a time from its files.
-    """
-
-    target: nn.Module
-    tokenizer: PreTrainedTokenizerBase
-    device: torch.device
-    dtype: torch.dtype
-    load_seconds: float
-    # None on a worker other than rank 0: it never reads the source base (not even fetched).
-    source_dir: Path | None
-    _source_files: models.WeightFiles | None
-    target_files: models.WeightFiles
-    # The old adapter on the source base, by adapter inputs (measured in the source phase),
-    # and on the target base: adapters that share inputs (a benchmark's runs) measure once.
-    on_source: dict[str, dict[str, Quality]] = field(default_factory=dict)
-    on_target: dict[str, dict[str, Quality]] = field(default_factory=dict)
-    source_seconds: float = 0.0
-    # The old adapter on the source base as a teacher (its first stage), by adapter inputs,
-    # settings and budget, with the seconds its computation took (counted in the time to
-    # readiness of a run that uses it; each run computes its own later stages).
-    teachers: dict[str, teaching.TeacherPart] = field(default_factory=dict)
-    _source: nn.Module | None = None
-
-    @property
-    def source_files(self) -> models.WeightFiles:
-        """The source base's weights, read one tensor at a time from its files."""
-        if self._source_files is None:
-            raise RuntimeError("the source base was not fetched by this worker")
-        return self._source_files
-
-    def source(self) -> nn.Module:
-        """The source base, loaded again (the slow path: an adapter that was not measured in
-        the source phase, or weights the files name otherwise than the model)."""
-        if self._source is None:
-            if self.source_dir is None:
-                raise RuntimeError("the source base was not fetched by this worker")
-            self._source = models.load_model(
-                self.source_dir, what="spec.sourceModel", device=self.device, dtype=self.dtype
-            )
-        return self._source
-
-
-def _reference_key(adapter: Adapter) -> str:
-    return json.dumps({"uri": adapter.uri, "data": adapter.data.to_wire()}, sort_keys=True)
-
-
-def load_bases(
-    spec: AdapterMigrationSpec,
-    storage: Storage,
-    device: torch.device,
-    adapters_to_measure: list[Adapter] | None = None,
-    *,
-    world: World | None = None,
-) -> Bases:
-    """Fetch and load the bases (see :func:`_load_bases`); OutOfMemory, with the estimate,
-    when they do not fit the device. Among data-parallel workers (``world``) only rank 0
-    fetches the source base and measures on it: the others fetch and load the target alone
-    (rank 0 checks that the two agree; a failure there ends them too)."""
-    measuring = world is None or world.is_main
-    try:
-        return _load_bases(spec, storage, device, adapters_to_measure, source_phase=measuring)
-    except (torch.OutOfMemoryError, MemoryError) as error:
-        _free(device)
-        first = (adapters_to_measure or spec.adapters)[0]
-        raise plan.out_of_memory(error, spec, first, storage, device.type) from error
-
-
-def _load_bases(
-    spec: AdapterMigrationSpec,
-    storage: Storage,
-    device: torch.device,
-    adapters_to_measure: list[Adapter] | None,
-    *,
-    source_phase: bool = True,
-) -> Bases:
-    """Fetch the bases; measure the old adapters that need it on the source base, free it, then
-    load the target. (A teacher is computed later, only for an adapter that is not ready on the
-    target base as it is: see :func:`_teacher`.)
-    Raise IncompatibleModels / InvalidWeights / MissingInput / InvalidAdapter.
-
-    ``adapters_to_measure`` (default: every adapter of the spec) are measured on the source now;
-    another one measured later loads the source base again. Without ``source_phase`` (a worker
-    other than rank 0): none is (nor any saved measurement read), and the source base is neither
-    fetched (unless the target has no tokenizer: the source's) nor checked against the target."""
-    started = time.perf_counter()
-
-    def fetch_source() -> Path:
-        return storage.fetch(
-            spec.source_model.uri, what="spec.sourceModel", revision=spec.source_model.revision
-        )
-
-    source_dir = fetch_source() if source_phase else None
-    target_dir = storage.fetch(
-        spec.target_model.uri, what="spec.targetModel", revision=spec.target_model.revision
-    )
-    dtype = models.dtype_for(spec.method.precision, device)
-    shape = None
-    if source_dir is not None:  # before minutes of loading: the architectures and shapes agree
-        shape = models.Shape.of_files(source_dir, what="spec.sourceModel")
-        models.check_compatible(shape, models.Shape.of_files(target_dir, what="spec.targetModel"))
-        tokenizer = models.load_tokenizer(target_dir, source_dir)
-    else:
-        try:
-            tokenizer = models.load_tokenizer(target_dir)
-        except MissingInput:
-            source_dir = fetch_source()
-            tokenizer = models.load_tokenizer(target_dir, source_dir)
-    on_source: dict[str, dict[str, Quality]] = {}
-    wanted = []  # the adapters to measure on the source base
-    for adapter in (adapters_to_measure or spec.adapters) if source_phase else []:
-        if not adapter.readiness.needs_source:
-            continue
-        saved = saved_reference(spec, adapter, storage)
-        if saved is not None:  # measured by an earlier attempt of this work
-            on_source[_reference_key(adapter)] = saved
-        else:
-            wanted.append(adapter)
-    source_seconds = 0.0
-    if wanted and source_dir is not None:  # else the source base is not loaded at all
-        source = models.load_model(source_dir, what="spec.sourceModel", device=device, dtype=dtype)
-        models.check_finite(source, what="spec.sourceModel")
-        shape = models.Shape.of(source)  # all of its weights, not only the stored ones
-        measuring = time.perf_counter()
-        for adapter in wanted:
-            key = _reference_key(adapter)
-            if key in on_source:  # measured for an adapter with the same inputs
-                continue
-            old, task = _old_adapter(adapter, storage, source), _read_data(adapter, storage)
-            on_old = adapters.attach_old(source, old)
-            on_source[key] = _Quality(Encoder(tokenizer), task, device).splits(on_old)
-            adapters.detach(on_old)
-            del on_old
-        source_seconds = time.perf_counter() - measuring
-        del source  # one base resident at a time
-        _free(device)
-    target = models.load_model(target_dir, what="spec.targetModel", device=device, dtype=dtype)
-    models.check_finite(target, what="spec.targetModel")
-    if shape is not None:
-        models.check_compatible(shape, target)
-    return Bases(
-        target,
-        tokenizer,
-        device,
-        dtype,
-        time.perf_counter() - started - source_seconds,
-        source_dir,
-        None if source_dir is None else models.WeightFiles(source_dir, what="spec.sourceModel"),
-        models.WeightFiles(target_dir, what="spec.targetModel"),
-        on_source=on_source,
-        source_seconds=source_seconds,
-    )
-
-
-def saved_reference(
-    spec: AdapterMigrationSpec, adapter: Adapter, storage: Storage
-) -> dict[str, Quality] | None:
-    """The old adapter's quality on the source base as an earlier attempt of this very work
-    saved it in the adapter's state (a retried pod skips the source phase), else None."""
-    path = output_dir(spec, adapter, storage) / STATE_DIR / REFERENCE_FILE
-    try:
-        saved = json.loads(path.read_text())
-        if saved.get("fingerprint") != fingerprint(spec, adapter):
-            return None
-        return {split: Quality(**values) for split, values in saved["quality"].items()}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return None  # none yet, or unreadable: measure again
-
-
-def _save_reference(state: Path, key: str, quality: dict[str, Quality]) -> None:
-    fields = {split: asdict(q) for split, q in quality.items()}
-    saved = json.dumps({"fingerprint": key, "quality": fields}).encode()
-    ownership.write_atomic(state / REFERENCE_FILE, saved)
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _old_adapter(adapter: Adapter, storage: Storage, model: nn.Module) -> adapters.OldAdapter:
-    where = f"spec.adapters[{adapter.name}].uri"
-    old = adapters.read_adapter(storage.fetch(adapter.uri, what=where), what=where)
-    adapters.check_fits(old, model, what=where)
-    return old
-
-
-fingerprint = ownership.fingerprint
-
-
-def output_dir(spec: AdapterMigrationSpec, adapter: Adapter, storage: Storage) -> Path:
-    """The local folder an adapter's results are written to before publishing."""
-    return storage.local_path(spec.output_uri(adapter.name), what="spec.output.uri")
-
-
-def _read_data(adapter: Adapter, storage: Storage) -> TaskData:
-    where = f"spec.adapters[{adapter.name}].data"
-    data = adapter.data
-    train = read_jsonl(storage.fetch(data.train, what=f"{where}.train"), what=f"{where}.train")
-    validation = read_jsonl(
-        storage.fetch(data.validation, what=f"{where}.validation"), what=f"{where}.validation"
-    )
-    test = None
-    if data.test is not None:
-        test = read_jsonl(storage.fetch(data.test, what=f"{where}.test"), what=f"{where}.test")
-    task = TaskData(train, validation, test)
-    if adapter.readiness.metric == "accuracy" and len(task.choices) < 2:
-        raise InvalidData(
-            f"{where}: accuracy needs at least two distinct completions, found {task.choices}"
-        )
-    if adapter.readiness.metric == "accuracy" and len(task.choices) > MAX_CHOICES:
-        raise InvalidData(
-            f"{where}: {len(task.choices)} distinct completions; accuracy scores every example "
-            f"against each of them, so it takes at most {MAX_CHOICES} (a classification task): "
-            f"set spec.adapters[{adapter.name}].readiness.metric: loss for free-form completions"
-        )
-    return task
-
-
-def finished(
-    spec: AdapterMigrationSpec, adapter: Adapter, storage: Storage, owner: ownership.Owner
-) -> report.AdapterReport | None:
-    """The finished result of this very work by this owner, if the output holds one: found
-    before any model is loaded (a retried pod, or the operator re-reading an outcome)."""
-    ownership.restore(spec, adapter, storage, owner)  # an s3:// output, on a new machine
-    folder = output_dir(spec, adapter, storage)
-    record = ownership.read_record(folder)
-    if record is None or not record.owner.same(owner):
-        return None
-    return report.load_finished(folder, fingerprint(spec, adapter))
-
-
-def check_inputs(spec: AdapterMigrationSpec, adapter: Adapter, storage: Storage) -> None:
-    """What can be refused before any model is loaded: an output that is an input, an adapter
-    of a kind that cannot be migrated, task data that cannot be used, a search objective the
-    data cannot serve."""
-    ownership.check_apart(spec, adapter, storage)
-    _task(spec, adapter, storage)
-    where = f"spec.adapters[{adapter.name}].uri"
-    adapter_config.check_folder(storage.fetch(adapter.uri, what=where), what=where)
-
-
-def _task(spec: AdapterMigrationSpec, adapter: Adapter, storage: Storage) -> TaskData:
-    """The adapter's task data, refused when the method cannot use it."""
-    task = _read_data(adapter, storage)
-    objective = spec.method.initialization.objective
-    choosing = spec.method.strategy == "relora" and objective == "choice-loss"
-    if choosing and len(task.choices) > MAX_CHOICES:
-        raise InvalidData(
-            f"spec.method.initialization.objective: choice-loss scores each validation "
-            f"example against every distinct completion, and adapter {adapter.name!r} has "
-            f"{len(task.choices)} (at most {MAX_CHOICES}): use objective: loss"
-        )
-    return task
-
-
-def readiness_target(readiness: Readiness, source: Quality | None) -> Target:
-    """The absolute target: as given, or relative to the old adapter on the old base."""
-    if readiness.target is not None:
-        return Target(readiness.metric, readiness.target)
-    if source is None:
-        raise ValueError("a relative readiness target needs the old adapter's source quality")
-    fraction = readiness.relative_to_source or 1.0
-    reference = source.value(readiness.metric)
-    value = reference / fraction if readiness.metric == "loss" else reference * fraction
-    return Target(readiness.metric, value)
-
-
-class _Quality:
-    """Measures a model on the task's splits with the migration's encoder, device and
-    micro-batch (a measurement that runs out of GPU memory is redone with smaller batches)."""
-
-    def __init__(
-        self,
-        encoder: Encoder,
-        task: TaskData,
-        device: torch.device,
-        *,
-        metric: str = "accuracy",
-        micro: MicroBatch | None = None,
-    ) -> None:
-        self.encoder, self.task, self.device, self.metric = encoder, task, device, metric
-        self.micro = micro or MicroBatch(EVALUATION_BATCH, batch=EVALUATION_BATCH)
-        # Accuracy scores each example against every completion: reported only where bounded.
-        self.scores_choices = len(task.choices) <= MAX_CHOICES
-
-    def on(
-        self, model: nn.Module, examples: list[Example], *, with_accuracy: bool | None = None
-    ) -> Quality:
-        chosen = self.scores_choices if with_accuracy is None else with_accuracy
-
-        def once() -> Quality:
-            with autocast(self.device):
-                return measure(
-                    model,
-                    self.encoder,
-                    examples,
-                    self.task.choices,
-                    device=self.device,
-                    batch_size=self.micro.evaluation,
-                    with_accuracy=chosen,
-                )
-
-        return self.micro.run(once)
-
-    def splits(self, model: nn.Module) -> dict[str, Quality]:
-        result = {"validation": self.on(model, self.task.validation)}
-        if self.task.test is not None:
-            result["test"] = self.on(model, self.task.test)
-        return result
+from relora_trainer.workers import Meetings, Start, explained, follow, same_adapter
 
 
 def migrate_adapter(
@@ -391,18 +68,18 @@ def migrate_adapter(
     (``bases`` loaded on its own device). Rank 0 does what a process alone does: it claims the
     output, measures the references, computes the teacher, searches the start, reports progress,
     saves the adapter and the report and publishes them; the others load the data and the old
-    adapter, wait for rank 0's start (:class:`_Start`), fine-tune with it (:func:`finetune`
+    adapter, wait for rank 0's start (:class:`Start`), fine-tune with it (:func:`finetune`
     broadcasts rank 0's adapter parameters at its start; rank 0 writes its checkpoints) and
     return rank 0's report. They write nothing in the output. A failure of any worker before
     or after the fine-tuning fails every worker (:meth:`World.meet`)."""
     workers = world if world is not None and world.distributed else None
     if workers is not None and not workers.is_main:
-        return _follow(spec=spec, adapter=adapter, bases=bases, storage=storage, world=workers)
-    meetings = _Meetings(workers, lambda error: _explained(error, spec, adapter, storage))
+        return follow(spec=spec, adapter=adapter, bases=bases, storage=storage, world=workers)
+    meetings = Meetings(workers, lambda error: explained(error, spec, adapter, storage))
     try:
         # Refused before the claim writes anything: an output that is an input, unusable data.
         ownership.check_apart(spec, adapter, storage)
-        task = _task(spec, adapter, storage)
+        task = task_data(spec, adapter, storage)
         key = fingerprint(spec, adapter)
         with ownership.Claim(
             spec=spec, adapter=adapter, storage=storage, owner=owner, work=key
@@ -412,157 +89,13 @@ def migrate_adapter(
                     spec, adapter, task, bases, storage, progress, claim, key, meetings
                 )
             except (torch.OutOfMemoryError, MemoryError) as error:
-                _free(bases.device)
+                free(bases.device)
                 raise plan.out_of_memory(
                     error, spec, adapter, storage, bases.device.type
                 ) from error
     except Exception as error:
         meetings.fail(error)  # the other workers, waiting for the start or the report, stop too
         raise
-
-
-@dataclass
-class _Start:
-    """What rank 0 hands the other workers before they fine-tune together: the teacher's
-    distributions over all of train (None: no distillation), the readiness target (relative to
-    rank 0's source measurement), whether activations are recomputed. The adapter's start
-    itself (the search's choice) reaches them at the start of :func:`finetune`, which broadcasts
-    rank 0's trainable parameters: the others attach the same fresh adapter and skip the
-    strategy (a strategy sets values only, never the adapter's layout; checked by
-    :func:`_same_adapter`)."""
-
-    teacher: dict[str, torch.Tensor] | None
-    target: Target
-    checkpointing: bool
-
-
-class _Meetings:
-    """Rank 0's side of its meetings with the other workers (:meth:`World.meet`): they wait at
-    one for the start (:class:`_Start`) while rank 0 prepares it, then for the report (or for
-    the finished report rank 0 found) after the fine-tuning. A failure of rank 0 while they
-    wait is told there; one inside the fine-tuning's collectives cannot be (the others stop at
-    the process group's timeout, or when the launcher ends them). Alone: nothing."""
-
-    def __init__(self, world: World | None, explain: Callable[[Exception], Exception]) -> None:
-        self.world, self.explain = world, explain
-        self.waiting = world is not None  # the others are at a meeting, waiting for rank 0
-
-    def hand(self, value: object) -> None:
-        """Meet the waiting workers and give them ``value``."""
-        if self.world is not None:
-            self.waiting = False
-            self.world.meet()
-            self.world.broadcast(value)
-
-    def expect(self) -> None:
-        """The others go on to the next meeting (fine-tuning done)."""
-        self.waiting = self.world is not None
-
-    def fail(self, error: Exception) -> None:
-        """Tell the waiting workers, if they wait, that rank 0 failed with ``error``."""
-        if self.world is None or not self.waiting:
-            return
-        self.waiting = False
-        try:
-            self.world.meet(self.explain(error))
-        except Exception as unheard:  # its own error matters more than the others' hearing it
-            print(f"could not tell the other workers: {unheard}", file=sys.stderr)
-
-
-def _explained(
-    error: Exception, spec: AdapterMigrationSpec, adapter: Adapter, storage: Storage
-) -> Exception:
-    """The failure the other workers are told of: an output that cannot be written as the
-    OutputNotWritable the Job entrypoint makes of it (the same exit code everywhere)."""
-    if isinstance(error, OSError):
-        uri = spec.output_uri(adapter.name)
-        folder = output_dir(spec, adapter, storage)
-        found = store.unwritable(error, what="spec.output", uri=uri, folder=folder)
-        if found is not None:
-            return found
-    return error
-
-
-def _same_adapter(world: World | None, model: PeftModel) -> None:
-    """Every worker's adapter has the same trainable parameters (names and shapes): rank 0's
-    values can be broadcast into the others'."""
-    if world is None:
-        return
-    shapes = {name: tuple(p.shape) for name, p in adapters.trainable(model).items()}
-    if any(theirs != shapes for theirs in world.gather(shapes)):
-        raise RuntimeError("the workers attached different adapters: cannot fine-tune together")
-
-
-def _follow(
-    *,
-    spec: AdapterMigrationSpec,
-    adapter: Adapter,
-    bases: Bases,
-    storage: Storage,
-    world: World,
-) -> report.AdapterReport:
-    """A worker other than rank 0 (see :func:`migrate_adapter`): rank 0's report."""
-    method = spec.method
-    try:
-        task = _task(spec, adapter, storage)
-        old = _old_adapter(adapter, storage, bases.target)
-    except Exception as error:
-        world.meet(error)
-        raise
-    world.meet()  # rank 0 claimed the output (its state folder is ready to be read) ...
-    start: object = world.broadcast(None)  # ... and prepared the start
-    if isinstance(start, report.AdapterReport):  # finished before: nothing to do
-        return start
-    if not isinstance(start, _Start):
-        raise TypeError(f"rank 0 handed {type(start).__name__}, not the start")
-    teacher = None if start.teacher is None else distillation.Teacher.of_state(start.teacher)
-    tune = FinetuneConfig.of(method.finetune)
-    chosen = strategies.strategy(method.strategy)
-    finetune_config = _finetune_config(tune, chosen, teacher)
-    config = adapters.new_config(old.config, rank=method.rank, base=spec.target_model.uri)
-    torch.manual_seed(method.seed)  # as rank 0 before attaching: finetune forks from this seed
-    model = adapters.attach(bases.target, config)
-    if start.checkpointing:
-        _recompute(bases.target, True)
-    try:
-        _same_adapter(world, model)
-        finetune(
-            model=model,
-            encoder=Encoder(bases.tokenizer),
-            train=task.train,
-            validation=task.validation,
-            choices=task.choices,
-            config=finetune_config,
-            regularize=finetune_config.regularization if chosen.regularized else None,
-            target=start.target,
-            seed=method.seed,
-            device=bases.device,
-            state_dir=output_dir(spec, adapter, storage) / STATE_DIR,
-            micro=MicroBatch(tune.micro_batch_size or tune.batch_size, batch=tune.batch_size),
-            teacher=teacher,
-            world=world,
-        )
-    finally:
-        adapters.detach(model)
-        if start.checkpointing:
-            _recompute(bases.target, False)
-    world.meet()  # rank 0 saved, reported and published
-    finished: object = world.broadcast(None)
-    if not isinstance(finished, report.AdapterReport):
-        raise TypeError(f"rank 0 handed {type(finished).__name__}, not its report")
-    return finished
-
-
-def _finetune_config(
-    tune: FinetuneConfig, chosen: strategies.Strategy, teacher: distillation.Lessons | None
-) -> FinetuneConfig:
-    """The fine-tuning of a strategy: none for one that does not train; no distillation without
-    a teacher (the old adapter was ready on the new base as it is: none was computed)."""
-    config = tune if chosen.trains else replace(tune, max_steps=0)
-    if teacher is None:
-        off = replace(config.distillation, weight=0.0, emphasis=0.0)
-        config = replace(config, distillation=off)
-    return config
 
 
 def _migrate_claimed(
@@ -574,7 +107,7 @@ def _migrate_claimed(
     progress: ProgressSink | None,
     claim: ownership.Claim,
     key: str,
-    meetings: _Meetings,
+    meetings: Meetings,
 ) -> report.AdapterReport:
     sink = progress or NullProgress()
     method = spec.method
@@ -590,7 +123,7 @@ def _migrate_claimed(
     state.mkdir(parents=True, exist_ok=True)
     (state / FINGERPRINT_FILE).write_text(key)
 
-    old = _old_adapter(adapter, storage, bases.target)
+    old = old_adapter(adapter, storage, bases.target)
     encoder = Encoder(bases.tokenizer)
     tune = FinetuneConfig.of(method.finetune)
     micro = MicroBatch(
@@ -598,7 +131,7 @@ def _migrate_claimed(
         batch=tune.batch_size,
         on_change=lambda message: sink.note(adapter.name, message),
     )
-    quality = _Quality(encoder, task, bases.device, metric=adapter.readiness.metric, micro=micro)
+    quality = TaskQuality(encoder, task, bases.device, metric=adapter.readiness.metric, micro=micro)
     torch.manual_seed(method.seed)
 
     planned = _plan(spec, adapter, storage, bases.device, sink, encoder, task)
@@ -610,20 +143,20 @@ def _migrate_claimed(
 
     sink.update(adapter.name, record(stage="evaluate"))
     started = time.perf_counter()
-    reference_key = _reference_key(adapter)
-    if reference_key not in bases.on_source and adapter.readiness.needs_source:
+    reference = reference_key(adapter)
+    if reference not in bases.on_source and adapter.readiness.needs_source:
         on_source = adapters.attach_old(bases.source(), old)
-        bases.on_source[reference_key] = quality.splits(on_source)
+        bases.on_source[reference] = quality.splits(on_source)
         adapters.detach(on_source)
-    if reference_key not in bases.on_target:
+    if reference not in bases.on_target:
         on_target = adapters.attach_old(bases.target, old)
-        bases.on_target[reference_key] = quality.splits(on_target)
+        bases.on_target[reference] = quality.splits(on_target)
         adapters.detach(on_target)
-    source_quality = bases.on_source.get(reference_key)
+    source_quality = bases.on_source.get(reference)
     if source_quality is not None and not (state / REFERENCE_FILE).is_file():
-        _save_reference(state, key, source_quality)
+        save_reference(state, key, source_quality)
         claim.save_state(STATE_DIR)
-    before_quality = bases.on_target[reference_key]
+    before_quality = bases.on_target[reference]
     reference_seconds = time.perf_counter() - started + bases.source_seconds
     target = readiness_target(
         adapter.readiness, source_quality["validation"] if source_quality else None
@@ -634,7 +167,7 @@ def _migrate_claimed(
     staged = meetings.world is None or not meetings.world.distributed
     if not ready_before:  # else nothing to learn from it: no teacher's seconds
         part = teaching.first_part(
-            spec, adapter, reference_key, old, task, bases, encoder, state, key, staged=staged
+            spec, adapter, reference, old, task, bases, encoder, state, key, staged=staged
         )
     # Saved once; by workers also over a partial one (they computed the whole teacher again).
     if part is not None and (not staged or not (state / teaching.TEACHER_FILE).is_file()):
@@ -647,7 +180,7 @@ def _migrate_claimed(
     torch.manual_seed(method.seed)
     model = adapters.attach(bases.target, config)
     if checkpointing:
-        _recompute(bases.target, True)
+        models.recompute(bases.target, True)
     result: search.SearchResult | None = None
     teacher: distillation.Lessons | None = None
     if part is not None:
@@ -682,10 +215,10 @@ def _migrate_claimed(
                 ready_before=ready_before,
             )
         )
-        finetune_config = _finetune_config(tune, chosen, teacher)
+        finetune_config = tune.as_run(trains=chosen.trains, distils=teacher is not None)
         shared = None if part is None else {k: v.cpu() for k, v in part.teacher.to_state().items()}
-        meetings.hand(_Start(shared, target, checkpointing))
-        _same_adapter(meetings.world, model)
+        meetings.hand(Start(shared, target, checkpointing))
+        same_adapter(meetings.world, model)
 
         def on_step(step: int, evaluation: Evaluation | None) -> None:
             sink.update(
@@ -728,7 +261,7 @@ def _migrate_claimed(
     finally:
         adapters.detach(model)
         if checkpointing:
-            _recompute(bases.target, False)
+            models.recompute(bases.target, False)
 
     adapter_report = report.AdapterReport.build(
         adapter=adapter,
@@ -804,23 +337,6 @@ def _checkpointing(
     return planned.peak() > plan.USABLE * total
 
 
-def _recompute(model: nn.Module, on: bool) -> None:
-    """Gradient checkpointing on or off (transformers' own; non-reentrant: the frozen
-    embeddings need no input gradients for the LoRA layers to get theirs)."""
-    pretrained: Any = model  # a transformers PreTrainedModel
-    renamed = hasattr(pretrained, "activation_checkpointing_enable")  # transformers >= 5.x
-    if on and renamed:
-        pretrained.activation_checkpointing_enable({"use_reentrant": False})
-    elif on:
-        pretrained.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
-    elif renamed:
-        pretrained.activation_checkpointing_disable()
-    else:
-        pretrained.gradient_checkpointing_disable()
-
-
 def _terms(old: adapters.OldAdapter, bases: Bases, *, projection: str) -> fusion.Terms:
     """Per adapted module: the old update and the base evolution W_target - W_source (the
     source weight read from its files, one tensor at a time, in fp32); per saved parameter the
@@ -882,7 +398,7 @@ def _context(
     model: PeftModel,
     old: adapters.OldAdapter,
     bases: Bases,
-    quality: _Quality,
+    quality: TaskQuality,
     tune: FinetuneConfig,
     journal: Path,
     study_name: str,

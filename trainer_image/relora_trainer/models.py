@@ -227,3 +227,20 @@ def check_finite(model: nn.Module, *, what: str) -> None:
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise InvalidWeights(f"{what}: weight {name} has NaN or infinite values")
+
+
+def recompute(model: nn.Module, on: bool) -> None:
+    """Gradient checkpointing on or off (transformers' own; non-reentrant: the frozen
+    embeddings need no input gradients for the LoRA layers to get theirs)."""
+    pretrained: Any = model  # a transformers PreTrainedModel
+    renamed = hasattr(pretrained, "activation_checkpointing_enable")  # transformers >= 5.x
+    if on and renamed:
+        pretrained.activation_checkpointing_enable({"use_reentrant": False})
+    elif on:
+        pretrained.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    elif renamed:
+        pretrained.activation_checkpointing_disable()
+    else:
+        pretrained.gradient_checkpointing_disable()

@@ -36,7 +36,7 @@ from relora_trainer.method.config import DistillationConfig
 from relora_trainer.method.finetune import EVALUATION_BATCH, MicroBatch, autocast, examples_seen
 
 if TYPE_CHECKING:
-    from relora_trainer.migrate import Bases
+    from relora_trainer.loading import Bases
 
 TEACHER_FILE = "teacher.pt"
 """The teacher distributions (fine-tuning that distils), in the state folder."""

@@ -21,7 +21,7 @@ import torch
 from relora_api import manifests
 from relora_api.status import AdapterProgress
 from relora_lab.bench.variants import Variant, spec_for
-from relora_trainer import local_run, migrate, teaching
+from relora_trainer import loading, local_run, migrate, teaching
 from relora_trainer.errors import BadInput
 from relora_trainer.progress import NullProgress, ProgressSink
 from relora_trainer.report import AdapterReport
@@ -157,7 +157,7 @@ def run_matrix(
         ]
         distilling = [s for s in specs if teaching.distilled(s) is not None]
         first = (distilling or specs)[0]
-        bases = migrate.load_bases(first, storage, device)
+        bases = loading.load_bases(first, storage, device)
         for seed in seeds:
             for variant in order_for(variants, seed):
                 folder = out / "runs" / severity / variant.name / f"seed-{seed}"

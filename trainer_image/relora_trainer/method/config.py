@@ -7,7 +7,7 @@ test without building a manifest, and the API can evolve its wire format without
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -111,3 +111,13 @@ class FinetuneConfig:
             regularization=RegularizationConfig.of(model.regularization),
             distillation=DistillationConfig.of(model.distillation),
         )
+
+    def as_run(self, *, trains: bool, distils: bool) -> FinetuneConfig:
+        """This fine-tuning as a strategy's run does it: no step for one that does not train;
+        no distillation without a teacher (``distils`` false: the old adapter was ready on the
+        new base as it is, none was computed)."""
+        config = self if trains else replace(self, max_steps=0)
+        if not distils:
+            off = replace(config.distillation, weight=0.0, emphasis=0.0)
+            config = replace(config, distillation=off)
+        return config

@@ -1,0 +1,156 @@
+"""Data-parallel workers of one adapter's migration: rank 0's side of its meetings with the
+others (:class:`Meetings`), what it hands them before they fine-tune together (:class:`Start`),
+and what a worker other than rank 0 does (:func:`follow`)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+
+from relora_api.spec import Adapter, AdapterMigrationSpec
+from relora_trainer import adapters, models, report
+from relora_trainer import storage as store
+from relora_trainer.data import Encoder
+from relora_trainer.distributed import World
+from relora_trainer.inputs import STATE_DIR, old_adapter, output_dir, task_data
+from relora_trainer.loading import Bases
+from relora_trainer.method import distillation, strategies
+from relora_trainer.method.config import FinetuneConfig
+from relora_trainer.method.finetune import MicroBatch, Target, finetune
+from relora_trainer.storage import Storage
+
+
+@dataclass
+class Start:
+    """What rank 0 hands the other workers before they fine-tune together: the teacher's
+    distributions over all of train (None: no distillation), the readiness target (relative to
+    rank 0's source measurement), whether activations are recomputed. The adapter's start
+    itself (the search's choice) reaches them at the start of :func:`finetune`, which broadcasts
+    rank 0's trainable parameters: the others attach the same fresh adapter and skip the
+    strategy (a strategy sets values only, never the adapter's layout; checked by
+    :func:`same_adapter`)."""
+
+    teacher: dict[str, torch.Tensor] | None
+    target: Target
+    checkpointing: bool
+
+
+class Meetings:
+    """Rank 0's side of its meetings with the other workers (:meth:`World.meet`): they wait at
+    one for the start (:class:`Start`) while rank 0 prepares it, then for the report (or for
+    the finished report rank 0 found) after the fine-tuning. A failure of rank 0 while they
+    wait is told there; one inside the fine-tuning's collectives cannot be (the others stop at
+    the process group's timeout, or when the launcher ends them). Alone: nothing."""
+
+    def __init__(self, world: World | None, explain: Callable[[Exception], Exception]) -> None:
+        self.world, self.explain = world, explain
+        self.waiting = world is not None  # the others are at a meeting, waiting for rank 0
+
+    def hand(self, value: object) -> None:
+        """Meet the waiting workers and give them ``value``."""
+        if self.world is not None:
+            self.waiting = False
+            self.world.meet()
+            self.world.broadcast(value)
+
+    def expect(self) -> None:
+        """The others go on to the next meeting (fine-tuning done)."""
+        self.waiting = self.world is not None
+
+    def fail(self, error: Exception) -> None:
+        """Tell the waiting workers, if they wait, that rank 0 failed with ``error``."""
+        if self.world is None or not self.waiting:
+            return
+        self.waiting = False
+        try:
+            self.world.meet(self.explain(error))
+        except Exception as unheard:  # its own error matters more than the others' hearing it
+            print(f"could not tell the other workers: {unheard}", file=sys.stderr)
+
+
+def explained(
+    error: Exception, spec: AdapterMigrationSpec, adapter: Adapter, storage: Storage
+) -> Exception:
+    """The failure the other workers are told of: an output that cannot be written as the
+    OutputNotWritable the Job entrypoint makes of it (the same exit code everywhere)."""
+    if isinstance(error, OSError):
+        uri = spec.output_uri(adapter.name)
+        folder = output_dir(spec, adapter, storage)
+        found = store.unwritable(error, what="spec.output", uri=uri, folder=folder)
+        if found is not None:
+            return found
+    return error
+
+
+def same_adapter(world: World | None, model: PeftModel) -> None:
+    """Every worker's adapter has the same trainable parameters (names and shapes): rank 0's
+    values can be broadcast into the others'."""
+    if world is None:
+        return
+    shapes = {name: tuple(p.shape) for name, p in adapters.trainable(model).items()}
+    if any(theirs != shapes for theirs in world.gather(shapes)):
+        raise RuntimeError("the workers attached different adapters: cannot fine-tune together")
+
+
+def follow(
+    *,
+    spec: AdapterMigrationSpec,
+    adapter: Adapter,
+    bases: Bases,
+    storage: Storage,
+    world: World,
+) -> report.AdapterReport:
+    """A worker other than rank 0 (see relora_trainer.migrate.migrate_adapter): rank 0's report."""
+    method = spec.method
+    try:
+        task = task_data(spec, adapter, storage)
+        old = old_adapter(adapter, storage, bases.target)
+    except Exception as error:
+        world.meet(error)
+        raise
+    world.meet()  # rank 0 claimed the output (its state folder is ready to be read) ...
+    start: object = world.broadcast(None)  # ... and prepared the start
+    if isinstance(start, report.AdapterReport):  # finished before: nothing to do
+        return start
+    if not isinstance(start, Start):
+        raise TypeError(f"rank 0 handed {type(start).__name__}, not the start")
+    teacher = None if start.teacher is None else distillation.Teacher.of_state(start.teacher)
+    tune = FinetuneConfig.of(method.finetune)
+    chosen = strategies.strategy(method.strategy)
+    finetune_config = tune.as_run(trains=chosen.trains, distils=teacher is not None)
+    config = adapters.new_config(old.config, rank=method.rank, base=spec.target_model.uri)
+    torch.manual_seed(method.seed)  # as rank 0 before attaching: finetune forks from this seed
+    model = adapters.attach(bases.target, config)
+    if start.checkpointing:
+        models.recompute(bases.target, True)
+    try:
+        same_adapter(world, model)
+        finetune(
+            model=model,
+            encoder=Encoder(bases.tokenizer),
+            train=task.train,
+            validation=task.validation,
+            choices=task.choices,
+            config=finetune_config,
+            regularize=finetune_config.regularization if chosen.regularized else None,
+            target=start.target,
+            seed=method.seed,
+            device=bases.device,
+            state_dir=output_dir(spec, adapter, storage) / STATE_DIR,
+            micro=MicroBatch(tune.micro_batch_size or tune.batch_size, batch=tune.batch_size),
+            teacher=teacher,
+            world=world,
+        )
+    finally:
+        adapters.detach(model)
+        if start.checkpointing:
+            models.recompute(bases.target, False)
+    world.meet()  # rank 0 saved, reported and published
+    finished: object = world.broadcast(None)
+    if not isinstance(finished, report.AdapterReport):
+        raise TypeError(f"rank 0 handed {type(finished).__name__}, not its report")
+    return finished
