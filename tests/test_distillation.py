@@ -275,6 +275,15 @@ def test_a_teacher_covers_only_the_examples_the_budget_sees(
     assert examples_seen(steps=-(-len(train) // 4), size=len(train), batch_size=4, seed=0) == list(
         range(len(train))
     )
+    epoch = -(-len(train) // 4)  # from a later step: each step's batch, all once two epochs
+    for first, steps in ((2, 5), (3, epoch + 2), (epoch - 1, 2 * epoch + 1), (1, 3 * epoch)):
+        each = {
+            i
+            for s in range(first, steps)
+            for i in batch_indices(step=s, size=len(train), batch_size=4, seed=0)
+        }
+        found = examples_seen(first=first, steps=steps, size=len(train), batch_size=4, seed=0)
+        assert found == sorted(each), (first, steps)
     on_old = _with_old_adapter(toy, toy.v1)
     part = distillation.compute(on_old, _encoder(toy), train, top_k=8, device=CPU, only=seen)
     assert part.examples == teacher.examples
@@ -409,6 +418,7 @@ def test_the_teacher_is_computed_in_place_counted_and_reused_by_a_retry(
         "agreeing": True,
         "emphasis": 0.0,
         "share": 1.0,
+        "since": "start",
         "until": "budget",
     }
     assert first.history[0]["seconds"] >= teacher_seconds, "counted in the time to readiness"
@@ -603,6 +613,47 @@ def test_a_teacher_with_a_share_covers_one_subset_in_every_stage(
     with_mass = {n for n in range(size) if float(saved.rows([n])[0][1].sum()) > 0}
     assert with_mass and with_mass <= everything & half
     assert report.distillation is not None and report.distillation["share"] == 0.5
+
+
+def test_a_teacher_since_the_first_check_computes_nothing_before_it(
+    toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, teacher_passes: list[int]
+) -> None:
+    """``since: first-check`` (evaluations every 2 steps, budget 8, never ready): nothing is
+    computed before fine-tuning; the batch of step 2 computes the examples of steps 2 and 3,
+    then those of steps 4 to 7; the whole teacher has mass on those and on none of the
+    examples only steps 0 and 1 drew."""
+    monkeypatch.setattr(teaching, "FIRST_STAGE_EVALUATIONS", 2)
+    spec = _spec(
+        toy,
+        tmp_path,
+        readiness={"target": 0.999},
+        finetune={
+            "maxSteps": 8,
+            "evalEvery": 2,
+            "batchSize": 4,
+            "distillation": {"weight": 1.0, "topK": 4, "since": "first-check"},
+        },
+    )
+    storage = Storage(base_dir=tmp_path)
+    report = migrate.migrate_adapter(
+        spec=spec,
+        adapter=spec.adapters[0],
+        bases=loading.load_bases(spec, storage, CPU),
+        storage=storage,
+    )
+    size = len(read_jsonl(toy.split("train"), what="train"))
+    before = set(examples_seen(steps=2, size=size, batch_size=4, seed=0))
+    then = set(examples_seen(steps=4, size=size, batch_size=4, seed=0)) - before
+    later = set(examples_seen(steps=8, size=size, batch_size=4, seed=0)) - before - then
+    assert before and then and later and size > 8 * 4, "one epoch: the steps draw apart"
+    assert teacher_passes == [0, len(then), len(later)]
+    saved = distillation.Teacher.of_state(
+        _saved_teacher(tmp_path / "out" / "toy-category")["teacher"]
+    )
+    with_mass = {n for n in range(size) if float(saved.rows([n])[0][1].sum()) > 0}
+    assert with_mass and with_mass <= then | later and not with_mass & before
+    assert report.steps == 8 and report.distillation is not None
+    assert report.distillation["since"] == "first-check"
 
 
 def test_workers_compute_the_whole_teacher_over_a_saved_first_stage(
@@ -812,13 +863,18 @@ class _MetFrom(Target):
         return self.calls > self.at
 
 
+@pytest.mark.parametrize("since", ["start", "first-check"])
 @pytest.mark.parametrize("until", ["ready", "budget"])
-def test_a_teacher_until_ready_takes_no_part_after_readiness(
-    toy: Any, teacher: distillation.Teacher, until: Literal["ready", "budget"]
+def test_a_teacher_takes_part_from_since_to_until(
+    toy: Any,
+    teacher: distillation.Teacher,
+    until: Literal["ready", "budget"],
+    since: Literal["start", "first-check"],
 ) -> None:
-    """stopWhenReady false, ready at the evaluation after step 2 of 5: with until ready the
-    teacher is asked for the batches of steps 0 and 1 only (the later steps are plain
-    fine-tuning), with until budget for all five."""
+    """stopWhenReady false, ready at the evaluation after step 2 of 5 (the first check): with
+    until ready the teacher is asked for the batches of steps 0 and 1 only (the later steps
+    are plain fine-tuning), with until budget for all five; since first-check, for none before
+    step 2 (with until ready: for none at all)."""
     train = read_jsonl(toy.split("train"), what="train")
     config = Finetune(
         max_steps=5,
@@ -826,10 +882,11 @@ def test_a_teacher_until_ready_takes_no_part_after_readiness(
         eval_every=2,
         learning_rate=5e-3,
         stop_when_ready=False,
-        distillation=Distillation(weight=3.0, emphasis=3.0, top_k=8, until=until),
+        distillation=Distillation(weight=3.0, emphasis=3.0, top_k=8, until=until, since=since),
     )
     asked = _Asked(teacher)
     outcome, _ = _finetuned(toy, config, asked, _MetFrom(1))  # type: ignore[arg-type]
     assert outcome.ready_step == 2 and outcome.steps == 5
     drawn = [batch_indices(step=s, size=len(train), batch_size=4, seed=0) for s in range(5)]
-    assert asked.asked == (drawn[:2] if until == "ready" else drawn)
+    during = drawn[:2] if until == "ready" else drawn
+    assert asked.asked == (during if since == "start" else during[2:])

@@ -381,6 +381,15 @@ class Distillation(APIModel):
             "weaker term (the weights apply per covered token, averaged over all of them)."
         ),
     )
+    since: Literal["start", "first-check"] = Field(
+        default="start",
+        description=(
+            "When the teacher starts: at the first step, or after the first readiness check "
+            "finds the adapter not ready (the steps before it train on the task loss alone, and "
+            "the examples they draw are never distilled): an adapter ready at the first check "
+            "never pays for a teacher."
+        ),
+    )
     until: Literal["ready", "budget"] = Field(
         default="budget",
         description=(

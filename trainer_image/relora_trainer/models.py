@@ -175,14 +175,11 @@ class WeightFiles:
         return tensor
 
 
-def copy_weights(model: nn.Module | Sequence[tuple[str, nn.Parameter]], files: WeightFiles) -> bool:
-    """Copy every parameter of ``model`` from ``files`` (another version of the same
-    architecture), in place, one tensor at a time: the model becomes that version without a
-    second one in memory. A tied parameter is read under any of its names. False, with nothing
-    changed, when the files lack one of them (the shapes they hold were checked against the
-    model's when the bases were loaded: :func:`check_compatible`). ``model`` may be given as
-    its named parameters (``named_parameters(remove_duplicate=False)``), taken before an
-    adapter wrapped its layers: the same tensors, under the names the files use."""
+def _stored(
+    model: nn.Module | Sequence[tuple[str, nn.Parameter]], files: WeightFiles
+) -> tuple[dict[int, str], dict[int, nn.Parameter]] | None:
+    """Per parameter of ``model`` (by storage), a name ``files`` hold it under, and the
+    parameter; None when the files lack one of them."""
     named = (
         model.named_parameters(remove_duplicate=False) if isinstance(model, nn.Module) else model
     )
@@ -195,8 +192,29 @@ def copy_weights(model: nn.Module | Sequence[tuple[str, nn.Parameter]], files: W
     for pointer, aliases in names.items():
         found = next((n for n in aliases if n in files.files), None)
         if found is None:
-            return False
+            return None
         stored[pointer] = found
+    return stored, tensors
+
+
+def holds_all(model: nn.Module, files: WeightFiles) -> bool:
+    """Whether ``files`` hold every parameter of ``model`` (:func:`copy_weights` can copy them
+    in place)."""
+    return _stored(model, files) is not None
+
+
+def copy_weights(model: nn.Module | Sequence[tuple[str, nn.Parameter]], files: WeightFiles) -> bool:
+    """Copy every parameter of ``model`` from ``files`` (another version of the same
+    architecture), in place, one tensor at a time: the model becomes that version without a
+    second one in memory. A tied parameter is read under any of its names. False, with nothing
+    changed, when the files lack one of them (the shapes they hold were checked against the
+    model's when the bases were loaded: :func:`check_compatible`). ``model`` may be given as
+    its named parameters (``named_parameters(remove_duplicate=False)``), taken before an
+    adapter wrapped its layers: the same tensors, under the names the files use."""
+    found = _stored(model, files)
+    if found is None:
+        return False
+    stored, tensors = found
     with torch.no_grad():
         for pointer, name in stored.items():
             value = files.get(name)

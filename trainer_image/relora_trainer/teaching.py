@@ -32,7 +32,7 @@ from relora_api.spec import Adapter, AdapterMigrationSpec, Distillation
 from relora_trainer import adapters, models, ownership
 from relora_trainer.data import Encoder, TaskData
 from relora_trainer.method import distillation, strategies
-from relora_trainer.method.config import DistillationConfig
+from relora_trainer.method.config import DistillationConfig, FinetuneConfig
 from relora_trainer.method.finetune import EVALUATION_BATCH, MicroBatch, autocast, examples_seen
 
 if TYPE_CHECKING:
@@ -83,13 +83,18 @@ def key(reference: str, teaching: Distillation, spec: AdapterMigrationSpec) -> s
     return json.dumps(what, sort_keys=True)
 
 
+def _first_step(spec: AdapterMigrationSpec) -> int:
+    """The first step of ``spec``'s fine-tuning that distils."""
+    return FinetuneConfig.of(spec.method.finetune).distilled_from
+
+
 def seen(spec: AdapterMigrationSpec, size: int, steps: int | None = None) -> list[int]:
-    """The training examples that the first ``steps`` steps of ``spec``'s fine-tuning draw
-    (None: its whole budget)."""
+    """The training examples that the steps of ``spec``'s fine-tuning that distil draw, up to
+    step ``steps`` (None: its whole budget)."""
     budget = _budget(spec)
     if steps is not None:
         budget["steps"] = min(steps, budget["steps"])
-    return examples_seen(size=size, **budget)
+    return examples_seen(size=size, first=_first_step(spec), **budget)
 
 
 def taught(spec: AdapterMigrationSpec, size: int, examples: Iterable[int]) -> list[int]:
@@ -99,13 +104,10 @@ def taught(spec: AdapterMigrationSpec, size: int, examples: Iterable[int]) -> li
     share = spec.method.finetune.distillation.share
     if share >= 1:
         return list(examples)
-    # A stream of its own: the batches' order is drawn from the same seed (a subset taken
-    # from that permutation would be the examples the first steps draw).
-    subset = set(
-        random.Random(f"teacher share {spec.method.seed}").sample(
-            range(size), k=round(share * size)
-        )
-    )
+    # A stream of its own: the batches' order is drawn from the same seed (a subset taken from
+    # that permutation would be the examples the first steps draw).
+    draw = random.Random(f"teacher share {spec.method.seed}")
+    subset = set(draw.sample(range(size), k=round(share * size)))
     return [n for n in examples if n in subset]
 
 
@@ -114,7 +116,8 @@ def stages(spec: AdapterMigrationSpec, size: int) -> list[int | None]:
     ``FIRST_STAGE_EVALUATIONS`` readiness checks, then twice as many steps per stage, the last
     (None) the whole budget. Only stages that add examples; ``[None]``: one stage."""
     whole = len(seen(spec, size))
-    steps = FIRST_STAGE_EVALUATIONS * spec.method.finetune.eval_every
+    # From a later step (since first-check): a first stage of nothing, ending there.
+    steps = _first_step(spec) or FIRST_STAGE_EVALUATIONS * spec.method.finetune.eval_every
     found: list[int | None] = []
     while steps < spec.method.finetune.max_steps and len(seen(spec, size, steps)) < whole:
         found.append(steps)
@@ -224,23 +227,21 @@ def first_part(
             part = None  # the first stages of a run alone: workers need the whole teacher
         if part is None:
             started = time.perf_counter()
-            swapped = models.copy_weights(bases.target, bases.source_files)
-            steps = stages(spec, len(task.train))[0] if staged and swapped else None
-            try:
-                on_old = adapters.attach_old(bases.target if swapped else bases.source(), old)
-                teacher = compute(
-                    on_old,
-                    encoder,
-                    task,
-                    bases.device,
-                    spec,
-                    adapter.readiness.metric,
-                    taught(spec, len(task.train), seen(spec, len(task.train), steps)),
-                )
-                adapters.detach(on_old)
-            finally:
-                if swapped and not models.copy_weights(bases.target, bases.target_files):
-                    raise RuntimeError("the target base's weights could not be read back")
+            size, metric = len(task.train), adapter.readiness.metric
+            in_place = models.holds_all(bases.target, bases.source_files)
+            steps = stages(spec, size)[0] if staged and in_place else None
+            only = taught(spec, size, seen(spec, size, steps))
+            if not only:  # nothing to compute yet: rows of no mass (no forward pass)
+                teacher = compute(bases.target, encoder, task, bases.device, spec, metric, only)
+            else:
+                swapped = in_place and models.copy_weights(bases.target, bases.source_files)
+                try:
+                    on_old = adapters.attach_old(bases.target if swapped else bases.source(), old)
+                    teacher = compute(on_old, encoder, task, bases.device, spec, metric, only)
+                    adapters.detach(on_old)
+                finally:
+                    if swapped and not models.copy_weights(bases.target, bases.target_files):
+                        raise RuntimeError("the target base's weights could not be read back")
             part = TeacherPart(teacher, time.perf_counter() - started, steps)
         bases.teachers[wanted] = part
     return bases.teachers[wanted]

@@ -95,6 +95,13 @@ VARIANTS: tuple[Variant, ...] = (
         quick=False,
     ),
     Variant(
+        "relora-teacher-after-check",
+        "relora with the teacher from the first readiness check on (since first-check: an "
+        "adapter ready there pays for no teacher)",
+        _teaching(RELORA_METHOD, since="first-check"),
+        quick=False,
+    ),
+    Variant(
         "relora-half-teacher",
         "relora with the teacher on half the training examples (share 0.5: half its seconds)",
         _teaching(RELORA_METHOD, share=0.5),

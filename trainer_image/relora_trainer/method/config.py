@@ -77,6 +77,7 @@ class DistillationConfig:
     agreeing: bool
     emphasis: float
     share: float
+    since: str
     until: str
 
     @property
@@ -111,6 +112,12 @@ class FinetuneConfig:
             regularization=RegularizationConfig.of(model.regularization),
             distillation=DistillationConfig.of(model.distillation),
         )
+
+    @property
+    def distilled_from(self) -> int:
+        """The first step that distils: 0, or the first readiness check's with ``since:
+        first-check`` (the steps before it train on the task loss alone)."""
+        return self.eval_every if self.distillation.since == "first-check" else 0
 
     def as_run(self, *, trains: bool, distils: bool) -> FinetuneConfig:
         """This fine-tuning as a strategy's run does it: no step for one that does not train;

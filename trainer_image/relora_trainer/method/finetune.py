@@ -104,15 +104,18 @@ def batch_indices(*, step: int, size: int, batch_size: int, seed: int) -> list[i
     return indices
 
 
-def examples_seen(*, steps: int, size: int, batch_size: int, seed: int) -> list[int]:
-    """The examples the batches of steps 0 .. ``steps`` - 1 draw (sorted): all ``size`` once the
-    budget reaches an epoch, else the first ``steps`` x ``batch_size`` of epoch 0's order."""
-    if steps * batch_size >= size:
+def examples_seen(
+    *, steps: int, size: int, batch_size: int, seed: int, first: int = 0
+) -> list[int]:
+    """The examples the batches of steps ``first`` .. ``steps`` - 1 draw (sorted): all ``size``
+    once they span an epoch (two from another step than 0), else those of each step."""
+    span = (steps - first) * batch_size
+    if span >= (size if first == 0 else 2 * size):
         return list(range(size))
     return sorted(
         {
             i
-            for step in range(steps)
+            for step in range(first, steps)
             for i in batch_indices(step=step, size=size, batch_size=batch_size, seed=seed)
         }
     )
@@ -525,7 +528,12 @@ def finetune(
             seed=seed,
             device=device,
             penalty=functools.partial(_pull, lam, parameters, anchors) if lam > 0 else None,
-            teacher=None if config.distillation.until == "ready" and outcome.ready else teacher,
+            teacher=(
+                None
+                if (config.distillation.until == "ready" and outcome.ready)
+                or step < config.distilled_from
+                else teacher
+            ),
             distill_weight=distill_weight,
             emphasis=config.distillation.emphasis,
             world=workers,
