@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -25,6 +24,7 @@ from peft import LoraConfig
 from torch.multiprocessing.spawn import spawn
 
 from relora_api.spec import Distillation, Finetune, Regularization
+from relora_sandbox.processes import free_port
 from relora_trainer import adapters, models
 from relora_trainer.data import IGNORE_INDEX, Encoded, Encoder, Example, read_jsonl
 from relora_trainer.distributed import ENVIRONMENT, World
@@ -141,16 +141,9 @@ def _worker(rank: int, size: int, port: int, jobs: list[Job]) -> None:
         world.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def _launch(jobs: list[Job]) -> list[list[dict[str, Any]]]:
     """The jobs on WORKERS spawned workers; per job, each rank's result."""
-    spawn(_worker, args=(WORKERS, _free_port(), jobs), nprocs=WORKERS, join=True)
+    spawn(_worker, args=(WORKERS, free_port(), jobs), nprocs=WORKERS, join=True)
     return [
         [torch.load(job.out / f"rank{r}.pt", weights_only=False) for r in range(WORKERS)]
         for job in jobs

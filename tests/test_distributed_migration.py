@@ -12,7 +12,6 @@ import fcntl
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from relora_api import contract
 from relora_api.resource import AdapterMigration
+from relora_sandbox.processes import free_port
 from relora_trainer import errors
 from relora_trainer.distributed import ENV_TIMEOUT, ENVIRONMENT
 from tests.conftest import toy_manifest
@@ -59,13 +59,6 @@ class Launch:
     def report(self) -> dict[str, Any]:
         loaded: dict[str, Any] = json.loads((self.output / "report.json").read_text())
         return loaded
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def _manifest(toy: Any, root: Path) -> dict[str, Any]:
@@ -105,7 +98,7 @@ def _launch(
             ENV_TIMEOUT: str(TIMEOUT),
         }
     )
-    port = str(_free_port())
+    port = str(free_port())
     processes = []
     for rank in range(workers):
         env = {**base, contract.ENV_TERMINATION_LOG: str(root / f"termination-{rank}")}
