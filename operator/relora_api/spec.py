@@ -385,9 +385,9 @@ class Distillation(APIModel):
         default="start",
         description=(
             "When the teacher starts: at the first step, or after the first readiness check "
-            "finds the adapter not ready (the steps before it train on the task loss alone, and "
-            "the examples they draw are never distilled): an adapter ready at the first check "
-            "never pays for a teacher."
+            "finds the adapter not ready (the steps before it train on the task loss alone; "
+            "nothing is computed before fine-tuning): an adapter ready at the first check never "
+            "pays for a teacher."
         ),
     )
     until: Literal["ready", "budget"] = Field(
