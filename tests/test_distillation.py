@@ -563,12 +563,12 @@ def test_a_retry_after_a_stage_computes_only_the_later_ones(
     assert report.steps == 8 and _saved_teacher(out)["steps"] is None
 
 
-def test_a_teacher_with_a_share_covers_one_subset_in_every_stage(
-    toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """``share: 0.5``: a fixed half of the training examples (the same in every stage and in
-    another call) is all the teacher computes, stage by stage; the saved teacher has mass on
-    the examples of that half the budget drew and nowhere else, and the report says so."""
+def _never_ready(
+    toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, eval_every: int, **teacher: Any
+) -> tuple[AdapterMigrationSpec, Any, int, set[int]]:
+    """A migration with a teacher of these settings (wire names) in stages, never ready in its
+    8 steps of 4 examples: the spec, the report, the training examples' count and those the
+    saved whole teacher has mass on."""
     monkeypatch.setattr(teaching, "FIRST_STAGE_EVALUATIONS", 2)
     spec = _spec(
         toy,
@@ -576,19 +576,11 @@ def test_a_teacher_with_a_share_covers_one_subset_in_every_stage(
         readiness={"target": 0.999},
         finetune={
             "maxSteps": 8,
-            "evalEvery": 1,
+            "evalEvery": eval_every,
             "batchSize": 4,
-            "distillation": {"weight": 1.0, "topK": 4, "share": 0.5},
+            "distillation": {"weight": 1.0, "topK": 4, **teacher},
         },
     )
-    passes: list[list[int]] = []
-    compute = distillation.compute
-
-    def recorded(*args: Any, **kwargs: Any) -> distillation.Teacher:
-        passes.append(sorted(kwargs["only"]))
-        return compute(*args, **kwargs)
-
-    monkeypatch.setattr(distillation, "compute", recorded)
     storage = Storage(base_dir=tmp_path)
     report = migrate.migrate_adapter(
         spec=spec,
@@ -597,6 +589,29 @@ def test_a_teacher_with_a_share_covers_one_subset_in_every_stage(
         storage=storage,
     )
     size = len(read_jsonl(toy.split("train"), what="train"))
+    saved = distillation.Teacher.of_state(
+        _saved_teacher(tmp_path / "out" / "toy-category")["teacher"]
+    )
+    with_mass = {n for n in range(size) if float(saved.rows([n])[0][1].sum()) > 0}
+    assert report.steps == 8 and report.distillation is not None
+    return spec, report, size, with_mass
+
+
+def test_a_teacher_with_a_share_covers_one_subset_in_every_stage(
+    toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``share: 0.5``: a fixed half of the training examples (the same in every stage and in
+    another call) is all the teacher computes, stage by stage; the saved teacher has mass on
+    the examples of that half the budget drew and nowhere else, and the report says so."""
+    passes: list[list[int]] = []
+    compute = distillation.compute
+
+    def recorded(*args: Any, **kwargs: Any) -> distillation.Teacher:
+        passes.append(sorted(kwargs["only"]))
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(distillation, "compute", recorded)
+    spec, report, size, with_mass = _never_ready(toy, tmp_path, monkeypatch, 1, share=0.5)
     half = set(teaching.taught(spec, size, range(size)))
     assert len(half) == round(size / 2) and half == set(teaching.taught(spec, size, range(size)))
     steps = [examples_seen(steps=s, size=size, batch_size=4, seed=0) for s in (2, 4, 8)]
@@ -607,12 +622,8 @@ def test_a_teacher_with_a_share_covers_one_subset_in_every_stage(
         sorted((everything - second) & half),
     ]
     assert everything - half, "the budget drew examples the teacher does not cover"
-    saved = distillation.Teacher.of_state(
-        _saved_teacher(tmp_path / "out" / "toy-category")["teacher"]
-    )
-    with_mass = {n for n in range(size) if float(saved.rows([n])[0][1].sum()) > 0}
     assert with_mass and with_mass <= everything & half
-    assert report.distillation is not None and report.distillation["share"] == 0.5
+    assert report.distillation["share"] == 0.5
 
 
 def test_a_teacher_since_the_first_check_computes_nothing_before_it(
@@ -622,37 +633,13 @@ def test_a_teacher_since_the_first_check_computes_nothing_before_it(
     computed before fine-tuning; the batch of step 2 computes the examples of steps 2 and 3,
     then those of steps 4 to 7; the whole teacher has mass on those and on none of the
     examples only steps 0 and 1 drew."""
-    monkeypatch.setattr(teaching, "FIRST_STAGE_EVALUATIONS", 2)
-    spec = _spec(
-        toy,
-        tmp_path,
-        readiness={"target": 0.999},
-        finetune={
-            "maxSteps": 8,
-            "evalEvery": 2,
-            "batchSize": 4,
-            "distillation": {"weight": 1.0, "topK": 4, "since": "first-check"},
-        },
-    )
-    storage = Storage(base_dir=tmp_path)
-    report = migrate.migrate_adapter(
-        spec=spec,
-        adapter=spec.adapters[0],
-        bases=loading.load_bases(spec, storage, CPU),
-        storage=storage,
-    )
-    size = len(read_jsonl(toy.split("train"), what="train"))
+    _, report, size, with_mass = _never_ready(toy, tmp_path, monkeypatch, 2, since="first-check")
     before = set(examples_seen(steps=2, size=size, batch_size=4, seed=0))
     then = set(examples_seen(steps=4, size=size, batch_size=4, seed=0)) - before
     later = set(examples_seen(steps=8, size=size, batch_size=4, seed=0)) - before - then
     assert before and then and later and size > 8 * 4, "one epoch: the steps draw apart"
     assert teacher_passes == [0, len(then), len(later)]
-    saved = distillation.Teacher.of_state(
-        _saved_teacher(tmp_path / "out" / "toy-category")["teacher"]
-    )
-    with_mass = {n for n in range(size) if float(saved.rows([n])[0][1].sum()) > 0}
     assert with_mass and with_mass <= then | later and not with_mass & before
-    assert report.steps == 8 and report.distillation is not None
     assert report.distillation["since"] == "first-check"
 
 
