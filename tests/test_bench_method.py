@@ -58,6 +58,7 @@ def test_single_token_scoring_matches_the_general_path(
 
     monkeypatch.setattr(quality, "sequence_logprobs", counted)
     monkeypatch.setattr(quality, "_single_tokens", lambda encoder, texts: None)
+    monkeypatch.setattr(quality, "_shared_prompts", lambda *args: None)
     slow = quality.measure(model, encoder, examples, choices, device=CPU, batch_size=7)
     assert calls, "the general path ran"
     assert fast.accuracy == pytest.approx(slow.accuracy, abs=1e-9)
@@ -66,6 +67,57 @@ def test_single_token_scoring_matches_the_general_path(
     assert fast.choice_loss == pytest.approx(slow.choice_loss, rel=1e-5)
     assert fast_loss_only.loss == pytest.approx(fast.loss, rel=1e-6)
     assert fast_loss_only.accuracy is None and fast_loss_only.choice_loss is None
+
+
+def test_multi_token_choices_score_each_prompt_once_as_one_sequence_per_pair_does(
+    toy: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Phrases of 2-4 tokens after prompts of 9-13: each prompt run once into the key/value
+    cache, then every phrase after it, gives the numbers of one sequence per (prompt, phrase),
+    in one chunk of phrases or several (a batch smaller than the phrases: the cache copied per
+    chunk). A completion that is not a phrase, or a prompt cut to make room, takes the
+    per-pair path."""
+    model, encoder, examples, choices = _toy_model(toy)
+    phrases = {c: c * (2 + i % 3) for i, c in enumerate(choices)}
+    assert sorted({len(encoder.encode("", p).completion_ids) for p in phrases.values()}) == [
+        2,
+        3,
+        4,
+    ]
+    examples = [
+        Example(e.prompt + " and" * (n % 5), phrases[e.completion]) for n, e in enumerate(examples)
+    ]
+    candidates = list(phrases.values())
+    pairs: list[int] = []
+    original = quality.sequence_logprobs
+
+    def counted(*args: Any) -> Any:
+        pairs.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(quality, "sequence_logprobs", counted)
+    shared = [
+        quality.measure(model, encoder, examples, candidates, device=CPU, batch_size=size)
+        for size in (64, 3)
+    ]
+    assert not pairs, "each prompt scored once"
+    for odd in (
+        [*examples[:-1], Example(examples[-1].prompt, " rock rock")],  # not a phrase
+    ):
+        quality.measure(model, encoder, odd, candidates, device=CPU)
+        assert pairs, "the per-pair path"
+        pairs.clear()
+    encoder.max_length = 17  # 13 + 4 tokens do not fit: a prompt would be cut
+    quality.measure(model, encoder, examples, candidates, device=CPU)
+    assert pairs, "the per-pair path"
+    encoder.max_length = 512
+    monkeypatch.setattr(quality, "_shared_prompts", lambda *args: None)
+    per_pair = quality.measure(model, encoder, examples, candidates, device=CPU, batch_size=7)
+    for found in shared:
+        assert found.accuracy == pytest.approx(per_pair.accuracy, abs=1e-9)
+        assert found.loss == pytest.approx(per_pair.loss, rel=1e-5)
+        assert found.choice_loss is not None and per_pair.choice_loss is not None
+        assert found.choice_loss == pytest.approx(per_pair.choice_loss, rel=1e-5)
 
 
 def test_the_choice_loss_is_the_cross_entropy_among_the_choices(toy: Any) -> None:

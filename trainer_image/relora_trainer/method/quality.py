@@ -15,6 +15,7 @@ the same numbers up to float rounding.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -133,6 +134,98 @@ def _measure_next_token(
     return _with_choices(loss, scores, gold)
 
 
+def _shared_prompts(
+    encoder: Encoder, examples: Sequence[Example], candidates: Sequence[str]
+) -> tuple[list[list[int]], dict[str, list[int]]] | None:
+    """Each example's prompt ids and each candidate's ids, when the prompts can be scored once
+    for all candidates (:func:`_measure_shared_prompt`): every completion among the candidates,
+    every prompt at least two tokens and none cut to make room for a candidate; else None."""
+    if not candidates or any(e.completion not in candidates for e in examples):
+        return None
+    tokens = {c: encoder.encode("", c).completion_ids for c in candidates}
+    longest = max(candidates, key=lambda c: len(tokens[c]))
+    # With room left beside the longest candidate, no prompt was cut for any of them.
+    prompts = [encoder.encode(e.prompt, longest).prompt_ids for e in examples]
+    if any(len(p) < 2 or len(p) + len(tokens[longest]) >= encoder.max_length for p in prompts):
+        return None
+    return prompts, tokens
+
+
+def _measure_shared_prompt(
+    model: nn.Module,
+    encoder: Encoder,
+    examples: Sequence[Example],
+    candidates: Sequence[str],
+    prompts: list[list[int]],
+    tokens: dict[str, list[int]],
+    *,
+    device: torch.device,
+    batch_size: int,
+) -> Quality | None:
+    """Multi-token candidates, each prompt run once: all but its last token into the key/value
+    cache (right-padded), the cache repeated once per candidate, then each candidate's tokens
+    after the prompt's last one, at the positions that follow the prompt's own. The same
+    numbers as one sequence per (prompt, candidate) up to float rounding, for about one prompt's
+    cost instead of one per candidate. None when the model's cache cannot be repeated (the
+    caller scores one sequence per pair)."""
+    width = min(len(candidates), batch_size)
+    group = max(1, batch_size // width)
+    order = sorted(range(len(examples)), key=lambda n: len(prompts[n]))
+    scores = torch.full((len(examples), len(candidates)), float("-inf"))
+    for start in range(0, len(order), group):
+        rows = order[start : start + group]
+        heads = [Encoded(prompts[n][:-1], []) for n in rows]
+        batch = encoder.batch(heads, device)
+        head_mask = batch["attention_mask"]
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": head_mask}
+        try:
+            out = model(**inputs, use_cache=True, logits_to_keep=1)
+        except TypeError:  # a model class without logits_to_keep
+            out = model(**inputs, use_cache=True)
+        # transformers 5.x names the cache `cache`, earlier versions `past_key_values`
+        name = "cache" if "cache" in out else "past_key_values"
+        cached = out.get(name)
+        if not hasattr(cached, "batch_repeat_interleave"):
+            return None
+        lengths = head_mask.sum(dim=1)
+        for first in range(0, len(candidates), width):
+            chunk = candidates[first : first + width]
+            cache = cached if first + width >= len(candidates) else copy.deepcopy(cached)
+            cache.batch_repeat_interleave(len(chunk))
+            steps = max(len(tokens[c]) for c in chunk)
+            ids = torch.full((len(rows) * len(chunk), steps), encoder.pad_id, dtype=torch.long)
+            wanted = torch.zeros((len(rows) * len(chunk), steps), dtype=torch.long)
+            mask = torch.zeros((len(rows) * len(chunk), steps), dtype=torch.long)
+            for i, n in enumerate(rows):
+                for k, choice in enumerate(chunk):
+                    row, own = i * len(chunk) + k, tokens[choice]
+                    ids[row, : len(own)] = torch.tensor([prompts[n][-1], *own[:-1]])
+                    wanted[row, : len(own)] = torch.tensor(own)
+                    mask[row, : len(own)] = 1
+            mask, wanted = mask.to(device), wanted.to(device)
+            positions = lengths.repeat_interleave(len(chunk)).unsqueeze(1) + torch.arange(
+                steps, device=device
+            )
+            logits = model(
+                input_ids=ids.to(device),
+                attention_mask=torch.cat([head_mask.repeat_interleave(len(chunk), 0), mask], 1),
+                position_ids=positions,
+                use_cache=True,
+                **{name: cache},
+            ).logits
+            picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, wanted.unsqueeze(-1))
+            summed = (picked.squeeze(-1) * mask).sum(dim=1).view(len(rows), len(chunk)).cpu()
+            scores[torch.tensor(rows).unsqueeze(1), torch.arange(first, first + len(chunk))] = (
+                summed
+            )
+    position = {c: i for i, c in enumerate(candidates)}
+    gold = torch.tensor([position[e.completion] for e in examples], dtype=torch.long)
+    counts = torch.tensor([len(tokens[e.completion]) for e in examples], dtype=torch.float)
+    gold_logprob = scores.gather(1, gold.unsqueeze(1)).squeeze(1)
+    loss = float(-gold_logprob.sum() / counts.sum().clamp(min=1))
+    return _with_choices(loss, scores, gold)
+
+
 def _with_choices(loss: float, scores: torch.Tensor, gold: torch.Tensor) -> Quality:
     """Accuracy and choice loss from (examples, choices) scores; gold -1: not among them."""
     accuracy = float((scores.argmax(dim=1) == gold).float().mean())
@@ -171,6 +264,13 @@ def measure(
                 device=device,
                 batch_size=batch_size,
             )
+        shared = _shared_prompts(encoder, examples, candidates) if with_accuracy else None
+        if shared is not None:
+            found = _measure_shared_prompt(
+                model, encoder, examples, candidates, *shared, device=device, batch_size=batch_size
+            )
+            if found is not None:
+                return found
         index = {c: i for i, c in enumerate(candidates)}
         items: list[tuple[int, int, Encoded]] = []  # (example, candidate slot, encoding)
         for n, example in enumerate(examples):
