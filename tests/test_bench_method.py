@@ -41,14 +41,9 @@ def _toy_model(toy: Any) -> tuple[Any, Encoder, list[Example], list[str]]:
     return model, Encoder(models.load_tokenizer(toy.v2)), examples, choices
 
 
-def test_single_token_scoring_matches_the_general_path(
-    toy: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    model, encoder, examples, choices = _toy_model(toy)
-    fast = quality.measure(model, encoder, examples, choices, device=CPU, batch_size=7)
-    fast_loss_only = quality.measure(
-        model, encoder, examples, choices, device=CPU, with_accuracy=False
-    )
+def _pairs_scored(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry per batch that quality scores one sequence per (prompt, completion), from now
+    on in this test."""
     calls: list[int] = []
     original = quality.sequence_logprobs
 
@@ -57,6 +52,18 @@ def test_single_token_scoring_matches_the_general_path(
         return original(*args)
 
     monkeypatch.setattr(quality, "sequence_logprobs", counted)
+    return calls
+
+
+def test_single_token_scoring_matches_the_general_path(
+    toy: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, encoder, examples, choices = _toy_model(toy)
+    fast = quality.measure(model, encoder, examples, choices, device=CPU, batch_size=7)
+    fast_loss_only = quality.measure(
+        model, encoder, examples, choices, device=CPU, with_accuracy=False
+    )
+    calls = _pairs_scored(monkeypatch)
     monkeypatch.setattr(quality, "_single_tokens", lambda encoder, texts: None)
     monkeypatch.setattr(quality, "_shared_prompts", lambda *args: None)
     slow = quality.measure(model, encoder, examples, choices, device=CPU, batch_size=7)
@@ -88,14 +95,7 @@ def test_multi_token_choices_score_each_prompt_once_as_one_sequence_per_pair_doe
         Example(e.prompt + " and" * (n % 5), phrases[e.completion]) for n, e in enumerate(examples)
     ]
     candidates = list(phrases.values())
-    pairs: list[int] = []
-    original = quality.sequence_logprobs
-
-    def counted(*args: Any) -> Any:
-        pairs.append(1)
-        return original(*args)
-
-    monkeypatch.setattr(quality, "sequence_logprobs", counted)
+    pairs = _pairs_scored(monkeypatch)
     shared = [
         quality.measure(model, encoder, examples, candidates, device=CPU, batch_size=size)
         for size in (64, 3)
