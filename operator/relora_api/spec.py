@@ -181,9 +181,7 @@ class Initialization(APIModel):
         le=500,
         description=(
             "Search trials (each: one fusion + one evaluation). 0 (the default): no search, "
-            "the old adapter is the start (as warm-start's) and the base evolution is not "
-            "read; on the development suite the search never shortened a migration by more "
-            "than it cost. Opt in with e.g. 16."
+            "the old adapter is the start. Opt in with e.g. 16."
         ),
     )
     timeout_seconds: int = Field(
@@ -226,10 +224,8 @@ class Initialization(APIModel):
         default="loss",
         description=(
             "What a trial minimizes on the validation examples: loss (the completions' "
-            "cross-entropy, as in the paper), choice-loss (the cross-entropy among the task's "
-            "distinct completions only: a proxy of accuracy), or lookahead (choice-loss, or loss "
-            "for a loss target, after lookaheadSteps fine-tuning steps from the trial's "
-            "initialization)."
+            "cross-entropy, as in the paper), choice-loss (among the task's distinct "
+            "completions only), or lookahead (either, after lookaheadSteps fine-tuning steps)."
         ),
     )
     lookahead_steps: int = Field(
@@ -244,10 +240,9 @@ class Initialization(APIModel):
     fallback: bool = Field(
         default=True,
         description=(
-            "After the search, keep its start only if it is at least as good as the old "
-            "adapter's (the anchor alpha=1, beta=0) on the readiness metric, measured on the "
-            "search's validation examples; otherwise start from the old adapter. The search "
-            "then cannot hand the fine-tuning a worse start than warm-start's."
+            "Keep the searched start only if it is at least as good as the old adapter's "
+            "(alpha=1, beta=0) on the readiness metric over the search's validation examples; "
+            "otherwise start from the old adapter."
         ),
     )
     patience: int = Field(
@@ -255,29 +250,23 @@ class Initialization(APIModel):
         ge=1,
         le=500,
         description=(
-            "Stop the search after this many trials in a row without improvement: once this "
-            "many completed trials after the best one so far have not improved on its value "
-            "(the anchors count as trials, so with the first anchor best 1 + patience trials "
-            "run). A patience of trials - 1 or more never stops it (e.g. 500: every trial "
-            "runs); null means the default, as for every field."
+            "Stop the search after this many completed trials in a row without improving on "
+            "the best (the anchors count as trials); trials - 1 or more never stops it."
         ),
     )
     skip_when_ready: bool = Field(
         default=True,
         description=(
             "Do not search when the old adapter on the target base already meets the "
-            "readiness target on the validation split (measured before the search, as the "
-            "report's `before` quality): start from the old adapter, as warm-start does. false "
-            "searches always."
+            "readiness target on the validation split: start from it. false searches always."
         ),
     )
     magnitude: Magnitude = Field(
         default="rescaled",
         description=(
-            "DoRA adapters only: the magnitude vector of a fused start. rescaled keeps the old "
-            "adapter's ratio of magnitude to direction norm (per output feature, measured on the "
-            "source base) on the start's direction over the target base; kept uses the old "
-            "magnitudes as trained on the source base (what reuse and warm-start do)."
+            "DoRA adapters only: a fused start's magnitudes. rescaled keeps the old adapter's "
+            "ratio of magnitude to direction norm per output feature; kept uses the old "
+            "magnitudes (what reuse and warm-start do)."
         ),
     )
 
@@ -342,11 +331,9 @@ class Distillation(APIModel):
     over: DistillationSupport = Field(
         default="choices",
         description=(
-            "The tokens both distributions are compared over: choices (a task scored by "
-            "accuracy: at each completion token where the task's choices that agree so far "
-            "continue differently, those continuations, e.g. the labels of one-token labels; "
-            "nothing elsewhere) or top-k (the teacher's topK tokens at every completion token; "
-            "always for a task scored by loss)."
+            "The tokens both distributions are compared over: choices (accuracy tasks: where "
+            "the task's choices that agree so far continue differently, those continuations) "
+            "or top-k (the teacher's topK tokens; always for a task scored by loss)."
         ),
     )
     agreeing: bool = Field(
@@ -362,12 +349,9 @@ class Distillation(APIModel):
         ge=0,
         le=100,
         description=(
-            "Extra weight of the task loss at the completion tokens where the teacher is right "
-            "(its most likely token among those compared is the example's own): there the "
-            "token's cross-entropy counts 1 + emphasis times. It leans the fine-tune toward what "
-            "the old adapter knew, which is what a readiness target relative to the source "
-            "measures; 0: off. Needs the teacher (computed when weight or emphasis is > 0). "
-            "Default: 3 with strategy relora, 0 with the others."
+            "Extra weight of the task loss where the teacher is right (its most likely token "
+            "among those compared is the example's own): there a token counts 1 + emphasis "
+            "times; 0: off. Default: 3 with strategy relora, 0 with the others."
         ),
     )
     share: float = Field(
@@ -375,27 +359,22 @@ class Distillation(APIModel):
         gt=0,
         le=1,
         description=(
-            "The share of the training examples the teacher covers: a fixed random subset of "
-            "them (drawn with the method's seed); the others train on the task loss alone. "
-            "Fewer forward passes over the old base (its seconds scale with the share), a "
-            "weaker term (the weights apply per covered token, averaged over all of them)."
+            "Share of the training examples the teacher covers (a fixed random subset drawn "
+            "from the seed; the others train on the task loss alone)."
         ),
     )
     since: Literal["start", "first-check"] = Field(
         default="start",
         description=(
-            "When the teacher starts: at the first step, or after the first readiness check "
-            "finds the adapter not ready (the steps before it train on the task loss alone; "
-            "nothing is computed before fine-tuning): an adapter ready at the first check never "
-            "pays for a teacher."
+            "When the teacher starts: start (the first step) or first-check (after the first "
+            "readiness check: an adapter ready there pays for no teacher)."
         ),
     )
     until: Literal["ready", "budget"] = Field(
         default="budget",
         description=(
-            "How long the teacher takes part: the whole budget, or until the adapter is ready "
-            "(after the first evaluation that meets the target, the plain task loss). Matters "
-            "only with stopWhenReady false: a run that stops when ready never trains past it."
+            "How long the teacher takes part: budget, or ready (the task loss alone after the "
+            "first evaluation that meets the target; matters with stopWhenReady false)."
         ),
     )
 
@@ -560,12 +539,10 @@ class Distributed(APIModel):
         ge=1,
         le=MAX_WORKERS,
         description=(
-            "Worker pods per adapter, at most 64. More than one makes the adapter's Job an "
-            "Indexed Job of that many pods, admitted and started together (one Kueue workload), "
-            "reachable through a headless Service; a failed worker fails the whole group, which "
-            "is started again from the last checkpoint (backoffLimit restarts of the group). "
-            "The output must then be storage every worker sees (pvc:// on a ReadWriteMany "
-            "claim, or s3://). Default: 1."
+            "Worker pods per adapter, at most 64. More than one: an Indexed Job of that many "
+            "pods started together behind a headless Service; a failed worker restarts the "
+            "group from its last checkpoint. The output must be storage every worker sees "
+            "(pvc:// on a ReadWriteMany claim, or s3://)."
         ),
     )
 
