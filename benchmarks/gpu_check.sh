@@ -2,7 +2,9 @@
 # One short GPU job (well under 8 minutes): benchmarks/trainer_memory.py on CUDA in bf16
 # (spec.method.precision auto = bf16 on a GPU that has it; the floor loads the same way), for
 # --size smollm2 and --size 1b: peak RSS, peak CUDA memory, s/step, tokens/s and MFU of a
-# `relora run` migration and of the floor (a bare PEFT LoRA loop on the target alone).
+# `relora run` migration and of the floor (a bare PEFT LoRA loop on the target alone). Then
+# benchmarks/evaluation.py on a 1B Llama: multi-token choices scored with each prompt once
+# against one sequence per (prompt, choice), seconds of each (in the log).
 # MFU = 4 * N * tokens/s / RELORA_PEAK_FLOPS (default 989e12, H100/H200 SXM dense bf16): a LoRA
 # step on a frozen base costs ~2N FLOPs a token forward + ~2N backward (activation gradients
 # only, no weight gradients of the base), not full training's 6N.
@@ -117,6 +119,9 @@ import relora_cli, relora_operator.api  # the project, from PYTHONPATH
       cp "$WORK/memory-report.md" "$OUT/memory-$size.md"
     fi
   done
+  # multi-token evaluation, each prompt once against one sequence per pair (bf16, a 1B Llama)
+  step "evaluation 1b" 120 "$PYTHON" benchmarks/evaluation.py --size 1b --device "$DEVICE" \
+    --prompt-words 96
   local gpus
   gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
   if ((gpus >= 2)); then
