@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml
 ## demo: install, check the examples, build the corpus testbed and migrate its adapter to v2-severe
 demo: $(STAMP)
 	$(BIN)/relora validate -f examples/local-migration.yaml -f examples/cluster-migration.yaml
-	$(BIN)/relora testbed build --out examples/testbed
+	$(BIN)/relora testbed build --out examples/testbed --threads 1
 	$(BIN)/relora run -f examples/testbed/migration-severe.yaml
 
 ## demo-toy: the same on the toy world (seconds; a smoke test)
