@@ -111,6 +111,45 @@ def test_baselines_run_through_the_same_path(strategy: str, toy: Any, tmp_path: 
         assert report["steps"] > 0
 
 
+@pytest.mark.parametrize(
+    ("strategy", "rank", "measured_at_zero"),
+    [("warm-start", None, False), ("relora", None, False), ("warm-start", 2, True)],
+)
+def test_a_start_that_is_the_old_adapter_is_not_measured_again(
+    toy: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    strategy: str,
+    rank: int | None,
+    measured_at_zero: bool,
+) -> None:
+    """The old adapter as is (warm-start, relora without a search, at its own rank): the
+    step-0 evaluation is the reference measurement on the target base, in no time; a start
+    of another rank (truncated) is measured."""
+    measured: list[int] = []
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        measured.append(len(args[2]))
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr("relora_trainer.method.finetune.measure", counting)
+    manifest = toy_manifest(toy, strategy=strategy)
+    method = manifest["spec"]["method"]
+    method["initialization"] = {"trials": 0}
+    method["finetune"] = {"maxSteps": 2, "evalEvery": 1, "distillation": {"weight": 0}}
+    if rank is not None:
+        method["rank"] = rank
+    manifest["spec"]["adapters"][0]["readiness"] = {"target": 0.999}
+    assert local_run.run(str(_write(tmp_path, manifest)), quiet=True) == EXIT_NOT_READY
+    report = _report(tmp_path)
+    assert [e["step"] for e in report["history"]] == [0, 1, 2]
+    assert len(measured) == (3 if measured_at_zero else 2)
+    first, before = report["history"][0], report["quality"]["before"]["validation"]
+    if not measured_at_zero:
+        assert (first["loss"], first["accuracy"]) == (before["loss"], before["accuracy"])
+        assert first["seconds"] < report["history"][1]["seconds"]
+
+
 def test_not_ready_within_budget_exits_4(toy: Any, tmp_path: Path) -> None:
     manifest = toy_manifest(toy, strategy="scratch")
     manifest["spec"]["method"]["finetune"] = {"maxSteps": 2, "evalEvery": 1}

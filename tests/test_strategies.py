@@ -10,7 +10,7 @@ import torch
 
 from relora_api.spec import Initialization, Strategy
 from relora_trainer import adapters, models
-from relora_trainer.method import fusion, strategies
+from relora_trainer.method import fusion, search, strategies
 from relora_trainer.method.config import SearchConfig
 from relora_trainer.method.quality import Quality
 
@@ -90,6 +90,31 @@ def test_the_baselines_never_read_the_source_base(toy: Any, tmp_path: Path, name
     else:  # the old update itself (same rank, same scale)
         old = context.old.factors[module]
         assert torch.allclose(got, old.b @ old.a, atol=1e-5)
+
+
+@pytest.mark.parametrize(("rank", "kept"), [(None, True), (8, True), (2, False)])
+def test_which_starts_are_the_old_adapter_as_is(
+    toy: Any, tmp_path: Path, rank: int | None, kept: bool
+) -> None:
+    """The start whose quality is the old adapter's on the target base: the old update loaded
+    whole (a higher rank keeps it, a lower one truncates it), by a strategy that loads it."""
+    context = _context(toy, tmp_path, [], rank=rank)
+    assert strategies.keeps_update(context) is kept
+    strategies.strategy("warm-start").initialize(context)
+    module = next(iter(context.old.factors))
+    old = context.old.factors[module]
+    got = _update(context.model, module) * context.layout[module][1]
+    same = torch.allclose(got, old.b @ old.a * context.old.scale(module), atol=1e-5)
+    assert same is kept, "keeps_update must say whether the product is the old one"
+    assert strategies.strategy("reuse").starts_as_old(None) is True
+    assert strategies.strategy("warm-start").starts_as_old(None) is True
+    assert strategies.strategy("scratch").starts_as_old(None) is False
+    relora = strategies.strategy("relora")
+    skipped = search.SearchResult(coefficients={"all": (1.0, 0.0)}, best_value=None, skipped=True)
+    searched = search.SearchResult(coefficients={"all": (1.0, 0.0)}, best_value=0.5)
+    assert relora.starts_as_old(skipped) is True
+    assert relora.starts_as_old(searched) is False  # fused, even at the anchor
+    assert relora.starts_as_old(None) is False
 
 
 def test_relora_searches_on_the_evolution(toy: Any, tmp_path: Path) -> None:

@@ -201,23 +201,25 @@ def _migrate_claimed(
 
     try:
         chosen = strategies.strategy(method.strategy)
-        result = chosen.initialize(
-            _context(
-                spec=spec,
-                model=model,
-                old=old,
-                bases=bases,
-                quality=quality,
-                tune=tune,
-                journal=state / "search.journal",
-                study_name=f"{search.STUDY_NAME}-{key}",
-                on_trial=trial_done,
-                ready_before=ready_before,
-            )
+        context = _context(
+            spec=spec,
+            model=model,
+            old=old,
+            bases=bases,
+            quality=quality,
+            tune=tune,
+            journal=state / "search.journal",
+            study_name=f"{search.STUDY_NAME}-{key}",
+            on_trial=trial_done,
+            ready_before=ready_before,
         )
+        result = chosen.initialize(context)
+        # The old adapter as is: its reference measurement on the target is the start's.
+        as_old = chosen.starts_as_old(result) and strategies.keeps_update(context)
+        start_quality = before_quality["validation"] if as_old else None
         finetune_config = tune.as_run(trains=chosen.trains, distils=teacher is not None)
         shared = None if part is None else {k: v.cpu() for k, v in part.teacher.to_state().items()}
-        meetings.hand(Start(shared, target, checkpointing))
+        meetings.hand(Start(shared, target, checkpointing, start_quality))
         same_adapter(meetings.world, model)
 
         def on_step(step: int, evaluation: Evaluation | None) -> None:
@@ -250,6 +252,7 @@ def _migrate_claimed(
             on_checkpoint=lambda: claim.save_state(STATE_DIR),
             teacher=teacher,
             world=meetings.world,
+            start_quality=start_quality,
         )
         meetings.expect()  # the others wait for the report
         if isinstance(teacher, distillation.Staged):  # its later stages: the teacher's seconds

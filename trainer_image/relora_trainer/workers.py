@@ -21,6 +21,7 @@ from relora_trainer.loading import Bases
 from relora_trainer.method import distillation, strategies
 from relora_trainer.method.config import FinetuneConfig
 from relora_trainer.method.finetune import MicroBatch, Target, finetune
+from relora_trainer.method.quality import Quality
 from relora_trainer.storage import Storage
 
 
@@ -28,7 +29,8 @@ from relora_trainer.storage import Storage
 class Start:
     """What rank 0 hands the other workers before they fine-tune together: the teacher's
     distributions over all of train (None: no distillation), the readiness target (relative to
-    rank 0's source measurement), whether activations are recomputed. The adapter's start
+    rank 0's source measurement), whether activations are recomputed, the start's quality when
+    measured already. The adapter's start
     itself (the search's choice) reaches them at the start of :func:`finetune`, which broadcasts
     rank 0's trainable parameters: the others attach the same fresh adapter and skip the
     strategy (a strategy sets values only, never the adapter's layout; checked by
@@ -37,6 +39,7 @@ class Start:
     teacher: dict[str, torch.Tensor] | None
     target: Target
     checkpointing: bool
+    start_quality: Quality | None = None  # the start's, measured already (see finetune)
 
 
 class Meetings:
@@ -144,6 +147,7 @@ def follow(
             micro=MicroBatch(tune.micro_batch_size or tune.batch_size, batch=tune.batch_size),
             teacher=teacher,
             world=world,
+            start_quality=start.start_quality,
         )
     finally:
         adapters.detach(model)

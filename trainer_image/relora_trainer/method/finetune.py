@@ -422,6 +422,7 @@ def finetune(
     on_checkpoint: Callable[[], None] | None = None,
     teacher: distillation.Lessons | None = None,
     world: World | None = None,
+    start_quality: Quality | None = None,
 ) -> FinetuneOutcome:
     """Train the adapter parameters of ``model`` from their current values until ready or budget.
     With a distillation weight or emphasis > 0, ``teacher`` (over ``train``) is required; with
@@ -431,7 +432,11 @@ def finetune(
     the same arguments (``teacher`` over all of ``train``; ``state_dir`` one folder all of them
     read). The adapter parameters start from rank 0's values. ``on_step`` is called on every
     worker, with the same evaluations; ``on_checkpoint`` on rank 0 only, before the others go
-    on. None (or a world of one): this process alone, no collective."""
+    on. None (or a world of one): this process alone, no collective.
+
+    ``start_quality``: the start's quality on ``validation``, when it was measured already (the
+    old adapter as is: the reference measurement on the target base); the step-0 evaluation
+    takes it, in no time, instead of measuring the same again."""
     distill_weight = config.distillation.weight
     if config.distillation.teaches and config.max_steps > 0:
         if teacher is None:
@@ -479,6 +484,23 @@ def finetune(
 
     def evaluate(step: int) -> Evaluation:
         started = time.perf_counter()
+        known = start_quality if step == 0 else None
+        if known is not None and (target.metric == "loss" or known.accuracy is not None):
+            quality = known
+        else:
+            quality = measured()
+        outcome.eval_seconds += time.perf_counter() - started
+        evaluation = Evaluation(
+            step, clock(), quality.loss, quality.accuracy, quality.value(target.metric)
+        )
+        if workers is not None:  # rank 0's numbers: the same readiness decision everywhere
+            evaluation = workers.broadcast(evaluation)
+        outcome.history.append(evaluation)
+        if target.met(evaluation.quality) and outcome.ready_step is None:
+            outcome.ready_step, outcome.ready_seconds = step, evaluation.seconds
+        return evaluation
+
+    def measured() -> Quality:
         with autocast(device):
             quality: Quality = micro.run(
                 lambda: measure(
@@ -491,16 +513,7 @@ def finetune(
                     with_accuracy=target.metric == "accuracy",
                 )
             )
-        outcome.eval_seconds += time.perf_counter() - started
-        evaluation = Evaluation(
-            step, clock(), quality.loss, quality.accuracy, quality.value(target.metric)
-        )
-        if workers is not None:  # rank 0's numbers: the same readiness decision everywhere
-            evaluation = workers.broadcast(evaluation)
-        outcome.history.append(evaluation)
-        if target.met(evaluation.quality) and outcome.ready_step is None:
-            outcome.ready_step, outcome.ready_seconds = step, evaluation.seconds
-        return evaluation
+        return quality
 
     if not outcome.history:
         first = evaluate(0)

@@ -8,7 +8,7 @@ relora the base evolution too (read by the caller, see :class:`Context`) and its
 
 from __future__ import annotations
 
-from relora_trainer.method.strategies.base import Context, Strategy
+from relora_trainer.method.strategies.base import Context, Strategy, keeps_update
 from relora_trainer.method.strategies.relora import Relora
 from relora_trainer.method.strategies.reuse import Reuse
 from relora_trainer.method.strategies.scratch import Scratch
@@ -22,4 +22,4 @@ def strategy(name: str) -> Strategy:
     return STRATEGIES[name]
 
 
-__all__ = ["STRATEGIES", "Context", "Strategy", "strategy"]
+__all__ = ["STRATEGIES", "Context", "Strategy", "keeps_update", "strategy"]

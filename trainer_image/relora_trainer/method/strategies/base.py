@@ -53,6 +53,11 @@ class Strategy(Protocol):
         """Set the starting adapter in ``context.model``; the search's result, if any."""
         ...
 
+    def starts_as_old(self, result: SearchResult | None) -> bool:
+        """Whether the start :meth:`initialize` set (its ``result``) is :func:`old_update`, so
+        that its quality is the old adapter's on the target base when :func:`keeps_update`."""
+        ...
+
 
 def old_update(context: Context) -> None:
     """Load the old adapter into the model as PEFT would load it on the new base: its update at
@@ -75,6 +80,16 @@ def old_update(context: Context) -> None:
     for module, factors in start.factors.items():
         factors.magnitude = old.factors[module].magnitude
     adapters.load_factors(context.model, start.factors, old.saved)
+
+
+def keeps_update(context: Context) -> bool:
+    """Whether :func:`old_update` loads the old update whole: every module's new rank at
+    least its old one (a lower rank truncates it)."""
+    old = context.old
+    return all(
+        context.layout[module][0] >= int(factors.a.shape[0])
+        for module, factors in old.factors.items()
+    )
 
 
 def with_magnitudes(

@@ -93,6 +93,10 @@ class Relora:
             result.seconds += time.perf_counter() - started  # the check is part of the search
         return result
 
+    def starts_as_old(self, result: SearchResult | None) -> bool:
+        """Without a search (``skipped``): a start searched, even the anchor, is fused."""
+        return result is not None and result.skipped
+
 
 def _key(coefficients: Coefficients) -> tuple[tuple[str, tuple[float, float]], ...]:
     return tuple(sorted(coefficients.items()))

@@ -14,3 +14,6 @@ class Reuse:
     def initialize(self, context: Context) -> SearchResult | None:
         old_update(context)
         return None
+
+    def starts_as_old(self, result: SearchResult | None) -> bool:
+        return True

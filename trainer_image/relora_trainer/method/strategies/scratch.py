@@ -13,3 +13,6 @@ class Scratch:
 
     def initialize(self, context: Context) -> SearchResult | None:
         return None  # nothing to compute: the model already holds PEFT's initialization
+
+    def starts_as_old(self, result: SearchResult | None) -> bool:
+        return False
