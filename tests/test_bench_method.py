@@ -120,6 +120,45 @@ def test_multi_token_choices_score_each_prompt_once_as_one_sequence_per_pair_doe
         assert found.choice_loss == pytest.approx(per_pair.choice_loss, rel=1e-5)
 
 
+@pytest.mark.parametrize("path", ["single-token", "shared-prompt", "per-pair", "loss-only"])
+def test_the_scores_of_shares_join_into_the_quality_of_the_whole(
+    toy: Any, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """What workers do at a readiness check: each scores a share of validation, the shares
+    joined in rank order give the quality of the whole (on every scoring path, with the
+    completions' token counts weighing the loss of multi-token ones)."""
+    model, encoder, examples, choices = _toy_model(toy)
+    if path != "single-token":  # phrases of 2-4 tokens, prompts of different lengths
+        phrases = {c: c * (2 + i % 3) for i, c in enumerate(choices)}
+        examples = [
+            Example(e.prompt + " and" * (n % 5), phrases[e.completion])
+            for n, e in enumerate(examples)
+        ]
+        choices = list(phrases.values())
+    if path == "per-pair":
+        monkeypatch.setattr(quality, "_shared_prompts", lambda *args: None)
+    accuracy = path != "loss-only"
+
+    def scored(part: list[Example]) -> quality.Scores:
+        return quality.score(
+            model, encoder, part, choices, device=CPU, batch_size=5, with_accuracy=accuracy
+        )
+
+    whole = scored(examples).quality()
+    cut = len(examples) // 3
+    joined = quality.Scores.joined([scored(examples[:cut]), scored(examples[cut:])]).quality()
+    assert (joined.accuracy is None) is (whole.accuracy is None) is (not accuracy)
+    if accuracy:
+        assert joined.accuracy == pytest.approx(whole.accuracy, abs=1e-9)
+        assert joined.choice_loss == pytest.approx(whole.choice_loss, rel=1e-5)
+    assert joined.loss == pytest.approx(whole.loss, rel=1e-5)
+    unweighted = (cut * scored(examples[:cut]).quality().loss) + (
+        (len(examples) - cut) * scored(examples[cut:]).quality().loss
+    )
+    if path != "single-token":  # a mean of the shares' means would weigh examples, not tokens
+        assert unweighted / len(examples) != pytest.approx(whole.loss, rel=1e-5)
+
+
 def test_the_choice_loss_is_the_cross_entropy_among_the_choices(toy: Any) -> None:
     model, encoder, examples, choices = _toy_model(toy)
     measured = quality.measure(model, encoder, examples[:5], choices, device=CPU)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -28,7 +29,8 @@ from relora_sandbox.processes import free_port
 from relora_trainer import adapters, models
 from relora_trainer.data import IGNORE_INDEX, Encoded, Encoder, Example, read_jsonl
 from relora_trainer.distributed import ENVIRONMENT, World
-from relora_trainer.method import distillation
+from relora_trainer.method import distillation, quality
+from relora_trainer.method import finetune as finetune_module
 from relora_trainer.method.config import FinetuneConfig, RegularizationConfig
 from relora_trainer.method.finetune import Target, finetune, labelled_tokens
 
@@ -81,6 +83,21 @@ def _model(toy: Any, base: Path, dropout: float) -> Any:
     return model
 
 
+@contextlib.contextmanager
+def _counting_scores(scored: list[int]) -> Iterator[None]:
+    """Within the block, finetune's scoring records how many examples each call scores."""
+
+    def counted(model: Any, encoder: Any, examples: Any, *args: Any, **kwargs: Any) -> Any:
+        scored.append(len(examples))
+        return quality.score(model, encoder, examples, *args, **kwargs)
+
+    setattr(finetune_module, "score", counted)  # noqa: B010 (not exported: mypy)
+    try:
+        yield
+    finally:
+        setattr(finetune_module, "score", quality.score)  # noqa: B010
+
+
 def _run(job: Job, world: World | None) -> dict[str, Any]:
     """``job`` on this process (``world``: its place among the workers): the outcome (None when
     it crashed as asked) and the adapter parameters after it."""
@@ -94,8 +111,9 @@ def _run(job: Job, world: World | None) -> dict[str, Any]:
         if step == job.crash_after:
             raise Crash
 
+    scored: list[int] = []  # examples per evaluation scored on this worker
     outcome = None
-    with contextlib.suppress(Crash):
+    with contextlib.suppress(Crash), _counting_scores(scored):
         outcome = finetune(
             model=model,
             encoder=_encoder(job.toy),
@@ -115,7 +133,8 @@ def _run(job: Job, world: World | None) -> dict[str, Any]:
             world=world,
         )
     weights = {n: p.detach().clone() for n, p in adapters.trainable(model).items()}
-    return {"outcome": None if outcome is None else asdict(outcome), "weights": weights}
+    outcome_dict = None if outcome is None else asdict(outcome)
+    return {"outcome": outcome_dict, "weights": weights, "scored": scored}
 
 
 def _worker(rank: int, size: int, port: int, jobs: list[Job]) -> None:
@@ -202,7 +221,12 @@ def test_two_workers_take_the_steps_of_one_process(
         assert [e["step"] for e in two["history"]] == [0, 3, 6]
         losses = [e["loss"] for e in two["history"]]
         assert losses == pytest.approx([e["loss"] for e in one["history"]], rel=1e-5)
+        accuracies = [e["accuracy"] for e in two["history"]]
+        assert accuracies == [e["accuracy"] for e in one["history"]]
     assert ranks[0]["outcome"]["history"] == ranks[1]["outcome"]["history"]
+    # Each worker scored its half of the 32 validation examples at each evaluation.
+    assert alone["scored"] == [32, 32, 32]
+    assert ranks[0]["scored"] == ranks[1]["scored"] == [16, 16, 16]
     assert _max_difference(ranks[0]["weights"], ranks[1]["weights"]) == 0.0, "replicas equal"
     difference = _max_difference(ranks[0]["weights"], alone["weights"])
     print(f"max |1 worker - 2 workers| over the LoRA parameters: {difference:.3g}")

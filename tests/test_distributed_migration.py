@@ -10,23 +10,17 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import shutil
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from benchmarks.workers import Launch, launch
 from safetensors.torch import load_file, save_file
 
 from relora_api import contract
-from relora_api.resource import AdapterMigration
-from relora_sandbox.processes import free_port
 from relora_trainer import errors
-from relora_trainer.distributed import ENV_TIMEOUT, ENVIRONMENT
 from tests.conftest import toy_manifest
 
 ADAPTER = "toy-category"
@@ -38,27 +32,6 @@ only (two workers' partial sums all-reduced instead of one sum), ~1e-8 per step,
 normalization can enlarge where a gradient is near zero; 1e-5 is far below what one step moves
 a parameter (~lr = 1e-2) and far above the rounding seen (tests/test_distributed.py)."""
 TIMEOUT = 240  # seconds a launch may take (a hang fails instead)
-
-
-@dataclass
-class Launch:
-    """One launch of the entrypoint: its exit codes and output by rank, and where it wrote."""
-
-    codes: list[int]
-    stdout: list[str]
-    stderr: list[str]
-    root: Path
-
-    @property
-    def output(self) -> Path:
-        return self.root / "output" / ADAPTER
-
-    def termination(self, rank: int) -> Path:
-        return self.root / f"termination-{rank}"
-
-    def report(self) -> dict[str, Any]:
-        loaded: dict[str, Any] = json.loads((self.output / "report.json").read_text())
-        return loaded
 
 
 def _manifest(toy: Any, root: Path) -> dict[str, Any]:
@@ -86,49 +59,7 @@ def _launch(
 ) -> Launch:
     """The Job entrypoint as ``workers`` processes (with torchrun's environment when more than
     one, and ``extra``), one torch thread each, in ``root``."""
-    root.mkdir(parents=True, exist_ok=True)
-    spec = AdapterMigration.from_manifest(manifest).spec
-    base = {k: v for k, v in os.environ.items() if k not in ENVIRONMENT}
-    base.update(
-        {
-            contract.ENV_MIGRATION: contract.single_adapter_spec(spec, ADAPTER),
-            contract.ENV_ADAPTER: ADAPTER,
-            contract.ENV_OWNER: contract.owner("ns", "toy", "uid-1"),
-            "OMP_NUM_THREADS": "1",  # two workers on a small machine
-            ENV_TIMEOUT: str(TIMEOUT),
-        }
-    )
-    port = str(free_port())
-    processes = []
-    for rank in range(workers):
-        env = {**base, contract.ENV_TERMINATION_LOG: str(root / f"termination-{rank}")}
-        if workers > 1:
-            env.update(
-                RANK=str(rank),
-                WORLD_SIZE=str(workers),
-                LOCAL_RANK=str(rank),
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=port,
-            )
-        env.update(extra or {})
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "relora_trainer.job"],
-                cwd=root,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    try:
-        outputs = [p.communicate(timeout=TIMEOUT + 60) for p in processes]
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-    codes = [p.returncode for p in processes]
-    return Launch(codes, [out for out, _ in outputs], [err for _, err in outputs], root)
+    return launch(manifest, ADAPTER, root, workers, timeout=TIMEOUT, extra=extra)
 
 
 def _files(folder: Path) -> list[str]:

@@ -163,20 +163,20 @@ def test_running_out_of_gpu_memory_halves_the_micro_batch(
     roomy, roomy_weights = _run(toy, state=None, config=config, target=UNREACHABLE, dropout=0.0)
 
     real_loss = finetune_module.task_loss
-    from relora_trainer.method.quality import measure as real_measure
+    from relora_trainer.method.quality import score as real_score
 
     def loss(model: Any, batch: dict[str, torch.Tensor], **kw: Any) -> torch.Tensor:
         if batch["input_ids"].shape[0] > 2:  # then the first step, 4 at a time: halved to 2
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
         return real_loss(model, batch, **kw)
 
-    def measure(*args: Any, batch_size: int, **kw: Any) -> Any:
+    def score(*args: Any, batch_size: int, **kw: Any) -> Any:
         if batch_size > 4:  # the first evaluation, 64 examples at a time: halved to 4
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
-        return real_measure(*args, batch_size=batch_size, **kw)
+        return real_score(*args, batch_size=batch_size, **kw)
 
     monkeypatch.setattr(finetune_module, "task_loss", loss)
-    monkeypatch.setattr(finetune_module, "measure", measure)
+    monkeypatch.setattr(finetune_module, "score", score)
     told: list[str] = []
     micro = MicroBatch(8, batch=8, on_change=told.append)
     tight, tight_weights = _run(

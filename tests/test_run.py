@@ -16,7 +16,7 @@ from peft import PeftModel
 from relora_trainer import local_run, models
 from relora_trainer.data import Encoder, read_jsonl
 from relora_trainer.errors import EXIT_BAD_INPUT, EXIT_NOT_READY, EXIT_OK
-from relora_trainer.method.quality import measure
+from relora_trainer.method.quality import measure, score
 from tests.conftest import toy_manifest
 
 CPU = torch.device("cpu")
@@ -130,9 +130,9 @@ def test_a_start_that_is_the_old_adapter_is_not_measured_again(
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         measured.append(len(args[2]))
-        return measure(*args, **kwargs)
+        return score(*args, **kwargs)
 
-    monkeypatch.setattr("relora_trainer.method.finetune.measure", counting)
+    monkeypatch.setattr("relora_trainer.method.finetune.score", counting)
     manifest = toy_manifest(toy, strategy=strategy)
     method = manifest["spec"]["method"]
     method["initialization"] = {"trials": 0}

@@ -14,9 +14,10 @@ workers; each worker computes the gradient of its share (:meth:`World.shard`) wi
 divided by the labelled tokens of the *whole* batch (summed over the workers), so the sum of the
 workers' gradients (all-reduced) is the single-process gradient of the batch; every worker then
 adds the regularizer's gradient, clips and steps identically, and the replicas stay equal.
-Evaluations are computed by every worker and rank 0's result taken by all (the same history and
-the same readiness step everywhere); rank 0 alone writes checkpoints, the others wait for it at
-a barrier; a resume reads them on every worker.
+An evaluation splits validation the same way: each worker scores its share, the scores are
+gathered and every worker reduces the same whole (rank 0's result is taken by all: the same
+history and the same readiness step everywhere); rank 0 alone writes checkpoints, the others
+wait for it at a barrier; a resume reads them on every worker.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from relora_trainer.data import IGNORE_INDEX, Encoded, Encoder, Example
 from relora_trainer.distributed import World
 from relora_trainer.method import distillation, regularization
 from relora_trainer.method.config import FinetuneConfig, RegularizationConfig
-from relora_trainer.method.quality import Quality, completion_logits, measure
+from relora_trainer.method.quality import Quality, Scores, completion_logits, score
 
 CHECKPOINT_FILE = "checkpoint.pt"
 T = TypeVar("T")
@@ -501,19 +502,27 @@ def finetune(
         return evaluation
 
     def measured() -> Quality:
+        """The model's quality on validation; workers score a share each and join them."""
+        share = (
+            validation
+            if workers is None
+            else [validation[n] for n in workers.shard(range(len(validation)))]
+        )
         with autocast(device):
-            quality: Quality = micro.run(
-                lambda: measure(
+            scores: Scores = micro.run(
+                lambda: score(
                     model,
                     encoder,
-                    validation,
+                    share,
                     choices,
                     device=device,
                     batch_size=micro.evaluation,
                     with_accuracy=target.metric == "accuracy",
                 )
             )
-        return quality
+        if workers is not None:
+            scores = Scores.joined(workers.gather(scores))
+        return scores.quality()
 
     if not outcome.history:
         first = evaluate(0)

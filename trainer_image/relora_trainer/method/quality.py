@@ -41,6 +41,40 @@ class Quality:
         return self.accuracy
 
 
+@dataclass(frozen=True)
+class Scores:
+    """Per example: the summed log-likelihood of each candidate completion (``choices``:
+    [examples, candidates], -inf where not scored; None when only the loss was asked for), the
+    position of its own completion among them (-1: not a candidate), and its own completion's
+    summed log-likelihood and token count. What :func:`measure` reduces to a :class:`Quality`;
+    those of parts of the examples concatenate (:meth:`joined`), so that workers each score a
+    share and agree on one quality."""
+
+    choices: torch.Tensor | None
+    gold: torch.Tensor  # long
+    gold_logprob: torch.Tensor
+    gold_tokens: torch.Tensor
+
+    def quality(self) -> Quality:
+        loss = float(-self.gold_logprob.sum() / self.gold_tokens.sum().clamp(min=1))
+        if self.choices is None:
+            return Quality(loss=loss, accuracy=None)
+        return _with_choices(loss, self.choices, self.gold)
+
+    @staticmethod
+    def joined(parts: Sequence[Scores]) -> Scores:
+        """The scores of the examples of ``parts``, in that order."""
+        with_choices = parts[0].choices is not None
+        return Scores(
+            choices=torch.cat([p.choices for p in parts if p.choices is not None])
+            if with_choices
+            else None,
+            gold=torch.cat([p.gold for p in parts]),
+            gold_logprob=torch.cat([p.gold_logprob for p in parts]),
+            gold_tokens=torch.cat([p.gold_tokens for p in parts]),
+        )
+
+
 def completion_logits(
     model: nn.Module, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +144,7 @@ def _measure_next_token(
     *,
     device: torch.device,
     batch_size: int,
-) -> Quality:
+) -> Scores:
     prompts = [encoder.encode(e.prompt, e.completion) for e in examples]
     order = sorted(range(len(examples)), key=lambda n: len(prompts[n].prompt_ids))
     candidate_ids = torch.tensor([tokens[c] for c in candidates], dtype=torch.long)
@@ -126,12 +160,12 @@ def _measure_next_token(
         if len(candidates):
             scores[index] = logprobs[:, candidate_ids]
         gold_logprob[index] = logprobs.gather(1, gold_ids[index].unsqueeze(1)).squeeze(1)
-    loss = float(-gold_logprob.mean()) if len(examples) else 0.0
+    ones = torch.ones(len(examples))
     if not candidates:
-        return Quality(loss=loss, accuracy=None)
+        return Scores(None, torch.full((len(examples),), -1), gold_logprob, ones)
     position = {c: i for i, c in enumerate(candidates)}
     gold = torch.tensor([position[e.completion] for e in examples], dtype=torch.long)
-    return _with_choices(loss, scores, gold)
+    return Scores(scores, gold, gold_logprob, ones)
 
 
 def _shared_prompts(
@@ -161,7 +195,7 @@ def _measure_shared_prompt(
     *,
     device: torch.device,
     batch_size: int,
-) -> Quality | None:
+) -> Scores | None:
     """Multi-token candidates, each prompt run once: all but its last token into the key/value
     cache (right-padded), the cache repeated once per candidate, then each candidate's tokens
     after the prompt's last one, at the positions that follow the prompt's own. The same
@@ -221,9 +255,7 @@ def _measure_shared_prompt(
     position = {c: i for i, c in enumerate(candidates)}
     gold = torch.tensor([position[e.completion] for e in examples], dtype=torch.long)
     counts = torch.tensor([len(tokens[e.completion]) for e in examples], dtype=torch.float)
-    gold_logprob = scores.gather(1, gold.unsqueeze(1)).squeeze(1)
-    loss = float(-gold_logprob.sum() / counts.sum().clamp(min=1))
-    return _with_choices(loss, scores, gold)
+    return Scores(scores, gold, scores.gather(1, gold.unsqueeze(1)).squeeze(1), counts)
 
 
 def _with_choices(loss: float, scores: torch.Tensor, gold: torch.Tensor) -> Quality:
@@ -237,7 +269,7 @@ def _with_choices(loss: float, scores: torch.Tensor, gold: torch.Tensor) -> Qual
 
 
 @torch.no_grad()
-def measure(
+def score(
     model: nn.Module,
     encoder: Encoder,
     examples: Sequence[Example],
@@ -246,8 +278,9 @@ def measure(
     device: torch.device,
     batch_size: int = 64,
     with_accuracy: bool = True,
-) -> Quality:
-    """Quality of ``model`` on ``examples``; batched, gradients off, eval mode restored after."""
+) -> Scores:
+    """:class:`Scores` of ``model`` on ``examples``; batched, gradients off, eval mode restored
+    after."""
     was_training = model.training
     model.eval()
     try:
@@ -291,10 +324,29 @@ def measure(
                 is_gold = slot < 0 or candidates[slot] == examples[n].completion
                 if is_gold:
                     gold_logprob[n], gold_tokens[n] = lp, tokens
-        loss = float(-gold_logprob.sum() / gold_tokens.sum().clamp(min=1))
-        if not with_accuracy:
-            return Quality(loss=loss, accuracy=None)
         gold = torch.tensor([index.get(e.completion, -1) for e in examples], dtype=torch.long)
-        return _with_choices(loss, scores, gold)
+        return Scores(scores if with_accuracy else None, gold, gold_logprob, gold_tokens)
     finally:
         model.train(was_training)
+
+
+def measure(
+    model: nn.Module,
+    encoder: Encoder,
+    examples: Sequence[Example],
+    choices: Sequence[str],
+    *,
+    device: torch.device,
+    batch_size: int = 64,
+    with_accuracy: bool = True,
+) -> Quality:
+    """Quality of ``model`` on ``examples`` (:func:`score`, reduced)."""
+    return score(
+        model,
+        encoder,
+        examples,
+        choices,
+        device=device,
+        batch_size=batch_size,
+        with_accuracy=with_accuracy,
+    ).quality()
