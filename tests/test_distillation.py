@@ -12,8 +12,10 @@ from peft import LoraConfig, PeftModel
 
 from relora_api import validation
 from relora_api.spec import AdapterMigrationSpec, Distillation, Finetune, Regularization
-from relora_trainer import adapters, inputs, loading, migrate, models, teaching
+from relora_trainer import adapters, loading, migrate, models, teaching
 from relora_trainer.data import Encoder, Example, read_jsonl
+from relora_trainer.distributed import Failure
+from relora_trainer.errors import BadInput
 from relora_trainer.method import distillation
 from relora_trainer.method.config import FinetuneConfig, RegularizationConfig
 from relora_trainer.method.finetune import (
@@ -643,36 +645,53 @@ def test_a_teacher_since_the_first_check_computes_nothing_before_it(
     assert report.distillation["since"] == "first-check"
 
 
-def test_workers_compute_the_whole_teacher_over_a_saved_first_stage(
-    toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, teacher_passes: list[int]
+class _Handing:
+    """A stand-in for the workers' world on a rank other than 0: each broadcast returns what
+    rank 0 hands next."""
+
+    distributed = True
+    rank = 1
+
+    def __init__(self, handed: list[object]) -> None:
+        self.handed = handed
+
+    def broadcast(self, value: object) -> object:
+        return self.handed.pop(0)
+
+
+def test_a_worker_takes_each_later_stage_from_rank_0_or_its_failure(
+    toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A first stage saved by an attempt alone (steps 2 of 8) does not do for workers, who get
-    the whole teacher before they start: it is computed again, whole."""
+    """A worker other than rank 0 computes no stage: the batch that asks for the next one
+    takes what rank 0 hands over (the teacher grown by it); a failure of rank 0 there is
+    raised as its copy (a BadInput as the same BadInput)."""
     monkeypatch.setattr(teaching, "FIRST_STAGE_EVALUATIONS", 2)
     spec = _spec(toy, tmp_path, finetune={"maxSteps": 8, "evalEvery": 1, "batchSize": 4})
-    storage = Storage(base_dir=tmp_path)
-    bases = loading.load_bases(spec, storage, CPU)
-    adapter = spec.adapters[0]
-    old = adapters.read_adapter(toy.adapter, what="adapter")
-    task = inputs.task_data(spec, adapter, storage)
-    encoder, work, state = Encoder(bases.tokenizer), "work", tmp_path / "state"
-    state.mkdir()
+    size = len(read_jsonl(toy.split("train"), what="train"))
+    first_steps = examples_seen(steps=2, size=size, batch_size=4, seed=0)
+    later = examples_seen(steps=4, size=size, batch_size=4, seed=0)
+    rows = torch.zeros((size, 1), dtype=torch.int32)
 
-    def part(reference: str, *, staged: bool) -> teaching.TeacherPart | None:
-        return teaching.first_part(
-            spec, adapter, reference, old, task, bases, encoder, state, work, staged=staged
-        )
+    def teacher(mass: set[int]) -> distillation.Teacher:
+        probs = torch.tensor([[1.0 if n in mass else 0.0] for n in range(size)])
+        return distillation.Teacher(rows, probs, torch.arange(size + 1))
 
-    alone = part("alone", staged=True)
-    assert alone is not None and alone.steps == 2
-    teaching.save(state, work, alone)
-    teacher_passes.clear()
-    whole = part("workers", staged=False)
-    size = len(task.train)
-    assert whole is not None and whole.steps is None
-    assert teacher_passes == [len(examples_seen(steps=8, size=size, batch_size=4, seed=0))]
-    again = part("alone again", staged=True)  # a run alone takes the saved first stage
-    assert again is not None and again.steps == 2 and teacher_passes == [teacher_passes[0]]
+    first = teaching.TeacherPart(teacher(set(first_steps)), 0.0, 2)
+    grown = teacher(set(later))
+    handed: list[object] = [{k: v.clone() for k, v in grown.to_state().items()}]
+    lessons = teaching.received(spec, size, first, _Handing(handed))  # type: ignore[arg-type]
+    assert isinstance(lessons, distillation.Staged)
+    assert float(lessons.rows(first_steps[:1])[0][1].sum()) == 1.0 and len(handed) == 1
+    new = next(n for n in later if n not in first_steps)
+    assert float(lessons.rows([new])[0][1].sum()) == 1.0 and not handed, "stage 2: rank 0's"
+    beyond = next(
+        n for n in examples_seen(steps=8, size=size, batch_size=4, seed=0) if n not in later
+    )
+    handed.append(Failure.of(BadInput("spec.sourceModel: unreadable"), 0))
+    with pytest.raises(BadInput, match=r"\(worker 0\) spec.sourceModel: unreadable"):
+        lessons.rows([beyond])
+    whole = teaching.TeacherPart(teacher(set(range(size))), 0.0, None)
+    assert teaching.received(spec, size, whole, _Handing([])) is whole.teacher  # type: ignore[arg-type]
 
 
 def test_a_staged_teacher_computes_each_stage_once_and_only_when_a_batch_needs_it() -> None:

@@ -213,3 +213,40 @@ def test_a_claim_refused_on_rank_0_ends_the_waiting_workers(toy: Any, tmp_path: 
     assert outcome is not None and outcome.reason == "OutputInUse"
     assert "another process" in str(outcome.message)
     assert _files(output / ADAPTER) == [], "only rank 0's write check, removed"
+
+
+def test_two_workers_share_the_later_stages_of_rank_0s_teacher(toy: Any, tmp_path: Path) -> None:
+    """Never ready in 12 steps (an evaluation every 2): the teacher comes in stages of steps
+    up to 4, 8 and the budget, as for one process. Rank 0 computes each (it alone holds the
+    source base's weights) when the batch that needs it comes, and hands it to rank 1; the
+    adapter equals one process's within TOLERANCE, and the saved teacher is the same."""
+    launches = []
+    for workers in (1, WORKERS):
+        manifest = _manifest(toy, tmp_path / str(workers))
+        manifest["spec"]["adapters"][0]["readiness"] = {"target": 0.999}
+        method = manifest["spec"]["method"]
+        method["initialization"] = {"trials": 0}
+        method["finetune"].update(maxSteps=12, evalEvery=2, checkpointEvery=100)
+        launched = _launch(manifest, tmp_path / str(workers), workers)
+        # A Job that ran its budget is done (exit 0); its result says not ready.
+        assert launched.codes == [errors.EXIT_OK] * workers, launched.stderr[0][-3000:]
+        assert launched.report()["ready"] is False
+        launches.append(launched)
+    alone, two = launches
+    notes = [p["message"] for p in _progress(two.stdout[0]) if p.get("event") == "note"]
+    assert [n.split(" (")[0] for n in notes if n.startswith("teacher:")] == [
+        "teacher: steps up to 8 covered",
+        "teacher: the whole budget covered",
+    ]
+    assert two.report()["steps"] == alone.report()["steps"] == 12
+    saved = [
+        torch.load(launch.output / "state" / "teacher.pt", weights_only=True) for launch in launches
+    ]
+    assert saved[0]["steps"] is saved[1]["steps"] is None, "the whole budget, in the end"
+    for name, value in saved[0]["teacher"].items():
+        assert torch.equal(saved[1]["teacher"][name], value), name
+    one = load_file(str(alone.output / "adapter_model.safetensors"))
+    both = load_file(str(two.output / "adapter_model.safetensors"))
+    difference = max(float((one[n] - both[n]).abs().max()) for n in one)
+    print(f"max |1 process - 2 workers| with a staged teacher: {difference:.3g}")
+    assert difference <= TOLERANCE

@@ -155,12 +155,13 @@ class World:
         """The worker that writes files and reports (rank 0)."""
         return self.rank == 0
 
-    def shard(self, indices: Sequence[int]) -> list[int]:
-        """This worker's share of a batch's example indices: a contiguous slice, the shares
-        differing by at most one example, in rank order (their concatenation is ``indices``)."""
-        start = len(indices) * self.rank // self.size
-        end = len(indices) * (self.rank + 1) // self.size
-        return list(indices[start:end])
+    def shard(self, items: Sequence[T]) -> list[T]:
+        """This worker's share of a batch (its example indices, or what goes with them): a
+        contiguous slice, the shares differing by at most one item, in rank order (their
+        concatenation is ``items``)."""
+        start = len(items) * self.rank // self.size
+        end = len(items) * (self.rank + 1) // self.size
+        return list(items[start:end])
 
     def all_reduce_(self, tensors: Iterable[torch.Tensor]) -> None:
         """Sum each tensor over the workers, in place (every worker ends with the same sums):

@@ -163,14 +163,9 @@ def _migrate_claimed(
     )
     ready_before = target.met(before_quality["validation"].value(target.metric))
     part = None
-    # Workers get the whole teacher before they start: no later stage among them.
-    staged = meetings.world is None or not meetings.world.distributed
     if not ready_before:  # else nothing to learn from it: no teacher's seconds
-        part = teaching.first_part(
-            spec, adapter, reference, old, task, bases, encoder, state, key, staged=staged
-        )
-    # Saved once; by workers also over a partial one (they computed the whole teacher again).
-    if part is not None and (not staged or not (state / teaching.TEACHER_FILE).is_file()):
+        part = teaching.first_part(spec, adapter, reference, old, task, bases, encoder, state, key)
+    if part is not None and not (state / teaching.TEACHER_FILE).is_file():
         teaching.save(state, key, part)
         claim.save_state(STATE_DIR)
     base_weights = list(bases.target.named_parameters(remove_duplicate=False))
@@ -193,7 +188,7 @@ def _migrate_claimed(
 
         metric = adapter.readiness.metric
         where = teaching.InPlace(model, base_weights, old, task, bases, encoder, metric)
-        teacher = teaching.lessons(spec, where, part, stage_done)
+        teacher = teaching.lessons(spec, where, part, stage_done, meetings.world)
 
     def trial_done(trial: int, trials: int, value: float | None) -> None:
         claim.save_state(STATE_DIR)  # the search journal, for a pod that takes over
@@ -219,7 +214,8 @@ def _migrate_claimed(
         start_quality = before_quality["validation"] if as_old else None
         finetune_config = tune.as_run(trains=chosen.trains, distils=teacher is not None)
         shared = None if part is None else {k: v.cpu() for k, v in part.teacher.to_state().items()}
-        meetings.hand(Start(shared, target, checkpointing, start_quality))
+        steps = None if part is None else part.steps
+        meetings.hand(Start(shared, steps, target, checkpointing, start_quality))
         same_adapter(meetings.world, model)
 
         def on_step(step: int, evaluation: Evaluation | None) -> None:

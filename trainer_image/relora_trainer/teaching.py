@@ -8,7 +8,10 @@ A teacher comes in stages: before fine-tuning, the examples of the steps up to
 :data:`FIRST_STAGE_EVALUATIONS` readiness checks; then, each time a batch first draws an example
 not covered yet (the adapter was not ready by then), those of twice as many steps, the last
 stage the whole budget. A run ready early pays for the examples it drew, give or take a factor
-of two, in at most a logarithm of the budget of passes over the old base's weights.
+of two, in at most a logarithm of the budget of passes over the old base's weights. Among
+data-parallel workers, rank 0 (which alone holds the source base's weights) computes each stage
+and hands it to the others (:func:`lessons`, :func:`received`): every worker asks for the rows
+of the whole batch, so all of them reach a stage at the same step.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from torch import nn
 from relora_api.spec import Adapter, AdapterMigrationSpec, Distillation
 from relora_trainer import adapters, models, ownership
 from relora_trainer.data import Encoder, TaskData
+from relora_trainer.distributed import Failure, World
 from relora_trainer.method import distillation, strategies
 from relora_trainer.method.config import DistillationConfig, FinetuneConfig
 from relora_trainer.method.finetune import EVALUATION_BATCH, MicroBatch, autocast, examples_seen
@@ -46,6 +50,11 @@ FIRST_STAGE_EVALUATIONS = 2
 """The teacher's first stage covers the examples of the steps up to this many readiness checks
 (an adapter ready by then never pays for the rest); each later stage twice the steps of the one
 before, the last the whole budget."""
+
+
+Extend = Callable[[distillation.Teacher, list[int], int], distillation.Teacher]
+"""What computes a later stage: (the teacher so far, the examples it adds, its index) -> the
+teacher with them."""
 
 
 @dataclass(frozen=True)
@@ -205,31 +214,25 @@ def first_part(
     encoder: Encoder,
     state: Path,
     fingerprint: str,
-    *,
-    staged: bool,
 ) -> TeacherPart | None:
     """The teacher distributions when fine-tuning distils, the seconds they took and the steps
     they cover: computed before for the same inputs (``reference``: a benchmark's runs), else
     an earlier attempt's (saved in ``state`` for the work ``fingerprint``), else computed now
     on the source base's weights copied into the target base in place (one base resident; the
     target's own weights copied back after), else (weights the files name otherwise than the
-    model) on the source base loaded again. ``staged``: computed now in place, it covers only
-    the examples of the first stage (:func:`stages`; the others: :func:`lessons`). Not
-    ``staged`` (workers, who get the whole teacher before they start), a saved part that covers
-    less is computed again, whole."""
+    model) on the source base loaded again. Computed now in place, it covers only the examples
+    of the first stage (:func:`stages`; the others: :func:`lessons`)."""
     teaching = distilled(spec)
     if teaching is None:
         return None
     wanted = key(reference, teaching, spec)
     if wanted not in bases.teachers:
         part = load(state, fingerprint)
-        if part is not None and part.steps is not None and not staged:
-            part = None  # the first stages of a run alone: workers need the whole teacher
         if part is None:
             started = time.perf_counter()
             size, metric = len(task.train), adapter.readiness.metric
             in_place = models.holds_all(bases.target, bases.source_files)
-            steps = stages(spec, size)[0] if staged and in_place else None
+            steps = stages(spec, size)[0] if in_place else None
             only = taught(spec, size, seen(spec, size, steps))
             if not only:  # nothing to compute yet: rows of no mass (no forward pass)
                 teacher = compute(bases.target, encoder, task, bases.device, spec, metric, only)
@@ -267,20 +270,70 @@ def lessons(
     where: InPlace,
     part: TeacherPart,
     on_stage: Callable[[TeacherPart], None],
+    world: World | None = None,
 ) -> distillation.Lessons:
     """What fine-tuning distils from: ``part`` when it covers the whole budget, else a
     :class:`distillation.Staged` whose later stages :func:`later_stages` computes (and
-    ``on_stage`` gets the teacher so far after each)."""
+    ``on_stage`` gets the teacher so far after each). With workers (rank 0, which computes
+    them): each stage is handed to the others (:func:`received`), or its failure told."""
     if part.steps is None:
         return part.teacher
-    size = len(where.task.train)
-    later = [s for s in stages(spec, size) if s is None or s > part.steps]
+    extend = later_stages(spec, where, part, _later(spec, len(where.task.train), part), on_stage)
+    if world is not None and world.distributed:
+        extend = _handed(extend, world)
+    return _staged(spec, len(where.task.train), part, extend)
+
+
+def received(
+    spec: AdapterMigrationSpec, size: int, part: TeacherPart, world: World
+) -> distillation.Lessons:
+    """A worker other than rank 0: ``part`` (rank 0's first stage, over ``size`` training
+    examples), and each later stage as rank 0 hands it over, when the same batch asks for
+    it on every worker (a failure of rank 0 there: raised here as its copy)."""
+    if part.steps is None:
+        return part.teacher
+
+    def extend(teacher: distillation.Teacher, examples: list[int], n: int) -> distillation.Teacher:
+        handed: object = world.broadcast(None)
+        if isinstance(handed, Failure):
+            raise handed.error()
+        if not isinstance(handed, dict):
+            raise TypeError(f"rank 0 handed {type(handed).__name__}, not a teacher")
+        return distillation.Teacher.of_state(handed)
+
+    return _staged(spec, size, part, extend)
+
+
+def _later(spec: AdapterMigrationSpec, size: int, part: TeacherPart) -> list[int | None]:
+    """The stages after ``part``'s (the steps each covers; None: the whole budget)."""
+    steps = part.steps
+    return [s for s in stages(spec, size) if s is None or (steps is not None and s > steps)]
+
+
+def _staged(
+    spec: AdapterMigrationSpec, size: int, part: TeacherPart, extend: Extend
+) -> distillation.Staged:
     return distillation.Staged(
         part.teacher,
         seen(spec, size, part.steps),
-        [seen(spec, size, steps) for steps in later],
-        later_stages(spec, where, part, later, on_stage),
+        [seen(spec, size, steps) for steps in _later(spec, size, part)],
+        extend,
     )
+
+
+def _handed(extend: Extend, world: World) -> Extend:
+    """``extend`` on rank 0, its result (or failure) then handed to the other workers."""
+
+    def handing(teacher: distillation.Teacher, examples: list[int], n: int) -> distillation.Teacher:
+        try:
+            grown = extend(teacher, examples, n)
+        except Exception as error:
+            world.broadcast(Failure.of(error, world.rank))
+            raise
+        world.broadcast({k: v.cpu() for k, v in grown.to_state().items()})
+        return grown
+
+    return handing
 
 
 def later_stages(
@@ -289,7 +342,7 @@ def later_stages(
     first: TeacherPart,
     later: list[int | None],
     on_done: Callable[[TeacherPart], None],
-) -> Callable[[distillation.Teacher, list[int], int], distillation.Teacher]:
+) -> Extend:
     """What extends the teacher ``first`` in the middle of fine-tuning ``where.model`` by
     stage ``n`` of ``later`` (the steps each covers): the old adapter added beside the new one
     and made active, the source base's weights copied into the base in place (through

@@ -12,7 +12,7 @@ import torch
 from peft import PeftModel
 
 from relora_api.spec import Adapter, AdapterMigrationSpec
-from relora_trainer import adapters, models, report
+from relora_trainer import adapters, models, report, teaching
 from relora_trainer import storage as store
 from relora_trainer.data import Encoder
 from relora_trainer.distributed import World
@@ -28,15 +28,16 @@ from relora_trainer.storage import Storage
 @dataclass
 class Start:
     """What rank 0 hands the other workers before they fine-tune together: the teacher's
-    distributions over all of train (None: no distillation), the readiness target (relative to
-    rank 0's source measurement), whether activations are recomputed, the start's quality when
-    measured already. The adapter's start
-    itself (the search's choice) reaches them at the start of :func:`finetune`, which broadcasts
-    rank 0's trainable parameters: the others attach the same fresh adapter and skip the
-    strategy (a strategy sets values only, never the adapter's layout; checked by
-    :func:`same_adapter`)."""
+    distributions so far (None: no distillation; its later stages, when any, reach them from
+    rank 0 as the batches ask for them: :func:`teaching.received`), the readiness target
+    (relative to rank 0's source measurement), whether activations are recomputed, the start's
+    quality when measured already. The adapter's start itself (the search's choice) reaches
+    them at the start of :func:`finetune`, which broadcasts rank 0's trainable parameters: the
+    others attach the same fresh adapter and skip the strategy (a strategy sets values only,
+    never the adapter's layout; checked by :func:`same_adapter`)."""
 
     teacher: dict[str, torch.Tensor] | None
+    teacher_steps: int | None  # the steps the teacher covers so far (None: all)
     target: Target
     checkpointing: bool
     start_quality: Quality | None = None  # the start's, measured already (see finetune)
@@ -121,7 +122,11 @@ def follow(
         return start
     if not isinstance(start, Start):
         raise TypeError(f"rank 0 handed {type(start).__name__}, not the start")
-    teacher = None if start.teacher is None else distillation.Teacher.of_state(start.teacher)
+    teacher = None
+    if start.teacher is not None:
+        first = distillation.Teacher.of_state(start.teacher)
+        part = teaching.TeacherPart(first, 0.0, start.teacher_steps)
+        teacher = teaching.received(spec, len(task.train), part, world)
     tune = FinetuneConfig.of(method.finetune)
     chosen = strategies.strategy(method.strategy)
     finetune_config = tune.as_run(trains=chosen.trains, distils=teacher is not None)

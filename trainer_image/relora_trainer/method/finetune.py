@@ -275,17 +275,19 @@ def train_step(
     distributed ``world``: this worker's share of the batch, its loss divided by the whole
     batch's labelled tokens, the gradients summed over the workers before the regularizer's
     is added (on every worker, once)."""
-    picked = batch_indices(step=step, size=len(train), batch_size=batch_size, seed=seed)
+    whole = batch_indices(step=step, size=len(train), batch_size=batch_size, seed=seed)
     shared = world is not None and world.distributed
-    if world is not None and shared:
-        picked = world.shard(picked)
+    picked = world.shard(whole) if world is not None and shared else whole
     encoded = [encoder.encode(train[i].prompt, train[i].completion) for i in picked]
     reset = functools.partial(optimizer.zero_grad, set_to_none=True)
     reset()
     distilling: dict[str, Any] = {}
     if teacher is not None and (distill_weight > 0 or emphasis > 0):
+        # The whole batch's rows on every worker: a later stage of the teacher starts on all
+        # of them at the same step (rank 0 computes it, the others receive it).
+        rows = teacher.rows(whole)
         distilling = {
-            "teacher": teacher.rows(picked),
+            "teacher": world.shard(rows) if world is not None and shared else rows,
             "weight": distill_weight,
             "emphasis": emphasis,
         }
@@ -503,11 +505,7 @@ def finetune(
 
     def measured() -> Quality:
         """The model's quality on validation; workers score a share each and join them."""
-        share = (
-            validation
-            if workers is None
-            else [validation[n] for n in workers.shard(range(len(validation)))]
-        )
+        share = validation if workers is None else workers.shard(validation)
         with autocast(device):
             scores: Scores = micro.run(
                 lambda: score(
