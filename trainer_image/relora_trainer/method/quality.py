@@ -8,9 +8,14 @@ summed log-likelihoods (what accuracy takes the argmax of).
 
 When every completion to score is a single token (a classification with one-token label words),
 one forward pass of the prompt scores all of them: the next-token distribution after the prompt,
-read at the prompt's last position only. Otherwise each (prompt, completion) pair is scored by
-its own sequence. Both paths batch examples of similar length together (less padding); they give
+read at the prompt's last position only. Multi-token choices: each prompt runs once into the
+key/value cache and every choice follows it. Otherwise each (prompt, completion) pair is scored by
+its own sequence. The paths batch examples of similar length together (less padding); they give
 the same numbers up to float rounding.
+
+Every path scores each example on its own (:class:`Scores`); the quality is reduced from those,
+so the scores of parts of the examples (data-parallel workers, each scoring a share) join into
+the quality of the whole.
 """
 
 from __future__ import annotations
