@@ -28,11 +28,18 @@ from relora_api.spec import Distillation, Finetune, Regularization
 from relora_sandbox.processes import free_port
 from relora_trainer import adapters, models
 from relora_trainer.data import IGNORE_INDEX, Encoded, Encoder, Example, read_jsonl
-from relora_trainer.distributed import ENVIRONMENT, World
+from relora_trainer.distributed import ENVIRONMENT, Failure, World
+from relora_trainer.errors import BadInput
 from relora_trainer.method import distillation, quality
 from relora_trainer.method import finetune as finetune_module
 from relora_trainer.method.config import FinetuneConfig, RegularizationConfig
-from relora_trainer.method.finetune import Target, finetune, labelled_tokens
+from relora_trainer.method.finetune import (
+    MicroBatch,
+    Target,
+    finetune,
+    labelled_tokens,
+    shared_quality,
+)
 
 CPU = torch.device("cpu")
 WORKERS = 2
@@ -289,6 +296,43 @@ def test_shards_split_a_batch_in_rank_order() -> None:
         shares = [World(rank=r, size=size).shard(batch) for r in range(size)]
         assert [i for share in shares for i in share] == batch
         assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+class _RankZeroOfTwo(World):
+    """Rank 0 of two workers without a process group: the other's contribution to a gather
+    is ``theirs``."""
+
+    def __init__(self, theirs: object) -> None:
+        super().__init__(rank=0, size=2)
+        object.__setattr__(self, "theirs", theirs)
+
+    def gather(self, value: Any) -> list[Any]:
+        return [value, self.theirs]  # type: ignore[attr-defined]
+
+
+def test_a_shared_measurement_joins_the_shares_or_raises_a_workers_failure(toy: Any) -> None:
+    """What every worker does to measure the fine-tuned adapter (and at each readiness check):
+    it scores its share, the gathered scores give the quality of the whole; a worker that
+    failed and meets the others there instead makes them raise its failure."""
+    model = _model(toy, toy.v2, 0.0)
+    encoder = _encoder(toy)
+    examples = read_jsonl(toy.split("validation"), what="validation")[:21]
+    choices = sorted({e.completion for e in read_jsonl(toy.split("train"), what="t")})
+    micro = MicroBatch(8, batch=8)
+
+    def measured(part: list[Example], world: World | None) -> Any:
+        return shared_quality(model, encoder, part, choices, CPU, micro, True, world)
+
+    whole = measured(examples, None)
+    theirs = quality.score(model, encoder, examples[10:], choices, device=CPU)
+    joined = measured(examples, _RankZeroOfTwo(theirs))
+    assert joined.accuracy == pytest.approx(whole.accuracy, abs=1e-9)
+    assert joined.loss == pytest.approx(whole.loss, rel=1e-5)
+    half = measured(examples[:10], None)
+    assert half.loss != pytest.approx(whole.loss, rel=1e-5), "the other share counts"
+    failure = Failure.of(BadInput("spec.output: read-only"), 1)
+    with pytest.raises(BadInput, match=r"\(worker 1\) spec.output: read-only"):
+        measured(examples, _RankZeroOfTwo(failure))
 
 
 def test_labelled_tokens_count_what_the_loss_covers(toy: Any) -> None:

@@ -16,7 +16,8 @@ from peft import PeftModel
 from relora_trainer import local_run, models
 from relora_trainer.data import Encoder, read_jsonl
 from relora_trainer.errors import EXIT_BAD_INPUT, EXIT_NOT_READY, EXIT_OK
-from relora_trainer.method.quality import measure, score
+from relora_trainer.method import finetune as finetune_module
+from relora_trainer.method.quality import measure
 from tests.conftest import toy_manifest
 
 CPU = torch.device("cpu")
@@ -126,13 +127,14 @@ def test_a_start_that_is_the_old_adapter_is_not_measured_again(
     """The old adapter as is (warm-start, relora without a search, at its own rank): the
     step-0 evaluation is the reference measurement on the target base, in no time; a start
     of another rank (truncated) is measured."""
-    measured: list[int] = []
+    measured: list[int] = []  # the fine-tuning's evaluations (the references are apart)
+    real = finetune_module.shared_quality
 
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        measured.append(len(args[2]))
-        return score(*args, **kwargs)
+    def counting(model: Any, encoder: Any, examples: Any, *args: Any, **kwargs: Any) -> Any:
+        measured.append(len(examples))
+        return real(model, encoder, examples, *args, **kwargs)
 
-    monkeypatch.setattr("relora_trainer.method.finetune.score", counting)
+    monkeypatch.setattr(finetune_module, "shared_quality", counting)
     manifest = toy_manifest(toy, strategy=strategy)
     method = manifest["spec"]["method"]
     method["initialization"] = {"trials": 0}

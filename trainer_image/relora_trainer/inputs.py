@@ -13,9 +13,10 @@ from torch import nn
 from relora_api.spec import Adapter, AdapterMigrationSpec, Readiness
 from relora_trainer import adapter_config, adapters, ownership, report
 from relora_trainer.data import MAX_CHOICES, Encoder, Example, TaskData, read_jsonl
+from relora_trainer.distributed import World
 from relora_trainer.errors import InvalidData
-from relora_trainer.method.finetune import EVALUATION_BATCH, MicroBatch, Target, autocast
-from relora_trainer.method.quality import Quality, measure
+from relora_trainer.method.finetune import EVALUATION_BATCH, MicroBatch, Target, shared_quality
+from relora_trainer.method.quality import Quality
 from relora_trainer.storage import Storage
 
 STATE_DIR = "state"
@@ -129,26 +130,24 @@ class TaskQuality:
         self.scores_choices = len(task.choices) <= MAX_CHOICES
 
     def on(
-        self, model: nn.Module, examples: list[Example], *, with_accuracy: bool | None = None
+        self,
+        model: nn.Module,
+        examples: list[Example],
+        *,
+        with_accuracy: bool | None = None,
+        world: World | None = None,
     ) -> Quality:
+        """``model``'s quality on ``examples``; with data-parallel workers (``world``, every one
+        of them calling this with the same examples and a replica of the same model), each
+        scores its share and all get the quality of the whole."""
         chosen = self.scores_choices if with_accuracy is None else with_accuracy
+        return shared_quality(
+            model, self.encoder, examples, self.task.choices, self.device, self.micro, chosen, world
+        )
 
-        def once() -> Quality:
-            with autocast(self.device):
-                return measure(
-                    model,
-                    self.encoder,
-                    examples,
-                    self.task.choices,
-                    device=self.device,
-                    batch_size=self.micro.evaluation,
-                    with_accuracy=chosen,
-                )
-
-        return self.micro.run(once)
-
-    def splits(self, model: nn.Module) -> dict[str, Quality]:
-        result = {"validation": self.on(model, self.task.validation)}
+    def splits(self, model: nn.Module, world: World | None = None) -> dict[str, Quality]:
+        """Validation and (when given) test; ``world``: shared by the workers (see :meth:`on`)."""
+        result = {"validation": self.on(model, self.task.validation, world=world)}
         if self.task.test is not None:
-            result["test"] = self.on(model, self.task.test)
+            result["test"] = self.on(model, self.task.test, world=world)
         return result

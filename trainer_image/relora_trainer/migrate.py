@@ -256,7 +256,7 @@ def _migrate_claimed(
         sink.update(adapter.name, record(stage="saving"))
         staging = claim.fresh_staging()
         model.save_pretrained(str(staging), save_embedding_layers=False)
-        after_quality = quality.splits(model)
+        after_quality = quality.splits(model, meetings.world)  # each worker scores a share
     finally:
         adapters.detach(model)
         if checkpointing:

@@ -16,7 +16,7 @@ from relora_trainer import adapters, models, report, teaching
 from relora_trainer import storage as store
 from relora_trainer.data import Encoder
 from relora_trainer.distributed import World
-from relora_trainer.inputs import STATE_DIR, old_adapter, output_dir, task_data
+from relora_trainer.inputs import STATE_DIR, TaskQuality, old_adapter, output_dir, task_data
 from relora_trainer.loading import Bases
 from relora_trainer.method import distillation, strategies
 from relora_trainer.method.config import FinetuneConfig
@@ -128,6 +128,8 @@ def follow(
         part = teaching.TeacherPart(first, 0.0, start.teacher_steps)
         teacher = teaching.received(spec, len(task.train), part, world)
     tune = FinetuneConfig.of(method.finetune)
+    micro = MicroBatch(tune.micro_batch_size or tune.batch_size, batch=tune.batch_size)
+    encoder = Encoder(bases.tokenizer)
     chosen = strategies.strategy(method.strategy)
     finetune_config = tune.as_run(trains=chosen.trains, distils=teacher is not None)
     config = adapters.new_config(old.config, rank=method.rank, base=spec.target_model.uri)
@@ -139,7 +141,7 @@ def follow(
         same_adapter(world, model)
         finetune(
             model=model,
-            encoder=Encoder(bases.tokenizer),
+            encoder=encoder,
             train=task.train,
             validation=task.validation,
             choices=task.choices,
@@ -149,11 +151,14 @@ def follow(
             seed=method.seed,
             device=bases.device,
             state_dir=output_dir(spec, adapter, storage) / STATE_DIR,
-            micro=MicroBatch(tune.micro_batch_size or tune.batch_size, batch=tune.batch_size),
+            micro=micro,
             teacher=teacher,
             world=world,
             start_quality=start.start_quality,
         )
+        # rank 0's measurement of the fine-tuned adapter: a share of each split here
+        metric = adapter.readiness.metric
+        TaskQuality(encoder, task, bases.device, metric=metric, micro=micro).splits(model, world)
     finally:
         adapters.detach(model)
         if start.checkpointing:

@@ -38,7 +38,7 @@ from peft import PeftModel
 
 from relora_trainer.adapters import trainable
 from relora_trainer.data import IGNORE_INDEX, Encoded, Encoder, Example
-from relora_trainer.distributed import World
+from relora_trainer.distributed import Failure, World
 from relora_trainer.method import distillation, regularization
 from relora_trainer.method.config import FinetuneConfig, RegularizationConfig
 from relora_trainer.method.quality import Quality, Scores, completion_logits, score
@@ -406,6 +406,46 @@ def _agree(world: World, saved: dict[str, Any] | None) -> None:
         )
 
 
+def shared_quality(
+    model: torch.nn.Module,
+    encoder: Encoder,
+    examples: Sequence[Example],
+    choices: Sequence[str],
+    device: torch.device,
+    micro: MicroBatch,
+    with_accuracy: bool,
+    world: World | None = None,
+) -> Quality:
+    """``model``'s quality on ``examples`` (mixed precision on a GPU, batches of
+    ``micro.evaluation``, redone smaller when memory runs out). With data-parallel workers
+    (``world``; every one of them calls this with the same examples and an equal replica), each
+    scores its share and all of them reduce the gathered scores: the quality of the whole."""
+    workers = world if world is not None and world.distributed else None
+    share = list(examples) if workers is None else workers.shard(examples)
+
+    def once() -> Scores:
+        with autocast(device):
+            return score(
+                model,
+                encoder,
+                share,
+                choices,
+                device=device,
+                batch_size=micro.evaluation,
+                with_accuracy=with_accuracy,
+            )
+
+    scores: Scores = micro.run(once)
+    if workers is not None:
+        gathered = workers.gather(scores)
+        # A worker that failed after its part meets the others here (World.meet): its failure.
+        failed = next((g for g in gathered if isinstance(g, Failure)), None)
+        if failed is not None:
+            raise failed.error()
+        scores = Scores.joined(gathered)
+    return scores.quality()
+
+
 def finetune(
     *,
     model: PeftModel,
@@ -504,23 +544,10 @@ def finetune(
         return evaluation
 
     def measured() -> Quality:
-        """The model's quality on validation; workers score a share each and join them."""
-        share = validation if workers is None else workers.shard(validation)
-        with autocast(device):
-            scores: Scores = micro.run(
-                lambda: score(
-                    model,
-                    encoder,
-                    share,
-                    choices,
-                    device=device,
-                    batch_size=micro.evaluation,
-                    with_accuracy=target.metric == "accuracy",
-                )
-            )
-        if workers is not None:
-            scores = Scores.joined(workers.gather(scores))
-        return scores.quality()
+        with_accuracy = target.metric == "accuracy"
+        return shared_quality(
+            model, encoder, validation, choices, device, micro, with_accuracy, workers
+        )
 
     if not outcome.history:
         first = evaluate(0)
