@@ -125,12 +125,16 @@ def launch(
     )
 
 
-def _manifest(testbed: Path, severity: str, strategy: str, steps: int, out: Path) -> dict[str, Any]:
+def _manifest(
+    testbed: Path, severity: str, strategy: str, steps: int, out: Path, trials: int | None
+) -> dict[str, Any]:
     manifest: dict[str, Any] = yaml.safe_load((testbed / f"migration-{severity}.yaml").read_text())
     spec = manifest["spec"]
     spec["output"] = {"uri": str(out)}
     method = spec.setdefault("method", {})
     method["strategy"] = strategy
+    if trials is not None:
+        method.setdefault("initialization", {})["trials"] = trials
     method.setdefault("finetune", {}).update(maxSteps=steps, stopWhenReady=True)
     return manifest
 
@@ -148,6 +152,7 @@ def _row(label: str, launched: Launch, wall: float) -> dict[str, Any]:
         "evaluation": seconds["evaluation"],
         "training": seconds["training"],
         "teacher": seconds.get("teacher") or 0.0,
+        "search": seconds.get("search") or 0.0,
         "wall": wall,
     }
 
@@ -158,6 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--severity", default="severe")
     parser.add_argument("--strategy", default="relora")
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument(
+        "--trials", type=int, help="initialization.trials (default: the manifest's)"
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(".relora/workers"))
@@ -175,13 +183,15 @@ def main(argv: list[str] | None = None) -> None:
         for label, workers, threads in runs:
             root = (args.out / f"{repeat}-{workers}x{threads}").resolve()
             shutil.rmtree(root, ignore_errors=True)
-            manifest = _manifest(testbed, args.severity, args.strategy, args.steps, root / "out")
+            manifest = _manifest(
+                testbed, args.severity, args.strategy, args.steps, root / "out", args.trials
+            )
             started = time.perf_counter()
             launched = launch(manifest, name, root, workers, cwd=testbed, threads=threads)
             rows.append(_row(label, launched, time.perf_counter() - started))
             print(json.dumps(rows[-1]), flush=True)
     print()
-    columns = ["timeToReadiness", "evaluation", "training", "teacher", "wall"]
+    columns = ["timeToReadiness", "evaluation", "training", "teacher", "search", "wall"]
     print("| run | steps | " + " | ".join(f"{c} (s)" for c in columns) + " |")
     print("| --- |" + " ---: |" * (len(columns) + 1))
     means = {}

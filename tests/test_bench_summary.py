@@ -114,6 +114,26 @@ def test_ratios_accuracy_delta_and_verdict() -> None:
     assert comparison.wins_time and comparison.no_accuracy_loss
 
 
+def test_both_ready_at_step_zero_is_a_tie_not_zero() -> None:
+    """A start ready at step 0 costs (almost) no seconds: warm-start's 0 s against relora's
+    skipped search's thousandth of a second is a tie (both under the timer's resolution), not
+    0x; a real difference above it stays one."""
+    records = [
+        record("relora", seed, ttr=0.001, ready_step=0, test=0.6, search=0.001) for seed in (0, 1)
+    ]
+    records += [record("warm-start", seed, ttr=0.0, ready_step=0, test=0.6) for seed in (0, 1)]
+    tie = summary.compare(summary.cells(records), records, baselines=["warm-start"])["mild"]
+    assert tie.ratios["warm-start"].seconds == pytest.approx(1.0)
+    assert tie.ratios["warm-start"].per_seed.mean == pytest.approx(1.0)
+    assert not tie.wins_time, "a tie is not a win"
+    slower = [
+        *records[:2],
+        *(record("warm-start", s, ttr=2.0, ready_step=10, test=0.6) for s in (0, 1)),
+    ]
+    found = summary.compare(summary.cells(slower), slower, baselines=["warm-start"])["mild"]
+    assert found.ratios["warm-start"].seconds == pytest.approx(2.0 / summary.RESOLUTION)
+
+
 def test_a_slower_or_less_accurate_method_is_reported_as_such() -> None:
     slow = [
         record("relora", 0, ttr=30.0, ready_step=150, test=0.60, search=5.0),

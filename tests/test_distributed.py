@@ -26,10 +26,11 @@ from torch.multiprocessing.spawn import spawn
 
 from relora_api.spec import Distillation, Finetune, Regularization
 from relora_sandbox.processes import free_port
-from relora_trainer import adapters, models
-from relora_trainer.data import IGNORE_INDEX, Encoded, Encoder, Example, read_jsonl
+from relora_trainer import adapters, models, workers
+from relora_trainer.data import IGNORE_INDEX, Encoded, Encoder, Example, TaskData, read_jsonl
 from relora_trainer.distributed import ENVIRONMENT, Failure, World
 from relora_trainer.errors import BadInput
+from relora_trainer.inputs import TaskQuality
 from relora_trainer.method import distillation, quality
 from relora_trainer.method import finetune as finetune_module
 from relora_trainer.method.config import FinetuneConfig, RegularizationConfig
@@ -333,6 +334,74 @@ def test_a_shared_measurement_joins_the_shares_or_raises_a_workers_failure(toy: 
     failure = Failure.of(BadInput("spec.output: read-only"), 1)
     with pytest.raises(BadInput, match=r"\(worker 1\) spec.output: read-only"):
         measured(examples, _RankZeroOfTwo(failure))
+
+
+class _Scripted(World):
+    """A worker without a process group: broadcasts return rank 0's ``messages`` in turn (on
+    rank 0: record what it sends), gathers add ``theirs`` as the other worker's part."""
+
+    def __init__(self, rank: int, messages: list[object], theirs: object = None) -> None:
+        super().__init__(rank=rank, size=2)
+        object.__setattr__(self, "messages", messages)
+        object.__setattr__(self, "theirs", theirs)
+        object.__setattr__(self, "sent", [])
+
+    def broadcast(self, value: Any, *, source: int = 0) -> Any:
+        if self.rank == source:
+            self.sent.append(value)  # type: ignore[attr-defined]
+            return value
+        return self.messages.pop(0)  # type: ignore[attr-defined]
+
+    def gather(self, value: Any) -> list[Any]:
+        theirs = self.theirs  # type: ignore[attr-defined]
+        return [value, theirs] if self.rank == 0 else [theirs, value]
+
+    def meet(self, failure: BaseException | None = None) -> None:
+        pass
+
+
+def test_the_search_measures_each_trial_with_the_other_workers(toy: Any) -> None:
+    """While rank 0 searches, each trial's measurement is shared: rank 0 sends its adapter's
+    values (Measure) and scores its share, a worker that serves loads them and scores the
+    rest; both shares join into the quality of the whole subset. A Measure then a start: the
+    worker returns the start; a failure of rank 0 instead: raised as its copy."""
+    encoder = _encoder(toy)
+    train = read_jsonl(toy.split("train"), what="train")
+    task = TaskData(train, read_jsonl(toy.split("validation"), what="validation"), None)
+    measuring = TaskQuality(encoder, task, CPU)
+    searched = _model(toy, toy.v2, 0.0)
+    with torch.no_grad():
+        for p in adapters.trainable(searched).values():
+            p.mul_(1.5)  # a trial's start, not the old adapter
+    whole = measuring.on(searched, task.validation[:9])
+    rank0_share = measuring.on(searched, task.validation[:4])
+
+    serving = _model(toy, toy.v2, 0.0)  # the other worker: the old adapter's values until told
+    scored: list[int] = []
+    rank1 = _Scripted(1, [], theirs=None)
+    with _counting_scores(scored):
+        values = {n: p.detach().clone() for n, p in adapters.trainable(searched).items()}
+        mine = quality.score(searched, encoder, task.validation[:4], task.choices, device=CPU)
+        object.__setattr__(rank1, "theirs", mine)
+        rank1.messages.extend([workers.Measure(values, 9, True), "the start"])  # type: ignore[attr-defined]
+        assert workers.serve(rank1, serving, measuring) == "the start"
+    assert scored == [5], "the other worker scored the 5 examples after rank 0's 4"
+    for name, value in adapters.trainable(serving).items():
+        assert torch.equal(value, values[name]), name
+
+    theirs = quality.score(searched, encoder, task.validation[4:9], task.choices, device=CPU)
+    rank0 = _Scripted(0, [], theirs=theirs)
+    meetings = workers.Meetings(rank0, lambda error: error)
+    measured = meetings.measure(searched, measuring, 9, True)
+    [sent] = rank0.sent  # type: ignore[attr-defined]
+    assert isinstance(sent, workers.Measure) and (sent.examples, sent.with_accuracy) == (9, True)
+    assert measured.accuracy == pytest.approx(whole.accuracy, abs=1e-9)
+    assert measured.loss == pytest.approx(whole.loss, rel=1e-5)
+    assert measured.loss != pytest.approx(rank0_share.loss, rel=1e-5)
+
+    failed = _Scripted(1, [Failure.of(BadInput("spec.sourceModel: unreadable"), 0)])
+    with pytest.raises(BadInput, match=r"\(worker 0\) spec.sourceModel"):
+        workers.serve(failed, serving, measuring)
 
 
 def test_labelled_tokens_count_what_the_loss_covers(toy: Any) -> None:

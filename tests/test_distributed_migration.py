@@ -98,8 +98,10 @@ def test_two_workers_migrate_as_one_process(runs: tuple[Launch, Launch]) -> None
     assert one_report["steps"] > 0 and len(one_report["trials"]) == 3
     assert one_report["ready_step"] is not None, "a target met within the budget (see _manifest)"
     assert one_report["steps"] == one_report["ready_step"], "stopped when ready"
-    assert two_report["coefficients"] == one_report["coefficients"], "rank 0 searched alone"
-    assert [t["value"] for t in two_report["trials"]] == [t["value"] for t in one_report["trials"]]
+    assert two_report["coefficients"] == one_report["coefficients"], "rank 0 searched"
+    # Each trial's measurement shared by the workers: the same values up to summation order.
+    two_values = [t["value"] for t in two_report["trials"]]
+    assert two_values == pytest.approx([t["value"] for t in one_report["trials"]], rel=1e-5)
     assert two_report["target"] == one_report["target"], "rank 0's source measurement"
     assert two_report["distillation"] == one_report["distillation"] is not None
     assert [e["step"] for e in two_report["history"]] == [e["step"] for e in one_report["history"]]

@@ -10,7 +10,8 @@ created and every collective below returns at once, so single-process code pays 
 Every worker holds a full replica of the model (DDP-style); a step's batch is split between
 them with :meth:`World.shard` and their gradients summed with :meth:`World.all_reduce_`.
 
-Work that one worker does while the others wait (rank 0 claiming the output, searching) ends at
+Work that one worker does while the others wait (rank 0 claiming the output, measuring the
+references; while it searches they score a share of each trial: relora_trainer.workers) ends at
 a :meth:`World.meet`: every worker says whether its part failed, and a failure anywhere stops
 every worker (a BadInput as the same BadInput: the same exit code everywhere) instead of leaving
 the others waiting. A worker that dies without a word (killed) leaves the others in a collective

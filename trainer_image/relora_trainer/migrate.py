@@ -207,6 +207,7 @@ def _migrate_claimed(
             study_name=f"{search.STUDY_NAME}-{key}",
             on_trial=trial_done,
             ready_before=ready_before,
+            meetings=meetings,
         )
         result = chosen.initialize(context)
         # The old adapter as is: its reference measurement on the target is the start's.
@@ -403,11 +404,13 @@ def _context(
     study_name: str,
     on_trial: Callable[[int, int, float | None], None],
     ready_before: bool,
+    meetings: Meetings,
 ) -> strategies.Context:
     """What a strategy may use, the I/O behind it done here: the evolution read from the
-    source's files, quality measured on the search's validation subset."""
+    source's files, quality measured on the search's validation subset (with workers, each
+    scores a share: :meth:`Meetings.measure`)."""
     init = SearchConfig.of(spec.method.initialization)
-    subset = quality.task.validation[: init.validation_samples]
+    examples = min(init.validation_samples, len(quality.task.validation))
 
     def look_ahead_steps() -> None:
         look_ahead(
@@ -428,7 +431,7 @@ def _context(
         layout=adapters.layout(model),
         device=bases.device,
         evolution=lambda projection: _terms(old, bases, projection=projection),
-        measure=lambda with_accuracy: quality.on(model, subset, with_accuracy=with_accuracy),
+        measure=lambda with_accuracy: meetings.measure(model, quality, examples, with_accuracy),
         look_ahead=look_ahead_steps,
         metric=quality.metric,
         ready_before=ready_before,

@@ -1,6 +1,7 @@
 """Data-parallel workers of one adapter's migration: rank 0's side of its meetings with the
-others (:class:`Meetings`), what it hands them before they fine-tune together (:class:`Start`),
-and what a worker other than rank 0 does (:func:`follow`)."""
+others (:class:`Meetings`), what they score for its search meanwhile (:class:`Measure`,
+:func:`serve`), what it hands them before they fine-tune together (:class:`Start`), and what a
+worker other than rank 0 does (:func:`follow`)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from relora_api.spec import Adapter, AdapterMigrationSpec
 from relora_trainer import adapters, models, report, teaching
 from relora_trainer import storage as store
 from relora_trainer.data import Encoder
-from relora_trainer.distributed import World
+from relora_trainer.distributed import Failure, World
 from relora_trainer.inputs import STATE_DIR, TaskQuality, old_adapter, output_dir, task_data
 from relora_trainer.loading import Bases
 from relora_trainer.method import distillation, strategies
@@ -43,37 +44,103 @@ class Start:
     start_quality: Quality | None = None  # the start's, measured already (see finetune)
 
 
+@dataclass(frozen=True)
+class Measure:
+    """Rank 0 asks the other workers, while it searches the start, to score their share of
+    the first ``examples`` validation examples with the adapter at ``values`` (a trial's
+    start: rank 0 alone can fuse it, the others hold the same base and attach the same
+    adapter)."""
+
+    values: dict[str, torch.Tensor]
+    examples: int
+    with_accuracy: bool
+
+
 class Meetings:
     """Rank 0's side of its meetings with the other workers (:meth:`World.meet`): they wait at
     one for the start (:class:`Start`) while rank 0 prepares it, then for the report (or for
-    the finished report rank 0 found) after the fine-tuning. A failure of rank 0 while they
-    wait is told there; one inside the fine-tuning's collectives cannot be (the others stop at
-    the process group's timeout, or when the launcher ends them). Alone: nothing."""
+    the finished report rank 0 found) after the fine-tuning. While rank 0 searches, they score
+    a share of each trial's measurement (:meth:`measure`, :func:`serve`). A failure of rank 0
+    while they wait or serve is told there; one inside the fine-tuning's collectives cannot be
+    (the others stop at the process group's timeout, or when the launcher ends them). Alone:
+    nothing."""
 
     def __init__(self, world: World | None, explain: Callable[[Exception], Exception]) -> None:
         self.world, self.explain = world, explain
         self.waiting = world is not None  # the others are at a meeting, waiting for rank 0
+        self.serving = False  # the others wait for rank 0's next message (serve)
+
+    def _met(self, world: World) -> None:
+        """Past the meeting the others wait at (they serve next)."""
+        if self.waiting:
+            self.waiting = False
+            world.meet()
+        self.serving = True
 
     def hand(self, value: object) -> None:
-        """Meet the waiting workers and give them ``value``."""
+        """Meet the waiting workers (when they wait at a meeting) and give them ``value``."""
         if self.world is not None:
-            self.waiting = False
-            self.world.meet()
+            self._met(self.world)
+            self.serving = False
             self.world.broadcast(value)
+
+    def measure(
+        self, model: PeftModel, quality: TaskQuality, examples: int, with_accuracy: bool
+    ) -> Quality:
+        """``model``'s quality on the first ``examples`` validation examples; with workers,
+        each scores a share with rank 0's adapter values (:class:`Measure`)."""
+        subset = quality.task.validation[:examples]
+        if self.world is None:
+            return quality.on(model, subset, with_accuracy=with_accuracy)
+        self._met(self.world)
+        values = {name: p.detach().cpu() for name, p in adapters.trainable(model).items()}
+        self.world.broadcast(Measure(values, examples, with_accuracy))
+        try:
+            return quality.on(model, subset, with_accuracy=with_accuracy, world=self.world)
+        except Exception:
+            self.serving = False  # a failure here is told in the measurement's gather
+            raise
 
     def expect(self) -> None:
         """The others go on to the next meeting (fine-tuning done)."""
         self.waiting = self.world is not None
 
     def fail(self, error: Exception) -> None:
-        """Tell the waiting workers, if they wait, that rank 0 failed with ``error``."""
-        if self.world is None or not self.waiting:
+        """Tell the other workers, if they wait or serve, that rank 0 failed with ``error``."""
+        if self.world is None or not (self.waiting or self.serving):
             return
-        self.waiting = False
+        told = self.explain(error)
         try:
-            self.world.meet(self.explain(error))
+            if self.waiting:
+                self.waiting = False
+                self.world.meet(told)
+            else:
+                self.serving = False
+                self.world.broadcast(Failure.of(told, self.world.rank))
         except Exception as unheard:  # its own error matters more than the others' hearing it
             print(f"could not tell the other workers: {unheard}", file=sys.stderr)
+
+
+def serve(world: World, model: PeftModel, quality: TaskQuality) -> object:
+    """A worker other than rank 0 while rank 0 prepares the start: score a share of each
+    :class:`Measure` rank 0 asks for with its values, until it hands something else (returned;
+    a failure of rank 0: raised as its copy). A failure here meets rank 0 in its gather."""
+    while True:
+        message: object = world.broadcast(None)
+        if isinstance(message, Failure):
+            raise message.error()
+        if not isinstance(message, Measure):
+            return message
+        try:
+            parameters = adapters.trainable(model)
+            with torch.no_grad():
+                for name, value in message.values.items():
+                    parameters[name].copy_(value)
+            subset = quality.task.validation[: message.examples]
+        except Exception as error:
+            world.meet(error)  # rank 0 waits in the measurement's gather: it hears of it there
+            raise
+        quality.on(model, subset, with_accuracy=message.with_accuracy, world=world)
 
 
 def explained(
@@ -116,28 +183,31 @@ def follow(
     except Exception as error:
         world.meet(error)
         raise
-    world.meet()  # rank 0 claimed the output (its state folder is ready to be read) ...
-    start: object = world.broadcast(None)  # ... and prepared the start
-    if isinstance(start, report.AdapterReport):  # finished before: nothing to do
-        return start
-    if not isinstance(start, Start):
-        raise TypeError(f"rank 0 handed {type(start).__name__}, not the start")
-    teacher = None
-    if start.teacher is not None:
-        first = distillation.Teacher.of_state(start.teacher)
-        part = teaching.TeacherPart(first, 0.0, start.teacher_steps)
-        teacher = teaching.received(spec, len(task.train), part, world)
+    world.meet()  # rank 0 claimed the output (its state folder is ready to be read)
     tune = FinetuneConfig.of(method.finetune)
     micro = MicroBatch(tune.micro_batch_size or tune.batch_size, batch=tune.batch_size)
     encoder = Encoder(bases.tokenizer)
-    chosen = strategies.strategy(method.strategy)
-    finetune_config = tune.as_run(trains=chosen.trains, distils=teacher is not None)
+    quality = TaskQuality(encoder, task, bases.device, metric=adapter.readiness.metric, micro=micro)
     config = adapters.new_config(old.config, rank=method.rank, base=spec.target_model.uri)
     torch.manual_seed(method.seed)  # as rank 0 before attaching: finetune forks from this seed
     model = adapters.attach(bases.target, config)
-    if start.checkpointing:
-        models.recompute(bases.target, True)
+    recomputing = False
     try:
+        start = serve(world, model, quality)  # rank 0's search, then its start
+        if isinstance(start, report.AdapterReport):  # finished before: nothing to do
+            return start
+        if not isinstance(start, Start):
+            raise TypeError(f"rank 0 handed {type(start).__name__}, not the start")
+        teacher = None
+        if start.teacher is not None:
+            first = distillation.Teacher.of_state(start.teacher)
+            part = teaching.TeacherPart(first, 0.0, start.teacher_steps)
+            teacher = teaching.received(spec, len(task.train), part, world)
+        chosen = strategies.strategy(method.strategy)
+        finetune_config = tune.as_run(trains=chosen.trains, distils=teacher is not None)
+        if start.checkpointing:
+            models.recompute(bases.target, True)
+            recomputing = True
         same_adapter(world, model)
         finetune(
             model=model,
@@ -156,12 +226,10 @@ def follow(
             world=world,
             start_quality=start.start_quality,
         )
-        # rank 0's measurement of the fine-tuned adapter: a share of each split here
-        metric = adapter.readiness.metric
-        TaskQuality(encoder, task, bases.device, metric=metric, micro=micro).splits(model, world)
+        quality.splits(model, world)  # rank 0's measurement of the fine-tuned adapter: a share
     finally:
         adapters.detach(model)
-        if start.checkpointing:
+        if recomputing:
             models.recompute(bases.target, False)
     world.meet()  # rank 0 saved, reported and published
     finished: object = world.broadcast(None)

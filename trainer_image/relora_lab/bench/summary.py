@@ -154,24 +154,35 @@ def _bound(baseline: Cell, method: Cell) -> str:
     return ""
 
 
+RESOLUTION = 0.01
+"""Seconds to readiness below this count as this in a ratio: a start ready at step 0 takes
+(almost) none, and 0 against a thousandth of a second (the skipped search's bookkeeping) is a
+tie, not 0x."""
+
+
 def ratio(baseline: Cell, method: Cell, records: Sequence[RunRecord], *, severity: str) -> Ratio:
     """Time-to-readiness of ``baseline`` over ``method`` (> 1: the method is faster)."""
 
     def divide(top: float | None, bottom: float | None) -> float | None:
         return top / bottom if top is not None and bottom else None
 
+    def seconds(top: float | None, bottom: float | None) -> float | None:
+        if top is None or bottom is None:
+            return None
+        return max(top, RESOLUTION) / max(bottom, RESOLUTION)
+
     by_seed: dict[int, dict[str, float]] = {}
     for r in records:
         if r.severity == severity and r.variant in (baseline.variant, method.variant):
             by_seed.setdefault(r.seed, {})[r.variant] = _ttr(r)
     paired = [
-        divide(pair[baseline.variant], pair[method.variant])
+        seconds(pair[baseline.variant], pair[method.variant])
         for pair in by_seed.values()
         if len(pair) == 2
     ]
     return Ratio(
         baseline=baseline.variant,
-        seconds=divide(baseline.time_to_readiness.mean, method.time_to_readiness.mean),
+        seconds=seconds(baseline.time_to_readiness.mean, method.time_to_readiness.mean),
         steps=divide(baseline.ready_step.mean, method.ready_step.mean),
         bound=_bound(baseline, method),
         per_seed=Stat.of(paired),

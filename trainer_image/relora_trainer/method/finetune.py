@@ -419,7 +419,9 @@ def shared_quality(
     """``model``'s quality on ``examples`` (mixed precision on a GPU, batches of
     ``micro.evaluation``, redone smaller when memory runs out). With data-parallel workers
     (``world``; every one of them calls this with the same examples and an equal replica), each
-    scores its share and all of them reduce the gathered scores: the quality of the whole."""
+    scores its share and all of them reduce the gathered scores: the quality of the whole. A
+    worker that fails to score tells the others there (they raise its failure), as does one
+    that failed elsewhere and meets them there (:meth:`World.meet`)."""
     workers = world if world is not None and world.distributed else None
     share = list(examples) if workers is None else workers.shard(examples)
 
@@ -435,10 +437,15 @@ def shared_quality(
                 with_accuracy=with_accuracy,
             )
 
-    scores: Scores = micro.run(once)
+    try:
+        scores: Scores = micro.run(once)
+    except Exception as error:
+        if workers is not None:
+            workers.meet(error)  # the others, in the gather below, hear of it
+        raise
     if workers is not None:
         gathered = workers.gather(scores)
-        # A worker that failed after its part meets the others here (World.meet): its failure.
+        # A worker that failed meets the others here (World.meet): its failure, raised.
         failed = next((g for g in gathered if isinstance(g, Failure)), None)
         if failed is not None:
             raise failed.error()
