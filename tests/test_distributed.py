@@ -357,7 +357,7 @@ class _Scripted(World):
         return [value, theirs] if self.rank == 0 else [theirs, value]
 
     def meet(self, failure: BaseException | None = None) -> None:
-        pass
+        self.sent.append(("meet", failure))  # type: ignore[attr-defined]
 
 
 def test_the_search_measures_each_trial_with_the_other_workers(toy: Any) -> None:
@@ -393,7 +393,8 @@ def test_the_search_measures_each_trial_with_the_other_workers(toy: Any) -> None
     rank0 = _Scripted(0, [], theirs=theirs)
     meetings = workers.Meetings(rank0, lambda error: error)
     measured = meetings.measure(searched, measuring, 9, True)
-    [sent] = rank0.sent  # type: ignore[attr-defined]
+    first, sent = rank0.sent  # type: ignore[attr-defined]
+    assert first == ("meet", None), "past the meeting the others waited at"
     assert isinstance(sent, workers.Measure) and (sent.examples, sent.with_accuracy) == (9, True)
     assert measured.accuracy == pytest.approx(whole.accuracy, abs=1e-9)
     assert measured.loss == pytest.approx(whole.loss, rel=1e-5)
@@ -402,6 +403,32 @@ def test_the_search_measures_each_trial_with_the_other_workers(toy: Any) -> None
     failed = _Scripted(1, [Failure.of(BadInput("spec.sourceModel: unreadable"), 0)])
     with pytest.raises(BadInput, match=r"\(worker 0\) spec.sourceModel"):
         workers.serve(failed, serving, measuring)
+
+
+def test_rank_0_tells_a_failure_once_where_the_others_are() -> None:
+    """Rank 0's failure reaches the others where they are: at a meeting (meet), serving its
+    search (a Failure broadcast), not at all inside a shared measurement's failure (told in
+    its gather already: a second meeting would wait for workers that are gone)."""
+    error = BadInput("spec.output: read-only")
+    at_meeting = _Scripted(0, [])
+    workers.Meetings(at_meeting, lambda e: e).fail(error)
+    assert at_meeting.sent == [("meet", error)]  # type: ignore[attr-defined]
+
+    serving = _Scripted(0, [])
+    meetings = workers.Meetings(serving, lambda e: e)
+    meetings._met(serving)  # what a trial's first measurement does before it sends
+    meetings.fail(error)
+    [met, told] = serving.sent  # type: ignore[attr-defined]
+    assert met == ("meet", None) and isinstance(told, Failure) and told.rank == 0
+
+    after = _Scripted(0, [])
+    meetings = workers.Meetings(after, lambda e: e)
+    meetings.hand("the start")
+    meetings.expect()  # fine-tuning done: the others go to the measurement, then the report
+    with pytest.raises(RuntimeError), meetings.shared():
+        raise RuntimeError("out of memory while scoring")
+    meetings.fail(RuntimeError("out of memory while scoring"))
+    assert after.sent == [("meet", None), "the start"], "nothing after the shared failure"  # type: ignore[attr-defined]
 
 
 def test_labelled_tokens_count_what_the_loss_covers(toy: Any) -> None:

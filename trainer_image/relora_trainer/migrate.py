@@ -257,7 +257,8 @@ def _migrate_claimed(
         sink.update(adapter.name, record(stage="saving"))
         staging = claim.fresh_staging()
         model.save_pretrained(str(staging), save_embedding_layers=False)
-        after_quality = quality.splits(model, meetings.world)  # each worker scores a share
+        with meetings.shared():  # each worker scores a share
+            after_quality = quality.splits(model, meetings.world)
     finally:
         adapters.detach(model)
         if checkpointing:

@@ -5,8 +5,9 @@ worker other than rank 0 does (:func:`follow`)."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -95,10 +96,17 @@ class Meetings:
         self._met(self.world)
         values = {name: p.detach().cpu() for name, p in adapters.trainable(model).items()}
         self.world.broadcast(Measure(values, examples, with_accuracy))
-        try:
+        with self.shared():
             return quality.on(model, subset, with_accuracy=with_accuracy, world=self.world)
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        """A measurement every worker takes part in (its scores gathered): a failure in it is
+        told there (:func:`relora_trainer.method.finetune.shared_quality`), not again after."""
+        try:
+            yield
         except Exception:
-            self.serving = False  # a failure here is told in the measurement's gather
+            self.waiting = self.serving = False
             raise
 
     def expect(self) -> None:
@@ -109,8 +117,8 @@ class Meetings:
         """Tell the other workers, if they wait or serve, that rank 0 failed with ``error``."""
         if self.world is None or not (self.waiting or self.serving):
             return
-        told = self.explain(error)
         try:
+            told = self.explain(error)
             if self.waiting:
                 self.waiting = False
                 self.world.meet(told)
