@@ -147,6 +147,9 @@ def test_the_scores_of_shares_join_into_the_quality_of_the_whole(
     whole = scored(examples).quality()
     cut = len(examples) // 3
     joined = quality.Scores.joined([scored(examples[:cut]), scored(examples[cut:])]).quality()
+    # more workers than examples: a worker's share may be empty
+    with_empty = quality.Scores.joined([scored(examples[:0]), scored(examples)]).quality()
+    assert with_empty == whole
     assert (joined.accuracy is None) is (whole.accuracy is None) is (not accuracy)
     if accuracy:
         assert joined.accuracy == pytest.approx(whole.accuracy, abs=1e-9)
