@@ -61,6 +61,7 @@ class RegularizationConfig:
     strength: float
     relaxed_strength: float
     switch_fraction: float
+    relax_when_stalled: bool = False
 
     @classmethod
     def of(cls, model: Any) -> RegularizationConfig:
