@@ -24,7 +24,6 @@ from relora_trainer.method.finetune import (
     batch_indices,
     finetune,
 )
-from relora_trainer.method.quality import Quality
 
 CPU = torch.device("cpu")
 
@@ -49,7 +48,6 @@ def _run(
     config: Finetune,
     target: Target,
     dropout: float = 0.2,
-    pull: Regularization | None = None,
     **kw: Any,
 ) -> tuple[FinetuneOutcome, dict[str, torch.Tensor]]:
     base = models.load_model(toy.v2, what="v2", device=CPU)
@@ -68,7 +66,7 @@ def _run(
         choices=sorted({e.completion for e in train}),
         config=FinetuneConfig.of(config),
         regularize=RegularizationConfig.of(
-            pull or Regularization(schedule="step", strength=1.0, relaxed_strength=0.1)
+            Regularization(schedule="step", strength=1.0, relaxed_strength=0.1)
         ),
         target=target,
         seed=0,
@@ -223,31 +221,3 @@ def test_a_checkpoint_of_any_torn_bytes_is_read_as_none(tmp_path: Path) -> None:
     for seed in range(40):
         (tmp_path / CHECKPOINT_FILE).write_bytes(random.Random(seed).randbytes(4096))
         assert checkpoints.load() is None, seed
-
-
-def test_the_pull_relaxes_after_the_first_check_that_did_not_improve(
-    toy: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """relaxWhenStalled: the strong pull holds until a readiness check is no better than the
-    one before it (0.6 then 0.6 at step 4), then the relaxed one for the rest of the run."""
-    scripted = iter([0.5, 0.6, 0.6, 0.7, 0.8])
-
-    def quality(*args: Any, **kwargs: Any) -> Quality:
-        return Quality(loss=1.0, accuracy=next(scripted))
-
-    pulls: list[float] = []
-    real_pull = finetune_module._pull
-
-    def pull(lam: float, *args: Any) -> torch.Tensor:
-        pulls.append(lam)
-        return real_pull(lam, *args)
-
-    monkeypatch.setattr(finetune_module, "shared_quality", quality)
-    monkeypatch.setattr(finetune_module, "_pull", pull)
-    stalling = Regularization(
-        strength=1.0, relaxed_strength=0.1, switch_fraction=1.0, relax_when_stalled=True
-    )
-    config = Finetune(max_steps=8, eval_every=2, batch_size=4)
-    outcome, _ = _run(toy, state=None, config=config, target=UNREACHABLE, pull=stalling)
-    assert [e.accuracy for e in outcome.history] == [0.5, 0.6, 0.6, 0.7, 0.8]
-    assert pulls == [1.0] * 4 + [0.1] * 4, "strong for steps 0-3, relaxed from the stall on"

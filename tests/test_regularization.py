@@ -42,13 +42,3 @@ def test_penalty_is_the_mean_squared_distance_per_tensor() -> None:
     anchors = {"a": torch.zeros(2, 2), "b": torch.full((3,), 2.0)}
     # a: 4 * 1 = 4; b: 3 * 4 = 12; mean over the two tensors = 8
     assert float(regularization.penalty(params, anchors)) == pytest.approx(8.0)
-
-
-def test_a_stall_is_a_check_that_did_not_improve_on_the_one_before() -> None:
-    higher = {"higher_is_better": True}
-    assert not regularization.stalled([0.3, 0.4, 0.5], **higher)
-    assert regularization.stalled([0.3, 0.4, 0.4], **higher), "no better: a stall"
-    assert regularization.stalled([0.3, 0.2, 0.5], **higher)
-    assert not regularization.stalled([0.3], **higher) and not regularization.stalled([], **higher)
-    assert not regularization.stalled([3.0, 2.5, 2.0], higher_is_better=False)  # a loss falling
-    assert regularization.stalled([3.0, 2.5, 2.6], higher_is_better=False)
