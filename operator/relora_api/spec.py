@@ -292,10 +292,6 @@ class Regularization(APIModel):
         le=1,
         description="Share of maxSteps after which the pull relaxes.",
     )
-    relax_when_stalled: bool = Field(
-        default=False,
-        description="Relax the pull after the first check that did not improve on the last.",
-    )
 
 
 class Distillation(APIModel):

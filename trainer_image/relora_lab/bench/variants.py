@@ -145,12 +145,6 @@ VARIANTS: tuple[Variant, ...] = (
         quick=False,
     ),
     Variant(
-        "relora-relax-stalled",
-        "relora with the pull relaxed after the first readiness check that did not improve",
-        merge(RELORA_METHOD, {"finetune": {"regularization": {"relaxWhenStalled": True}}}),
-        quick=False,
-    ),
-    Variant(
         "relora-short-pull",
         "relora with the pull relaxed after 10% of the budget (switchFraction 0.1)",
         merge(RELORA_METHOD, {"finetune": {"regularization": {"switchFraction": 0.1}}}),

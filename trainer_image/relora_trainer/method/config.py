@@ -61,7 +61,6 @@ class RegularizationConfig:
     strength: float
     relaxed_strength: float
     switch_fraction: float
-    relax_when_stalled: bool = False
 
     @classmethod
     def of(cls, model: Any) -> RegularizationConfig:

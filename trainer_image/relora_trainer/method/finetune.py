@@ -571,10 +571,6 @@ def finetune(
         lam = 0.0
         if regularize is not None:
             lam = regularization.strength(regularize, step=step, max_steps=config.max_steps)
-            if regularize.relax_when_stalled and regularization.stalled(
-                [e.quality for e in outcome.history], higher_is_better=target.metric != "loss"
-            ):  # the pull holds the adapter back: relaxed from here (a resume decides alike)
-                lam = min(lam, regularize.relaxed_strength)
         train_step(
             model,
             encoder,

@@ -5,9 +5,8 @@ Strong early (steer into the region the initialization found), relaxed late (tas
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 
@@ -27,14 +26,6 @@ def strength(config: RegularizationConfig, *, step: int, max_steps: int) -> floa
     progress = min(step / switch, 1.0) if switch > 0 else 1.0
     weight = 0.5 * (1.0 + math.cos(math.pi * progress))
     return config.relaxed_strength + (config.strength - config.relaxed_strength) * weight
-
-
-def stalled(qualities: Sequence[float], *, higher_is_better: bool) -> bool:
-    """Whether some readiness check (in order) did not improve on the one before it."""
-    for before, after in itertools.pairwise(qualities):
-        if (after <= before) if higher_is_better else (after >= before):
-            return True
-    return False
 
 
 def penalty(
