@@ -188,7 +188,7 @@ def _migrate_claimed(
 
         metric = adapter.readiness.metric
         where = teaching.InPlace(model, base_weights, old, task, bases, encoder, metric)
-        teacher = teaching.lessons(spec, where, part, stage_done, meetings.world)
+        teacher = teaching.lessons(spec, where, part, stage_done, meetings.world, meetings.explain)
 
     def trial_done(trial: int, trials: int, value: float | None) -> None:
         claim.save_state(STATE_DIR)  # the search journal, for a pod that takes over

@@ -271,16 +271,18 @@ def lessons(
     part: TeacherPart,
     on_stage: Callable[[TeacherPart], None],
     world: World | None = None,
+    explain: Callable[[Exception], Exception] = lambda error: error,
 ) -> distillation.Lessons:
     """What fine-tuning distils from: ``part`` when it covers the whole budget, else a
     :class:`distillation.Staged` whose later stages :func:`later_stages` computes (and
     ``on_stage`` gets the teacher so far after each). With workers (rank 0, which computes
-    them): each stage is handed to the others (:func:`received`), or its failure told."""
+    them): each stage is handed to the others (:func:`received`), or its failure told (as
+    ``explain`` makes it: an output that cannot be written, bad input everywhere)."""
     if part.steps is None:
         return part.teacher
     extend = later_stages(spec, where, part, _later(spec, len(where.task.train), part), on_stage)
     if world is not None and world.distributed:
-        extend = _handed(extend, world)
+        extend = _handed(extend, world, explain)
     return _staged(spec, len(where.task.train), part, extend)
 
 
@@ -321,14 +323,15 @@ def _staged(
     )
 
 
-def _handed(extend: Extend, world: World) -> Extend:
-    """``extend`` on rank 0, its result (or failure) then handed to the other workers."""
+def _handed(extend: Extend, world: World, explain: Callable[[Exception], Exception]) -> Extend:
+    """``extend`` on rank 0, its result (or failure, as ``explain`` makes it) then handed to
+    the other workers."""
 
     def handing(teacher: distillation.Teacher, examples: list[int], n: int) -> distillation.Teacher:
         try:
             grown = extend(teacher, examples, n)
         except Exception as error:
-            world.broadcast(Failure.of(error, world.rank))
+            world.broadcast(Failure.of(explain(error), world.rank))
             raise
         world.broadcast({k: v.cpu() for k, v in grown.to_state().items()})
         return grown
