@@ -411,7 +411,7 @@ def _context(
     source's files, quality measured on the search's validation subset (with workers, each
     scores a share: :meth:`Meetings.measure`)."""
     init = SearchConfig.of(spec.method.initialization)
-    examples = min(init.validation_samples, len(quality.task.validation))
+    examples = init.validation_samples  # the first ones (all when fewer)
 
     def look_ahead_steps() -> None:
         look_ahead(

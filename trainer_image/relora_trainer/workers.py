@@ -9,6 +9,7 @@ import contextlib
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from peft import PeftModel
@@ -68,21 +69,21 @@ class Meetings:
 
     def __init__(self, world: World | None, explain: Callable[[Exception], Exception]) -> None:
         self.world, self.explain = world, explain
-        self.waiting = world is not None  # the others are at a meeting, waiting for rank 0
-        self.serving = False  # the others wait for rank 0's next message (serve)
+        # Where the others are: at a meeting, serving rank 0's search (waiting for its next
+        # message), or None (in the fine-tuning's collectives, told already, or alone).
+        self.others: Literal["meeting", "serving"] | None = "meeting" if world else None
 
     def _met(self, world: World) -> None:
         """Past the meeting the others wait at (they serve next)."""
-        if self.waiting:
-            self.waiting = False
+        if self.others == "meeting":
             world.meet()
-        self.serving = True
+        self.others = "serving"
 
     def hand(self, value: object) -> None:
         """Meet the waiting workers (when they wait at a meeting) and give them ``value``."""
         if self.world is not None:
             self._met(self.world)
-            self.serving = False
+            self.others = None
             self.world.broadcast(value)
 
     def measure(
@@ -106,24 +107,23 @@ class Meetings:
         try:
             yield
         except Exception:
-            self.waiting = self.serving = False
+            self.others = None
             raise
 
     def expect(self) -> None:
         """The others go on to the next meeting (fine-tuning done)."""
-        self.waiting = self.world is not None
+        self.others = "meeting" if self.world else None
 
     def fail(self, error: Exception) -> None:
         """Tell the other workers, if they wait or serve, that rank 0 failed with ``error``."""
-        if self.world is None or not (self.waiting or self.serving):
+        where, self.others = self.others, None
+        if self.world is None or where is None:
             return
         try:
             told = self.explain(error)
-            if self.waiting:
-                self.waiting = False
+            if where == "meeting":
                 self.world.meet(told)
             else:
-                self.serving = False
                 self.world.broadcast(Failure.of(told, self.world.rank))
         except Exception as unheard:  # its own error matters more than the others' hearing it
             print(f"could not tell the other workers: {unheard}", file=sys.stderr)

@@ -276,8 +276,8 @@ def train_step(
     batch's labelled tokens, the gradients summed over the workers before the regularizer's
     is added (on every worker, once)."""
     whole = batch_indices(step=step, size=len(train), batch_size=batch_size, seed=seed)
-    shared = world is not None and world.distributed
-    picked = world.shard(whole) if world is not None and shared else whole
+    workers = world if world is not None and world.distributed else None
+    picked = workers.shard(whole) if workers is not None else whole
     encoded = [encoder.encode(train[i].prompt, train[i].completion) for i in picked]
     reset = functools.partial(optimizer.zero_grad, set_to_none=True)
     reset()
@@ -287,17 +287,17 @@ def train_step(
         # of them at the same step (rank 0 computes it, the others receive it).
         rows = teacher.rows(whole)
         distilling = {
-            "teacher": world.shard(rows) if world is not None and shared else rows,
+            "teacher": workers.shard(rows) if workers is not None else rows,
             "weight": distill_weight,
             "emphasis": emphasis,
         }
-    if world is not None and shared:
-        distilling["tokens"] = max(world.sum(labelled_tokens(encoded)), 1)
+    if workers is not None:
+        distilling["tokens"] = max(workers.sum(labelled_tokens(encoded)), 1)
     work = functools.partial(micro.backward, model, encoder, encoded, device=device, **distilling)
     micro.run(work, reset)
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    if world is not None and shared:
-        world.all_reduce_gradients(parameters)
+    if workers is not None:
+        workers.all_reduce_gradients(parameters)
     if penalty is not None:
         penalty().backward()
     torch.nn.utils.clip_grad_norm_(parameters, 1.0)
