@@ -2,12 +2,13 @@
 
     python benchmarks/scale.py --migrations 1000 --out .relora/scale
 
-For each subject, a fresh sandbox (relora_sandbox: API emulator + Job runner) runs in this
-process; the operator runs as its own process watching one namespace. The migrations (one
-adapter each) are created in batches, in-process on the sandbox's loop (so every HTTP request
-the emulator counts is the operator's); a batch waits until the previous one has its Jobs. The
-trainer is a stand-in that writes a "ready" outcome as its termination message and exits
-(`/bin/sh -c 'printf ...'`), so a pod costs one small process.
+For each subject, a fresh sandbox (relora_sandbox: API emulator + Job runner, as cold as a new
+API server: fresh_sandbox) runs in this process; the operator runs as its own process watching
+one namespace. The migrations (one adapter each) are created in batches, in-process on the
+sandbox's loop (so every HTTP request the emulator counts is the operator's); a batch waits
+until the previous one has its Jobs. The trainer is a stand-in that writes a "ready" outcome
+as its termination message and exits (`/bin/sh -c 'printf ...'`), so a pod costs one small
+process.
 
 Measured, per subject: creation -> Job latency (the store's own ADDED events, monotonic clock,
 sub-second), creation -> Ready (the operator: the migration's Ready condition; the floor, which
@@ -312,6 +313,17 @@ def _wait(check: Callable[[], bool], timeout: float) -> bool:
     return True
 
 
+def fresh_sandbox(workdir: Path) -> Any:
+    """A new sandbox (not started) as cold as a new API server: the CEL verdicts that the
+    emulator memoizes process-wide are dropped, or the subject measured second would create its
+    migrations (the same specs) at a fraction of the first one's cost."""
+    from relora_sandbox import schema
+    from relora_sandbox.sandbox import SandboxThread
+
+    schema.forget_verdicts()
+    return SandboxThread(workdir)
+
+
 def _setup(emulator: Any, recorder: Recorder) -> None:
     """The CRD, the namespace, and the recorder listening (on the sandbox's loop)."""
     registry = emulator.registry.kinds
@@ -337,11 +349,9 @@ def run_steady(
     """Steady-state requests per second with ``migrations`` trainers running (and, for the
     operator, every migration's status saying so), then the operator's memory over
     create/delete cycles (see the module doc)."""
-    from relora_sandbox.sandbox import SandboxThread
-
     workdir.mkdir(parents=True, exist_ok=True)
     recorder = Recorder()
-    thread = SandboxThread(workdir / "sandbox")
+    thread = fresh_sandbox(workdir / "sandbox")
     box = thread.__enter__()
     emulator = box.emulator
     try:
@@ -429,11 +439,9 @@ def run_subject(
     subject: str, migrations: int, workdir: Path, *, batch: int, timeout: float, hold: int = 0
 ) -> Obj:
     """Run ``migrations`` AdapterMigrations through one operator; return its measurements."""
-    from relora_sandbox.sandbox import SandboxThread
-
     workdir.mkdir(parents=True, exist_ok=True)
     recorder = Recorder()
-    thread = SandboxThread(workdir / "sandbox")
+    thread = fresh_sandbox(workdir / "sandbox")
     box = thread.__enter__()
     emulator = box.emulator
     try:

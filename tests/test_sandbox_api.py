@@ -246,6 +246,37 @@ def test_watch_sends_bookmarks_when_asked(sandbox: Any, namespace: str) -> None:
     assert "BOOKMARK" in types
 
 
+def test_a_burst_reaches_a_watch_in_one_write_and_a_close_after_it(
+    sandbox: Any, namespace: str
+) -> None:
+    """Events queued while a watch waited go out together (one chunk), not one turn of the
+    emulator's loop each (under load a watch fell seconds behind its store); a close queued
+    after them (fault injection) still lets them through, then ends the stream."""
+    store = sandbox.emulator.store
+    watching = sandbox.thread.call(lambda: len(store.watches))
+    http = urllib3.PoolManager()
+    response = http.request(
+        "GET",
+        f"{sandbox.url}/api/v1/namespaces/{namespace}/configmaps?watch=1&timeoutSeconds=30",
+        preload_content=False,
+    )
+    wait_for(lambda: sandbox.thread.call(lambda: len(store.watches)) > watching)
+    configmaps = sandbox.emulator.kind("", "v1", "configmaps")
+
+    def burst() -> None:  # in one callback of the loop: all of it is queued before any write
+        for i in range(20):
+            sandbox.emulator.create(configmaps, namespace, {"metadata": {"name": f"b{i}"}})
+        store.close_watches()
+
+    sandbox.thread.call(burst)
+    chunks = [chunk for chunk in response.read_chunked() if chunk.strip()]
+    names = [
+        json.loads(line)["object"]["metadata"]["name"] for line in b"".join(chunks).splitlines()
+    ]
+    assert names == [f"b{i}" for i in range(20)]
+    assert len(chunks) == 1
+
+
 def test_finalizers_hold_deletion_until_removed(api: Any, namespace: str) -> None:
     core = untyped(client.CoreV1Api(api))
     core.create_namespaced_config_map(

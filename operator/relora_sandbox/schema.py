@@ -205,6 +205,13 @@ class _Unevaluable(Exception):
     """A CEL rule that raised while evaluated (the message says why)."""
 
 
+def forget_verdicts() -> None:
+    """Drop the memoized CEL programs and verdicts, as an API server starts without them (a
+    benchmark's second subject in the same process must not find the first one's)."""
+    _program.cache_clear()
+    _evaluate.cache_clear()
+
+
 def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 

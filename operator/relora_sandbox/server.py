@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from aiohttp import web
@@ -36,6 +36,9 @@ SUBRESOURCES = {"status", "log", "finalize", "scale"}
 LogSource = Callable[[str, str], str | None]
 LogAge = Callable[[str, str], float | None]  # seconds since the log was last written
 AdminHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -392,17 +395,29 @@ class Emulator:
             if left <= 0:
                 return
             wait = min(left, self.bookmark_interval) if bookmarks else left
-            try:
-                event = await asyncio.wait_for(watch.queue.get(), wait)
-            except TimeoutError:
-                if bookmarks and time.monotonic() < deadline:
-                    await _send(response, self._bookmark(kind))
-                continue
-            if event is None:
-                return  # closed by fault injection
-            pair = _translate(event, matches)
-            if pair is not None:
-                await _send(response, self._event(kind, pair[0], pair[1], as_table))
+            # What is queued already goes out at once, in one write: waiting for each event
+            # (wait_for makes a task and a timer) took a turn of the loop per event, and under
+            # load (a burst of creations) a watch fell seconds behind its store.
+            events = _queued(watch.queue)
+            if not events:
+                try:
+                    events = [await asyncio.wait_for(watch.queue.get(), wait)]
+                except TimeoutError:
+                    if bookmarks and time.monotonic() < deadline:
+                        await _send(response, self._bookmark(kind))
+                    continue
+                events += _queued(watch.queue)
+            lines = []
+            for event in events:
+                if event is None:  # closed by fault injection: what came before still goes
+                    break
+                pair = _translate(event, matches)
+                if pair is not None:
+                    lines.append(_line(self._event(kind, pair[0], pair[1], as_table)))
+            if lines:
+                await response.write(b"".join(lines))
+            if any(event is None for event in events):
+                return
 
     def _event(self, kind: Kind, type_: str, obj: Obj, as_table: bool) -> dict[str, Any]:
         view = {**obj, "apiVersion": kind.api_version, "kind": kind.kind}
@@ -527,4 +542,16 @@ def _resource_name(kind: Kind) -> str:
 
 
 async def _send(response: web.StreamResponse, event: dict[str, Any]) -> None:
-    await response.write(json.dumps(event).encode() + b"\n")
+    await response.write(_line(event))
+
+
+def _line(event: dict[str, Any]) -> bytes:
+    return json.dumps(event).encode() + b"\n"
+
+
+def _queued(queue: asyncio.Queue[T]) -> list[T]:
+    """Everything ``queue`` holds now, without waiting."""
+    items = []
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return items
