@@ -313,6 +313,24 @@ def _wait(check: Callable[[], bool], timeout: float) -> bool:
     return True
 
 
+QUIET_SECONDS = 1.0
+
+
+def _quiet(thread: Any, recorder: Recorder, seconds: float, timeout: float) -> None:
+    """Return once no API request came for ``seconds`` (or after ``timeout``)."""
+
+    def count() -> int:
+        return sum(recorder.requests.values())
+
+    deadline = time.monotonic() + timeout
+    last, since = thread.call(count), time.monotonic()
+    while time.monotonic() - since < seconds and time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = thread.call(count)
+        if now != last:
+            last, since = now, time.monotonic()
+
+
 def fresh_sandbox(workdir: Path) -> Any:
     """A new sandbox (not started) as cold as a new API server: the CEL verdicts that the
     emulator memoizes process-wide are dropped, or the subject measured second would create its
@@ -478,7 +496,10 @@ def run_subject(
             target = recorder.completed if subject == "floor" else recorder.ready
             finished = _wait(partial(_at_least, target, migrations), timeout)
             end = time.monotonic()
-            time.sleep(1.0)  # what the operator still does once everything is Ready
+            # What the operator still does once everything is Ready (its events, posted one
+            # at a time) counts too: until it has made no request for a second.
+            _quiet(thread, recorder, QUIET_SECONDS, timeout)
+            quiet = round(max(0.0, time.monotonic() - end - QUIET_SECONDS), 1)  # polled
             recorder.counting = False
             cpu, peak = proc_usage(process.pid)
             reconciles = _reconciles(metrics_port) if subject == "relora" else None
@@ -521,6 +542,7 @@ def run_subject(
         "createToReadySeconds": _quantiles(to_ready),
         "timeToAllJobsSeconds": _span(first, recorder.jobs.values(), migrations),
         "timeToAllReadySeconds": (end - first) if finished else None,
+        "busyAfterReadySeconds": quiet,
         "operatorStartSeconds": live_seconds,
         "operatorStartupCpuSeconds": startup_cpu,
         "operatorCpuSeconds": cpu,
@@ -583,6 +605,7 @@ ROWS: list[tuple[str, Callable[[Obj], float | None], str]] = [
     ("create -> Ready p99 (s)", lambda r: r["createToReadySeconds"]["p99"], "{:.3f}"),
     ("time to all Jobs (s)", lambda r: r["timeToAllJobsSeconds"], "{:.1f}"),
     ("time to all Ready (s)", lambda r: r["timeToAllReadySeconds"], "{:.1f}"),
+    ("requests after all Ready, until quiet (s)", lambda r: r["busyAfterReadySeconds"], "{:.1f}"),
     ("operator peak RSS (MiB)", lambda r: r["operatorPeakRssMiB"], "{:.0f}"),
     ("operator CPU (s)", lambda r: r["operatorCpuSeconds"], "{:.1f}"),
     ("  of which start-up (s)", lambda r: r["operatorStartupCpuSeconds"], "{:.1f}"),

@@ -190,3 +190,57 @@ def test_the_spec_is_parsed_once_per_generation_and_released_when_idle() -> None
     assert state.offer(body, 1.0)
     spec = state.spec()
     assert not isinstance(spec, Exception) and spec.suspend, "a new generation is parsed anew"
+
+
+def test_events_are_posted_in_order_behind_the_reconciliation_and_kept_when_refused() -> None:
+    """A reconciliation hands its events to one background sender per migration and does not
+    wait for them (they come last among the API calls: the migration's next reconciliation
+    waited seconds behind them); one that cannot reach the API server stays, and the migration
+    is reconciled again later to post it."""
+    from benchmarks import scale
+
+    from relora_operator.reconciler import Operator
+    from relora_operator.settings import Settings
+
+    class Kube:
+        def __init__(self) -> None:
+            self.gate = asyncio.Event()
+            self.posted: list[str] = []
+            self.refuse = 0
+
+        async def event(self, *args: str) -> None:
+            await self.gate.wait()
+            if self.refuse:
+                self.refuse -= 1
+                raise ConnectionResetError("the API server went away")
+            self.posted.append(args[4])  # the reason
+
+    async def scenario() -> None:
+        kube = Kube()
+        operator = Operator(Settings(), kube, b"key")  # type: ignore[arg-type]
+        body = scale.migration("m")
+        body["metadata"].update({"uid": "u", "generation": 1, "resourceVersion": "1"})
+        state = migrations.MigrationState.of(body, 0.0)
+        operator.registry.add(state)
+        state.unsent += [("Normal", "First", "1"), ("Normal", "Second", "2")]
+        operator._post_events(state)  # returns at once: nothing is posted yet
+        assert state.posting and kube.posted == []
+        state.unsent.append(("Normal", "Third", "3"))
+        operator._post_events(state)  # the sender under way takes it too: no second one
+        assert len(operator.tasks) == 1
+        kube.gate.set()
+        await asyncio.gather(*operator.tasks)
+        assert kube.posted == ["First", "Second", "Third"] and not state.unsent
+        assert not state.posting
+        kube.refuse = 1
+        state.unsent += [("Warning", "Fourth", "4"), ("Normal", "Fifth", "5")]
+        operator._post_events(state)
+        await asyncio.gather(*operator.tasks)
+        assert [reason for _, reason, _ in state.unsent] == ["Fourth", "Fifth"]
+        assert operator.poker.due("u") is not None, "reconciled again later"
+        operator._post_events(state)  # what that reconciliation does first
+        await asyncio.gather(*operator.tasks)
+        assert kube.posted[3:] == ["Fourth", "Fifth"] and not state.unsent
+        operator.poker.forget("u")
+
+    asyncio.run(scenario())

@@ -320,6 +320,32 @@ def test_garbage_collection(api: Any, namespace: str, policy: str) -> None:
         wait_for(lambda: not _exists(core, namespace, "child"))
 
 
+def test_a_foreground_deletion_waits_for_a_held_dependent(
+    sandbox: Any, api: Any, namespace: str
+) -> None:
+    """The owner stays (terminating) while its dependent's finalizer holds it, and goes with
+    it; the store's indexes of live and waiting objects (kept on each write instead of a scan
+    of every object per write) say the same as a scan."""
+    core = untyped(client.CoreV1Api(api))
+    _owned(core, namespace)
+    hold = {"metadata": {"finalizers": ["x.dev/hold"]}}
+    core.patch_namespaced_config_map("child", namespace, hold)
+    core.delete_namespaced_config_map("owner", namespace, propagation_policy="Foreground")
+    store = sandbox.emulator.store
+
+    def indexed() -> tuple[bool, int]:
+        scanned = {obj["metadata"]["uid"] for _, obj in store.all_objects()}
+        return store.live == scanned, len(store.waiting)
+
+    assert core.read_namespaced_config_map("owner", namespace).metadata.deletion_timestamp
+    assert core.read_namespaced_config_map("child", namespace).metadata.deletion_timestamp
+    assert sandbox.thread.call(indexed) == (True, 1)
+    core.patch_namespaced_config_map("child", namespace, {"metadata": {"finalizers": None}})
+    wait_for(lambda: not _exists(core, namespace, "owner"))
+    assert not _exists(core, namespace, "child")
+    assert sandbox.thread.call(indexed) == (True, 0)
+
+
 def test_deleting_a_namespace_deletes_its_objects(api: Any) -> None:
     core = untyped(client.CoreV1Api(api))
     core.create_namespace({"metadata": {"name": "doomed-ns"}})

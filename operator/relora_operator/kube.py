@@ -17,6 +17,7 @@ generated methods' names (the chart's RBAC is derived from them, tests/helm_char
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import logging
@@ -166,6 +167,10 @@ class Kube:
         self.batch = _Batch(api)
         self.core = _Core(api)
         self.custom = _Custom(api)
+        # One event in flight at a time, as client-go's event broadcaster posts them: they
+        # are the least urgent calls, and a burst of them held the API calls' threads (and
+        # the API server) while new migrations waited for their Jobs.
+        self.posting = asyncio.Semaphore(1)
 
     @classmethod
     def connect(cls) -> Kube:
@@ -329,7 +334,8 @@ class Kube:
             self.core.create_namespaced_event(namespace, body).drain_conn()
 
         try:
-            await self.calls.run(EVENT, send)
+            async with self.posting:
+                await self.calls.run(EVENT, send)
         except ApiException as error:  # events are best effort: say so, go on
             LOG.warning("event %s on %s not recorded: HTTP %s", reason, name, error.status)
 

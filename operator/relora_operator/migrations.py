@@ -63,6 +63,7 @@ class MigrationState:
     seen: float  # monotonic time the body was last confirmed by an event, list or read
     written: str | None = None  # digest of the status last written
     unsent: list[tuple[str, str, str]] = field(default_factory=list)  # events to post
+    posting: bool = False  # its events are being posted (relora_operator.reconciler)
     progress: dict[str, AdapterProgress] = field(default_factory=dict)  # adapter -> latest
     log_read: dict[str, float] = field(default_factory=dict)  # running pod -> last log read
     queue_observed: set[str] = field(default_factory=set)  # Job uids whose wait was counted

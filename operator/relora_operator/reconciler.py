@@ -287,7 +287,7 @@ class Operator:
             state.unsent.clear()
             self.poker.schedule(uid, None)
             return
-        await self._send_events(state)  # left over from a failed reconciliation
+        self._post_events(state)  # left over from a failed post
         spec = state.spec()
         if not isinstance(spec, AdapterMigrationSpec):
             await self._invalid(state, spec)
@@ -381,7 +381,7 @@ class Operator:
         for job_name in actions.restart:  # the restart is counted in the status written above
             await self.kube.delete_job(namespace, job_name)
         state.unsent.extend(actions.events)
-        await self._send_events(state)
+        self._post_events(state)
         self.registry.count(state, wire)
         metrics.set_phases(self.registry.totals)
         self.poker.schedule(uid, actions.requeue_after)
@@ -404,14 +404,35 @@ class Operator:
             for adapter in spec.adapters
         }
 
+    def _post_events(self, state: MigrationState) -> None:
+        """Post the events of written transitions, in order, in the background: the
+        reconciliation does not wait for them. They come last in the queue of API calls, and
+        a migration's next reconciliation (its Job finished) waited seconds behind its own
+        events while new migrations' Jobs were being created."""
+        if state.unsent and not state.posting:
+            state.posting = True
+            task = asyncio.get_running_loop().create_task(self._send_events(state))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
     async def _send_events(self, state: MigrationState) -> None:
-        """Post the events of written transitions. One that cannot be sent (API server
-        unreachable) waits for the next reconciliation instead of being lost: the status that
-        caused it is already written, so it would not be derived again."""
-        while state.unsent:
-            kind, reason, message = state.unsent[0]
-            await self.kube.event(state.namespace, state.name, state.uid, kind, reason, message)
-            state.unsent.pop(0)
+        """One that cannot be sent (API server unreachable) is not lost: the migration is
+        reconciled again later (with backoff), which posts what is left, since the status that
+        caused it is already written and would not be derived again."""
+        try:
+            while state.unsent and self.registry.get(state.uid) is state:
+                event = state.unsent[0]
+                kind, reason, message = event
+                await self.kube.event(state.namespace, state.name, state.uid, kind, reason, message)
+                if state.unsent and state.unsent[0] is event:
+                    state.unsent.pop(0)
+        except (ApiException, HTTPError, OSError) as error:
+            label = f"http{error.status}" if isinstance(error, ApiException) else "connection"
+            metrics.RECONCILE_ERRORS.labels(error=label).inc()
+            LOG.warning("posting an event of %s failed: %s", state.name, type(error).__name__)
+            self._retry(state)
+        finally:
+            state.posting = False
 
     async def _invalid(self, state: MigrationState, error: Exception) -> None:
         """A spec the schema let through but the models refuse: Failed, with the field."""

@@ -67,7 +67,7 @@ class Admission:
         """Stop serving a deleted CRD and drop its objects, as the API server does."""
         if kind.key == ("apiextensions.k8s.io", "customresourcedefinitions"):
             spec = obj["spec"]
-            self.store.objects.pop((spec["group"], spec["names"]["plural"]), None)
+            self.store.drop_table((spec["group"], spec["names"]["plural"]))
             self.registry.remove_group_plural(spec["group"], spec["names"]["plural"])
 
     # ------------------------------------------------------------------ details

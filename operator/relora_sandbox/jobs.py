@@ -135,16 +135,24 @@ class JobRunner(FaultHooks):
     def _reconcile_job(self, job: Obj, pods: list[Obj]) -> None:
         spec, meta = job["spec"], job["metadata"]
         namespace, name = meta["namespace"], meta["name"]
-        status = copy.deepcopy(job.get("status") or {})
-        conditions: list[dict[str, Any]] = status.setdefault("conditions", [])
-        if _has(job, "Complete") or _has(job, "Failed"):
+        if _has(job, "Complete") or _has(job, "Failed"):  # read in place: most Jobs, each pass
             ttl = spec.get("ttlSecondsAfterFinished")
-            finished = status.get("completionTime") or next(
-                (c["lastTransitionTime"] for c in conditions if c["type"] == "Failed"), None
+            if ttl is None:
+                return
+            stored = job.get("status") or {}
+            finished = stored.get("completionTime") or next(
+                (
+                    c["lastTransitionTime"]
+                    for c in stored.get("conditions") or []
+                    if c["type"] == "Failed"
+                ),
+                None,
             )
-            if ttl is not None and _seconds_since(finished) >= ttl:
+            if _seconds_since(finished) >= ttl:
                 self.emulator.delete(self.jobs_kind, namespace, name, "Background")
             return
+        status = copy.deepcopy(job.get("status") or {})
+        conditions: list[dict[str, Any]] = status.setdefault("conditions", [])
         active = [
             p
             for p in pods

@@ -66,6 +66,10 @@ class Store:
         self.compacted = self.revision  # events at or below this revision are gone
         self.watches: list[Watch] = []
         self.listeners: list[Listener] = []
+        # Kept by _emit, which sees every write, so that a write need not scan every object:
+        # the uids stored now, and those of objects waiting in foreground deletion.
+        self.live: set[str] = set()
+        self.waiting: dict[str, tuple[Key, str, str]] = {}
 
     # ----------------------------------------------------------------- reading
     def table(self, kind: Kind) -> dict[tuple[str, str], Obj]:
@@ -111,7 +115,22 @@ class Store:
         self.revision += 1
         return str(self.revision)
 
+    def _index(self, kind: Kind, obj: Obj, *, gone: bool = False) -> None:
+        """Keep ``live`` and ``waiting`` as ``obj`` is written (or ``gone``)."""
+        meta = obj["metadata"]
+        uid = meta["uid"]
+        if gone:
+            self.live.discard(uid)
+            self.waiting.pop(uid, None)
+            return
+        self.live.add(uid)
+        if meta.get("deletionTimestamp") and "foregroundDeletion" in (meta.get("finalizers") or []):
+            self.waiting[uid] = (kind.key, meta.get("namespace", ""), meta["name"])
+        else:
+            self.waiting.pop(uid, None)
+
     def _emit(self, kind: Kind, type_: str, obj: Obj, old: Obj | None) -> None:
+        self._index(kind, obj, gone=type_ == "DELETED")
         event = Event(
             int(obj["metadata"]["resourceVersion"]),
             type_,
@@ -233,6 +252,7 @@ class Store:
                 meta["resourceVersion"] = self._bump()
                 self._emit(kind, "MODIFIED", current, old)
             if policy == "Foreground":
+                self._index(kind, current)  # already terminating: waits from now on too
                 self.collect_foreground(current)
             return self._view(kind, current)
         self._remove(kind, namespace, name, old=current)
@@ -255,7 +275,13 @@ class Store:
         ]
 
     def _live_uids(self) -> set[str]:
-        return {obj["metadata"]["uid"] for _, obj in self.all_objects()}
+        return self.live
+
+    def drop_table(self, key: Key) -> None:
+        """Forget every object of a kind at once, without events (its CRD was deleted)."""
+        for obj in self.objects.pop(key, {}).values():
+            self.live.discard(obj["metadata"]["uid"])
+            self.waiting.pop(obj["metadata"]["uid"], None)
 
     def _collect_dependents(self, uid: str) -> None:
         live = self._live_uids()
@@ -316,10 +342,14 @@ class Store:
 
     def finish_foreground(self) -> None:
         """Re-check owners waiting in foreground deletion (called after removals)."""
-        for _, obj in list(self.all_objects()):
+        for uid, (key, namespace, name) in list(self.waiting.items()):
+            obj = self.objects.get(key, {}).get((namespace, name))
+            if obj is None or obj["metadata"]["uid"] != uid:
+                self.waiting.pop(uid, None)
+                continue
             meta = obj["metadata"]
             waiting = "foregroundDeletion" in (meta.get("finalizers") or [])
-            if waiting and meta.get("deletionTimestamp") and not self.dependents(meta["uid"]):
+            if waiting and meta.get("deletionTimestamp") and not self.dependents(uid):
                 self.collect_foreground(obj)
 
     # ----------------------------------------------------------------- namespaces
