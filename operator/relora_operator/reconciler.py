@@ -250,19 +250,25 @@ class Operator:
                 await self._reconcile(state)
                 state.failures = 0
         except (ApiException, HTTPError, OSError) as error:
-            if isinstance(error, ApiException):
-                label, text = f"http{error.status}", f"HTTP {error.status}"
-            else:
-                label, text = "connection", type(error).__name__
-            metrics.RECONCILE_ERRORS.labels(error=label).inc()
-            LOG.warning("reconcile of %s failed: %s", state.name, text)
-            self._retry(state)
+            self._unreachable(state, "reconcile", error)
         except Exception as error:  # keep the operator running, say why
             metrics.RECONCILE_ERRORS.labels(error=type(error).__name__).inc()
             LOG.exception("reconcile of %s failed", state.name)
             self._retry(state)
         finally:
             metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+
+    def _unreachable(
+        self, state: MigrationState, what: str, error: ApiException | HTTPError | OSError
+    ) -> None:
+        """An API call of ``what`` failed: counted, said, and the migration retried later."""
+        if isinstance(error, ApiException):
+            label, text = f"http{error.status}", f"HTTP {error.status}"
+        else:
+            label, text = "connection", type(error).__name__
+        metrics.RECONCILE_ERRORS.labels(error=label).inc()
+        LOG.warning("%s of %s failed: %s", what, state.name, text)
+        self._retry(state)
 
     def _retry(self, state: MigrationState) -> None:
         if self.registry.get(state.uid) is state:
@@ -422,15 +428,11 @@ class Operator:
         try:
             while state.unsent and self.registry.get(state.uid) is state:
                 event = state.unsent[0]
-                kind, reason, message = event
-                await self.kube.event(state.namespace, state.name, state.uid, kind, reason, message)
+                await self.kube.event(state.namespace, state.name, state.uid, *event)
                 if state.unsent and state.unsent[0] is event:
                     state.unsent.pop(0)
         except (ApiException, HTTPError, OSError) as error:
-            label = f"http{error.status}" if isinstance(error, ApiException) else "connection"
-            metrics.RECONCILE_ERRORS.labels(error=label).inc()
-            LOG.warning("posting an event of %s failed: %s", state.name, type(error).__name__)
-            self._retry(state)
+            self._unreachable(state, "posting an event", error)
         finally:
             state.posting = False
 

@@ -407,16 +407,17 @@ class Emulator:
                         await _send(response, self._bookmark(kind))
                     continue
                 events += _queued(watch.queue)
-            lines = []
+            lines, closed = [], False
             for event in events:
                 if event is None:  # closed by fault injection: what came before still goes
+                    closed = True
                     break
                 pair = _translate(event, matches)
                 if pair is not None:
                     lines.append(_line(self._event(kind, pair[0], pair[1], as_table)))
             if lines:
                 await response.write(b"".join(lines))
-            if any(event is None for event in events):
+            if closed:
                 return
 
     def _event(self, kind: Kind, type_: str, obj: Obj, as_table: bool) -> dict[str, Any]:

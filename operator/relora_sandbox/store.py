@@ -274,9 +274,6 @@ class Store:
             if any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or [])
         ]
 
-    def _live_uids(self) -> set[str]:
-        return self.live
-
     def drop_table(self, key: Key) -> None:
         """Forget every object of a kind at once, without events (its CRD was deleted)."""
         for obj in self.objects.pop(key, {}).values():
@@ -284,7 +281,7 @@ class Store:
             self.waiting.pop(obj["metadata"]["uid"], None)
 
     def _collect_dependents(self, uid: str) -> None:
-        live = self._live_uids()
+        live = self.live
         for kind, obj in self.dependents(uid):
             meta = obj["metadata"]
             owners = [r for r in meta.get("ownerReferences") or [] if r.get("uid") in live]
@@ -326,7 +323,7 @@ class Store:
             return
         references = current["metadata"].get("ownerReferences") or []
         owners = {r.get("uid") for r in references}
-        if owners and not owners & self._live_uids():
+        if owners and not owners & self.live:
             # In the background, as the garbage collector deletes: a Job's own default
             # (Orphan) would leave its pods running without a Job.
             namespace = meta.get("namespace", "")
