@@ -36,7 +36,8 @@
 #
 # On a machine with 2 or more GPUs it also runs the data-parallel tests (one adapter's migration
 # by 2 workers against 1 process, and the fine-tuning loop alone) on CUDA with nccl:
-# tests/test_distributed_migration.py and tests/test_distributed.py (pytest from the wheels).
+# tests/test_distributed_migration.py and tests/test_distributed.py (pytest from the wheels),
+# a 2-GPU sharded base among them, then benchmarks/workers.py --shard on the 1b world.
 #
 # Knobs (environment): WHEELS (.gpu-wheels), PYTHON (python3), SIZES ("smollm2 1b"), STEPS (20),
 # DEVICE (cuda; cpu for a dry run without a GPU), OUT (where the results go; set by the device
@@ -127,6 +128,12 @@ import relora_cli, relora_operator.api  # the project, from PYTHONPATH
   if ((gpus >= 2)); then
     step "multi-gpu (${gpus} GPUs)" 300 "$PYTHON" -m pytest -q -p no:cacheprovider \
       tests/test_distributed_migration.py tests/test_distributed.py
+    # the 1b world (built by the benchmark above) as 2 replicas and as 2 GPUs sharing the bases
+    # (shardBase): steps, seconds, and rank 0's GPU peak side by side
+    if [[ -f $WORK/1b/migration.yaml ]]; then
+      step "sharded 1b (2 GPUs)" 300 "$PYTHON" benchmarks/workers.py \
+        --manifest "$WORK/1b/migration.yaml" --shard --workers 2 --steps 4 --out "$WORK/workers"
+    fi
   else
     echo "== multi-gpu: SKIPPED, ${gpus:-0} GPU(s) here (it needs 2)"
   fi

@@ -6,10 +6,14 @@ process and as N workers with torchrun's environment (gloo on the CPU), on a tes
         --workers 2 --repeats 2
 
 Each repeat runs, in turn: one process with one torch thread, one process with N threads (the
-same cores as the workers), and N workers with one thread each. It prints, per run, the report's
-time to readiness, its evaluation, training and teacher seconds, the steps and the wall time,
-then the means and the ratios against one process with N threads. The runs share the machine's
-cores with nothing else of this script; run it on an idle machine.
+same cores as the workers), and N workers with one thread each; with ``--shard`` also N workers
+that shard the bases (``distributed.shardBase``: FSDP2, each holds 1/N of every weight, every
+forward pass in step). It prints, per run, the report's time to readiness, its evaluation,
+training and teacher seconds, the steps, the wall time and the largest peak RSS of its
+processes, then the means and the ratios against one process with N threads. ``--manifest``
+takes any migration manifest instead of a testbed's (benchmarks/trainer_memory.py's 1b world:
+the memory a sharded base saves). The runs share the machine's cores with nothing else of this
+script; run it on an idle machine.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +49,7 @@ class Launch:
     root: Path
     adapter: str
     output_dir: Path
+    peak_rss_gib: list[float]  # each process's own peak RSS (wait4's ru_maxrss)
 
     @property
     def output(self) -> Path:
@@ -72,7 +78,8 @@ def launch(
     torchrun's environment when more than one, and ``extra``), ``threads`` torch threads each,
     working in ``cwd`` (default ``root``: relative URIs resolve there); termination messages in
     ``root``. A launch that outlasts ``timeout`` seconds (a worker's collective timeout, plus a
-    minute) is killed."""
+    minute) is killed. Each process's output goes through files in ``root`` (a pipe could fill
+    while another rank is waited for); its peak RSS is its own (wait4)."""
     root.mkdir(parents=True, exist_ok=True)
     spec = AdapterMigration.from_manifest(manifest).spec
     base = {k: v for k, v in os.environ.items() if k not in ENVIRONMENT}
@@ -85,8 +92,11 @@ def launch(
             ENV_TIMEOUT: str(timeout),
         }
     )
+    if spec.distributed is not None and spec.distributed.shard_base:
+        base[contract.ENV_SHARD_BASE] = "1"  # as the operator sets it
     port = str(free_port())
-    processes = []
+    processes, files = [], []
+    logs = Path(tempfile.mkdtemp(prefix="relora-launch-"))  # not in root: its files are checked
     for rank in range(workers):
         env = {**base, contract.ENV_TERMINATION_LOG: str(root / f"termination-{rank}")}
         if workers > 1:
@@ -98,39 +108,64 @@ def launch(
                 MASTER_PORT=port,
             )
         env.update(extra or {})
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "relora_trainer.job"],
-                cwd=cwd or root,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
+        out_file, err_file = logs / f"stdout-{rank}", logs / f"stderr-{rank}"
+        files.append((out_file, err_file))
+        with out_file.open("wb") as out_handle, err_file.open("wb") as err_handle:
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "relora_trainer.job"],
+                    cwd=cwd or root,
+                    env=env,
+                    stdout=out_handle,
+                    stderr=err_handle,
+                )
             )
-        )
+    codes: dict[int, int] = {}
+    peaks: dict[int, float] = {}
+    deadline = time.monotonic() + timeout + 60
     try:
-        outputs = [p.communicate(timeout=timeout + 60) for p in processes]
+        while len(codes) < len(processes) and time.monotonic() < deadline:
+            for rank, process in enumerate(processes):
+                if rank in codes:
+                    continue
+                pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+                if pid:
+                    codes[rank] = os.waitstatus_to_exitcode(status)
+                    peaks[rank] = usage.ru_maxrss / 2**20  # KiB on Linux
+                    process.returncode = codes[rank]
+            time.sleep(0.05)
     finally:
-        for process in processes:
-            if process.poll() is None:
+        for rank, process in enumerate(processes):
+            if rank not in codes:
                 process.kill()
+                codes[rank] = process.wait()
+                peaks[rank] = 0.0
     out = Path(spec.output.uri)
+    stdout = [o.read_text(errors="replace") for o, _ in files]
+    stderr = [e.read_text(errors="replace") for _, e in files]
+    shutil.rmtree(logs, ignore_errors=True)
     return Launch(
-        codes=[p.returncode for p in processes],
-        stdout=[o for o, _ in outputs],
-        stderr=[e for _, e in outputs],
+        codes=[codes[rank] for rank in range(workers)],
+        stdout=stdout,
+        stderr=stderr,
         root=root,
         adapter=adapter,
         output_dir=out if out.is_absolute() else (cwd or root) / out,
+        peak_rss_gib=[peaks[rank] for rank in range(workers)],
     )
 
 
 def _manifest(
-    testbed: Path, severity: str, strategy: str, steps: int, out: Path, trials: int | None
+    source: Path, strategy: str, steps: int, out: Path, trials: int | None, shard: int = 0
 ) -> dict[str, Any]:
-    manifest: dict[str, Any] = yaml.safe_load((testbed / f"migration-{severity}.yaml").read_text())
+    """``source`` with this run's settings; ``shard``: the bases sharded over that many
+    processes (one worker of that many GPUs: the world's size; each a CPU process here)."""
+    manifest: dict[str, Any] = yaml.safe_load(source.read_text())
     spec = manifest["spec"]
     spec["output"] = {"uri": str(out)}
+    if shard:
+        spec["distributed"] = {"shardBase": True}
+        spec["resources"] = {"limits": {"nvidia.com/gpu": shard}}
     method = spec.setdefault("method", {})
     method["strategy"] = strategy
     if trials is not None:
@@ -154,6 +189,8 @@ def _row(label: str, launched: Launch, wall: float) -> dict[str, Any]:
         "teacher": seconds.get("teacher") or 0.0,
         "search": seconds.get("search") or 0.0,
         "wall": wall,
+        "peakRss": max(launched.peak_rss_gib),
+        "devicePeak": report.get("device_peak_gib"),  # rank 0's GPU peak (None on a CPU)
     }
 
 
@@ -166,44 +203,53 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--trials", type=int, help="initialization.trials (default: the manifest's)"
     )
+    parser.add_argument("--manifest", type=Path, help="a manifest instead of the testbed's")
+    parser.add_argument("--shard", action="store_true", help="also N workers sharing the bases")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(".relora/workers"))
     args = parser.parse_args(argv)
-    testbed = args.testbed.resolve()
-    if not (testbed / "testbed.json").is_file():
-        raise SystemExit(f"{testbed}: not a testbed (build it with `relora testbed build`)")
-    adapter = yaml.safe_load((testbed / f"migration-{args.severity}.yaml").read_text())
-    name = adapter["spec"]["adapters"][0]["name"]
+    if args.manifest is not None:
+        source = args.manifest.resolve()
+    else:
+        testbed = args.testbed.resolve()
+        if not (testbed / "testbed.json").is_file():
+            raise SystemExit(f"{testbed}: not a testbed (build it with `relora testbed build`)")
+        source = testbed / f"migration-{args.severity}.yaml"
+    name = yaml.safe_load(source.read_text())["spec"]["adapters"][0]["name"]
     n = args.workers
-    runs = [("1 process, 1 thread", 1, 1), (f"1 process, {n} threads", 1, n)]
-    runs.append((f"{n} workers, 1 thread each", n, 1))
+    runs = [("1 process, 1 thread", 1, 1, 0), (f"1 process, {n} threads", 1, n, 0)]
+    runs.append((f"{n} workers, 1 thread each", n, 1, 0))
+    if args.shard:
+        runs.append((f"{n} workers sharing the bases", n, 1, n))
     rows = []
     for repeat in range(args.repeats):
-        for label, workers, threads in runs:
-            root = (args.out / f"{repeat}-{workers}x{threads}").resolve()
+        for label, workers, threads, shard in runs:
+            root = (args.out / f"{repeat}-{workers}x{threads}{'-shard' if shard else ''}").resolve()
             shutil.rmtree(root, ignore_errors=True)
             manifest = _manifest(
-                testbed, args.severity, args.strategy, args.steps, root / "out", args.trials
+                source, args.strategy, args.steps, root / "out", args.trials, shard
             )
             started = time.perf_counter()
-            launched = launch(manifest, name, root, workers, cwd=testbed, threads=threads)
+            launched = launch(manifest, name, root, workers, cwd=source.parent, threads=threads)
             rows.append(_row(label, launched, time.perf_counter() - started))
             print(json.dumps(rows[-1]), flush=True)
     print()
     columns = ["timeToReadiness", "evaluation", "training", "teacher", "search", "wall"]
-    print("| run | steps | " + " | ".join(f"{c} (s)" for c in columns) + " |")
-    print("| --- |" + " ---: |" * (len(columns) + 1))
+    header = " | ".join(f"{c} (s)" for c in columns)
+    print(f"| run | steps | {header} | peak RSS per process (GiB) |")
+    print("| --- |" + " ---: |" * (len(columns) + 2))
     means = {}
-    for label, _, _ in runs:
+    for label, *_ in runs:
         mine = [r for r in rows if r["run"] == label]
         means[label] = {c: statistics.mean(r[c] or 0.0 for r in mine) for c in columns}
         steps = "/".join(str(r["steps"]) for r in mine)
         cells = " | ".join(f"{means[label][c]:.2f}" for c in columns)
-        print(f"| {label} | {steps} | {cells} |")
+        rss = statistics.mean(r["peakRss"] for r in mine)
+        print(f"| {label} | {steps} | {cells} | {rss:.2f} |")
     reference = means[runs[1][0]]
     print()
-    for label, _, _ in runs:
+    for label, *_ in runs:
         ratios = ", ".join(
             f"{c} {reference[c] / means[label][c]:.2f}x" for c in columns if means[label][c]
         )

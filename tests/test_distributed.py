@@ -11,6 +11,7 @@ would not give the single-process gradient.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -384,7 +385,7 @@ def test_the_search_measures_each_trial_with_the_other_workers(toy: Any) -> None
         mine = quality.score(searched, encoder, task.validation[:4], task.choices, device=CPU)
         object.__setattr__(rank1, "theirs", mine)
         rank1.messages.extend([workers.Measure(values, 9, True), "the start"])  # type: ignore[attr-defined]
-        assert workers.serve(rank1, serving, measuring) == "the start"
+        assert workers.serve(rank1, _serving(measuring, serving)) == "the start"
     assert scored == [5], "the other worker scored the 5 examples after rank 0's 4"
     for name, value in adapters.trainable(serving).items():
         assert torch.equal(value, values[name]), name
@@ -402,7 +403,14 @@ def test_the_search_measures_each_trial_with_the_other_workers(toy: Any) -> None
 
     failed = _Scripted(1, [Failure.of(BadInput("spec.sourceModel: unreadable"), 0)])
     with pytest.raises(BadInput, match=r"\(worker 0\) spec.sourceModel"):
-        workers.serve(failed, serving, measuring)
+        workers.serve(failed, _serving(measuring, serving))
+
+
+def _serving(quality: TaskQuality, model: Any) -> workers.Serving:
+    """What a worker other than rank 0 serves a search's measurements with: ``model``, attached
+    already (the rest serves the passes of a sharded base: tests/test_distributed_migration)."""
+    unused: Any = None
+    return workers.Serving(quality, unused, unused, unused, "accuracy", lambda: model, model)
 
 
 def test_rank_0_tells_a_failure_once_where_the_others_are() -> None:
@@ -482,3 +490,66 @@ def test_the_workers_wait_for_rank_zeros_search(
     monkeypatch.delenv(distributed.ENV_TIMEOUT, raising=False)
     job._join(searching)
     assert joined == [default + timedelta(hours=4)]
+
+
+def _sharded_worker(rank: int, size: int, port: int, toy: Any, out: Path) -> None:
+    """A spawned worker of a sharded base: its shard of the toy world's v2, the whole weights
+    gathered back, and what check_fits says of an adapter with a saved module or DoRA."""
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(size),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    from torch.distributed.tensor import DTensor
+
+    world = World.from_env(timeout=timedelta(seconds=120), sharded=True)
+    try:
+        model = models.load_sharded(
+            Path(toy.v2), what="spec.targetModel", device=CPU, dtype=torch.float32, world=world
+        )
+        found: dict[str, Any] = {"local": {}, "whole": {}, "refused": []}
+        for name, parameter in model.named_parameters():
+            assert isinstance(parameter, DTensor), name
+            found["local"][name] = tuple(parameter.to_local().shape)
+            found["whole"][name] = parameter.full_tensor().clone()
+        found["kind"] = models.Shape.of(model).kind
+        old = adapters.read_adapter(Path(toy.adapter), what="spec.adapters[a].uri")
+        adapters.check_fits(old, model, what="spec.adapters[a].uri")  # plain LoRA: fits
+        saved = adapters.OldAdapter(old.config, old.factors, {"lm_head.weight": torch.zeros(1)})
+        dora = copy.deepcopy(old.config)
+        dora.use_dora = True
+        for refused in (saved, adapters.OldAdapter(dora, old.factors)):
+            try:
+                adapters.check_fits(refused, model, what="spec.adapters[a].uri")
+            except BadInput as error:
+                found["refused"].append(str(error))
+        torch.save(found, out / f"rank{rank}.pt")
+    finally:
+        world.close()
+
+
+def test_a_sharded_base_holds_a_shard_per_worker_and_refuses_what_it_cannot_carry(
+    toy: Any, tmp_path: Path
+) -> None:
+    """models.load_sharded over 2 workers: every weight a DTensor whose local part is half of
+    its first dimension (rounded up on rank 0), gathered back equal to the files; the model's
+    kind is the architecture's, not FSDP2's subclass. An old adapter with modules_to_save or
+    DoRA is refused with InvalidAdapter naming shardBase; a plain LoRA fits."""
+    spawn(_sharded_worker, args=(2, free_port(), toy, tmp_path), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    files = models.WeightFiles(Path(toy.v2), what="v2")
+    assert ranks[0]["kind"] == "LlamaForCausalLM", ranks[0]["kind"]
+    for name, whole in ranks[0]["whole"].items():
+        stored = files.get(name)
+        assert stored is not None and torch.equal(whole, stored), name
+        assert torch.equal(ranks[1]["whole"][name], whole), name
+        rows = whole.shape[0]
+        assert ranks[0]["local"][name][0] == -(-rows // 2), name
+        assert ranks[0]["local"][name][0] + ranks[1]["local"][name][0] == rows, name
+    for found in ranks:
+        saved, dora = found["refused"]
+        assert "modules_to_save (lm_head.weight)" in saved and "shardBase" in saved
+        assert "DoRA magnitudes" in dora and "leave shardBase false" in dora

@@ -252,3 +252,60 @@ def test_two_workers_share_the_later_stages_of_rank_0s_teacher(toy: Any, tmp_pat
     difference = max(float((one[n] - both[n]).abs().max()) for n in one)
     print(f"max |1 process - 2 workers| with a staged teacher: {difference:.3g}")
     assert difference <= TOLERANCE
+
+
+def _sharded(manifest: dict[str, Any]) -> dict[str, Any]:
+    """``manifest`` with its bases sharded across two processes: one worker of 2 GPUs (the
+    world's size; on the CPU each process is a gloo rank)."""
+    spec = manifest["spec"]
+    spec["distributed"] = {"shardBase": True}
+    spec["resources"] = {"limits": {"nvidia.com/gpu": WORKERS}}
+    return manifest
+
+
+def test_a_sharded_base_migrates_as_one_process(toy: Any, tmp_path: Path) -> None:
+    """Both bases sharded across 2 processes (FSDP2: each holds half of every weight), so every
+    forward pass is collective: the source phase, the reference on the target, the teacher's
+    first stage and its later ones (never ready in 12 steps, an evaluation every 2), a search
+    whose trials take look-ahead steps, the fine-tuning and its evaluations all run in step.
+    The trials, the steps, the history, the saved teacher and the adapter equal one
+    process's (the adapter within TOLERANCE)."""
+    launches = []
+    for workers in (1, WORKERS):
+        manifest = _manifest(toy, tmp_path / str(workers))
+        # Relative to the old adapter on the source base (measured in the source phase), and
+        # out of reach: the whole budget runs.
+        manifest["spec"]["adapters"][0]["readiness"] = {"relativeToSource": 2}
+        method = manifest["spec"]["method"]
+        method["initialization"] = {"trials": 2, "objective": "lookahead", "lookaheadSteps": 1}
+        method["finetune"].update(maxSteps=12, evalEvery=2, checkpointEvery=100)
+        if workers > 1:
+            manifest = _sharded(manifest)
+        launched = _launch(manifest, tmp_path / str(workers), workers)
+        assert launched.codes == [errors.EXIT_OK] * workers, [e[-3000:] for e in launched.stderr]
+        assert launched.report()["ready"] is False
+        launches.append(launched)
+    alone, two = launches
+    one_report, two_report = alone.report(), two.report()
+    assert two_report["workers"] == WORKERS
+    assert two_report["sharded_base"] is True and one_report["sharded_base"] is False
+    assert two_report["steps"] == one_report["steps"] == 12
+    assert two_report["coefficients"] == one_report["coefficients"]
+    two_values = [t["value"] for t in two_report["trials"]]
+    assert two_values == pytest.approx([t["value"] for t in one_report["trials"]], rel=1e-5)
+    for stage in ("source", "before"):  # measured in step on the sharded bases
+        for split, quality in one_report["quality"][stage].items():
+            assert two_report["quality"][stage][split] == pytest.approx(quality), (stage, split)
+    losses = [e["loss"] for e in two_report["history"]]
+    assert losses == pytest.approx([e["loss"] for e in one_report["history"]], rel=1e-5)
+    saved = [
+        torch.load(launch.output / "state" / "teacher.pt", weights_only=True) for launch in launches
+    ]
+    assert saved[0]["steps"] is saved[1]["steps"] is None, "the whole budget, in the end"
+    for name, value in saved[0]["teacher"].items():
+        assert torch.allclose(saved[1]["teacher"][name], value, atol=1e-6), name
+    one = load_file(str(alone.output / "adapter_model.safetensors"))
+    both = load_file(str(two.output / "adapter_model.safetensors"))
+    difference = max(float((one[n] - both[n]).abs().max()) for n in one)
+    print(f"max |1 process - 2 processes on a sharded base|: {difference:.3g}")
+    assert difference <= TOLERANCE

@@ -227,6 +227,34 @@ def test_unknown_fields_of_distributed_are_named(manifest: dict[str, Any]) -> No
     assert problem.startswith("distributed.wrokers: "), problem
 
 
+def test_a_sharded_base_needs_processes_that_divide_the_batch(manifest: dict[str, Any]) -> None:
+    """shardBase: refused for a world of one process and for a batch the processes do not
+    divide (each takes an equal share in step), with the field and the fix named."""
+    manifest["spec"]["distributed"] = {"shardBase": True}
+    manifest["spec"]["resources"]["limits"].pop("nvidia.com/gpu", None)
+    (problem,) = _problems(manifest)
+    assert problem.startswith("distributed: ") and "2 or more processes" in problem, problem
+    manifest["spec"]["resources"]["limits"]["nvidia.com/gpu"] = 3
+    manifest["spec"]["method"]["finetune"] = {"batchSize": 16}
+    (problem,) = _problems(manifest)
+    assert problem.startswith("distributed: ") and "method.finetune.batchSize" in problem
+    assert "not 16: use 15" in problem, problem
+    manifest["spec"]["method"]["finetune"] = {"batchSize": 15}
+    AdapterMigrationSpec.model_validate(manifest["spec"])
+
+
+def test_a_sharded_base_is_said_to_every_worker(manifest: dict[str, Any]) -> None:
+    """The operator tells the trainer of a sharded base in the environment (the trainer's spec
+    leaves out spec.distributed); a group that does not shard is not told."""
+    job, _ = _built(_grouped(manifest, workers=2, gpus=1))
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert contract.ENV_SHARD_BASE not in _env(container)
+    manifest["spec"]["distributed"]["shardBase"] = True
+    job, _ = _built(manifest)
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert _env(container)[contract.ENV_SHARD_BASE] == "1"
+
+
 # ---------------------------------------------------------------- the planner
 def _pod(job: dict[str, Any], index: int, phase: str, **terminated: Any) -> dict[str, Any]:
     name = f"{job['metadata']['name']}-{index}-abcde"

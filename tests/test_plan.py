@@ -202,7 +202,24 @@ def test_a_base_no_gpu_holds_is_said_plainly_not_spread_over_workers(
         "(141 GiB, 134 usable)"
     )
     assert f"the base's replica alone takes {advice.replica:.1f} GiB" in line
-    assert "sharding it is not implemented" in line and "recommended" not in line
+    assert "recommended" not in line
+    # Sharded (FSDP2), it fits: the fewest 80 GiB GPUs whose shares of the weights, two layers
+    # whole, LoRA + AdamW, checkpointed activations and overhead fit each one.
+    assert advice.shards is not None
+    assert advice.shards > found.weights / (80 * 0.95), "at least the weights' shares must fit"
+    assert f"set spec.distributed.shardBase: true over at least {advice.shards} GPUs" in line
+    sharded = dict(manifest, spec={**manifest["spec"], "distributed": {"workers": advice.shards}})
+    sharded["spec"]["distributed"]["shardBase"] = True
+    # A batch the processes divide, passes of the original batch's 4 examples at most.
+    sharded["spec"]["method"] = {"finetune": {"batchSize": advice.shards, "microBatchSize": 4}}
+    _, fits = _big_estimate(tmp_path, sharded)
+    assert fits.sharded and fits.whole == pytest.approx(found.weights)
+    assert fits.smallest_gpu(checkpointing=True) == 80, fits.peak(checkpointing=True)
+    fewer = dict(sharded, spec={**sharded["spec"], "distributed": {"workers": advice.shards - 1}})
+    fewer["spec"]["distributed"]["shardBase"] = True
+    fewer["spec"]["method"] = {"finetune": {"batchSize": advice.shards - 1, "microBatchSize": 4}}
+    _, short = _big_estimate(tmp_path, fewer)
+    assert short.peak(checkpointing=True) > 80 * 0.95, "one GPU fewer does not fit"
 
     path = tmp_path / "huge.yaml"
     path.write_text(yaml.safe_dump(manifest))

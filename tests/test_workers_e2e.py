@@ -105,8 +105,9 @@ def test_two_real_trainer_workers_equal_one_through_kubectl(
     api: Any, sandbox: Any, namespace: str, toy_claim: str
 ) -> None:
     """The real trainer Job entrypoint as two workers (an Indexed Job, gloo over the sandbox's
-    127.0.0.1): the migration goes Ready through `kubectl apply` and its adapter equals the one
-    a single worker writes for the same spec (float summation order: atol 1e-5)."""
+    127.0.0.1), replicas and then sharing the bases (shardBase: FSDP2, every forward pass in
+    step): each migration goes Ready through `kubectl apply` and its adapter equals the one a
+    single worker writes for the same spec (float summation order: atol 1e-5)."""
     import subprocess
 
     import torch
@@ -126,33 +127,39 @@ def test_two_real_trainer_workers_equal_one_through_kubectl(
             "finetune": {"maxSteps": 12, "learningRate": 0.01, "evalEvery": 4},
         }
         kubectl = [kubectl_binary(), f"--kubeconfig={sandbox.kubeconfig_path}", "-n", namespace]
-        for name, workers in (("one", 1), ("two", 2)):
+        groups = {
+            "one": {"workers": 1},
+            "two": {"workers": 2},
+            "shard": {"workers": 2, "shardBase": True},
+        }
+        for name, distributed in groups.items():
             manifest = _manifest(
                 name,
                 namespace,
                 [_adapter("a", target=0.5)],
                 method=method,
-                distributed={"workers": workers},
+                distributed=distributed,
             )
             kubectl_apply(kubectl, manifest)
-        for name in ("one", "two"):
+        for name in groups:
             waited = subprocess.run(
                 [*kubectl, "wait", "--for=condition=Ready", f"am/{name}", "--timeout=400s"],
                 capture_output=True,
                 text=True,
             )
             assert waited.returncode == 0, waited.stderr + process.logs.read_text()[-3000:]
-        results = {n: _get(api, namespace, n)["status"]["adapters"][0] for n in ("one", "two")}
-        assert results["two"]["result"]["steps"] == results["one"]["result"]["steps"]
+        results = {n: _get(api, namespace, n)["status"]["adapters"][0] for n in groups}
         folders = {
-            n: Path(sandbox.jobs.pvc_root) / "toy" / "output" / namespace / n / "a"
-            for n in ("one", "two")
+            n: Path(sandbox.jobs.pvc_root) / "toy" / "output" / namespace / n / "a" for n in groups
         }
         weights = {n: load_file(str(f / "adapter_model.safetensors")) for n, f in folders.items()}
-        assert set(weights["one"]) == set(weights["two"])
-        for key, tensor in weights["one"].items():
-            assert torch.allclose(weights["two"][key], tensor, atol=1e-5), key
-        report = json.loads((folders["two"] / "report.json").read_text())
-        assert report["workers"] == 2
+        for name in ("two", "shard"):
+            assert results[name]["result"]["steps"] == results["one"]["result"]["steps"], name
+            assert set(weights["one"]) == set(weights[name])
+            for key, tensor in weights["one"].items():
+                assert torch.allclose(weights[name][key], tensor, atol=1e-5), (name, key)
+            report = json.loads((folders[name] / "report.json").read_text())
+            assert report["workers"] == 2
+            assert report["sharded_base"] is (name == "shard"), name
     finally:
         process.stop()

@@ -31,6 +31,8 @@ ENV_ADAPTER = "RELORA_ADAPTER"
 ENV_OWNER = "RELORA_OWNER"
 ENV_PVC_MOUNTS = "RELORA_PVC_MOUNTS"
 ENV_TERMINATION_LOG = "RELORA_TERMINATION_LOG"
+ENV_SHARD_BASE = "RELORA_SHARD_BASE"
+"""Set to 1 on the workers of a group whose bases are sharded (spec.distributed.shardBase)."""
 TERMINATION_LOG = "/dev/termination-log"
 PVC_MOUNT_ROOT = "/mnt/pvc"
 

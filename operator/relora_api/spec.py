@@ -545,6 +545,14 @@ class Distributed(APIModel):
             "(pvc:// on a ReadWriteMany claim, or s3://)."
         ),
     )
+    shard_base: bool = Field(
+        default=False,
+        description=(
+            "Shard the frozen bases across all processes (FSDP2): each GPU holds 1/N of the "
+            "weights, for a base one GPU cannot hold. Needs 2+ processes and a batchSize they "
+            "divide."
+        ),
+    )
 
 
 _CEL_INPUTS = [
@@ -725,6 +733,8 @@ class AdapterMigrationSpec(APIModel):
                     f"sees (pvc:// on a ReadWriteMany claim, or s3://), not a {scheme} "
                     f"({output.uri}): worker 0 writes checkpoints that all workers resume from"
                 )
+        if distributed.shard_base:
+            cls._shardable(distributed, info)
         return distributed
 
     @property
@@ -746,6 +756,28 @@ class AdapterMigrationSpec(APIModel):
         if self.source_model == self.target_model:
             raise ValueError("sourceModel and targetModel are the same model; nothing to migrate")
         return self
+
+    @staticmethod
+    def _shardable(distributed: Distributed, info: ValidationInfo) -> None:
+        """A sharded base needs several processes, each taking an equal share of a batch
+        (every forward pass is collective: all take the same number, in step)."""
+        resources, method = info.data.get("resources"), info.data.get("method")
+        world = distributed.workers * max(gpus_per_worker(resources), 1)
+        if world < 2:
+            raise ValueError(
+                "distributed.shardBase needs 2 or more processes to shard the base across: "
+                "raise distributed.workers or the GPUs per worker in resources.limits "
+                "(nvidia.com/gpu), or leave shardBase false"
+            )
+        if method is None:
+            return
+        batch = method.finetune.batch_size
+        if batch % world:
+            raise ValueError(
+                f"distributed.shardBase with {world} processes needs a "
+                f"method.finetune.batchSize they divide (each takes an equal share in step), "
+                f"not {batch}: use {world * max(1, round(batch / world))}"
+            )
 
     def output_uri(self, adapter: str) -> str:
         """Where adapter ``adapter`` is written: output.uri/NAME."""

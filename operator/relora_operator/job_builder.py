@@ -59,6 +59,8 @@ def _distributed(
         {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
         {"name": "NODE_RANK", **index},
     ]
+    if spec.distributed is not None and spec.distributed.shard_base:
+        env.append({"name": contract.ENV_SHARD_BASE, "value": "1"})
     if processes == 1:
         env += [
             {"name": "RANK", **index},

@@ -24,6 +24,7 @@ from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers.pytorch_utils import Conv1D
 
 from relora_trainer import adapter_config
@@ -215,6 +216,14 @@ def _targeted(config: LoraConfig, model: nn.Module) -> dict[str, nn.Module]:
 def check_fits(adapter: OldAdapter, model: nn.Module, *, what: str) -> None:
     """Raise InvalidAdapter unless every adapted module exists in ``model`` with matching shapes
     and the config's target_modules select Linear layers of the model, those with weights."""
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    if sharded and (adapter.saved or adapter.dora):
+        kept = f"modules_to_save ({next(iter(adapter.saved), '')})"
+        kind = "DoRA magnitudes" if adapter.dora else kept
+        raise InvalidAdapter(
+            f"{what}: the adapter has {kind}; a sharded base (spec.distributed.shardBase) takes "
+            "plain LoRA factors only: leave shardBase false for it"
+        )
     names = {name for name, _ in model.named_modules()}
     for module, pair in adapter.factors.items():
         if module not in names:

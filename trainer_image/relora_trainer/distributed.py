@@ -7,8 +7,11 @@ group from them (gloo on the CPU, nccl on CUDA, each worker on the GPU of its lo
 Without them (or with WORLD_SIZE 1) the world is this process alone: no process group is
 created and every collective below returns at once, so single-process code pays nothing.
 
-Every worker holds a full replica of the model (DDP-style); a step's batch is split between
-them with :meth:`World.shard` and their gradients summed with :meth:`World.all_reduce_`.
+Every worker holds a full replica of the model (DDP-style), or with ``spec.distributed.shardBase``
+(:attr:`World.sharded`) a shard of it (FSDP2: relora_trainer.models.load_sharded); a step's batch
+is split between them with :meth:`World.shard` and their gradients summed with
+:meth:`World.all_reduce_`. On a sharded base every forward pass is collective: the workers run
+every one of them together, in step (relora_trainer.workers).
 
 Work that one worker does while the others wait (rank 0 claiming the output, measuring the
 references; while it searches they score a share of each trial: relora_trainer.workers) ends at
@@ -30,6 +33,7 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from relora_api.spec import AdapterMigrationSpec
 from relora_trainer.errors import BadInput
@@ -100,12 +104,14 @@ class Failure:
 
 @dataclass(frozen=True)
 class World:
-    """This process's place among ``size`` data-parallel workers, and its device."""
+    """This process's place among ``size`` data-parallel workers, and its device; ``sharded``:
+    the bases are sharded across them (each holds 1/size of every weight)."""
 
     rank: int = 0
     size: int = 1
     device: torch.device = CPU
     local_rank: int = 0
+    sharded: bool = False
 
     @classmethod
     def from_env(
@@ -114,11 +120,13 @@ class World:
         *,
         device: torch.device | None = None,
         timeout: timedelta | None = None,
+        sharded: bool = False,
     ) -> World:
         """The world a torchrun-style environment describes, its process group joined (when
         several workers: gloo on the CPU, nccl on CUDA). ``device``: where this worker computes
         (default: the GPU of its local rank when CUDA is present, else the CPU; alone: cuda when
-        present, else cpu). ValueError when the variables are incomplete or inconsistent."""
+        present, else cpu). ``sharded``: the bases are to be sharded across the workers (never
+        alone). ValueError when the variables are incomplete or inconsistent."""
         env = os.environ if environ is None else environ
         size = int(env.get("WORLD_SIZE", "1") or "1")
         if size < 1:
@@ -145,11 +153,20 @@ class World:
                 world_size=size,
                 timeout=timeout,
             )
-        return cls(rank=rank, size=size, device=device, local_rank=local_rank)
+        return cls(rank=rank, size=size, device=device, local_rank=local_rank, sharded=sharded)
 
     @property
     def distributed(self) -> bool:
         return self.size > 1
+
+    @property
+    def in_step(self) -> bool:
+        """Every forward pass is collective (a sharded base): the workers run the same ones."""
+        return self.distributed and self.sharded
+
+    def mesh(self) -> DeviceMesh:
+        """The workers as one flat device mesh (what a sharded base is sharded over)."""
+        return init_device_mesh(self.device.type, (self.size,))
 
     @property
     def is_main(self) -> bool:

@@ -84,7 +84,8 @@ def _join(spec: AdapterMigrationSpec) -> World | None:
     from relora_trainer import distributed
 
     try:
-        return distributed.World.from_env(timeout=distributed.timeout(spec=spec))
+        sharded = os.environ.get(contract.ENV_SHARD_BASE) == "1"  # the operator's word
+        return distributed.World.from_env(timeout=distributed.timeout(spec=spec), sharded=sharded)
     except ValueError as error:  # the launcher's environment, incomplete or inconsistent
         raise errors.BadInput(f"the workers' environment: {error}") from error
 

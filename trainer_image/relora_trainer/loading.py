@@ -18,7 +18,7 @@ from relora_api.spec import Adapter, AdapterMigrationSpec
 from relora_trainer import adapters, models, ownership, plan, teaching
 from relora_trainer.data import Encoder
 from relora_trainer.distributed import World
-from relora_trainer.errors import MissingInput
+from relora_trainer.errors import IncompatibleModels, MissingInput
 from relora_trainer.inputs import (
     STATE_DIR,
     TaskQuality,
@@ -27,6 +27,7 @@ from relora_trainer.inputs import (
     output_dir,
     read_data,
 )
+from relora_trainer.method.finetune import MicroBatch
 from relora_trainer.method.quality import Quality
 from relora_trainer.storage import Storage
 
@@ -64,6 +65,8 @@ class Bases:
     # readiness of a run that uses it; each run computes its own later stages).
     teachers: dict[str, teaching.TeacherPart] = field(default_factory=dict)
     _source: nn.Module | None = None
+    # The workers the bases are sharded across (None: whole on this worker).
+    in_step: World | None = None
 
     @property
     def source_files(self) -> models.WeightFiles:
@@ -76,6 +79,12 @@ class Bases:
         """The source base, loaded again (the slow path: an adapter that was not measured in
         the source phase, or weights the files name otherwise than the model)."""
         if self._source is None:
+            if self.in_step is not None:
+                raise IncompatibleModels(
+                    "sourceModel's files name its weights otherwise than its model does, and a "
+                    "sharded base (spec.distributed.shardBase) cannot be loaded a second time "
+                    "beside the target: leave shardBase false for these models"
+                )
             if self.source_dir is None:
                 raise RuntimeError("the source base was not fetched by this worker")
             self._source = models.load_model(
@@ -99,10 +108,16 @@ def load_bases(
     """Fetch and load the bases (see :func:`_load_bases`); OutOfMemory, with the estimate,
     when they do not fit the device. Among data-parallel workers (``world``) only rank 0
     fetches the source base and measures on it: the others fetch and load the target alone
-    (rank 0 checks that the two agree; a failure there ends them too)."""
+    (rank 0 checks that the two agree; a failure there ends them too); on a sharded base
+    (:attr:`World.in_step`) every worker loads its shard of both and measures with rank 0."""
     measuring = world is None or world.is_main
+    in_step = world if world is not None and world.in_step else None
+    if in_step is not None:
+        MicroBatch.halves = False  # a smaller batch on one worker alone breaks the step
     try:
-        return _load_bases(spec, storage, device, adapters_to_measure, source_phase=measuring)
+        return _load_bases(
+            spec, storage, device, adapters_to_measure, source_phase=measuring, in_step=in_step
+        )
     except (torch.OutOfMemoryError, MemoryError) as error:
         free(device)
         first = (adapters_to_measure or spec.adapters)[0]
@@ -116,6 +131,7 @@ def _load_bases(
     adapters_to_measure: list[Adapter] | None,
     *,
     source_phase: bool = True,
+    in_step: World | None = None,
 ) -> Bases:
     """Fetch the bases; measure the old adapters that need it on the source base, free it, then
     load the target. (A teacher is computed later, only for an adapter that is not ready on the
@@ -125,8 +141,17 @@ def _load_bases(
     ``adapters_to_measure`` (default: every adapter of the spec) are measured on the source now;
     another one measured later loads the source base again. Without ``source_phase`` (a worker
     other than rank 0): none is (nor any saved measurement read), and the source base is neither
-    fetched (unless the target has no tokenizer: the source's) nor checked against the target."""
+    fetched (unless the target has no tokenizer: the source's) nor checked against the target.
+    ``in_step``: the workers of a sharded base, every one with ``source_phase``: each loads its
+    shard of the bases, and all measure on the source base together what rank 0 decided to."""
     started = time.perf_counter()
+    if in_step is not None:
+        source_phase = True
+
+    def load(folder: Path, what: str) -> nn.Module:
+        if in_step is not None:
+            return models.load_sharded(folder, what=what, device=device, dtype=dtype, world=in_step)
+        return models.load_model(folder, what=what, device=device, dtype=dtype)
 
     def fetch_source() -> Path:
         return storage.fetch(
@@ -159,9 +184,12 @@ def _load_bases(
             on_source[reference_key(adapter)] = saved
         else:
             wanted.append(adapter)
+    if in_step is not None:  # rank 0's reading of the saved measurements, the same everywhere
+        on_source, names = in_step.broadcast((on_source, [a.name for a in wanted]))
+        wanted = [a for a in (adapters_to_measure or spec.adapters) if a.name in names]
     source_seconds = 0.0
     if wanted and source_dir is not None:  # else the source base is not loaded at all
-        source = models.load_model(source_dir, what="spec.sourceModel", device=device, dtype=dtype)
+        source = load(source_dir, "spec.sourceModel")
         models.check_finite(source, what="spec.sourceModel")
         shape = models.Shape.of(source)  # all of its weights, not only the stored ones
         measuring = time.perf_counter()
@@ -177,7 +205,7 @@ def _load_bases(
         source_seconds = time.perf_counter() - measuring
         del source  # one base resident at a time
         free(device)
-    target = models.load_model(target_dir, what="spec.targetModel", device=device, dtype=dtype)
+    target = load(target_dir, "spec.targetModel")
     models.check_finite(target, what="spec.targetModel")
     if shape is not None:
         models.check_compatible(shape, target)
@@ -192,6 +220,7 @@ def _load_bases(
         models.WeightFiles(target_dir, what="spec.targetModel"),
         on_source=on_source,
         source_seconds=source_seconds,
+        in_step=in_step,
     )
 
 

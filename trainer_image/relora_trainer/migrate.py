@@ -16,11 +16,12 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from peft import PeftModel
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from relora_api.spec import Adapter, AdapterMigrationSpec
 from relora_api.status import AdapterProgress
@@ -40,15 +41,20 @@ from relora_trainer.inputs import (
 from relora_trainer.loading import REFERENCE_FILE, Bases, free, reference_key, save_reference
 from relora_trainer.method import distillation, fusion, search, strategies
 from relora_trainer.method.config import FinetuneConfig, SearchConfig
-from relora_trainer.method.finetune import (
-    Evaluation,
-    MicroBatch,
-    finetune,
-    look_ahead,
-)
+from relora_trainer.method.finetune import Evaluation, MicroBatch, finetune
 from relora_trainer.progress import NullProgress, ProgressSink
 from relora_trainer.storage import Storage
-from relora_trainer.workers import Meetings, Start, explained, follow, same_adapter
+from relora_trainer.workers import (
+    LookAhead,
+    Meetings,
+    Reference,
+    Start,
+    Teach,
+    ahead,
+    explained,
+    follow,
+    same_adapter,
+)
 
 
 def migrate_adapter(
@@ -149,6 +155,7 @@ def _migrate_claimed(
         bases.on_source[reference] = quality.splits(on_source)
         adapters.detach(on_source)
     if reference not in bases.on_target:
+        meetings.together(Reference())
         on_target = adapters.attach_old(bases.target, old)
         bases.on_target[reference] = quality.splits(on_target)
         adapters.detach(on_target)
@@ -164,7 +171,18 @@ def _migrate_claimed(
     ready_before = target.met(before_quality["validation"].value(target.metric))
     part = None
     if not ready_before:  # else nothing to learn from it: no teacher's seconds
-        part = teaching.first_part(spec, adapter, reference, old, task, bases, encoder, state, key)
+        part = teaching.first_part(
+            spec,
+            adapter,
+            reference,
+            old,
+            task,
+            bases,
+            encoder,
+            state,
+            key,
+            computing=lambda only: meetings.together(Teach(only)),
+        )
     if part is not None and not (state / teaching.TEACHER_FILE).is_file():
         teaching.save(state, key, part)
         claim.save_state(STATE_DIR)
@@ -291,6 +309,7 @@ def _migrate_claimed(
         checkpointing=checkpointing,
         planned_peak_gib=peak,
         workers=meetings.world.size if meetings.world is not None else 1,
+        sharded_base=bases.in_step is not None,
     )
     report.write(staging, adapter_report)
     claim.publish(keep=(STATE_DIR,))
@@ -346,8 +365,12 @@ def _terms(old: adapters.OldAdapter, bases: Bases, *, projection: str) -> fusion
     terms = fusion.Terms(modules={})
     with torch.no_grad():
         for module, factors in old.factors.items():
+            name = f"{module}.weight"
             w_target = adapters.base_weight(bases.target, module, fan_in_fan_out=fan_in_fan_out)
-            w_source = _source(bases, f"{module}.weight", w_target, transpose=fan_in_fan_out)
+            w_source = _source(bases, name, w_target, transpose=fan_in_fan_out)
+            if bases.in_step is not None:  # a shard: the whole weight from the files, as loaded
+                stored = _source(bases, name, w_target, transpose=fan_in_fan_out, files="target")
+                w_target = stored.to(bases.dtype)
             scale = old.scale(module)
             terms.modules[module] = fusion.prepare(
                 factors, w_target.float() - w_source, scale=scale, projection=projection
@@ -367,12 +390,21 @@ def _terms(old: adapters.OldAdapter, bases: Bases, *, projection: str) -> fusion
     return terms
 
 
-def _source(bases: Bases, name: str, target: torch.Tensor, *, transpose: bool) -> torch.Tensor:
+def _source(
+    bases: Bases,
+    name: str,
+    target: torch.Tensor,
+    *,
+    transpose: bool,
+    files: Literal["source", "target"] = "source",
+) -> torch.Tensor:
     """The source base's parameter ``name`` (from its files, else from the model) as fp32 on the
-    target's device, transposed like ``target`` (Conv1D); refused when the shapes differ."""
-    stored = bases.source_files.get(name)
+    target's device, transposed like ``target`` (Conv1D); refused when the shapes differ.
+    ``files="target"``: the target base's, from its files (a sharded base's whole weight)."""
+    found = bases.source_files if files == "source" else bases.target_files
+    stored = found.get(name)
     for alias in _aliases(bases.target, target) if stored is None else []:
-        stored = bases.source_files.get(alias)  # a tied weight: stored under its other name
+        stored = found.get(alias)  # a tied weight: stored under its other name
         if stored is not None:
             break
     if stored is None:  # named otherwise in the files: from the model itself
@@ -388,8 +420,10 @@ def _source(bases: Bases, name: str, target: torch.Tensor, *, transpose: bool) -
 
 def _aliases(model: nn.Module, tensor: torch.Tensor) -> list[str]:
     """The names of ``model``'s parameters that share ``tensor``'s storage (tied weights)."""
-    pointer = tensor.data_ptr()
     named = model.named_parameters(remove_duplicate=False)
+    if isinstance(tensor, DTensor):  # a shard's storage says nothing (it may be empty)
+        return [n for n, p in named if p is tensor]  # type: ignore[comparison-overlap]
+    pointer = tensor.data_ptr()
     return [n for n, p in named if p.data_ptr() == pointer]
 
 
@@ -414,17 +448,9 @@ def _context(
     examples = init.validation_samples  # the first ones (all when fewer)
 
     def look_ahead_steps() -> None:
-        look_ahead(
-            model,
-            quality.encoder,
-            quality.task.train,
-            steps=init.lookahead_steps,
-            learning_rate=tune.learning_rate,
-            batch_size=tune.batch_size,
-            seed=spec.method.seed,
-            device=quality.device,
-            micro=quality.micro,
-        )
+        values = {name: p.detach().cpu() for name, p in adapters.trainable(model).items()}
+        meetings.together(LookAhead(values))
+        ahead(model, spec, quality)
 
     return strategies.Context(
         model=model,

@@ -7,14 +7,20 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from accelerate import init_empty_weights
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from relora_trainer.errors import IncompatibleModels, InvalidWeights, MissingInput
+
+if TYPE_CHECKING:
+    from relora_trainer.distributed import World
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -74,6 +80,49 @@ def load_model(
     return moved
 
 
+def load_sharded(
+    folder: Path, *, what: str, device: torch.device, dtype: torch.dtype, world: World
+) -> nn.Module:
+    """The model of ``folder`` sharded across ``world``'s workers with FSDP2 (``fully_shard``
+    on every decoder layer, as the model's ``_no_split_modules`` names them, then on the
+    whole), frozen, in ``dtype`` on ``device``: built without weights, then each worker copies
+    its shard of every weight from the files, one tensor at a time (no worker ever holds the
+    whole base). The buffers the model computes itself (rotary frequencies) are kept as built."""
+    config = _read_config(folder, what)
+    try:
+        settings = AutoConfig.from_pretrained(folder)
+        with init_empty_weights(include_buffers=False):
+            model: Any = AutoModelForCausalLM.from_config(settings, dtype=dtype)
+    except (OSError, ValueError, KeyError) as error:
+        raise MissingInput(f"{what}: cannot build a causal LM from {folder}: {error}") from error
+    model.tie_weights()
+    model.requires_grad_(False)
+    layers = set(getattr(model, "_no_split_modules", None) or [])
+    if not layers:
+        kind = config.get("architectures")
+        raise IncompatibleModels(
+            f"{what}: {kind} does not name its decoder layers (_no_split_modules): it cannot be "
+            "sharded (spec.distributed.shardBase); leave shardBase false"
+        )
+    mesh = world.mesh()
+    for module in list(model.modules()):
+        if type(module).__name__ in layers:
+            fully_shard(module, mesh=mesh)
+    # The root's weights resharded after each forward too (FSDP2 keeps a root's whole by
+    # default): at rest every weight is a shard, the same on every worker, and copy_weights
+    # writes shards.
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    buffers = dict(model.named_buffers())
+    model.to_empty(device=device)
+    for name, buffer in buffers.items():  # to_empty dropped their values
+        owner, _, attribute = name.rpartition(".")
+        model.get_submodule(owner)._buffers[attribute] = buffer.to(device)
+    if not copy_weights(model, WeightFiles(folder, what=what)):
+        raise InvalidWeights(f"{what}: the files in {folder} do not hold every weight of the model")
+    sharded: nn.Module = model
+    return sharded
+
+
 def load_tokenizer(*folders: Path) -> PreTrainedTokenizerBase:
     """The tokenizer of the first folder that has one (the target model first)."""
     problems = []
@@ -96,7 +145,10 @@ class Shape:
 
     @classmethod
     def of(cls, model: nn.Module) -> Shape:
-        return cls(type(model).__name__, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+        kind = type(model)
+        if issubclass(kind, FSDPModule):  # sharded: FSDP2 subclasses the model's class
+            kind = next(base for base in kind.__bases__ if base is not FSDPModule)
+        return cls(kind.__name__, {k: tuple(v.shape) for k, v in model.state_dict().items()})
 
     @classmethod
     def of_files(cls, folder: Path, *, what: str) -> Shape:
@@ -186,8 +238,10 @@ def _stored(
     names: dict[int, list[str]] = {}
     tensors: dict[int, nn.Parameter] = {}
     for name, parameter in named:
-        names.setdefault(parameter.data_ptr(), []).append(name)
-        tensors[parameter.data_ptr()] = parameter
+        # A shard's storage may be empty (a dimension smaller than the workers): by object.
+        pointer = id(parameter) if isinstance(parameter, DTensor) else parameter.data_ptr()
+        names.setdefault(pointer, []).append(name)
+        tensors[pointer] = parameter
     stored: dict[int, str] = {}
     for pointer, aliases in names.items():
         found = next((n for n in aliases if n in files.files), None)
@@ -223,8 +277,18 @@ def copy_weights(model: nn.Module | Sequence[tuple[str, nn.Parameter]], files: W
                     f"{files.what}: weight {name} cannot replace the model's "
                     f"{tuple(tensors[pointer].shape)}"
                 )
-            tensors[pointer].copy_(value)
+            _assign(tensors[pointer], value)
     return True
+
+
+def _assign(parameter: torch.Tensor, value: torch.Tensor) -> None:
+    """``value`` (a whole weight) into ``parameter``, or into its shard when it is sharded."""
+    if isinstance(parameter, DTensor):
+        local = value.to(parameter.device, parameter.dtype)
+        value = distribute_tensor(
+            local, parameter.device_mesh, parameter.placements, src_data_rank=None
+        )
+    parameter.copy_(value)
 
 
 @contextlib.contextmanager
@@ -243,6 +307,8 @@ def _opened(path: Path, *, what: str) -> Iterator[Any]:
 def check_finite(model: nn.Module, *, what: str) -> None:
     """Raise InvalidWeights naming the first weight with NaN or infinite values."""
     for name, tensor in model.state_dict().items():
+        if isinstance(tensor, DTensor):  # read from files that WeightFiles.get checked
+            continue
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise InvalidWeights(f"{what}: weight {name} has NaN or infinite values")
 

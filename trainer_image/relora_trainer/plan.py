@@ -23,12 +23,18 @@ readiness target needs the old base) and the target phase (weights + LoRA + trai
 activations). The smallest common GPU that holds it is named with and without checkpointing.
 
 Several GPUs (``spec.distributed``: workers x GPUs per worker, one process per GPU) are
-data-parallel: every process holds a whole replica of the base (no sharding yet), so the
+data-parallel: every process holds a whole replica of the base (unless ``shardBase``), so the
 weights, LoRA + AdamW and the overhead are the same on every GPU; only the activations shrink,
 since each process takes its share of every batch (the batch stays ``batchSize`` examples a
 step; the shares differ by at most one, so the largest, ``ceil(batchSize / processes)``,
 counts). The source phase is rank 0's alone and unchanged. Hence :func:`recommend`: the smallest
 common GPU that holds one replica, one per worker, and no worker count that would not help.
+
+With ``spec.distributed.shardBase`` (FSDP2) each of the P processes holds 1/P of the weights at
+rest, plus one decoder layer whole while it computes and the next one gathered ahead: weights /
+P + 2 layers' worth (and its overhead share on that); the source phase is sharded alike and every
+process evaluates whole batches (all run every forward pass together). A base no single GPU
+holds gets the number of processes that makes it fit (:func:`shards_needed`).
 """
 
 from __future__ import annotations
@@ -74,6 +80,9 @@ class Estimate:
     workers: int = 1  # worker pods (spec.distributed.workers)
     processes: int = 1  # data-parallel processes in all: workers x GPUs per worker
     batch_size: int = 1  # examples per step, over all processes (spec's batchSize)
+    sharded: bool = False  # spec.distributed.shardBase: ``weights`` is one process's share
+    whole: float = 0.0  # GiB: the whole base's weights (``weights`` when not sharded)
+    layers: int = 1
 
     @property
     def share(self) -> int:
@@ -252,7 +261,9 @@ def estimate(
     logits = 3 * batch * columns * vocab * 4
     activations = (layers * per_layer + logits) / GIB
     checkpointed = (layers * tokens * h * size + per_layer + logits) / GIB
-    weights = parameters * size / GIB
+    whole = parameters * size / GIB
+    sharded = spec.distributed is not None and spec.distributed.shard_base
+    weights = sharded_weights(whole, processes, layers) if sharded else whole
     # Rank 0 measures the references alone, on whole (micro-)batches: not a share.
     alone = per_pass(tune, 1)
     alone_columns = min(sequence, alone * completion)
@@ -276,7 +287,33 @@ def estimate(
         workers=spec.workers,
         processes=processes,
         batch_size=tune.batch_size,
+        sharded=sharded,
+        whole=whole,
+        layers=max(layers, 1),
     )
+
+
+def sharded_weights(whole: float, processes: int, layers: int) -> float:
+    """GiB of a base's weights on one of ``processes`` that shard it (FSDP2): its share, plus
+    the layer computing and the next gathered ahead, whole."""
+    return whole / processes + 2 * whole / max(layers, 1)
+
+
+def shards_needed(found: Estimate, gpu: int) -> int | None:
+    """The fewest processes (at most 64) over which the base, sharded, fits GPUs of ``gpu``
+    GiB with checkpointing (None: none does)."""
+    fixed, share = OVERHEAD["cuda"]
+    source = found.source_phase
+    evaluation = max(source - found.weights - found.overhead, 0.0) if source else None
+    for processes in range(2, 65):
+        weights = sharded_weights(found.whole or found.weights, processes, found.layers)
+        overhead = fixed + share * weights
+        need = weights + found.lora + found.checkpointed + overhead
+        if evaluation is not None:  # the source phase, sharded alike
+            need = max(need, weights + evaluation + overhead)
+        if need <= gpu * USABLE:
+            return processes
+    return None
 
 
 def per_pass(tune: Finetune, processes: int) -> int:
@@ -302,6 +339,7 @@ class Recommendation:
     gap: float = 0.0
     replica: float = 0.0  # GiB without training activations: weights, LoRA + AdamW, overhead
     batch: int = 1  # examples per forward pass of one process
+    shards: int | None = None  # processes that fit it on 80 GiB GPUs with shardBase (not set)
 
     def line(self) -> str:
         ckpt = ", with gradient checkpointing" if self.checkpointing else ""
@@ -315,8 +353,8 @@ class Recommendation:
             )
             if self.replica > largest * USABLE:
                 return text + (
-                    f"the base's replica alone takes {self.replica:.1f} GiB and more workers or "
-                    "GPUs do not help: each holds a whole replica (sharding it is not implemented)"
+                    f"the base's replica alone takes {self.replica:.1f} GiB; "
+                    + _sharding_advice(self.shards)
                 )
             return text + (
                 f"the activations of {self.batch} examples per pass make the gap: lower "
@@ -348,8 +386,26 @@ def recommend(spec: AdapterMigrationSpec, found: Estimate) -> Recommendation:
     peak = found.peak(checkpointing=checkpointing)
     gap = 0.0 if gpu is not None else peak - GPUS_GIB[-1] * USABLE
     replica = found.weights + found.lora + found.overhead
+    shards = shards_needed(found, SHARDED_GPU) if gpu is None and not found.sharded else None
     return Recommendation(
-        found.adapter, gpu, peak, checkpointing, found.workers, gap, replica, found.batch
+        found.adapter, gpu, peak, checkpointing, found.workers, gap, replica, found.batch, shards
+    )
+
+
+SHARDED_GPU = 80
+"""The GPU (GiB) a base too large for any one is planned over when sharded (the common one)."""
+
+
+def _sharding_advice(shards: int | None) -> str:
+    if shards is None:
+        return (
+            "more workers or GPUs do not help as replicas, and even sharded over 64 processes "
+            f"(spec.distributed.shardBase) it does not fit {SHARDED_GPU} GiB GPUs"
+        )
+    return (
+        f"set spec.distributed.shardBase: true over at least {shards} GPUs of {SHARDED_GPU} GiB "
+        "(workers x GPUs per worker; batchSize a multiple of their number): each holds its "
+        "share of the weights"
     )
 
 
@@ -358,6 +414,14 @@ def world_line(found: Estimate) -> str | None:
     if found.processes == 1:
         return None
     each = found.processes // found.workers
+    if found.sharded:
+        return (
+            f"{found.adapter}: {found.workers} worker(s) x {each} process(es) = "
+            f"{found.processes} processes sharing the base (shardBase): each holds "
+            f"{found.weights:.1f} of its {found.whole:.1f} GiB of weights (its share plus two "
+            f"layers whole while they compute) and takes {found.share} of the {found.batch_size} "
+            "examples of a step; every process runs each evaluation whole, in step"
+        )
     return (
         f"{found.adapter}: {found.workers} worker(s) x {each} process(es) (one per GPU) = "
         f"{found.processes} processes: the batch stays {found.batch_size} examples a step "
@@ -388,9 +452,8 @@ def warnings_for(spec: AdapterMigrationSpec, found: Estimate) -> list[str]:
         problems.append(
             f"{found.adapter}: {found.peak(checkpointing=True):.0f} GiB does not fit one "
             f"{GPUS_GIB[-1]} GiB GPU even with checkpointing: set "
-            "spec.method.finetune.microBatchSize (or lower batchSize); several GPUs do not "
-            "lower it (spec.distributed: each worker holds the whole base; sharding it is not "
-            "supported yet)"
+            "spec.method.finetune.microBatchSize (or lower batchSize), or "
+            + _sharding_advice(None if found.sharded else shards_needed(found, SHARDED_GPU))
         )
     return problems
 
@@ -448,9 +511,10 @@ def run(
             if line is not None:
                 print(line)
     print(
-        "Several GPUs (spec.distributed) do not lower the weights' memory per GPU: each worker "
-        "holds the whole base (sharding it is not implemented) and fine-tunes its share of "
-        "every batch, so only the activations shrink; more GPUs shorten the fine-tuning."
+        "Several GPUs (spec.distributed) do not lower the weights' memory per GPU unless "
+        "shardBase is set: each worker holds the whole base and fine-tunes its share of every "
+        "batch, so only the activations shrink; more GPUs shorten the fine-tuning. With "
+        "shardBase each GPU holds its share of the weights (FSDP2)."
     )
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)

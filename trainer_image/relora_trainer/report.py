@@ -68,6 +68,8 @@ class AdapterReport:
     search_skipped: bool = False
     # Data-parallel workers that fine-tuned (torchrun's WORLD_SIZE), each on a ``device``.
     workers: int = 1
+    # The bases were sharded across the workers (spec.distributed.shardBase).
+    sharded_base: bool = False
 
     @classmethod
     def build(
@@ -91,6 +93,7 @@ class AdapterReport:
         teacher_seconds: float | None = None,
         distillation: dict[str, float | str] | None = None,
         workers: int = 1,
+        sharded_base: bool = False,
     ) -> AdapterReport:
         search_seconds = search_result.seconds if search_result else 0.0
         return cls(
@@ -134,6 +137,7 @@ class AdapterReport:
             stopped_early=bool(search_result and search_result.stopped_early),
             search_skipped=bool(search_result and search_result.skipped),
             workers=workers,
+            sharded_base=sharded_base,
         )
 
     def quality_of(self, stage: str, split: str = "validation") -> float | None:
@@ -202,7 +206,10 @@ def _teacher(seconds: float | None) -> str:
 
 def _on(report: AdapterReport) -> str:
     workers = report.workers
-    return report.device if workers == 1 else f"{workers} workers ({report.device} each)"
+    if workers == 1:
+        return report.device
+    sharded = ", the bases sharded across them" if report.sharded_base else ""
+    return f"{workers} workers ({report.device} each{sharded})"
 
 
 def summary(report: AdapterReport) -> str:

@@ -214,6 +214,7 @@ def first_part(
     encoder: Encoder,
     state: Path,
     fingerprint: str,
+    computing: Callable[[list[int]], None] = lambda only: None,
 ) -> TeacherPart | None:
     """The teacher distributions when fine-tuning distils, the seconds they took and the steps
     they cover: computed before for the same inputs (``reference``: a benchmark's runs), else
@@ -221,7 +222,9 @@ def first_part(
     on the source base's weights copied into the target base in place (one base resident; the
     target's own weights copied back after), else (weights the files name otherwise than the
     model) on the source base loaded again. Computed now in place, it covers only the examples
-    of the first stage (:func:`stages`; the others: :func:`lessons`)."""
+    of the first stage (:func:`stages`; the others: :func:`lessons`). ``computing`` is told
+    the examples before they are computed in place (the workers of a sharded base compute them
+    too: :func:`in_place`)."""
     teaching = distilled(spec)
     if teaching is None:
         return None
@@ -236,18 +239,40 @@ def first_part(
             only = taught(spec, size, seen(spec, size, steps))
             if not only:  # nothing to compute yet: rows of no mass (no forward pass)
                 teacher = compute(bases.target, encoder, task, bases.device, spec, metric, only)
+            elif in_place:
+                computing(only)
+                teacher = compute_in_place(spec, old, task, bases, encoder, metric, only)
             else:
-                swapped = in_place and models.copy_weights(bases.target, bases.source_files)
-                try:
-                    on_old = adapters.attach_old(bases.target if swapped else bases.source(), old)
-                    teacher = compute(on_old, encoder, task, bases.device, spec, metric, only)
-                    adapters.detach(on_old)
-                finally:
-                    if swapped and not models.copy_weights(bases.target, bases.target_files):
-                        raise RuntimeError("the target base's weights could not be read back")
+                on_old = adapters.attach_old(bases.source(), old)
+                teacher = compute(on_old, encoder, task, bases.device, spec, metric, only)
+                adapters.detach(on_old)
             part = TeacherPart(teacher, time.perf_counter() - started, steps)
         bases.teachers[wanted] = part
     return bases.teachers[wanted]
+
+
+def compute_in_place(
+    spec: AdapterMigrationSpec,
+    old: adapters.OldAdapter,
+    task: TaskData,
+    bases: Bases,
+    encoder: Encoder,
+    metric: str,
+    only: list[int],
+) -> distillation.Teacher:
+    """The teacher's rows of the examples ``only``, on the source base's weights copied into
+    the target base in place (the target's copied back after). On a sharded base every worker
+    computes them together (relora_trainer.workers)."""
+    if not models.copy_weights(bases.target, bases.source_files):
+        raise RuntimeError("the source base's weights could not be read in place")
+    try:
+        on_old = adapters.attach_old(bases.target, old)
+        teacher = compute(on_old, encoder, task, bases.device, spec, metric, only)
+        adapters.detach(on_old)
+    finally:
+        if not models.copy_weights(bases.target, bases.target_files):
+            raise RuntimeError("the target base's weights could not be read back")
+    return teacher
 
 
 @dataclass(frozen=True)
@@ -287,15 +312,26 @@ def lessons(
 
 
 def received(
-    spec: AdapterMigrationSpec, size: int, part: TeacherPart, world: World
+    spec: AdapterMigrationSpec,
+    size: int,
+    part: TeacherPart,
+    world: World,
+    where: InPlace | None = None,
 ) -> distillation.Lessons:
     """A worker other than rank 0: ``part`` (rank 0's first stage, over ``size`` training
     examples), and each later stage as rank 0 hands it over, when the same batch asks for
-    it on every worker (a failure of rank 0 there: raised here as its copy)."""
+    it on every worker (a failure of rank 0 there: raised here as its copy). ``where``: on a
+    sharded base, this worker computes each stage with rank 0 first (in step), then takes
+    rank 0's."""
     if part.steps is None:
         return part.teacher
+    alongside = None
+    if where is not None:
+        alongside = later_stages(spec, where, part, _later(spec, size, part), lambda grown: None)
 
     def extend(teacher: distillation.Teacher, examples: list[int], n: int) -> distillation.Teacher:
+        if alongside is not None:
+            alongside(teacher, examples, n)
         handed: object = world.broadcast(None)
         if isinstance(handed, Failure):
             raise handed.error()

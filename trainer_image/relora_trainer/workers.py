@@ -1,7 +1,12 @@
 """Data-parallel workers of one adapter's migration: rank 0's side of its meetings with the
 others (:class:`Meetings`), what they score for its search meanwhile (:class:`Measure`,
 :func:`serve`), what it hands them before they fine-tune together (:class:`Start`), and what a
-worker other than rank 0 does (:func:`follow`)."""
+worker other than rank 0 does (:func:`follow`).
+
+On a sharded base (:attr:`World.in_step`) every forward pass is collective, so the others also
+run with rank 0 the passes it would run alone: it tells them each one first (:class:`Reference`,
+:class:`Teach`, :class:`LookAhead`, a later teacher stage: relora_trainer.teaching.received),
+and they compute it beside it, on the same examples, keeping rank 0's results."""
 
 from __future__ import annotations
 
@@ -22,8 +27,8 @@ from relora_trainer.distributed import Failure, World
 from relora_trainer.inputs import STATE_DIR, TaskQuality, old_adapter, output_dir, task_data
 from relora_trainer.loading import Bases
 from relora_trainer.method import distillation, strategies
-from relora_trainer.method.config import FinetuneConfig
-from relora_trainer.method.finetune import MicroBatch, Target, finetune
+from relora_trainer.method.config import FinetuneConfig, SearchConfig
+from relora_trainer.method.finetune import MicroBatch, Target, finetune, look_ahead
 from relora_trainer.method.quality import Quality
 from relora_trainer.storage import Storage
 
@@ -44,6 +49,29 @@ class Start:
     target: Target
     checkpointing: bool
     start_quality: Quality | None = None  # the start's, measured already (see finetune)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """On a sharded base: rank 0 measures the old adapter on the target base; the others
+    measure with it."""
+
+
+@dataclass(frozen=True)
+class Teach:
+    """On a sharded base: rank 0 computes the teacher's first stage over the training examples
+    ``only`` in place (relora_trainer.teaching.compute_in_place); the others compute with it."""
+
+    only: list[int]
+
+
+@dataclass(frozen=True)
+class LookAhead:
+    """On a sharded base: rank 0 takes a search trial's look-ahead steps from the adapter at
+    ``values``; the others take them with it (their own values are then replaced by rank 0's
+    at the trial's :class:`Measure`)."""
+
+    values: dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -85,6 +113,13 @@ class Meetings:
             self._met(self.world)
             self.others = None
             self.world.broadcast(value)
+
+    def together(self, work: Reference | Teach | LookAhead) -> None:
+        """On a sharded base, before rank 0 runs ``work``'s forward passes: the others run them
+        too (:func:`serve`). Else nothing."""
+        if self.world is not None and self.world.in_step:
+            self._met(self.world)
+            self.world.broadcast(work)
 
     def measure(
         self, model: PeftModel, quality: TaskQuality, examples: int, with_accuracy: bool
@@ -129,26 +164,90 @@ class Meetings:
             print(f"could not tell the other workers: {unheard}", file=sys.stderr)
 
 
-def serve(world: World, model: PeftModel, quality: TaskQuality) -> object:
+@dataclass
+class Serving:
+    """What a worker other than rank 0 needs to run its part of rank 0's passes (:func:`serve`):
+    the new adapter is attached (``attach``) at the first pass that needs it."""
+
+    quality: TaskQuality
+    old: adapters.OldAdapter
+    bases: Bases
+    spec: AdapterMigrationSpec
+    metric: str
+    attach: Callable[[], PeftModel]
+    model: PeftModel | None = None
+
+    def attached(self) -> PeftModel:
+        if self.model is None:
+            self.model = self.attach()
+        return self.model
+
+
+def serve(world: World, serving: Serving) -> object:
     """A worker other than rank 0 while rank 0 prepares the start: score a share of each
-    :class:`Measure` rank 0 asks for with its values, until it hands something else (returned;
-    a failure of rank 0: raised as its copy). A failure here meets rank 0 in its gather."""
+    :class:`Measure` rank 0 asks for with its values (on a sharded base, run each pass rank 0
+    tells of beside it), until it hands something else (returned; a failure of rank 0: raised
+    as its copy). A failure here meets rank 0 in its gather."""
+    quality = serving.quality
     while True:
         message: object = world.broadcast(None)
         if isinstance(message, Failure):
             raise message.error()
+        if isinstance(message, Reference):
+            on_target = adapters.attach_old(serving.bases.target, serving.old)
+            quality.splits(on_target, world)
+            adapters.detach(on_target)
+            continue
+        if isinstance(message, Teach):
+            teaching.compute_in_place(
+                serving.spec,
+                serving.old,
+                quality.task,
+                serving.bases,
+                quality.encoder,
+                serving.metric,
+                message.only,
+            )
+            continue
+        if isinstance(message, LookAhead):
+            _load(serving.attached(), message.values)
+            ahead(serving.attached(), serving.spec, quality)
+            continue
         if not isinstance(message, Measure):
             return message
         try:
-            parameters = adapters.trainable(model)
-            with torch.no_grad():
-                for name, value in message.values.items():
-                    parameters[name].copy_(value)
+            model = serving.attached()
+            _load(model, message.values)
             subset = quality.task.validation[: message.examples]
         except Exception as error:
             world.meet(error)  # rank 0 waits in the measurement's gather: it hears of it there
             raise
         quality.on(model, subset, with_accuracy=message.with_accuracy, world=world)
+
+
+def _load(model: PeftModel, values: dict[str, torch.Tensor]) -> None:
+    """Rank 0's values of the adapter's trainable parameters, into ``model``'s."""
+    parameters = adapters.trainable(model)
+    with torch.no_grad():
+        for name, value in values.items():
+            parameters[name].copy_(value)
+
+
+def ahead(model: PeftModel, spec: AdapterMigrationSpec, quality: TaskQuality) -> None:
+    """A search trial's look-ahead steps (``initialization.lookaheadSteps`` plain AdamW steps
+    on the fine-tune's first batches) from ``model``'s adapter values."""
+    tune = FinetuneConfig.of(spec.method.finetune)
+    look_ahead(
+        model,
+        quality.encoder,
+        quality.task.train,
+        steps=SearchConfig.of(spec.method.initialization).lookahead_steps,
+        learning_rate=tune.learning_rate,
+        batch_size=tune.batch_size,
+        seed=spec.method.seed,
+        device=quality.device,
+        micro=quality.micro,
+    )
 
 
 def explained(
@@ -195,22 +294,32 @@ def follow(
     tune = FinetuneConfig.of(method.finetune)
     micro = MicroBatch(tune.micro_batch_size or tune.batch_size, batch=tune.batch_size)
     encoder = Encoder(bases.tokenizer)
-    quality = TaskQuality(encoder, task, bases.device, metric=adapter.readiness.metric, micro=micro)
+    metric = adapter.readiness.metric
+    quality = TaskQuality(encoder, task, bases.device, metric=metric, micro=micro)
     config = adapters.new_config(old.config, rank=method.rank, base=spec.target_model.uri)
-    torch.manual_seed(method.seed)  # as rank 0 before attaching: finetune forks from this seed
-    model = adapters.attach(bases.target, config)
+    base_weights = list(bases.target.named_parameters(remove_duplicate=False))
+
+    def attach() -> PeftModel:
+        torch.manual_seed(method.seed)  # as rank 0 before attaching: finetune forks from this seed
+        return adapters.attach(bases.target, config)
+
+    serving = Serving(quality, old, bases, spec, metric, attach)
     recomputing = False
     try:
-        start = serve(world, model, quality)  # rank 0's search, then its start
+        start = serve(world, serving)  # rank 0's search, then its start
         if isinstance(start, report.AdapterReport):  # finished before: nothing to do
             return start
         if not isinstance(start, Start):
             raise TypeError(f"rank 0 handed {type(start).__name__}, not the start")
+        model = serving.attached()
         teacher = None
         if start.teacher is not None:
             first = distillation.Teacher.of_state(start.teacher)
             part = teaching.TeacherPart(first, 0.0, start.teacher_steps)
-            teacher = teaching.received(spec, len(task.train), part, world)
+            where = None
+            if world.in_step:  # this worker computes each later stage beside rank 0
+                where = teaching.InPlace(model, base_weights, old, task, bases, encoder, metric)
+            teacher = teaching.received(spec, len(task.train), part, world, where)
         chosen = strategies.strategy(method.strategy)
         finetune_config = tune.as_run(trains=chosen.trains, distils=teacher is not None)
         if start.checkpointing:
@@ -236,7 +345,8 @@ def follow(
         )
         quality.splits(model, world)  # rank 0's measurement of the fine-tuned adapter: a share
     finally:
-        adapters.detach(model)
+        if serving.model is not None:
+            adapters.detach(serving.model)
         if recomputing:
             models.recompute(bases.target, False)
     world.meet()  # rank 0 saved, reported and published

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from peft import PeftModel
@@ -205,7 +205,12 @@ EVALUATION_BATCH = 64
 class MicroBatch:
     """Examples per forward pass: the step's whole batch (or spec's microBatchSize), halved
     whenever work runs out of GPU memory (the work is then redone), down to 1. Quality is
-    measured EVALUATION_BATCH examples at a time until then, a micro-batch at a time after."""
+    measured EVALUATION_BATCH examples at a time until then, a micro-batch at a time after.
+    Not on a sharded base (``halves`` False, for the process): one worker taking smaller
+    batches alone would break the step its forward passes keep with the others'; the error
+    stands (relora plan says what fits)."""
+
+    halves: ClassVar[bool] = True
 
     def __init__(
         self, size: int, *, batch: int, on_change: Callable[[str], None] | None = None
@@ -224,7 +229,7 @@ class MicroBatch:
             try:
                 return work()
             except torch.OutOfMemoryError:
-                if self.size == 1:
+                if self.size == 1 or not self.halves:
                     raise
             if reset is not None:
                 reset()  # outside the handler: the error's frames (and tensors) are gone
@@ -421,8 +426,12 @@ def shared_quality(
     (``world``; every one of them calls this with the same examples and an equal replica), each
     scores its share and all of them reduce the gathered scores: the quality of the whole. A
     worker that fails to score tells the others there (they raise its failure), as does one
-    that failed elsewhere and meets them there (:meth:`World.meet`)."""
+    that failed elsewhere and meets them there (:meth:`World.meet`). On a sharded base
+    (:attr:`World.in_step`) every worker scores all of them, in step (shares would take
+    different numbers of forward passes), and keeps its own quality (the same numbers)."""
     workers = world if world is not None and world.distributed else None
+    if workers is not None and workers.in_step:
+        workers = None
     share = list(examples) if workers is None else workers.shard(examples)
 
     def once() -> Scores:
