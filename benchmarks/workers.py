@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,13 +74,15 @@ def launch(
     threads: int = 1,
     timeout: int = 240,
     extra: dict[str, str] | None = None,
+    kill: tuple[int, Callable[[], bool]] | None = None,
 ) -> Launch:
     """The Job entrypoint for ``adapter`` of ``manifest`` as ``workers`` processes (with
     torchrun's environment when more than one, and ``extra``), ``threads`` torch threads each,
     working in ``cwd`` (default ``root``: relative URIs resolve there); termination messages in
     ``root``. A launch that outlasts ``timeout`` seconds (a worker's collective timeout, plus a
-    minute) is killed. Each process's output goes through files in ``root`` (a pipe could fill
-    while another rank is waited for); its peak RSS is its own (wait4)."""
+    minute) is killed. ``kill``: (rank, when): that rank is killed (SIGKILL, as a lost node)
+    as soon as ``when()`` holds. Each process's output goes through files in ``root`` (a pipe
+    could fill while another rank is waited for); its peak RSS is its own (wait4)."""
     root.mkdir(parents=True, exist_ok=True)
     spec = AdapterMigration.from_manifest(manifest).spec
     base = {k: v for k, v in os.environ.items() if k not in ENVIRONMENT}
@@ -125,6 +128,9 @@ def launch(
     deadline = time.monotonic() + timeout + 60
     try:
         while len(codes) < len(processes) and time.monotonic() < deadline:
+            if kill is not None and kill[0] not in codes and kill[1]():
+                processes[kill[0]].kill()
+                kill = None
             for rank, process in enumerate(processes):
                 if rank in codes:
                     continue

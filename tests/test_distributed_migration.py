@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from relora_api import contract
 from relora_trainer import errors
+from relora_trainer.distributed import ENV_TIMEOUT
 from tests.conftest import toy_manifest
 
 ADAPTER = "toy-category"
@@ -268,22 +269,44 @@ def test_a_sharded_base_migrates_as_one_process(toy: Any, tmp_path: Path) -> Non
     forward pass is collective: the source phase, the reference on the target, the teacher's
     first stage and its later ones (never ready in 12 steps, an evaluation every 2), a search
     whose trials take look-ahead steps, the fine-tuning and its evaluations all run in step.
-    The trials, the steps, the history, the saved teacher and the adapter equal one
-    process's (the adapter within TOLERANCE)."""
+    Rank 1 is killed once the checkpoint of step 4 is written (a lost node): the group fails,
+    and started again it resumes from that checkpoint. The trials, the steps, the history, the
+    saved teacher and the adapter equal one process's straight run (the adapter within
+    TOLERANCE)."""
     launches = []
     for workers in (1, WORKERS):
-        manifest = _manifest(toy, tmp_path / str(workers))
+        root = tmp_path / str(workers)
+        manifest = _manifest(toy, root)
         # Relative to the old adapter on the source base (measured in the source phase), and
         # out of reach: the whole budget runs.
         manifest["spec"]["adapters"][0]["readiness"] = {"relativeToSource": 2}
         method = manifest["spec"]["method"]
         method["initialization"] = {"trials": 2, "objective": "lookahead", "lookaheadSteps": 1}
-        method["finetune"].update(maxSteps=12, evalEvery=2, checkpointEvery=100)
+        method["finetune"].update(maxSteps=12, evalEvery=2, checkpointEvery=4)
         if workers > 1:
             manifest = _sharded(manifest)
-        launched = _launch(manifest, tmp_path / str(workers), workers)
+            checkpoint = root / "output" / ADAPTER / "state" / "checkpoint.pt"
+            lost = launch(
+                manifest,
+                ADAPTER,
+                root,
+                workers,
+                timeout=TIMEOUT,
+                extra={ENV_TIMEOUT: "60"},  # rank 0 stops waiting for the lost rank
+                kill=(1, checkpoint.is_file),
+            )
+            assert lost.codes[1] == -9 and lost.codes[0] not in (0, errors.EXIT_BAD_INPUT), (
+                lost.codes
+            )
+            assert not (lost.output / "report.json").is_file(), "not finished: resumable"
+            steps = torch.load(checkpoint, weights_only=False)["outcome"]["steps"]
+            assert 4 <= steps < 12, steps
+        launched = _launch(manifest, root, workers)
         assert launched.codes == [errors.EXIT_OK] * workers, [e[-3000:] for e in launched.stderr]
         assert launched.report()["ready"] is False
+        if workers > 1:  # the steps from the checkpoint's on, not from the start again
+            tuned = [p["step"] for p in _progress(launched.stdout[0]) if p.get("step")]
+            assert tuned and min(tuned) > steps, (steps, tuned)
         launches.append(launched)
     alone, two = launches
     one_report, two_report = alone.report(), two.report()
@@ -307,5 +330,5 @@ def test_a_sharded_base_migrates_as_one_process(toy: Any, tmp_path: Path) -> Non
     one = load_file(str(alone.output / "adapter_model.safetensors"))
     both = load_file(str(two.output / "adapter_model.safetensors"))
     difference = max(float((one[n] - both[n]).abs().max()) for n in one)
-    print(f"max |1 process - 2 processes on a sharded base|: {difference:.3g}")
+    print(f"max |1 process - 2 processes on a sharded base, resumed|: {difference:.3g}")
     assert difference <= TOLERANCE

@@ -224,7 +224,7 @@ def first_part(
     model) on the source base loaded again. Computed now in place, it covers only the examples
     of the first stage (:func:`stages`; the others: :func:`lessons`). ``computing`` is told
     the examples before they are computed in place (the workers of a sharded base compute them
-    too: :func:`in_place`)."""
+    too: :func:`compute_in_place`)."""
     teaching = distilled(spec)
     if teaching is None:
         return None
