@@ -146,8 +146,9 @@ def _run(job: Job, world: World | None) -> dict[str, Any]:
     return {"outcome": outcome_dict, "weights": weights, "scored": scored}
 
 
-def _worker(rank: int, size: int, port: int, jobs: list[Job]) -> None:
-    """A spawned worker: the environment torchrun would give it, then the jobs in turn."""
+def _torchrun_environment(rank: int, size: int, port: int) -> None:
+    """What torchrun gives a spawned worker, and one torch thread (two workers, a small
+    machine)."""
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(size),
@@ -155,7 +156,12 @@ def _worker(rank: int, size: int, port: int, jobs: list[Job]) -> None:
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
-    torch.set_num_threads(1)  # two workers on a small machine
+    torch.set_num_threads(1)
+
+
+def _worker(rank: int, size: int, port: int, jobs: list[Job]) -> None:
+    """A spawned worker: the environment torchrun would give it, then the jobs in turn."""
+    _torchrun_environment(rank, size, port)
     from relora_trainer import local_run
 
     local_run.quiet_libraries()
@@ -495,14 +501,7 @@ def test_the_workers_wait_for_rank_zeros_search(
 def _sharded_worker(rank: int, size: int, port: int, toy: Any, out: Path) -> None:
     """A spawned worker of a sharded base: its shard of the toy world's v2, the whole weights
     gathered back, and what check_fits says of an adapter with a saved module or DoRA."""
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(size),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
+    _torchrun_environment(rank, size, port)
     from torch.distributed.tensor import DTensor
 
     world = World.from_env(timeout=timedelta(seconds=120), sharded=True)
