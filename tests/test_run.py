@@ -162,6 +162,23 @@ def test_not_ready_within_budget_exits_4(toy: Any, tmp_path: Path) -> None:
     assert report["seconds"]["timeToReadiness"] is None
 
 
+def test_relora_run_says_it_runs_one_process_where_the_spec_asks_for_more(
+    toy: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A manifest written for a sharded group (2 GPUs, shardBase) runs here as one process,
+    and says so; its report says one worker on whole bases."""
+    manifest = toy_manifest(toy, strategy="scratch")
+    manifest["spec"]["method"]["finetune"] = {"maxSteps": 2, "evalEvery": 1}
+    manifest["spec"]["adapters"][0]["readiness"] = {"target": 0.999}
+    manifest["spec"]["distributed"] = {"shardBase": True}
+    manifest["spec"]["resources"] = {"limits": {"nvidia.com/gpu": 2}}
+    assert local_run.run(str(_write(tmp_path, manifest)), quiet=True) == EXIT_NOT_READY
+    said = capsys.readouterr().err
+    assert "spec.distributed asks for 2 processes sharing the bases" in said, said
+    report = _report(tmp_path)
+    assert report["workers"] == 1 and report["sharded_base"] is False
+
+
 def test_relora_without_trials_says_so_in_its_summary(toy: Any, tmp_path: Path) -> None:
     manifest = toy_manifest(toy)
     manifest["spec"]["method"]["initialization"] = {"trials": 0}

@@ -218,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
             "the weights, LoRA + AdamW and activations, the peak, and the smallest common GPU "
             "(24/40/48/80/141 GiB) with and without gradient checkpointing; on cuda, the GPUs "
             "it recommends per worker (spec.distributed: each worker holds a whole replica and "
-            "only the activations shrink with its share of each batch)."
+            "only the activations shrink with its share of each batch, unless shardBase: then "
+            "each holds its share of the weights)."
         ),
     )
     planning.add_argument("-f", "--filename", required=True, metavar="FILE", help="the manifest")

@@ -113,6 +113,14 @@ def run(
                     f"{adapter.name}: already migrated with this spec: keeping the existing result"
                 )
         todo = [a for a in selected if a.name not in results]
+        processes = spec.workers * spec.processes_per_worker
+        if todo and processes > 1:
+            sharded = spec.distributed is not None and spec.distributed.shard_base
+            console.print(
+                f"spec.distributed asks for {processes} processes"
+                f"{' sharing the bases' if sharded else ''}: the operator's Job runs them; "
+                "relora run migrates in this one process (the same result, to float rounding)"
+            )
         if todo:
             chosen = models.pick_device(device)
             console.print(f"Loading models on {chosen} ...")
