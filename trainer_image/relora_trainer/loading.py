@@ -81,9 +81,10 @@ class Bases:
         if self._source is None:
             if self.in_step is not None:
                 raise IncompatibleModels(
-                    "sourceModel's files name its weights otherwise than its model does, and a "
-                    "sharded base (spec.distributed.shardBase) cannot be loaded a second time "
-                    "beside the target: leave shardBase false for these models"
+                    "the models' files name a weight otherwise than the model does (or an "
+                    "adapter was not measured in the source phase), and a sharded base "
+                    "(spec.distributed.shardBase) cannot load sourceModel a second time beside "
+                    "the target: leave shardBase false for these models"
                 )
             if self.source_dir is None:
                 raise RuntimeError("the source base was not fetched by this worker")
