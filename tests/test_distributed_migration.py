@@ -268,7 +268,9 @@ def test_a_sharded_base_migrates_as_one_process(toy: Any, tmp_path: Path) -> Non
     """Both bases sharded across 2 processes (FSDP2: each holds half of every weight), so every
     forward pass is collective: the source phase, the reference on the target, the teacher's
     first stage and its later ones (never ready in 12 steps, an evaluation every 2), a search
-    whose trials take look-ahead steps, the fine-tuning and its evaluations all run in step.
+    whose trials take look-ahead steps, the fine-tuning (activations recomputed: gradient
+    checkpointing re-runs a sharded forward in the backward pass) and its evaluations all run
+    in step.
     Rank 1 is killed once the checkpoint of step 4 is written (a lost node): the group fails,
     and started again it resumes from that checkpoint. The trials, the steps, the history, the
     saved teacher and the adapter equal one process's straight run (the adapter within
@@ -282,7 +284,9 @@ def test_a_sharded_base_migrates_as_one_process(toy: Any, tmp_path: Path) -> Non
         manifest["spec"]["adapters"][0]["readiness"] = {"relativeToSource": 2}
         method = manifest["spec"]["method"]
         method["initialization"] = {"trials": 2, "objective": "lookahead", "lookaheadSteps": 1}
-        method["finetune"].update(maxSteps=12, evalEvery=2, checkpointEvery=4)
+        method["finetune"].update(
+            maxSteps=12, evalEvery=2, checkpointEvery=4, gradientCheckpointing="on"
+        )
         if workers > 1:
             manifest = _sharded(manifest)
             checkpoint = root / "output" / ADAPTER / "state" / "checkpoint.pt"
@@ -313,6 +317,7 @@ def test_a_sharded_base_migrates_as_one_process(toy: Any, tmp_path: Path) -> Non
     assert two_report["workers"] == WORKERS
     assert two_report["sharded_base"] is True and one_report["sharded_base"] is False
     assert two_report["steps"] == one_report["steps"] == 12
+    assert two_report["checkpointing"] is one_report["checkpointing"] is True
     assert two_report["coefficients"] == one_report["coefficients"]
     two_values = [t["value"] for t in two_report["trials"]]
     assert two_values == pytest.approx([t["value"] for t in one_report["trials"]], rel=1e-5)
