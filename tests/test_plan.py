@@ -227,6 +227,16 @@ def test_a_base_no_gpu_holds_is_said_plainly_not_spread_over_workers(
     out = capsys.readouterr().out
     assert line in out.splitlines()
     assert "task: 8 worker(s) x 1 process(es) (one per GPU) = 8 processes" in out
+    # The sharded spec: its world's line, and a GPU recommended for it.
+    path.write_text(yaml.safe_dump(sharded))
+    assert cli.main(["plan", "-f", str(path), "--seq-len", "2048"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"task: {advice.shards} worker(s) x 1 process(es) = {advice.shards} processes sharing "
+        f"the base (shardBase): each holds {fits.weights:.1f} of its {fits.whole:.1f} GiB"
+    ) in out, out
+    assert "task: recommended 1 GPU of 80 GiB per process" in out, out
+    assert "with the bases sharded (shardBase)" in out and "whole replica" not in out, out
 
 
 def test_plan_on_a_missing_model_is_bad_input(tmp_path: Path, capsys: Any) -> None:

@@ -340,6 +340,7 @@ class Recommendation:
     replica: float = 0.0  # GiB without training activations: weights, LoRA + AdamW, overhead
     batch: int = 1  # examples per forward pass of one process
     shards: int | None = None  # processes that fit it on 80 GiB GPUs with shardBase (not set)
+    sharded: bool = False  # the spec shards the base: each GPU holds a share of the weights
 
     def line(self) -> str:
         ckpt = ", with gradient checkpointing" if self.checkpointing else ""
@@ -362,6 +363,13 @@ class Recommendation:
                 "holds a whole replica of the base)"
             )
         plural = "s" if self.workers > 1 else ""
+        if self.sharded:
+            return (
+                f"{self.adapter}: recommended 1 GPU of {self.gpu} GiB per process, "
+                f"{self.workers} worker{plural} (peak {self.peak:.1f} GiB per GPU{ckpt}) with "
+                "the bases sharded (shardBase): each GPU holds its share of the weights, so "
+                "fewer processes raise the peak"
+            )
         return (
             f"{self.adapter}: recommended 1 GPU of {self.gpu} GiB per worker, {self.workers} "
             f"worker{plural} (peak {self.peak:.1f} GiB per GPU{ckpt}); more workers shorten the "
@@ -388,7 +396,16 @@ def recommend(spec: AdapterMigrationSpec, found: Estimate) -> Recommendation:
     replica = found.weights + found.lora + found.overhead
     shards = shards_needed(found, SHARDED_GPU) if gpu is None and not found.sharded else None
     return Recommendation(
-        found.adapter, gpu, peak, checkpointing, found.workers, gap, replica, found.batch, shards
+        found.adapter,
+        gpu,
+        peak,
+        checkpointing,
+        found.workers,
+        gap,
+        replica,
+        found.batch,
+        shards,
+        found.sharded,
     )
 
 
