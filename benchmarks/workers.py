@@ -95,7 +95,7 @@ def launch(
             ENV_TIMEOUT: str(timeout),
         }
     )
-    if spec.distributed is not None and spec.distributed.shard_base:
+    if spec.shards_base:
         base[contract.ENV_SHARD_BASE] = "1"  # as the operator sets it
     port = str(free_port())
     processes, files = [], []

@@ -743,6 +743,11 @@ class AdapterMigrationSpec(APIModel):
         return self.distributed.workers if self.distributed is not None else 1
 
     @property
+    def shards_base(self) -> bool:
+        """The bases are sharded across the group's processes (``distributed.shardBase``)."""
+        return self.distributed is not None and self.distributed.shard_base
+
+    @property
     def processes_per_worker(self) -> int:
         """Trainer processes in each worker pod: one per GPU of ``resources`` with
         ``distributed`` (one without GPUs), else 1 whatever GPUs the pod has. The world of an

@@ -59,7 +59,7 @@ def _distributed(
         {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
         {"name": "NODE_RANK", **index},
     ]
-    if spec.distributed is not None and spec.distributed.shard_base:
+    if spec.shards_base:
         env.append({"name": contract.ENV_SHARD_BASE, "value": "1"})
     if processes == 1:
         env += [

@@ -117,7 +117,12 @@ def load_bases(
         MicroBatch.halves = False  # a smaller batch on one worker alone breaks the step
     try:
         return _load_bases(
-            spec, storage, device, adapters_to_measure, source_phase=measuring, in_step=in_step
+            spec,
+            storage,
+            device,
+            adapters_to_measure,
+            source_phase=measuring or in_step is not None,
+            in_step=in_step,
         )
     except (torch.OutOfMemoryError, MemoryError) as error:
         free(device)
@@ -146,8 +151,6 @@ def _load_bases(
     ``in_step``: the workers of a sharded base, every one with ``source_phase``: each loads its
     shard of the bases, and all measure on the source base together what rank 0 decided to."""
     started = time.perf_counter()
-    if in_step is not None:
-        source_phase = True
 
     def load(folder: Path, what: str) -> nn.Module:
         if in_step is not None:

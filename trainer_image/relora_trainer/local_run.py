@@ -115,11 +115,11 @@ def run(
         todo = [a for a in selected if a.name not in results]
         processes = spec.workers * spec.processes_per_worker
         if todo and processes > 1:
-            sharded = spec.distributed is not None and spec.distributed.shard_base
+            sharing = " sharing the bases" if spec.shards_base else ""
             console.print(
-                f"spec.distributed asks for {processes} processes"
-                f"{' sharing the bases' if sharded else ''}: the operator's Job runs them; "
-                "relora run migrates in this one process (the same result, to float rounding)"
+                f"spec.distributed asks for {processes} processes{sharing}: the operator's Job "
+                "runs them; relora run migrates in this one process (the same result, to float "
+                "rounding)"
             )
         if todo:
             chosen = models.pick_device(device)

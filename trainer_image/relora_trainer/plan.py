@@ -43,7 +43,7 @@ import json
 import math
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -262,7 +262,7 @@ def estimate(
     activations = (layers * per_layer + logits) / GIB
     checkpointed = (layers * tokens * h * size + per_layer + logits) / GIB
     whole = parameters * size / GIB
-    sharded = spec.distributed is not None and spec.distributed.shard_base
+    sharded = spec.shards_base
     weights = sharded_weights(whole, processes, layers) if sharded else whole
     # Rank 0 measures the references alone, on whole (micro-)batches: not a share.
     alone = per_pass(tune, 1)
@@ -303,15 +303,13 @@ def shards_needed(found: Estimate, gpu: int) -> int | None:
     """The fewest processes (at most 64) over which the base, sharded, fits GPUs of ``gpu``
     GiB with checkpointing (None: none does)."""
     fixed, share = OVERHEAD["cuda"]
-    source = found.source_phase
-    evaluation = max(source - found.weights - found.overhead, 0.0) if source else None
+    evaluation = found.source_phase - found.weights - found.overhead  # of the source phase
     for processes in range(2, 65):
         weights = sharded_weights(found.whole or found.weights, processes, found.layers)
         overhead = fixed + share * weights
-        need = weights + found.lora + found.checkpointed + overhead
-        if evaluation is not None:  # the source phase, sharded alike
-            need = max(need, weights + evaluation + overhead)
-        if need <= gpu * USABLE:
+        source = weights + evaluation + overhead if found.source_phase else 0.0
+        sharded = replace(found, weights=weights, overhead=overhead, source_phase=source)
+        if sharded.peak(checkpointing=True) <= gpu * USABLE:
             return processes
     return None
 
