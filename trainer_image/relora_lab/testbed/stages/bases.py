@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
+from relora_lab import pretrained
 from relora_lab.testbed import pretraining
 from relora_lab.testbed.builder import WorldBuilder
 from relora_lab.testbed.cache import digest
 from relora_lab.testbed.config import Severity
-from relora_lab.testbed.pretraining import Schedule
 
 
 def v1_stage(
@@ -34,7 +33,7 @@ def v1_stage(
     streams = world.texts.streams(tokenizer, _corpora(config.severities))
     losses: list[float] = []
     if config.model is not None:
-        model = world.load_model(Path(config.model))
+        model = pretrained.load(config.model).to(device)
     else:
         torch.manual_seed(config.seed)
         model = AutoModelForCausalLM.from_config(config.architecture.config(tokenizer)).to(device)
@@ -72,7 +71,7 @@ def v2_stage(
     config, paths, device = world.config, world.paths, world.device
     name = f"v2-{severity.name}"
     schedule = replace(
-        config.v1 if config.model is None else Schedule(steps=1, learning_rate=1e-5),
+        config.v1,
         steps=severity.steps,
         learning_rate=severity.learning_rate,
         warmup_steps=min(10, severity.steps),

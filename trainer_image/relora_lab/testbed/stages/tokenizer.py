@@ -8,6 +8,7 @@ from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from relora_lab import pretrained
 from relora_lab.testbed import tokenizer as bpe
 from relora_lab.testbed.builder import WorldBuilder
 
@@ -26,7 +27,7 @@ def tokenizer_stage(world: WorldBuilder) -> tuple[PreTrainedTokenizerBase, dict[
         return loaded, params
     started = time.perf_counter()
     if config.model is not None:
-        made: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(config.model)
+        made: PreTrainedTokenizerBase = pretrained.load_tokenizer(config.model)
     else:
         with world.bars.stage("tokenizer", "byte-level BPE", 1) as tick:
             glosses = "\n".join(sense.gloss for sense in texts.nouns)
