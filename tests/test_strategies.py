@@ -214,6 +214,7 @@ def test_relora_without_trials_starts_from_the_old_adapter_without_reading_the_s
     context.search = SearchConfig.of(Initialization(trials=0))
     result = strategies.strategy("relora").initialize(context)
     assert result is not None and result.skipped and result.trials == []
+    assert result.seconds == 0.0, "loading the old adapter is no search (warm-start's start)"
     assert result.coefficients == {"all": (1.0, 0.0)}
     assert calls == [], "neither the evolution nor a trial"
     module = next(iter(context.old.factors))
