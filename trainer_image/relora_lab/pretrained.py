@@ -30,12 +30,12 @@ def is_gguf(model: str) -> bool:
     return model in PACKAGED or model.endswith(".gguf")
 
 
-def locate(model: str, *, field: str = "--model") -> Path:
+def locate(model: str) -> Path:
     """The GGUF file ``model`` names: its path, or the file its package ships."""
     if model not in PACKAGED:
         path = Path(model)
         if not path.is_file():
-            raise MissingInput(f"{field} {model!r}: no such GGUF file")
+            raise MissingInput(f"--model {model!r}: no such GGUF file")
         return path
     module, name, variable = PACKAGED[model]
     override = os.environ.get(variable)
@@ -46,12 +46,12 @@ def locate(model: str, *, field: str = "--model") -> Path:
     spec = importlib.util.find_spec(module)  # found without importing it (llm, llama_cpp)
     if spec is None or not spec.submodule_search_locations:
         raise MissingInput(
-            f"{field} {model}: the package is not installed ({INSTALL}), or set {variable} "
+            f"--model {model}: the package is not installed ({INSTALL}), or set {variable} "
             "to the .gguf file"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / name
     if not path.is_file():
-        raise MissingInput(f"{field} {model}: {name} is not in the installed package ({path})")
+        raise MissingInput(f"--model {model}: {name} is not in the installed package ({path})")
     return path
 
 
@@ -61,8 +61,10 @@ def load(model: str) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from relora_trainer import models
+
     if not is_gguf(model):
-        return AutoModelForCausalLM.from_pretrained(_folder(model), dtype=torch.float32)
+        return models.load_model(Path(_folder(model)), what="--model", device=torch.device("cpu"))
     path = _gguf(model)
     quantized = AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32

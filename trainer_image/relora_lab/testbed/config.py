@@ -183,14 +183,13 @@ def config_for(
             sizes=task.Sizes(train=150, validation=50, test=100),
             adapter=replace(built.adapter, steps=100),
         )
-    if model is not None and built.model is not None:  # another real model in a real world
-        built = replace(built, model=model)
-    elif model is not None:
+    if model is not None and built.model is None:  # a tiny world's build around a real model
         built = replace(
             built,
-            model=model,
             v1=REAL_MODEL_SCHEDULE,
             severities=tuple(REAL_MODEL_UPDATES[s.name] for s in built.severities),
             adapter=replace(built.adapter, learning_rate=2e-4),
         )
+    if model is not None:
+        built = replace(built, model=model)
     return built
